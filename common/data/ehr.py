@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fedmeta.common.data.base import TabularSite
+from fedmeta.common.data.partition import stratified_split
 from fedmeta.common.data.schema import Preprocessor, Schema, encode, fit_preprocessor
 from fedmeta.common.errors import DataError
 
@@ -98,32 +99,6 @@ def parse_outcome(
                 "(or true/false, yes/no), empty when unknown"
             )
     return out
-
-
-def stratified_split(
-    strata: np.ndarray, *, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split row indices into (train, test), each sorted, stratified by ``strata``.
-
-    In each stratum of ``n`` rows, ``floor(n * test_fraction + 0.5)`` rows chosen at random go
-    to test, but a stratum of 2 or more rows always keeps at least one row on each side.
-    The same ``strata`` and ``seed`` always give the same split.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"test_fraction = {test_fraction}: must be in (0, 1)")
-    rng = np.random.default_rng(seed)
-    test: list[np.ndarray] = []
-    for value in np.unique(strata):
-        rows = np.flatnonzero(strata == value)
-        n = rows.size
-        n_test = int(math.floor(n * test_fraction + 0.5))
-        if n >= 2:
-            n_test = min(max(n_test, 1), n - 1)
-        test.append(rng.permutation(rows)[:n_test])
-    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
-    train_mask = np.ones(len(strata), dtype=bool)
-    train_mask[test_idx] = False
-    return np.flatnonzero(train_mask), test_idx
 
 
 @dataclass(frozen=True)
