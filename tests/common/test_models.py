@@ -1,0 +1,86 @@
+"""Model registry, shapes and the plain-op batch norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmeta.common.models import BatchStatNorm2d, build_model, init_params
+
+
+def test_mlp_shapes_and_parameter_names() -> None:
+    model = build_model("mlp", in_features=13, hidden=(64, 64), out_features=2)
+    assert model(torch.randn(5, 13)).shape == (5, 2)
+    shapes = {k: tuple(v.shape) for k, v in init_params(model).items()}
+    assert shapes == {
+        "net.0.weight": (64, 13), "net.0.bias": (64,),
+        "net.2.weight": (64, 64), "net.2.bias": (64,),
+        "net.4.weight": (2, 64), "net.4.bias": (2,),
+    }
+
+
+def test_mlp_without_head_is_an_embedding() -> None:
+    model = build_model("mlp", in_features=4, hidden=(8, 3), out_features=None)
+    assert model(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_linear_is_logistic_regression() -> None:
+    torch.manual_seed(0)
+    model = build_model("linear", in_features=3, out_features=2)
+    x = torch.randn(4, 3)
+    w, b = model.linear.weight, model.linear.bias
+    torch.testing.assert_close(model(x), x @ w.T + b)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch", "none"])
+def test_conv4_shapes(norm: str) -> None:
+    model = build_model("conv4", in_channels=1, hidden=16, out_features=5, norm=norm)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 5)
+    embed = build_model("conv4", in_channels=3, hidden=8, out_features=None, norm=norm, image_size=84)
+    assert embed(torch.randn(2, 3, 84, 84)).shape == (2, 8 * 5 * 5)
+
+
+def test_relation_models_score_every_query_class_pair() -> None:
+    ys = F.one_hot(torch.arange(3).repeat(2), 3).float()
+    conv = build_model("relation-conv4", hidden=8)
+    assert conv(torch.randn(6, 1, 28, 28), ys, torch.randn(4, 1, 28, 28)).shape == (4, 3)
+    mlp = build_model("relation-mlp", in_features=5, hidden=(8,), embed=4)
+    assert mlp(torch.randn(6, 5), ys, torch.randn(7, 5)).shape == (7, 3)
+
+
+def test_batch_stat_norm_matches_native_batch_norm_in_training_mode() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    ours = BatchStatNorm2d(4).double()
+    native = nn.BatchNorm2d(4, track_running_stats=False).double()
+    with torch.no_grad():
+        ours.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        ours.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 3.0]))
+        native.weight.copy_(ours.weight)
+        native.bias.copy_(ours.bias)
+    torch.testing.assert_close(ours(x), native(x))
+
+
+def test_init_params_are_detached_clones() -> None:
+    model = build_model("linear", in_features=2, out_features=2)
+    params = init_params(model)
+    assert all(not p.requires_grad for p in params.values())
+    params["linear.weight"].add_(1.0)
+    assert not torch.equal(params["linear.weight"], model.linear.weight.detach())
+
+
+def test_build_model_rejects_bad_names_and_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="bad arguments for model 'mlp'"):
+        build_model("mlp", in_features=3, colour="red")
+    with pytest.raises(ValueError, match="in_features must be a positive integer, got 0"):
+        build_model("mlp", in_features=0)
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        build_model("conv4", norm="layer")
+    with pytest.raises(ValueError, match="image_size 8 is too small"):
+        build_model("conv4", image_size=8)
+    with pytest.raises(ValueError, match=r"channels \(6\) divisible by groups \(4\)"):
+        build_model("conv4", hidden=6)
