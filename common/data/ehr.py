@@ -21,10 +21,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedmeta.common.config import DataConfig
 from fedmeta.common.data.base import TabularSite
+from fedmeta.common.data.cache import cache_root, ensure_generated
 from fedmeta.common.data.partition import stratified_split
-from fedmeta.common.data.schema import Preprocessor, Schema, encode, fit_preprocessor
-from fedmeta.common.errors import DataError
+from fedmeta.common.data.registry import DataSpec, Source, register_source
+from fedmeta.common.data.schema import (
+    Preprocessor,
+    Schema,
+    encode,
+    fit_preprocessor,
+    load_schema,
+)
+from fedmeta.common.data.site_config import EhrSiteConfig, find_site_configs
+from fedmeta.common.data.synth_ehr import write_synth_ehr
+from fedmeta.common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +268,81 @@ def split_by_unit(cohort: EhrCohort, *, min_rows: int = 1) -> list[TabularSite]:
             x_test=cohort.site.x_test[te], y_test=cohort.site.y_test[te],
         ))
     return out
+
+
+def load_ehr_site(
+    config: EhrSiteConfig, *, test_fraction: float = 0.34, seed: int = 43
+) -> EhrCohort:
+    """Load the site a ``kind: ehr`` site file describes. ``test_fraction`` and ``seed`` apply
+    where the site file does not set its own."""
+    schema = load_schema(config.schema)
+    return load_ehr_cohort(
+        config.path, schema, config.outcomes, name=config.name,
+        unit_column=config.unit_column, id_column=config.id_column,
+        test_fraction=config.test_fraction if config.test_fraction is not None else test_fraction,
+        seed=config.seed if config.seed is not None else seed,
+        missing_indicators=config.missing_indicators,
+    )
+
+
+# --- data sources "ehr" (a folder of site folders) and "synth-ehr" (generated, cached) ---
+
+
+def _ehr_configs(root: Path) -> list[EhrSiteConfig]:
+    configs = find_site_configs(root)
+    wrong = [c for c in configs if not isinstance(c, EhrSiteConfig)]
+    if wrong:
+        raise ConfigError(f"{wrong[0].source}: kind = {wrong[0].kind!r}, but data.source 'ehr' "
+                          "needs every site to be kind: ehr")
+    return [c for c in configs if isinstance(c, EhrSiteConfig)]
+
+
+def _ehr_root(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise ConfigError("data.path is empty: data.source 'ehr' needs the folder holding one "
+                          "sub-folder per site (each with a site.yaml)")
+    return Path(cfg.path).expanduser()
+
+
+def ehr_spec_from(root: Path) -> DataSpec:
+    """The consortium's shape from its site files and schema alone (no patient row is read).
+    Every site must use the same schema, outcomes and missing-indicator setting."""
+    configs = _ehr_configs(root)
+    first = configs[0]
+    schema = load_schema(first.schema)
+    for c in configs[1:]:
+        if load_schema(c.schema) != schema:
+            raise ConfigError(f"{c.source}: schema {c.schema} differs from {first.schema} "
+                              f"({first.source}); every site must encode features the same way")
+        if c.outcomes != first.outcomes:
+            raise ConfigError(f"{c.source}: outcomes = {list(c.outcomes)} differ from "
+                              f"{list(first.outcomes)} ({first.source})")
+        if c.missing_indicators != first.missing_indicators:
+            raise ConfigError(f"{c.source}: missing_indicators differs from {first.source}")
+    width = schema.width(missing_indicators=first.missing_indicators)
+    return DataSpec("tabular", (width,), 2, tuple(c.name for c in configs), first.outcomes)
+
+
+def _ehr_load_from(root: Path, cfg: DataConfig, name: str) -> TabularSite:
+    by_name = {c.name: c for c in _ehr_configs(root)}
+    return load_ehr_site(by_name[name], test_fraction=cfg.test_fraction, seed=cfg.split_seed).site
+
+
+def synth_ehr_root(cfg: DataConfig) -> Path:
+    """The synthetic consortium's folder, generated on first use: ``data.path`` if set, else
+    ``<cache>/synth-ehr-<sites>sites-seed<seed>``."""
+    target = (Path(cfg.path).expanduser() if cfg.path else
+              cache_root() / f"synth-ehr-{cfg.synth_sites}sites-seed{cfg.synth_seed}")
+    return ensure_generated(
+        target, lambda d: write_synth_ehr(d, sites=cfg.synth_sites, seed=cfg.synth_seed)
+    )
+
+
+register_source("ehr", Source(
+    lambda cfg: ehr_spec_from(_ehr_root(cfg)),
+    lambda cfg, name: _ehr_load_from(_ehr_root(cfg), cfg, name),
+))
+register_source("synth-ehr", Source(
+    lambda cfg: ehr_spec_from(synth_ehr_root(cfg)),
+    lambda cfg, name: _ehr_load_from(synth_ehr_root(cfg), cfg, name),
+))

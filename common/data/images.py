@@ -20,9 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmeta.common.config import DataConfig
 from fedmeta.common.data.base import ImageSite
+from fedmeta.common.data.cache import cache_root, ensure_generated
 from fedmeta.common.data.partition import stratified_split
-from fedmeta.common.errors import DataError
+from fedmeta.common.data.registry import DataSpec, Source, register_source
+from fedmeta.common.data.site_config import ImageSiteConfig, find_site_configs
+from fedmeta.common.data.synth_images import write_synth_images
+from fedmeta.common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -278,3 +283,141 @@ def check_n_way_k_shot(
             f"{len(enough)} class(es) have that many ({detail}). Hint: lower tasks.ways, "
             "tasks.support or tasks.query."
         )
+
+
+def npz_image_shape(path: str | Path) -> tuple[int, ...]:
+    """``(C, H, W)`` of ``train_images`` in a MedMNIST file, read from the array header only
+    (no pixel is loaded), so the coordinator can size the model without reading site data."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: image file not found. Hint: check 'path' in the site YAML.")
+    try:
+        with zipfile.ZipFile(p) as z, z.open("train_images.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    except KeyError as e:
+        raise DataError(f"{p}: key 'train_images' is missing") from e
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise DataError(f"{p}: not a readable .npz file: {e}") from e
+    if len(shape) == 3:
+        return (1, int(shape[1]), int(shape[2]))
+    if len(shape) == 4 and shape[-1] in (1, 3):
+        return (int(shape[3]), int(shape[1]), int(shape[2]))
+    raise DataError(f"{p}: train_images has shape {shape}; expected (n, H, W) or (n, H, W, 3)")
+
+
+def load_image_site(
+    config: ImageSiteConfig, *, test_fraction: float = 0.34, seed: int = 43
+) -> ImageSite:
+    """Load the site a ``kind: images`` site file describes (``.npz`` or class folders)."""
+    if config.is_folder:
+        site = load_folder_site(
+            config.path, name=config.name,
+            test_fraction=config.test_fraction if config.test_fraction is not None else test_fraction,
+            seed=config.seed if config.seed is not None else seed,
+            size=config.image_size, grayscale=config.grayscale,
+        )
+        if config.classes is not None and tuple(config.classes) != site.classes:
+            raise DataError(f"{config.source}: classes = {list(config.classes)} but the folder "
+                            f"{config.path} has class folders {list(site.classes)}")
+        return site
+    return load_npz_site(config.path, name=config.name, classes=config.classes,
+                         use_val=config.use_val)
+
+
+# --- data sources "images" (a folder of site folders) and "synth-images" (generated, cached) ---
+
+
+def _image_configs(root: Path) -> list[ImageSiteConfig]:
+    configs = find_site_configs(root)
+    wrong = [c for c in configs if not isinstance(c, ImageSiteConfig)]
+    if wrong:
+        raise ConfigError(f"{wrong[0].source}: kind = {wrong[0].kind!r}, but data.source "
+                          "'images' needs every site to be kind: images")
+    return [c for c in configs if isinstance(c, ImageSiteConfig)]
+
+
+def _class_split(cfg: DataConfig, classes: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(meta-training, novel) class indices for the experiment: all classes are meta-training
+    classes unless ``data.novel_classes`` > 0."""
+    if cfg.novel_classes == 0:
+        return tuple(range(len(classes))), ()
+    return split_classes(len(classes), n_novel=cfg.novel_classes, seed=cfg.split_seed)
+
+
+def images_spec_from(root: Path, cfg: DataConfig) -> DataSpec:
+    """Shape and sites of an imaging consortium from its site files and array headers.
+    ``n_classes`` counts the meta-training classes. Sites must agree on classes and shape."""
+    configs = _image_configs(root)
+    first = configs[0]
+    if first.classes is None:
+        raise ConfigError(f"{first.source}: key 'classes' is required for data.source 'images' "
+                          "(the class names, in label order, shared by every site)")
+    shape: tuple[int, ...] | None = None
+    for c in configs:
+        if c.classes != first.classes:
+            raise ConfigError(f"{c.source}: classes = {c.classes} differ from {first.source}")
+        if c.is_folder:
+            if c.image_size is None:
+                raise ConfigError(f"{c.source}: an image folder needs 'image_size' in a "
+                                  "consortium so every site has the same input shape")
+            s: tuple[int, ...] = (1 if c.grayscale else 3, *c.image_size)
+        else:
+            s = npz_image_shape(c.path)
+        if shape is not None and s != shape:
+            raise ConfigError(f"{c.source}: images are {s}, other sites' are {shape}")
+        shape = s
+    assert shape is not None
+    base, _ = _class_split(cfg, first.classes)
+    return DataSpec("images", shape, len(base), tuple(c.name for c in configs))
+
+
+def _images_load_from(root: Path, cfg: DataConfig, name: str, *, novel: bool = False) -> ImageSite:
+    config = {c.name: c for c in _image_configs(root)}[name]
+    site = load_image_site(config, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    base, novel_idx = _class_split(cfg, site.classes)
+    if novel:
+        if not novel_idx:
+            raise ConfigError("data.novel_classes = 0: there are no novel classes to load")
+        return restrict_classes(site, novel_idx, suffix="/novel")
+    return site if not novel_idx else restrict_classes(site, base)
+
+
+def _images_root(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise ConfigError("data.path is empty: data.source 'images' needs the folder holding "
+                          "one sub-folder per site (each with a site.yaml)")
+    return Path(cfg.path).expanduser()
+
+
+def synth_images_root(cfg: DataConfig) -> Path:
+    """The synthetic imaging consortium's folder, generated on first use: ``data.path`` if set,
+    else ``<cache>/synth-images-<sites>sites-seed<seed>``."""
+    target = (Path(cfg.path).expanduser() if cfg.path else
+              cache_root() / f"synth-images-{cfg.synth_sites}sites-seed{cfg.synth_seed}")
+    return ensure_generated(
+        target, lambda d: write_synth_images(d, sites=cfg.synth_sites, seed=cfg.synth_seed)
+    )
+
+
+def _root_for(cfg: DataConfig) -> Path:
+    return synth_images_root(cfg) if cfg.source == "synth-images" else _images_root(cfg)
+
+
+def load_novel_site(cfg: DataConfig, name: str) -> ImageSite:
+    """A site's images of the novel classes only (relabelled 0..k-1), for evaluating
+    adaptation to classes never seen in meta-training."""
+    return _images_load_from(_root_for(cfg), cfg, name, novel=True)
+
+
+register_source("images", Source(
+    lambda cfg: images_spec_from(_images_root(cfg), cfg),
+    lambda cfg, name: _images_load_from(_images_root(cfg), cfg, name),
+))
+register_source("synth-images", Source(
+    lambda cfg: images_spec_from(synth_images_root(cfg), cfg),
+    lambda cfg, name: _images_load_from(synth_images_root(cfg), cfg, name),
+))

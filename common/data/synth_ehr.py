@@ -217,7 +217,6 @@ def write_synth_ehr(
     shift: float = 1.0,
     outcomes: Sequence[str] = OUTCOMES,
     file_format: str = "csv",
-    test_fraction: float = 0.34,
 ) -> list[Path]:
     """Generate ``sites`` hospitals into ``out_dir`` (see the module docstring for the layout)
     and return the site YAML paths, in site order. Same arguments, same bytes."""
@@ -250,8 +249,6 @@ def write_synth_ehr(
             "outcomes": list(outcomes),
             "unit_column": "first_careunit",
             "id_column": "stay_id",
-            "test_fraction": test_fraction,
-            "seed": 43 + k,
         }
         (site_dir / "site.yaml").write_text(yaml.safe_dump(site_yaml, sort_keys=False))
         paths.append(site_dir / "site.yaml")
