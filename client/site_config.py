@@ -1,0 +1,131 @@
+"""A hospital's own data, as its client sees it: one ``site.yaml`` and the files it names.
+
+The file format and its parser live in :mod:`fedmeta.common.data.site_config` (the coordinator's
+data registry reads the same files in simulation). This module is the site-side entry point:
+:func:`load_local_site` loads and fully validates the site's data against the experiment's task
+settings before any training, and :func:`check_site` summarises it for ``fedmeta data check``:
+rows, outcome prevalence and missingness, computed on the site and never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedmeta.common.config import DataConfig, TaskConfig
+from fedmeta.common.data.base import ImageSite, Site, TabularSite
+from fedmeta.common.data.ehr import EhrCohort, check_k_shot, load_ehr_site
+from fedmeta.common.data.images import check_n_way_k_shot, load_image_site
+from fedmeta.common.data.site_config import (
+    EhrSiteConfig,
+    ImageSiteConfig,
+    SiteConfig,
+    load_site_config,
+    parse_site_config,
+)
+
+__all__ = [
+    "EhrSiteConfig", "ImageSiteConfig", "SiteConfig", "SiteSummary", "check_site",
+    "load_local_site", "load_site_config", "parse_site_config",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """What ``fedmeta data check`` reports about a site (aggregates only).
+
+    Tables: ``prevalence``/``labelled`` per outcome, ``missing`` fraction per feature, ``units``
+    rows per unit. Images: ``class_counts`` training images per class, ``image_shape``.
+    """
+
+    name: str
+    kind: str
+    source: Path
+    data_path: Path
+    n_rows: int
+    n_train: int
+    n_test: int
+    n_features: int = 0
+    prevalence: dict[str, float] = field(default_factory=dict)
+    labelled: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, float] = field(default_factory=dict)
+    units: dict[str, int] = field(default_factory=dict)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    image_shape: tuple[int, ...] = ()
+
+
+def _load(
+    config: SiteConfig, data: DataConfig
+) -> tuple[Site, EhrCohort | None]:
+    if isinstance(config, EhrSiteConfig):
+        cohort = load_ehr_site(config, test_fraction=data.test_fraction, seed=data.split_seed)
+        return cohort.site, cohort
+    return load_image_site(config, test_fraction=data.test_fraction, seed=data.split_seed), None
+
+
+def _check_tasks(config: SiteConfig, site: Site, tasks: TaskConfig) -> None:
+    if isinstance(site, TabularSite):
+        check_k_shot(site, support=tasks.support, query=tasks.query, source=str(config.source))
+    else:
+        check_n_way_k_shot(site, ways=tasks.ways, shots=tasks.support, query=tasks.query,
+                           source=str(config.source))
+
+
+def load_local_site(
+    site_yaml: str | Path,
+    *,
+    data: DataConfig | None = None,
+    tasks: TaskConfig | None = None,
+) -> Site:
+    """Load this hospital's data from its site file, validated for the experiment's tasks.
+
+    ``data`` supplies the split defaults (``test_fraction``, ``split_seed``) where the site file
+    sets none; ``tasks`` (if given) must be drawable: enough labelled patients per outcome, or
+    enough images in enough classes. Raises :class:`ConfigError` / :class:`DataError`.
+    """
+    config = load_site_config(site_yaml)
+    site, _ = _load(config, data or DataConfig())
+    if tasks is not None:
+        _check_tasks(config, site, tasks)
+    return site
+
+
+def check_site(
+    site_yaml: str | Path,
+    *,
+    data: DataConfig | None = None,
+    tasks: TaskConfig | None = None,
+) -> SiteSummary:
+    """Validate a site's data as :func:`load_local_site` does and summarise it."""
+    config = load_site_config(site_yaml)
+    site, cohort = _load(config, data or DataConfig())
+    if tasks is not None:
+        _check_tasks(config, site, tasks)
+    if isinstance(site, TabularSite):
+        assert cohort is not None
+        units: dict[str, int] = {}
+        if cohort.units_train is not None and cohort.units_test is not None:
+            values, counts = np.unique(
+                np.concatenate([cohort.units_train, cohort.units_test]).astype(str),
+                return_counts=True,
+            )
+            units = {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+        return SiteSummary(
+            name=site.name, kind="ehr", source=config.source, data_path=config.path,
+            n_rows=cohort.n_rows, n_train=site.n_train, n_test=site.n_test,
+            n_features=site.n_features, prevalence=dict(cohort.prevalence),
+            labelled=dict(cohort.labelled), missing=dict(cohort.missing), units=units,
+        )
+    assert isinstance(site, ImageSite)
+    counts = np.bincount(site.y_train, minlength=site.n_classes)
+    return SiteSummary(
+        name=site.name, kind="images", source=config.source, data_path=config.path,
+        n_rows=site.n_train + site.n_test, n_train=site.n_train, n_test=site.n_test,
+        class_counts={c: int(n) for c, n in zip(site.classes, counts, strict=True)},
+        image_shape=tuple(int(v) for v in site.x_train.shape[1:]),
+    )
