@@ -1,0 +1,230 @@
+"""``fedmeta provision``: the consortium's CA, the coordinator's certificate and the site bundles.
+
+Runs as ordered builders over one output folder (after NVFlare's provisioning): CA, then the
+coordinator, then one bundle per hospital, then the registry. The output folder::
+
+    DIR/
+      registry.json              which sites exist, their key fingerprints, active or revoked
+      ca/ca.crt ca/ca.key        consortium CA (keep ca.key offline after provisioning)
+      coordinator/               ca.crt, server.crt, server.key (0600), authorized/<site>.pub
+      sites/<site>/              the bundle shipped to a hospital: ca.crt, supernode.key (0600),
+                                 supernode.pub, site.yaml
+
+A hospital's identity is its SuperNode key pair; the coordinator admits it by registering the
+public key with the SuperLink. Adding a hospital therefore needs neither the CA key nor any change
+to the other hospitals, and revoking one means unregistering its key (``fedmeta provision
+--revoke NAME`` marks it; a running coordinator is told by ``fedmeta coordinator revoke``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmeta.common.errors import ProvisionError
+from fedmeta.deploy.certs import (
+    load_issued,
+    make_ca,
+    make_server_cert,
+    verify_chain,
+    write_issued,
+    write_public_bytes,
+)
+from fedmeta.deploy.consortium import Consortium, SiteSettings
+from fedmeta.deploy.keys import make_site_keys
+from fedmeta.deploy.siteconfig import render_site_yaml
+
+logger = logging.getLogger(__name__)
+
+REGISTRY = "registry.json"
+
+
+@dataclass
+class SiteRecord:
+    """What the coordinator knows of a hospital: never data, only identity and status."""
+
+    name: str
+    fingerprint: str
+    public_key: str
+    issued_at: str
+    status: str = "active"  # "active" | "revoked"
+    revoked_at: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Registry:
+    """``registry.json``: the consortium's sites; rewritten atomically on every change."""
+
+    consortium: str
+    created_at: str
+    sites: dict[str, SiteRecord]
+
+    @classmethod
+    def load(cls, out: Path) -> Registry:
+        path = out / REGISTRY
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ProvisionError(
+                f"{path}: no registry; run `fedmeta provision --consortium FILE --out {out}` first"
+            ) from e
+        except (OSError, json.JSONDecodeError) as e:
+            raise ProvisionError(f"{path}: unreadable registry: {e}") from e
+        return cls(
+            consortium=raw["consortium"],
+            created_at=raw["created_at"],
+            sites={k: SiteRecord(**v) for k, v in raw["sites"].items()},
+        )
+
+    def save(self, out: Path) -> None:
+        path = out / REGISTRY
+        tmp = path.with_suffix(".tmp")
+        doc: dict[str, Any] = {
+            "consortium": self.consortium,
+            "created_at": self.created_at,
+            "sites": {k: asdict(v) for k, v in self.sites.items()},
+        }
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def active(self) -> list[SiteRecord]:
+        return [s for s in self.sites.values() if s.status == "active"]
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _build_ca(consortium: Consortium, out: Path) -> None:
+    ca = make_ca(
+        common_name=consortium.ca.common_name,
+        organization=consortium.name,
+        validity_days=consortium.ca.validity_days,
+    )
+    write_issued(ca, out / "ca" / "ca.crt", out / "ca" / "ca.key")
+
+
+def _build_coordinator(consortium: Consortium, out: Path) -> None:
+    ca = load_issued(out / "ca" / "ca.crt", out / "ca" / "ca.key")
+    co = consortium.coordinator
+    server = make_server_cert(
+        ca,
+        common_name=co.host,
+        organization=consortium.name,
+        sans=list(co.sans),
+        validity_days=co.validity_days,
+    )
+    folder = out / "coordinator"
+    write_issued(server, folder / "server.crt", folder / "server.key")
+    shutil.copyfile(out / "ca" / "ca.crt", folder / "ca.crt")
+    for name in co.sans:
+        verify_chain(server.cert, ca.cert, hostname=name)
+
+
+def _node_config(consortium: Consortium, site: SiteSettings) -> dict[str, str | int | float | bool]:
+    cfg: dict[str, str | int | float | bool] = {}
+    index = [s.name for s in consortium.sites].index(site.name)
+    if site.site_config is not None:
+        cfg["site-config"] = site.site_config
+    if site.partition_id is not None or site.site_config is None:
+        cfg["partition-id"] = site.partition_id if site.partition_id is not None else index
+        cfg["num-partitions"] = len(consortium.sites)
+    cfg["site-name"] = site.name
+    return cfg
+
+
+def _build_site(consortium: Consortium, out: Path, site: SiteSettings, registry: Registry) -> Path:
+    if site.name in registry.sites:
+        raise ProvisionError(
+            f"{out / REGISTRY}: site {site.name!r} already provisioned "
+            f"(status {registry.sites[site.name].status}); pick a new name to re-admit a hospital"
+        )
+    bundle = out / "sites" / site.name
+    if bundle.exists():
+        raise ProvisionError(f"{bundle}: bundle folder already exists; refusing to overwrite")
+    bundle.mkdir(parents=True)
+    os.chmod(bundle, 0o700)
+    keys = make_site_keys(bundle, comment=f"fedmeta-{consortium.name}-{site.name}")
+    shutil.copyfile(out / "ca" / "ca.crt", bundle / "ca.crt")
+    (bundle / "site.yaml").write_text(
+        render_site_yaml(
+            site=site.name,
+            superlink=consortium.coordinator.fleet_address,
+            runtime_port=site.runtime_port,
+            node_config=_node_config(consortium, site),
+        ),
+        encoding="utf-8",
+    )
+    public = keys.public.read_text(encoding="ascii")
+    write_public_bytes(out / "coordinator" / "authorized" / f"{site.name}.pub", public.encode())
+    registry.sites[site.name] = SiteRecord(
+        name=site.name, fingerprint=keys.fingerprint, public_key=public.strip(),
+        issued_at=_now_iso(),
+    )
+    logger.info("provisioned site %s (key %s) in %s", site.name, keys.fingerprint, bundle)
+    return bundle
+
+
+def provision(consortium: Consortium, out: Path) -> Registry:
+    """Create a new consortium in the empty (or missing) folder ``out``."""
+    if (out / REGISTRY).exists() or (out / "ca").exists():
+        raise ProvisionError(
+            f"{out}: already provisioned; use --add-site NAME or --revoke NAME to change it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _build_ca(consortium, out)
+    _build_coordinator(consortium, out)
+    registry = Registry(consortium=consortium.name, created_at=_now_iso(), sites={})
+    for site in consortium.sites:
+        _build_site(consortium, out, site, registry)
+    registry.save(out)
+    logger.info(
+        "provisioned consortium %s: CA, coordinator %s, %d sites in %s",
+        consortium.name, consortium.coordinator.host, len(consortium.sites), out,
+    )
+    return registry
+
+
+def add_site(consortium: Consortium, out: Path, name: str) -> Path:
+    """Issue the bundle of one new hospital (listed in ``consortium``); others are untouched."""
+    registry = Registry.load(out)
+    if registry.consortium != consortium.name:
+        raise ProvisionError(
+            f"{consortium.source}: consortium {consortium.name!r} does not match "
+            f"{out / REGISTRY} ({registry.consortium!r})"
+        )
+    bundle = _build_site(consortium, out, consortium.site(name), registry)
+    registry.save(out)
+    return bundle
+
+
+def revoke_site(out: Path, name: str, *, reason: str) -> SiteRecord:
+    """Mark a hospital revoked and delete the copy of its private key kept in ``out``.
+
+    The coordinator stops admitting it once its key is unregistered from the SuperLink
+    (:func:`fedmeta.deploy.launch.unregister_site`, run by ``fedmeta coordinator revoke``);
+    a coordinator started later never registers a revoked key.
+    """
+    registry = Registry.load(out)
+    if name not in registry.sites:
+        raise ProvisionError(
+            f"{out / REGISTRY}: no site named {name!r} (known: {sorted(registry.sites)})"
+        )
+    record = registry.sites[name]
+    if record.status == "revoked":
+        raise ProvisionError(f"{out / REGISTRY}: site {name!r} is already revoked")
+    record.status = "revoked"
+    record.revoked_at = _now_iso()
+    record.reason = reason
+    (out / "sites" / name / "supernode.key").unlink(missing_ok=True)
+    (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
+    registry.save(out)
+    logger.info("revoked site %s (key %s): %s", name, record.fingerprint, reason)
+    return record

@@ -1,0 +1,179 @@
+"""Append-only audit log on the coordinator: who joined, for which run, which rounds it served.
+
+One JSON object per line (``audit.jsonl``), each with a UTC timestamp and an event name. The log
+records identities and decisions, never data: every event has a fixed set of allowed fields and
+every value must be a scalar (or a short list of scalars), so a tensor, an array or a metric dict
+cannot be written by mistake.
+
+Events and their fields:
+
+========================  ==============================================================
+``node_registered``       site, node_id
+``node_unregistered``     site, node_id, reason
+``run_submitted``         run_id, sites
+``run_started``           run_id, algorithm, rounds, config_sha256, nodes
+``round_started``         run_id, round, nodes
+``contribution``          run_id, round, node_id, site, accepted, reason, num_examples
+``round_completed``       run_id, round, accepted, rejected, missing
+``run_finished``          run_id, status, rounds_completed
+``checkpoint_resumed``    run_id, round
+========================  ==============================================================
+
+The ServerApp finds the log through the environment variable ``FEDMETA_AUDIT_LOG`` (set by
+``fedmeta coordinator start`` on the SuperLink, inherited by the ServerApp process); with no
+variable, :func:`from_env` returns ``None`` and nothing is logged (simulation).
+Site names come from ``nodes.json`` beside the log (written when keys are registered).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "FEDMETA_AUDIT_LOG"
+MAX_STR = 200
+MAX_LIST = 1000
+
+Scalar = str | int | float | bool | None
+Value = Scalar | list[str] | list[int]
+
+EVENTS: dict[str, frozenset[str]] = {
+    "node_registered": frozenset({"site", "node_id"}),
+    "node_unregistered": frozenset({"site", "node_id", "reason"}),
+    "run_submitted": frozenset({"run_id", "sites"}),
+    "run_started": frozenset({"run_id", "algorithm", "rounds", "config_sha256", "nodes"}),
+    "round_started": frozenset({"run_id", "round", "nodes"}),
+    "contribution": frozenset(
+        {"run_id", "round", "node_id", "site", "accepted", "reason", "num_examples"}
+    ),
+    "round_completed": frozenset({"run_id", "round", "accepted", "rejected", "missing"}),
+    "run_finished": frozenset({"run_id", "status", "rounds_completed"}),
+    "checkpoint_resumed": frozenset({"run_id", "round"}),
+}
+
+
+class AuditError(ValueError):
+    """An audit record was refused (unknown event, field, or a non-scalar value)."""
+
+
+def _check_value(event: str, key: str, value: object) -> Value:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str):
+        if len(value) > MAX_STR:
+            raise AuditError(f"audit {event}.{key}: string longer than {MAX_STR} characters")
+        return value
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_LIST or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                            for v in value):
+            raise AuditError(f"audit {event}.{key}: only short lists of ids or names are allowed")
+        return list(value)
+    raise AuditError(
+        f"audit {event}.{key}: value of type {type(value).__name__} refused (identities only)"
+    )
+
+
+class AuditLog:
+    """Appends validated events to a JSONL file (opened in append mode for each record)."""
+
+    def __init__(self, path: Path, *, site_names: Mapping[int, str] | None = None) -> None:
+        self.path = path
+        self.site_names = dict(site_names or {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def site_of(self, node_id: int) -> str | None:
+        """The registered site name of ``node_id`` (``None`` if unknown)."""
+        return self.site_names.get(int(node_id))
+
+    def record(self, event: str, **fields: object) -> dict[str, Value]:
+        """Append one event; returns the record written."""
+        allowed = EVENTS.get(event)
+        if allowed is None:
+            raise AuditError(f"unknown audit event {event!r}; known: {sorted(EVENTS)}")
+        unknown = set(fields) - allowed
+        if unknown:
+            raise AuditError(f"audit {event}: fields {sorted(unknown)} not allowed; allowed {sorted(allowed)}")
+        rec: dict[str, Value] = {
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": event,
+        }
+        for k, v in fields.items():
+            rec[k] = _check_value(event, k, v)
+        line = json.dumps(rec, sort_keys=False) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return rec
+
+    # Convenience wrappers with fixed signatures (what the ServerApp calls).
+
+    def run_started(
+        self, *, run_id: int, algorithm: str, rounds: int, config_sha256: str,
+        nodes: Iterable[int],
+    ) -> None:
+        self.record("run_started", run_id=int(run_id), algorithm=algorithm, rounds=int(rounds),
+                    config_sha256=config_sha256, nodes=[int(n) for n in nodes])
+
+    def round_started(self, *, run_id: int, round: int, nodes: Iterable[int]) -> None:  # noqa: A002
+        self.record("round_started", run_id=int(run_id), round=int(round),
+                    nodes=[int(n) for n in nodes])
+
+    def contribution(
+        self, *, run_id: int, round: int, node_id: int, accepted: bool,  # noqa: A002
+        reason: str | None = None, num_examples: int | None = None,
+    ) -> None:
+        self.record("contribution", run_id=int(run_id), round=int(round), node_id=int(node_id),
+                    site=self.site_of(node_id), accepted=bool(accepted), reason=reason,
+                    num_examples=None if num_examples is None else int(num_examples))
+
+    def round_completed(
+        self, *, run_id: int, round: int, accepted: Iterable[int],  # noqa: A002
+        rejected: Iterable[int], missing: Iterable[int],
+    ) -> None:
+        self.record("round_completed", run_id=int(run_id), round=int(round),
+                    accepted=[int(n) for n in accepted], rejected=[int(n) for n in rejected],
+                    missing=[int(n) for n in missing])
+
+    def run_finished(self, *, run_id: int, status: str, rounds_completed: int) -> None:
+        self.record("run_finished", run_id=int(run_id), status=status,
+                    rounds_completed=int(rounds_completed))
+
+    def checkpoint_resumed(self, *, run_id: int, round: int) -> None:  # noqa: A002
+        self.record("checkpoint_resumed", run_id=int(run_id), round=int(round))
+
+
+def _load_site_names(path: Path) -> dict[int, str]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {int(v): str(k) for k, v in raw.items()}
+
+
+def open_log(path: Path) -> AuditLog:
+    """An :class:`AuditLog` at ``path``, naming sites from ``nodes.json`` in the same folder."""
+    return AuditLog(path, site_names=_load_site_names(path.parent / "nodes.json"))
+
+
+def from_env() -> AuditLog | None:
+    """The coordinator's audit log named by ``$FEDMETA_AUDIT_LOG``, or ``None`` if unset."""
+    value = os.environ.get(ENV_VAR, "")
+    if not value:
+        return None
+    return open_log(Path(value))
+
+
+def read_log(path: Path) -> list[dict[str, Value]]:
+    """All records of an audit log, oldest first."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
