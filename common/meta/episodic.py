@@ -1,0 +1,154 @@
+"""Episodic machinery shared by the metric-based learners (ProtoNet, Matching and Relation Networks).
+
+An episode is an N-way classification task: support ``(xs, ys)`` with labels ``0..N−1`` (every
+class present) and query ``(xq, yq)``. A metric learner maps an episode to query scores
+``(Q, N)`` with no inner optimisation; the meta-objective is the mean over episodes of the mean
+query loss, and its gradient is what a site sends. Labels enter the scoring functions as float
+one-hot matrices (built once, outside ``vmap``) so the forward pass has no data-dependent indexing.
+
+Support and query are embedded in one forward pass, so a batch-statistics norm
+(:class:`fedmeta.common.models.BatchStatNorm2d`) sees both — the usual transductive setting of
+episodic training (Snell et al. 2017; Finn et al. 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmeta.common.meta.engine import choose_impl, params_device
+from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
+
+# (model, params, xs, ys_onehot (S, N), xq) -> scores (Q, N)
+ScoreFn = Callable[[nn.Module, Params, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (scores (Q, N), yq (Q,), yq_onehot (Q, N)) -> per-query losses (Q,)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_labels(y: torch.Tensor, n_way: int, *, name: str) -> None:
+    """``y`` holds int64 class indices in ``0..n_way−1``."""
+    if isinstance(n_way, bool) or not isinstance(n_way, int) or n_way < 2:
+        raise ValueError(f"n_way must be an integer >= 2, got {n_way!r}")
+    if y.dtype != torch.int64:
+        raise ValueError(f"episode labels {name} must be int64 class indices, got {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_way):
+        raise ValueError(
+            f"episode labels {name} must lie in 0..{n_way - 1} for n_way={n_way}, "
+            f"got range {int(y.min())}..{int(y.max())}"
+        )
+
+
+def check_support(ys: torch.Tensor, n_way: int) -> None:
+    """Support labels ``(T, S)`` are valid and every class appears in every episode."""
+    check_labels(ys, n_way, name="ys")
+    counts = F.one_hot(ys, n_way).sum(dim=-2).reshape(-1, n_way)  # (T, N)
+    missing = (counts == 0).nonzero()
+    if missing.numel():
+        t, k = (int(v) for v in missing[0])
+        raise ValueError(f"episode {t} has no support example of class {k} (n_way={n_way})")
+
+
+def check_episodes(episodes: TaskBatch, n_way: int) -> None:
+    """Labels are int64 in ``0..n_way−1`` and every class appears in every episode's support."""
+    check_support(episodes.ys, n_way)
+    check_labels(episodes.yq, n_way, name="yq")
+
+
+def onehot(y: torch.Tensor, n_way: int, dtype: torch.dtype) -> torch.Tensor:
+    return F.one_hot(y, n_way).to(dtype)
+
+
+def metric_step(
+    score: ScoreFn,
+    per_query_loss: LossFn,
+    model: nn.Module,
+    params: Params,
+    episodes: TaskBatch,
+    *,
+    n_way: int,
+    impl: str = "auto",
+) -> tuple[Params, MetaStats]:
+    """Gradient of ``(1/T) Σ_t (1/Q) Σ_q ℓ(score_t)_q`` with respect to ``params``, and stats
+    (``query_loss_before == query_loss_after``: a metric learner does not adapt)."""
+    device = params_device(params)
+    episodes = episodes.to(device)
+    check_episodes(episodes, n_way)
+    which = choose_impl(model, device, impl)
+    dtype = next(iter(params.values())).dtype
+    ys1, yq1 = onehot(episodes.ys, n_way, dtype), onehot(episodes.yq, n_way, dtype)
+    n_tasks, n_query = episodes.n_tasks, episodes.n_query
+    scale = 1.0 / (n_tasks * n_query)
+    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+    totals = {k: torch.zeros_like(v) for k, v in theta.items()}
+
+    def one_episode(
+        p: Params, xs: torch.Tensor, s1: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, q1: torch.Tensor
+    ) -> torch.Tensor:
+        return per_query_loss(score(model, p, xs, s1, xq), yq, q1).sum()
+
+    inputs = list(theta.values())
+    total_loss = 0.0
+    with torch.enable_grad():
+        if which == "vmap":
+            losses = torch.func.vmap(
+                one_episode, in_dims=(None, 0, 0, 0, 0, 0), randomness="different"
+            )(theta, episodes.xs, ys1, episodes.xq, episodes.yq, yq1)
+            objectives = [losses.sum()]
+        else:
+            objectives = (
+                one_episode(theta, episodes.xs[t], ys1[t], episodes.xq[t], episodes.yq[t], yq1[t])
+                for t in range(n_tasks)
+            )
+        # The loop generator builds one episode's graph at a time and frees it after its grad.
+        for value in objectives:
+            grads = torch.autograd.grad(
+                value * scale, inputs, allow_unused=True, materialize_grads=True
+            )
+            for k, g in zip(theta, grads, strict=True):
+                totals[k] += g
+            total_loss += float(value.detach())
+    stats = MetaStats(
+        n_tasks=n_tasks,
+        n_examples=episodes.n_examples,
+        n_query=n_tasks * n_query,
+        query_loss_before=total_loss,
+        query_loss_after=total_loss,
+    )
+    return totals, stats
+
+
+@torch.no_grad()
+def predict_episodes(
+    score: ScoreFn,
+    model: nn.Module,
+    params: Params,
+    episodes: TaskBatch,
+    *,
+    n_way: int,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Predicted class ``argmax_k score_{q,k}`` of every query example, shape ``(T, Q)``."""
+    device = params_device(params)
+    episodes = episodes.to(device)
+    check_episodes(episodes, n_way)
+    dtype = next(iter(params.values())).dtype
+    ys1 = onehot(episodes.ys, n_way, dtype)
+    theta = {k: v.detach() for k, v in params.items()}
+    if choose_impl(model, device, impl) == "vmap":
+        scores = torch.func.vmap(
+            lambda xs, s1, xq: score(model, theta, xs, s1, xq), randomness="different"
+        )(episodes.xs, ys1, episodes.xq)
+    else:
+        scores = torch.stack(
+            [score(model, theta, episodes.xs[t], ys1[t], episodes.xq[t]) for t in range(episodes.n_tasks)]
+        )
+    return scores.argmax(dim=-1)
+
+
+def count_correct(predictions: torch.Tensor, episodes: TaskBatch) -> tuple[int, int]:
+    """``(n_correct, n_query_examples)``: sums, to be added across batches and sites before dividing."""
+    yq = episodes.yq.to(predictions.device)
+    return int((predictions == yq).sum()), int(yq.numel())
