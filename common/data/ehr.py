@@ -116,6 +116,7 @@ def parse_outcome(
 class EhrCohort:
     """A loaded site: the :class:`TabularSite` plus what a site reports about itself.
 
+    ``train_rows``/``test_rows``: 0-based data-row positions in the file of each split's rows.
     ``units_train``/``units_test`` hold the unit column's values (strings) when one is configured.
     ``prevalence[outcome]`` is the fraction of labelled rows with the event; ``labelled[outcome]``
     the number of labelled rows; ``missing[feature]`` the fraction of rows where it is missing.
@@ -127,6 +128,8 @@ class EhrCohort:
     prevalence: dict[str, float]
     labelled: dict[str, int]
     missing: dict[str, float]
+    train_rows: np.ndarray
+    test_rows: np.ndarray
     units_train: np.ndarray | None = None
     units_test: np.ndarray | None = None
 
@@ -229,7 +232,8 @@ def load_ehr_cohort(
     if unit_column:
         units = frame[unit_column].astype("string").fillna("").to_numpy(dtype=object)
         units_train, units_test = units[train_idx], units[test_idx]
-    return EhrCohort(site, pre, len(frame), prevalence, labelled, missing, units_train, units_test)
+    return EhrCohort(site, pre, len(frame), prevalence, labelled, missing, train_idx, test_idx,
+                     units_train, units_test)
 
 
 def check_k_shot(site: TabularSite, *, support: int, query: int, source: str = "") -> None:
