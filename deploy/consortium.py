@@ -8,7 +8,8 @@ Example::
       validity_days: 3650                 # default 3650
     coordinator:
       host: coordinator.example.org       # required: the name hospitals dial
-      sans: [coordinator.example.org, 10.0.0.5]   # default [host]; host is always included
+      sans: [coordinator.example.org, 10.0.0.5]   # default [host]; host, localhost and
+                                                  # 127.0.0.1 are always included
       fleet_port: 9092                    # gRPC Fleet API, the only port hospitals reach
       control_port: 9093                  # HTTPS Control/Runtime API, operators only
       validity_days: 825                  # default 825, at most the CA's
@@ -34,6 +35,7 @@ import yaml
 
 from fedmeta.common.errors import ConfigError
 
+LOOPBACK_SANS = ("localhost", "127.0.0.1")
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
@@ -177,6 +179,9 @@ def parse_consortium(data: Any, *, source: str = "<memory>") -> Consortium:
         sans.append(_check_host(source, f"coordinator.sans[{i}]", s))
     if host not in sans:
         sans.insert(0, host)
+    # The SuperLink's own ServerApp runner reaches its Runtime API on the loopback address
+    # over TLS with this certificate, so loopback names are always included.
+    sans += [s for s in LOOPBACK_SANS if s not in sans]
     fleet_port = co_r.int_("fleet_port", 9092, lo=1, hi=65535) or 9092
     control_port = co_r.int_("control_port", 9093, lo=1, hi=65535) or 9093
     if fleet_port == control_port:

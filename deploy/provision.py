@@ -6,7 +6,8 @@ coordinator, then one bundle per hospital, then the registry. The output folder:
     DIR/
       registry.json              which sites exist, their key fingerprints, active or revoked
       ca/ca.crt ca/ca.key        consortium CA (keep ca.key offline after provisioning)
-      coordinator/               ca.crt, server.crt, server.key (0600), authorized/<site>.pub
+      coordinator/               ca.crt, server.crt, server.key (0600), coordinator.json (ports),
+                                 authorized/<site>.pub
       sites/<site>/              the bundle shipped to a hospital: ca.crt, supernode.key (0600),
                                  supernode.pub, site.yaml
 
@@ -108,6 +109,8 @@ def _build_ca(consortium: Consortium, out: Path) -> None:
         organization=consortium.name,
         validity_days=consortium.ca.validity_days,
     )
+    (out / "ca").mkdir(parents=True)
+    os.chmod(out / "ca", 0o700)
     write_issued(ca, out / "ca" / "ca.crt", out / "ca" / "ca.key")
 
 
@@ -124,6 +127,14 @@ def _build_coordinator(consortium: Consortium, out: Path) -> None:
     folder = out / "coordinator"
     write_issued(server, folder / "server.crt", folder / "server.key")
     shutil.copyfile(out / "ca" / "ca.crt", folder / "ca.crt")
+    (folder / "coordinator.json").write_text(
+        json.dumps(
+            {"host": co.host, "sans": list(co.sans), "fleet_port": co.fleet_port,
+             "control_port": co.control_port},
+            indent=2,
+        ) + "\n",
+        encoding="utf-8",
+    )
     for name in co.sans:
         verify_chain(server.cert, ca.cert, hostname=name)
 
