@@ -1,0 +1,41 @@
+"""``fedmeta bench NAME``: run one benchmark, print its table and save its rows as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+# name -> module in fedmeta.bench; each module defines
+#   run(*, quick: bool, out_dir: Path) -> list[dict]   (rows, also printed as a table by the module)
+BENCHMARKS = {
+    "engine": "engine",
+    "flamby": "flamby",
+    "new-site": "new_site",
+    "ehr": "ehr",
+    "imaging": "imaging",
+    "comm": "comm",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark and save its figures")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("--quick", action="store_true", help="reduced setting (minutes, CI-sized)")
+    p.add_argument("--json", type=Path, default=None, help="where to write the rows (JSON list)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench-results/NAME)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    module = importlib.import_module(f"fedmeta.bench.{BENCHMARKS[args.name]}")
+    out_dir = args.out or Path("bench-results") / args.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = module.run(quick=args.quick, out_dir=out_dir)
+    json_path = args.json or out_dir / f"{args.name}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {len(rows)} rows to {json_path}")
+    return 0

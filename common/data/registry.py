@@ -1,0 +1,111 @@
+"""Data sources by name: what a source's sites look like, and loading one site's own rows.
+
+The coordinator needs only :func:`data_spec` (input shape, classes, site names), which reads no
+patient rows. A hospital's client calls :func:`load_site` for its own site and nothing else.
+
+A source is registered with :func:`register_source`; fedmeta ships ``fed-heart`` here and the
+EHR/imaging sources in their own modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from fedmeta.common.config import DataConfig
+from fedmeta.common.data import heart
+from fedmeta.common.data.base import Site
+from fedmeta.common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The shape of a source's data, known without reading any rows.
+
+    ``input_shape``: ``(d,)`` for tables, ``(C, H, W)`` for images. ``n_classes``: classes per task
+    (2 for binary outcomes). ``sites``: every site the source holds, in a fixed order.
+    """
+
+    kind: Literal["tabular", "images"]
+    input_shape: tuple[int, ...]
+    n_classes: int
+    sites: tuple[str, ...]
+    outcomes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: Callable[[DataConfig], DataSpec]
+    load: Callable[[DataConfig, str], Site]
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, source: Source) -> None:
+    _SOURCES[name] = source
+
+
+def _source(cfg: DataConfig) -> Source:
+    if cfg.source not in _SOURCES:
+        _load_builtin_sources()
+    try:
+        return _SOURCES[cfg.source]
+    except KeyError:
+        raise ConfigError(
+            f"data.source = {cfg.source!r}: unknown; available: {', '.join(sorted(_SOURCES))}"
+        ) from None
+
+
+def data_spec(cfg: DataConfig) -> DataSpec:
+    """Shape and site names of the configured source, with ``data.sites`` checked against it."""
+    spec = _source(cfg).spec(cfg)
+    for key in ("sites", "holdout"):
+        unknown = [s for s in getattr(cfg, key) if s not in spec.sites]
+        if unknown:
+            raise ConfigError(
+                f"data.{key}: site {unknown[0]!r} is not in source {cfg.source!r}; "
+                f"its sites: {', '.join(spec.sites)}"
+            )
+    return spec
+
+
+def training_sites(cfg: DataConfig) -> tuple[str, ...]:
+    """Sites that take part in federated training: ``data.sites`` (or all) minus ``data.holdout``."""
+    spec = data_spec(cfg)
+    chosen = cfg.sites or spec.sites
+    return tuple(s for s in chosen if s not in cfg.holdout)
+
+
+def load_site(cfg: DataConfig, name: str) -> Site:
+    """Load one site's own rows (training and test splits)."""
+    spec = data_spec(cfg)
+    if name not in spec.sites:
+        raise ConfigError(f"site {name!r} is not in source {cfg.source!r}: {', '.join(spec.sites)}")
+    return _source(cfg).load(cfg, name)
+
+
+def _heart_spec(cfg: DataConfig) -> DataSpec:
+    return DataSpec("tabular", (len(heart.FEATURES),), 2, heart.HOSPITALS, (heart.OUTCOME,))
+
+
+def _heart_load(cfg: DataConfig, name: str) -> Site:
+    return heart.load_hospital(
+        name, path=cfg.path or None, train_fraction=1 - cfg.test_fraction, split_seed=cfg.split_seed
+    )
+
+
+register_source("fed-heart", Source(_heart_spec, _heart_load))
+
+
+def _load_builtin_sources() -> None:
+    """Import the modules that register the other built-in sources (EHR folders, images)."""
+    import importlib
+
+    for module in ("fedmeta.common.data.ehr", "fedmeta.common.data.images"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise

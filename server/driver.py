@@ -1,0 +1,237 @@
+"""The coordinator's run: handshake, rounds, checkpoints, final evaluation and the run folder.
+
+``run_experiment`` drives a strategy through Flower's :class:`~flwr.serverapp.Grid` (simulation or
+deployment alike) and writes, into the run folder:
+
+- ``config.json``: the effective experiment configuration;
+- ``rounds.jsonl``: one line per round (sites sampled/accepted/rejected, losses, bytes, time);
+- ``checkpoint.safetensors``: θ, the outer optimiser's state, the round and the RNG state, after
+  every round, so ``resume=True`` continues exactly where the run stopped;
+- ``final.safetensors`` and ``summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+
+from fedmeta.common import params as P
+from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.data.registry import data_spec
+from fedmeta.common.errors import ConfigError, FedmetaError
+from fedmeta.common.experiment import initial_parameters
+from fedmeta.server.registry import make_strategy
+from fedmeta.server.strategy import FedMetaStrategy, read_evaluate_replies
+from fedmeta.server.wire import payload_bytes, record_from_arrays
+
+log = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "auroc", "loss")
+Progress = Callable[[str], None]
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedmetaError(
+                f"only {len(nodes)} site(s) connected within {timeout_s:.0f} s; need {n} "
+                "(federation.min_nodes)"
+            )
+        time.sleep(1.0)
+
+
+def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progress) -> dict[int, str]:
+    """Ask every connected site for its name (a QUERY message); returns ``node_id -> site``."""
+    nodes = _wait_for_nodes(grid, expected, cfg.federation.timeout_s)
+    content = RecordDict({"config": ConfigRecord({"phase": "hello", "experiment": cfg.to_json()})})
+    msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    names: dict[int, str] = {}
+    for reply in grid.send_and_receive(msgs, timeout=cfg.federation.timeout_s):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d failed the handshake: %s", node, reply.error.reason)
+            continue
+        names[node] = str(reply.content["site"]["name"])
+    dupes = {s for s in names.values() if list(names.values()).count(s) > 1}
+    if dupes:
+        raise FedmetaError(f"two nodes claim the same site {sorted(dupes)[0]!r}; check node configs")
+    progress(f"{len(names)} sites joined: {', '.join(sorted(names.values()))}")
+    return names
+
+
+def _summary_mean(per_site: dict[str, dict]) -> dict[str, dict[str, float]]:
+    return {
+        phase: {m: float(np.nanmean([s[phase][m] for s in per_site.values()])) for m in METRICS}
+        for phase in ("before", "after")
+    }
+
+
+class RunFolder:
+    """Paths of one run's outputs and the helpers that write them atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / "config.json"
+        self.rounds = root / "rounds.jsonl"
+        self.checkpoint = root / "checkpoint.safetensors"
+        self.final = root / "final.safetensors"
+        self.summary = root / "summary.json"
+
+    def write_json(self, path: Path, data: Any) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.replace(path)
+
+    def read_rounds(self, upto: int) -> list[dict]:
+        if not self.rounds.exists():
+            return []
+        lines = [json.loads(line) for line in self.rounds.read_text().splitlines() if line.strip()]
+        return [r for r in lines if r["round"] <= upto]
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
+    """The effective config saved in a run folder, with ``key=value`` overrides (e.g. rounds)."""
+    from fedmeta.common.config import load_config
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: not a fedmeta run folder (no config.json)")
+    return load_config(None, overrides, base=json.loads(path.read_text()))
+
+
+def save_checkpoint(folder: RunFolder, strategy: FedMetaStrategy, theta: P.NDArrays, server_round: int,
+                    totals: dict[str, float]) -> None:
+    arrays = {f"theta/{k}": v for k, v in theta.items()}
+    arrays.update({f"opt/{k}": v for k, v in strategy.optimizer.state_arrays().items()})
+    arrays.update({f"extra/{k}": v for k, v in strategy.state_arrays().items()})
+    meta = {
+        "round": server_round,
+        "rng": strategy.rng.bit_generator.state,
+        "totals": totals,
+        "algorithm": strategy.cfg.algorithm,
+    }
+    P.save(folder.checkpoint, arrays, meta)
+
+
+def load_checkpoint(folder: RunFolder) -> tuple[P.NDArrays, P.NDArrays, P.NDArrays, dict[str, Any]]:
+    arrays, meta = P.load(folder.checkpoint)
+    theta = {k[6:]: v for k, v in arrays.items() if k.startswith("theta/")}
+    opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    extra = {k[6:]: v for k, v in arrays.items() if k.startswith("extra/")}
+    return theta, opt, extra, meta
+
+
+def run_experiment(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    *,
+    expected_nodes: int | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the federated experiment ``cfg``; returns the summary written to disk.
+
+    ``stop_after`` ends the run after that round without the final evaluation, as an interrupted
+    run would (used to test resuming).
+    """
+    say = progress or (lambda text: log.info("%s", text))
+    t0 = time.monotonic()
+    folder = RunFolder(out_dir)
+    spec = data_spec(cfg.data)
+    theta = initial_parameters(cfg, spec)
+    log.info("effective configuration: %s", cfg.to_json())
+    folder.write_json(folder.config, cfg.to_dict())
+
+    names = handshake(grid, cfg, expected_nodes or cfg.federation.min_nodes, say)
+    strategy = make_strategy(cfg, theta, node_names=names, rng=np.random.default_rng(cfg.seed))
+    strategy.summary()
+    first_round = 1
+    totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
+    history: list[dict] = []
+    if resume and folder.checkpoint.exists():
+        theta, opt_state, extra, meta = load_checkpoint(folder)
+        if meta.get("algorithm") != cfg.algorithm:
+            raise ConfigError(f"{folder.checkpoint}: saved by algorithm {meta.get('algorithm')}, not {cfg.algorithm}")
+        strategy.restore(theta, opt_state, extra)
+        strategy.rng.bit_generator.state = meta["rng"]
+        totals = {k: float(v) for k, v in meta["totals"].items()}
+        t0 -= totals["wall_s"]  # wall time counts the interrupted part too
+        first_round = int(meta["round"]) + 1
+        history = folder.read_rounds(first_round - 1)
+        say(f"resuming {out_dir} after round {first_round - 1}")
+    folder.rounds.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    arrays = record_from_arrays(strategy.global_arrays(theta))
+    train_config = ConfigRecord({"experiment": cfg.to_json()})
+    for server_round in range(first_round, cfg.rounds + 1):
+        t_round = time.monotonic()
+        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.federation.timeout_s))
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+            theta = strategy.theta()
+        rec = strategy.last
+        assert rec is not None
+        totals["bytes_up"] += rec.bytes_up
+        totals["bytes_down"] += rec.bytes_down
+        line = asdict(rec) | {"wall_s": round(time.monotonic() - t_round, 4), "applied": new_arrays is not None}
+        with folder.rounds.open("a") as f:
+            f.write(json.dumps(line, default=_json_default) + "\n")
+        totals["wall_s"] = time.monotonic() - t0
+        save_checkpoint(folder, strategy, theta, server_round, totals)
+        say(
+            f"round {server_round}/{cfg.rounds}: {len(rec.accepted)}/{len(rec.sampled)} sites, "
+            f"query loss {rec.query_loss_before:.4f} -> {rec.query_loss_after:.4f} after adaptation"
+            + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
+        )
+        if stop_after is not None and server_round >= stop_after:
+            return {"stopped_after": server_round}
+
+    eval_config = ConfigRecord({"experiment": cfg.to_json()})
+    eval_msgs = list(strategy.configure_evaluate(cfg.rounds, arrays, eval_config, grid))
+    totals["bytes_down"] += payload_bytes(arrays) * len(eval_msgs)
+    per_site = read_evaluate_replies(
+        grid.send_and_receive(eval_msgs, timeout=cfg.federation.timeout_s), names
+    )
+    if not per_site:
+        raise FedmetaError("no site returned an evaluation; see the log for their errors")
+    P.save(folder.final, theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed})
+    summary = {
+        "algorithm": cfg.algorithm,
+        "rounds": cfg.rounds,
+        "seed": cfg.seed,
+        "wall_s": round(time.monotonic() - t0, 3),
+        "config": cfg.to_dict(),
+        "sites": dict(sorted(per_site.items())),
+        "mean": _summary_mean(per_site),
+        "comm": {"bytes_up": int(totals["bytes_up"]), "bytes_down": int(totals["bytes_down"])},
+        "params": {"count": int(sum(v.size for v in theta.values())), "file": folder.final.name},
+    }
+    summary.update(strategy.summary_extra())
+    folder.write_json(folder.summary, summary)
+    return summary
+
