@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--size", type=int, default=28, help="image side in pixels (default 28)")
     i.add_argument("--train-per-class", type=int, default=30)
+    i.add_argument("--val-per-class", type=int, default=5)
     i.add_argument("--test-per-class", type=int, default=15)
     i.add_argument("--shift", type=float, default=1.0,
                    help="scale of between-scanner differences (0: identical scanners)")
@@ -65,6 +66,7 @@ def _synth_images(args: argparse.Namespace) -> int:
 
     paths = write_synth_images(args.out, sites=args.sites, seed=args.seed, size=args.size,
                                train_per_class=args.train_per_class,
+                               val_per_class=args.val_per_class,
                                test_per_class=args.test_per_class, shift=args.shift)
     print(f"wrote {len(paths)} imaging sites to {args.out}")
     print(f"check one: fedmeta data check --site {paths[0]}")
