@@ -45,7 +45,7 @@ class Issued:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _name(common_name: str, organization: str) -> x509.Name:

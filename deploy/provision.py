@@ -100,7 +100,7 @@ class Registry:
 
 
 def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _build_ca(consortium: Consortium, out: Path) -> None:

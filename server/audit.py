@@ -100,7 +100,7 @@ class AuditLog:
         if unknown:
             raise AuditError(f"audit {event}: fields {sorted(unknown)} not allowed; allowed {sorted(allowed)}")
         rec: dict[str, Value] = {
-            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
             "event": event,
         }
         for k, v in fields.items():
