@@ -1,0 +1,266 @@
+"""Provisioning: certificate properties, key files, site bundles, add/revoke, bad consortium files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from fedmeta.common.errors import ConfigError, ProvisionError
+from fedmeta.deploy.certs import make_ca, make_server_cert, verify_chain
+from fedmeta.deploy.consortium import load_consortium, parse_consortium
+from fedmeta.deploy.provision import Registry, add_site, provision, revoke_site
+from fedmeta.deploy.siteconfig import load_site_config
+
+CONSORTIUM = {
+    "consortium": "heart",
+    "ca": {"validity_days": 1000},
+    "coordinator": {"host": "coord.example.org", "sans": ["coord.example.org", "10.1.2.3"],
+                    "validity_days": 365},
+    "sites": [{"name": "cleveland", "partition_id": 0},
+              {"name": "hungary", "site_config": "/srv/data/hungary.yaml"}],
+}
+
+
+def _write(tmp_path: Path, doc: object, name: str = "consortium.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc) if not isinstance(doc, str) else doc)
+    return p
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("prov")
+    src = _write(tmp, CONSORTIUM)
+    out = tmp / "out"
+    provision(load_consortium(src), out)
+    return src, out
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _days(cert: x509.Certificate) -> float:
+    return (cert.not_valid_after_utc - cert.not_valid_before_utc) / dt.timedelta(days=1)
+
+
+def test_ca_properties(provisioned: tuple[Path, Path]) -> None:
+    _, out = provisioned
+    ca = _cert(out / "ca" / "ca.crt")
+    assert _days(ca) == pytest.approx(1000)
+    assert ca.not_valid_before_utc <= dt.datetime.now(dt.UTC) <= ca.not_valid_after_utc
+    bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    ku = ca.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
+    assert not ku.value.digital_signature
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    assert ca.issuer == ca.subject
+
+
+def test_server_certificate_properties_and_chain(provisioned: tuple[Path, Path]) -> None:
+    _, out = provisioned
+    ca = _cert(out / "ca" / "ca.crt")
+    srv = _cert(out / "coordinator" / "server.crt")
+    assert _days(srv) == pytest.approx(365)
+    bc = srv.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and not bc.value.ca
+    ku = srv.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
+    eku = srv.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"coord.example.org", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("127.0.0.1")}
+    for host in ("coord.example.org", "10.1.2.3", "127.0.0.1", "localhost"):
+        verify_chain(srv, ca, hostname=host)
+    with pytest.raises(ProvisionError, match="chain check failed for 'evil.example.org'"):
+        verify_chain(srv, ca, hostname="evil.example.org")
+    other_ca = make_ca(common_name="other", organization="x", validity_days=10).cert
+    with pytest.raises(ProvisionError, match="chain check failed"):
+        verify_chain(srv, other_ca, hostname="coord.example.org")
+
+
+def test_server_validity_never_outlives_ca() -> None:
+    ca = make_ca(common_name="ca", organization="o", validity_days=30)
+    srv = make_server_cert(ca, common_name="s", organization="o", sans=["localhost"],
+                           validity_days=400)
+    assert srv.cert.not_valid_after_utc <= ca.cert.not_valid_after_utc
+
+
+def test_private_keys_have_mode_0600(provisioned: tuple[Path, Path]) -> None:
+    _, out = provisioned
+    keys = [out / "ca" / "ca.key", out / "coordinator" / "server.key",
+            out / "sites" / "cleveland" / "supernode.key", out / "sites" / "hungary" / "supernode.key"]
+    for k in keys:
+        assert stat.S_IMODE(k.stat().st_mode) == 0o600, k
+    assert stat.S_IMODE((out / "ca").stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "sites" / "cleveland").stat().st_mode) == 0o700
+
+
+def test_site_keys_are_openssh_nist_ec_and_match(provisioned: tuple[Path, Path]) -> None:
+    _, out = provisioned
+    bundle = out / "sites" / "cleveland"
+    priv = serialization.load_ssh_private_key((bundle / "supernode.key").read_bytes(), None)
+    pub = serialization.load_ssh_public_key((bundle / "supernode.pub").read_bytes())
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
+    assert priv.curve.name == "secp384r1"
+    assert priv.public_key().public_numbers() == pub.public_numbers()
+    assert (bundle / "supernode.key").read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
+    other = serialization.load_ssh_private_key(
+        (out / "sites" / "hungary" / "supernode.key").read_bytes(), None)
+    assert isinstance(other, ec.EllipticCurvePrivateKey)
+    assert other.private_numbers().private_value != priv.private_numbers().private_value
+
+
+def test_bundle_site_yaml_and_registry(provisioned: tuple[Path, Path]) -> None:
+    _, out = provisioned
+    site = load_site_config(out / "sites" / "cleveland" / "site.yaml")
+    assert site.site == "cleveland"
+    assert site.superlink == "coord.example.org:9092"
+    assert site.root_certificates == (out / "sites" / "cleveland" / "ca.crt").resolve()
+    assert site.node_config == {"partition-id": 0, "num-partitions": 2, "site-name": "cleveland"}
+    hungary = load_site_config(out / "sites" / "hungary" / "site.yaml")
+    assert hungary.node_config["site-config"] == "/srv/data/hungary.yaml"
+    assert "partition-id" not in hungary.node_config
+    assert (out / "sites" / "cleveland" / "ca.crt").read_bytes() == (out / "ca" / "ca.crt").read_bytes()
+    assert not (out / "sites" / "cleveland" / "ca.key").exists()
+    reg = Registry.load(out)
+    assert sorted(reg.sites) == ["cleveland", "hungary"]
+    assert all(s.status == "active" for s in reg.sites.values())
+    assert reg.sites["cleveland"].fingerprint.startswith("SHA256:")
+    ports = json.loads((out / "coordinator" / "coordinator.json").read_text())
+    assert ports["fleet_port"] == 9092 and ports["control_port"] == 9093
+
+
+def test_node_config_arg_quotes_strings() -> None:
+    from fedmeta.deploy.siteconfig import SiteConfig
+
+    s = SiteConfig(site="a", superlink="h:1", root_certificates=Path("/x"),
+                   auth_private_key=Path("/y"),
+                   node_config={"partition-id": 1, "site-config": '/p/a "b".yaml', "dp": True})
+    assert s.node_config_arg() == 'partition-id=1 site-config="/p/a \\"b\\".yaml" dp=true'
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
+    src = _write(tmp_path, CONSORTIUM)
+    out = tmp_path / "out"
+    provision(load_consortium(src), out)
+    before = {p: _digest(p) for p in out.rglob("*") if p.is_file() and p.name != "registry.json"}
+    grown = dict(CONSORTIUM, sites=[*CONSORTIUM["sites"], {"name": "zurich"}])  # type: ignore[list-item]
+    src2 = _write(tmp_path, grown, "consortium2.yaml")
+    bundle = add_site(load_consortium(src2), out, "zurich")
+    assert (bundle / "supernode.key").exists()
+    assert stat.S_IMODE((bundle / "supernode.key").stat().st_mode) == 0o600
+    for p, d in before.items():
+        assert _digest(p) == d, f"{p} changed by add_site"
+    with pytest.raises(ProvisionError, match="site 'zurich' already provisioned"):
+        add_site(load_consortium(src2), out, "zurich")
+    with pytest.raises(ConfigError, match="no site named 'nowhere'"):
+        add_site(load_consortium(src2), out, "nowhere")
+
+    rec = revoke_site(out, "hungary", reason="left the consortium")
+    assert rec.status == "revoked" and rec.reason == "left the consortium"
+    reg = Registry.load(out)
+    assert [s.name for s in reg.active()] == ["cleveland", "zurich"]
+    assert not (out / "coordinator" / "authorized" / "hungary.pub").exists()
+    assert _digest(out / "sites" / "cleveland" / "supernode.key") == before[
+        out / "sites" / "cleveland" / "supernode.key"]
+    with pytest.raises(ProvisionError, match="already revoked"):
+        revoke_site(out, "hungary", reason="again")
+    with pytest.raises(ProvisionError, match="already provisioned"):
+        provision(load_consortium(src), out)
+
+
+def _bad(**changes: object) -> dict[str, object]:
+    doc = json.loads(json.dumps(CONSORTIUM))
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = doc
+        for part in path:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+BAD_INPUTS = [
+    (_bad(colour="blue"), r"unknown key 'colour' \(value 'blue'\)"),
+    (_bad(coordinator__host=_DELETE), r"missing required key 'coordinator.host'"),
+    (_bad(coordinator__fleet_port=70000), r"coordinator.fleet_port must be in \[1, 65535\], got 70000"),
+    (_bad(coordinator__control_port=9092), r"control_port must differ from coordinator.fleet_port"),
+    (_bad(sites=[{"name": "a"}, {"name": "a"}]), r"sites\[1\].name 'a' is listed twice"),
+    (_bad(sites=[{"name": "Hospital A!"}]), r"sites\[0\].name must match .* got 'Hospital A!'"),
+    (_bad(ca__validity_days=-5), r"ca.validity_days must be in \[1, 36500\], got -5"),
+    (_bad(ca__validity_days="ten"), r"ca.validity_days must be an integer .* got 'ten'"),
+    (_bad(sites=[]), r"sites must be a non-empty list of hospitals, got \[\]"),
+    (_bad(sites=[{"name": "a", "data": "/x"}]), r"unknown key 'sites\[0\].data'"),
+    (_bad(coordinator__sans=["bad name"]), r"coordinator.sans\[0\] must be a DNS name or an IP address, got 'bad name'"),
+    (_bad(coordinator__validity_days=2000), r"coordinator.validity_days \(2000\) must not exceed ca.validity_days \(1000\)"),
+    (_bad(coordinator__fleet_port=True), r"coordinator.fleet_port must be an integer"),
+    (["not", "a", "mapping"], r"top level: expected a mapping, got list"),
+]
+
+
+@pytest.mark.parametrize(("doc", "message"), BAD_INPUTS)
+def test_bad_consortium_is_rejected_naming_file_key_value(
+    tmp_path: Path, doc: object, message: str
+) -> None:
+    path = _write(tmp_path, doc)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_consortium(path)
+    assert str(path) in str(err.value)
+
+
+def test_unparseable_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_consortium(_write(tmp_path, "consortium: [unclosed"))
+    with pytest.raises(ConfigError, match="cannot read consortium file"):
+        load_consortium(tmp_path / "absent.yaml")
+
+
+def test_defaults() -> None:
+    c = parse_consortium({"consortium": "x", "coordinator": {"host": "10.0.0.1"},
+                          "sites": [{"name": "a"}]})
+    assert c.ca.validity_days == 3650 and c.coordinator.validity_days == 825
+    assert c.coordinator.sans == ("10.0.0.1", "localhost", "127.0.0.1")
+    assert c.coordinator.fleet_address == "10.0.0.1:9092"
+
+
+def test_site_yaml_errors(tmp_path: Path) -> None:
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "k").write_text("x")
+    base = {"site": "a", "superlink": "h:9092", "root_certificates": "ca.crt",
+            "auth_private_key": "k"}
+    cases = [
+        (dict(base, extra=1), "unknown key 'extra'"),
+        (dict(base, superlink="nohost"), "superlink must be HOST:PORT, got 'nohost'"),
+        (dict(base, auth_private_key="missing.key"), "auth_private_key points to .*missing.key"),
+        (dict(base, runtime_port=0), r"runtime_port must be an integer in \[1, 65535\], got 0"),
+        (dict(base, node_config={"Bad Key": 1}), "node_config key 'Bad Key'"),
+    ]
+    for doc, msg in cases:
+        p = tmp_path / "site.yaml"
+        p.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ConfigError, match=msg):
+            load_site_config(p)
