@@ -90,3 +90,18 @@ def test_synth_sources_generate_once_into_cache(tmp_path, monkeypatch) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["synth-ehr-2sites-seed3"]  # no temp left
     img = DataConfig(source="synth-images", synth_sites=1, synth_seed=0)
     assert data_spec(img).input_shape == (1, 28, 28)
+
+
+def test_shipped_configs(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from fedmeta.common.config import load_config
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path))
+    root = Path(__file__).resolve().parents[2] / "configs"
+    ehr = load_config(root / "ehr-synth.yaml")
+    spec = data_spec(ehr.data)
+    assert len(spec.sites) == 20 and len(spec.outcomes) == 4
+    imaging = load_config(root / "imaging-synth.yaml")
+    assert imaging.data.synth_sites == 10 and imaging.data.novel_classes == 5
+    assert len(CLASSES) - imaging.data.novel_classes >= imaging.tasks.ways
