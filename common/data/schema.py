@@ -240,16 +240,16 @@ def encode(
         strings = _category_strings(col)
         index = {c: k for k, c in enumerate(f.categories)}
         block = np.zeros((n, len(f.categories)), dtype=np.float64)
-        for i in np.flatnonzero(present):
-            k = index.get(strings[i])
+        for row in np.flatnonzero(present).tolist():
+            k = index.get(strings[row])
             if k is None:
                 raise DataError(
-                    f"{source}: column {f.name!r} {_row_label(int(i), line_offset)} holds "
-                    f"{strings[i]!r}, which is not among the schema's categories "
+                    f"{source}: column {f.name!r} {_row_label(row, line_offset)} holds "
+                    f"{strings[row]!r}, which is not among the schema's categories "
                     f"{list(f.categories)}. Hint: map it to a schema category or extend the schema "
                     "for every site."
                 )
-            block[i, k] = 1.0
+            block[row, k] = 1.0
         cat_blocks.append(block)
     blocks = numeric_blocks + cat_blocks
     if missing_indicators:

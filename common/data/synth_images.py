@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -194,7 +195,7 @@ def write_synth_images(
         site_dir = out / name
         site_dir.mkdir(exist_ok=True)
         data = simulate_site(scanner, counts, size=size, seed=seed, site_index=k)
-        arrays = {}
+        arrays: dict[str, Any] = {}
         for split, (x, y) in data.items():
             arrays[f"{split}_images"] = x
             arrays[f"{split}_labels"] = y
