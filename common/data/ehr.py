@@ -45,6 +45,18 @@ _TRUE = {"1", "1.0", "true", "yes"}
 _FALSE = {"0", "0.0", "false", "no"}
 
 
+def _delimiter(path: Path) -> str:
+    """The CSV delimiter: ``;`` or a tab when the header has more of those than commas
+    (spreadsheet exports in many locales use ``;``)."""
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    return max(counts, key=lambda d: counts[d]) if max(counts.values()) > 0 else ","
+
+
 def read_table(path: str | Path) -> tuple[pd.DataFrame, int | None]:
     """Read a CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) table.
 
@@ -63,7 +75,8 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, int | None]:
         raise DataError(f"{p}: data file is empty (0 bytes)")
     try:
         if name.endswith(CSV_SUFFIXES):
-            frame = pd.read_csv(p, dtype=str, keep_default_na=True, skipinitialspace=True)
+            frame = pd.read_csv(p, sep=_delimiter(p), dtype=str, keep_default_na=True,
+                                skipinitialspace=True)
             offset: int | None = 2
         elif name.endswith(PARQUET_SUFFIXES):
             frame = pd.read_parquet(p)

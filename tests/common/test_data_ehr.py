@@ -216,3 +216,11 @@ def test_duplicate_stay_id(tmp_path) -> None:
     frame.loc[4, "stay_id"] = 1001
     with pytest.raises(DataError, match=r"id column 'stay_id' row 5 \(line 6\) repeats id"):
         _load(_write(frame, tmp_path / "s.csv"))
+
+
+def test_semicolon_csv_reads_like_comma_csv(tmp_path) -> None:
+    frame = _frame()
+    a = _load(_write(frame, tmp_path / "comma.csv"))
+    frame.to_csv(tmp_path / "semi.csv", index=False, sep=";")
+    b = _load(tmp_path / "semi.csv")
+    np.testing.assert_array_equal(a.site.x_train, b.site.x_train)
