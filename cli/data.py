@@ -2,7 +2,7 @@
 
 - ``fedmeta data synth-ehr --sites N --out DIR``: N MIMIC-style hospitals (CSV + site.yaml each,
   one shared schema.yaml), the layout a real consortium uses.
-- ``fedmeta data synth-images --sites N --out DIR``: N imaging sites (MedMNIST ``.npz`` + site.yaml).
+- ``fedmeta data synth-images --sites N --out DIR``: N imaging sites (MedMNIST .npz + site.yaml).
 - ``fedmeta data check --site site.yaml``: validate a site's data and print rows, outcome
   prevalence and missingness (or images per class), without training.
 """
@@ -24,8 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, required=True, help="output folder")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--stays", type=int, default=400, help="mean stays per hospital (default 400)")
-    e.add_argument("--shift", type=float, default=1.0,
-                   help="scale of between-hospital differences (0: identical hospitals)")
+    e.add_argument(
+        "--shift",
+        type=float,
+        default=1.0,
+        help="scale of between-hospital differences (0: identical hospitals)",
+    )
     e.add_argument("--format", choices=("csv", "parquet"), default="csv")
     e.set_defaults(func=_synth_ehr)
 
@@ -37,14 +41,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--train-per-class", type=int, default=30)
     i.add_argument("--val-per-class", type=int, default=5)
     i.add_argument("--test-per-class", type=int, default=15)
-    i.add_argument("--shift", type=float, default=1.0,
-                   help="scale of between-scanner differences (0: identical scanners)")
+    i.add_argument(
+        "--shift",
+        type=float,
+        default=1.0,
+        help="scale of between-scanner differences (0: identical scanners)",
+    )
     i.set_defaults(func=_synth_images)
 
     c = data_sub.add_parser("check", help="validate a site's data and print a summary")
     c.add_argument("--site", type=Path, required=True, help="the site's site.yaml (or its folder)")
-    c.add_argument("--config", type=Path, default=None,
-                   help="experiment YAML: its data split and tasks settings are checked")
+    c.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="experiment YAML: its data split and tasks settings are checked",
+    )
     c.add_argument("--support", type=int, default=None, help="override tasks.support")
     c.add_argument("--query", type=int, default=None, help="override tasks.query")
     c.add_argument("--ways", type=int, default=None, help="override tasks.ways (images)")
@@ -54,8 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _synth_ehr(args: argparse.Namespace) -> int:
     from fedmeta.common.data.synth_ehr import write_synth_ehr
 
-    paths = write_synth_ehr(args.out, sites=args.sites, seed=args.seed, mean_stays=args.stays,
-                            shift=args.shift, file_format=args.format)
+    paths = write_synth_ehr(
+        args.out,
+        sites=args.sites,
+        seed=args.seed,
+        mean_stays=args.stays,
+        shift=args.shift,
+        file_format=args.format,
+    )
     print(f"wrote {len(paths)} hospitals to {args.out} (schema: {args.out / 'schema.yaml'})")
     print(f"check one: fedmeta data check --site {paths[0]}")
     return 0
@@ -64,10 +82,16 @@ def _synth_ehr(args: argparse.Namespace) -> int:
 def _synth_images(args: argparse.Namespace) -> int:
     from fedmeta.common.data.synth_images import write_synth_images
 
-    paths = write_synth_images(args.out, sites=args.sites, seed=args.seed, size=args.size,
-                               train_per_class=args.train_per_class,
-                               val_per_class=args.val_per_class,
-                               test_per_class=args.test_per_class, shift=args.shift)
+    paths = write_synth_images(
+        args.out,
+        sites=args.sites,
+        seed=args.seed,
+        size=args.size,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        shift=args.shift,
+    )
     print(f"wrote {len(paths)} imaging sites to {args.out}")
     print(f"check one: fedmeta data check --site {paths[0]}")
     return 0
@@ -81,8 +105,9 @@ def _check(args: argparse.Namespace) -> int:
         data, tasks = cfg.data, cfg.tasks
     else:
         data, tasks = DataConfig(), TaskConfig()
-    overrides = {k: getattr(args, k) for k in ("support", "query", "ways")
-                 if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k) for k in ("support", "query", "ways") if getattr(args, k) is not None
+    }
     if overrides:
         tasks = TaskConfig(**{**tasks.__dict__, **overrides})
         tasks.validate("<command line>")
@@ -107,8 +132,10 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  tasks: support {tasks.support} + query {tasks.query} patients per outcome: ok")
     else:
         print(f"  image shape: {s.image_shape}")
-        print("  training images per class: "
-              + ", ".join(f"{c} {n}" for c, n in s.class_counts.items()))
+        print(
+            "  training images per class: "
+            + ", ".join(f"{c} {n}" for c, n in s.class_counts.items())
+        )
         print(f"  tasks: {tasks.ways}-way, {tasks.support} shots + {tasks.query} queries: ok")
     print("ok: the site's data is valid")
     return 0

@@ -28,8 +28,14 @@ from fedmeta.common.data.site_config import (
 )
 
 __all__ = [
-    "EhrSiteConfig", "ImageSiteConfig", "SiteConfig", "SiteSummary", "check_site",
-    "load_local_site", "load_site_config", "parse_site_config",
+    "EhrSiteConfig",
+    "ImageSiteConfig",
+    "SiteConfig",
+    "SiteSummary",
+    "check_site",
+    "load_local_site",
+    "load_site_config",
+    "parse_site_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,9 +65,7 @@ class SiteSummary:
     image_shape: tuple[int, ...] = ()
 
 
-def _load(
-    config: SiteConfig, data: DataConfig
-) -> tuple[Site, EhrCohort | None]:
+def _load(config: SiteConfig, data: DataConfig) -> tuple[Site, EhrCohort | None]:
     if isinstance(config, EhrSiteConfig):
         cohort = load_ehr_site(config, test_fraction=data.test_fraction, seed=data.split_seed)
         return cohort.site, cohort
@@ -72,8 +76,9 @@ def _check_tasks(config: SiteConfig, site: Site, tasks: TaskConfig) -> None:
     if isinstance(site, TabularSite):
         check_k_shot(site, support=tasks.support, query=tasks.query, source=str(config.source))
     else:
-        check_n_way_k_shot(site, ways=tasks.ways, shots=tasks.support, query=tasks.query,
-                           source=str(config.source))
+        check_n_way_k_shot(
+            site, ways=tasks.ways, shots=tasks.support, query=tasks.query, source=str(config.source)
+        )
 
 
 def load_local_site(
@@ -116,16 +121,29 @@ def check_site(
             )
             units = {str(v): int(c) for v, c in zip(values, counts, strict=True)}
         return SiteSummary(
-            name=site.name, kind="ehr", source=config.source, data_path=config.path,
-            n_rows=cohort.n_rows, n_train=site.n_train, n_test=site.n_test,
-            n_features=site.n_features, prevalence=dict(cohort.prevalence),
-            labelled=dict(cohort.labelled), missing=dict(cohort.missing), units=units,
+            name=site.name,
+            kind="ehr",
+            source=config.source,
+            data_path=config.path,
+            n_rows=cohort.n_rows,
+            n_train=site.n_train,
+            n_test=site.n_test,
+            n_features=site.n_features,
+            prevalence=dict(cohort.prevalence),
+            labelled=dict(cohort.labelled),
+            missing=dict(cohort.missing),
+            units=units,
         )
     assert isinstance(site, ImageSite)
     counts = np.bincount(site.y_train, minlength=site.n_classes)
     return SiteSummary(
-        name=site.name, kind="images", source=config.source, data_path=config.path,
-        n_rows=site.n_train + site.n_test, n_train=site.n_train, n_test=site.n_test,
+        name=site.name,
+        kind="images",
+        source=config.source,
+        data_path=config.path,
+        n_rows=site.n_train + site.n_test,
+        n_train=site.n_train,
+        n_test=site.n_test,
         class_counts={c: int(n) for c, n in zip(site.classes, counts, strict=True)},
         image_shape=tuple(int(v) for v in site.x_train.shape[1:]),
     )

@@ -34,7 +34,7 @@ from fedmeta.common.data.schema import (
     load_schema,
 )
 from fedmeta.common.data.site_config import EhrSiteConfig, find_site_configs
-from fedmeta.common.data.synth_ehr import write_synth_ehr
+from fedmeta.common.data.synth_ehr import GENERATOR_VERSION, write_synth_ehr
 from fedmeta.common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,24 +67,26 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, int | None]:
     p = Path(path)
     name = p.name.lower()
     if not p.exists():
-        raise DataError(f"{p}: data file not found. Hint: check the 'path' in the site YAML "
-                        "(relative paths are relative to the YAML file).")
+        raise DataError(
+            f"{p}: data file not found. Hint: check the 'path' in the site YAML "
+            "(relative paths are relative to the YAML file)."
+        )
     if not p.is_file():
         raise DataError(f"{p}: is not a file")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: data file is empty (0 bytes)")
     try:
         if name.endswith(CSV_SUFFIXES):
-            frame = pd.read_csv(p, sep=_delimiter(p), dtype=str, keep_default_na=True,
-                                skipinitialspace=True)
+            frame = pd.read_csv(
+                p, sep=_delimiter(p), dtype=str, keep_default_na=True, skipinitialspace=True
+            )
             offset: int | None = 2
         elif name.endswith(PARQUET_SUFFIXES):
             frame = pd.read_parquet(p)
             offset = None
         else:
             raise DataError(
-                f"{p}: unsupported table format; use one of "
-                f"{list(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
+                f"{p}: unsupported table format; use one of {list(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
             )
     except DataError:
         raise
@@ -175,8 +177,10 @@ def load_ehr_cohort(
     source = str(path)
     clash = sorted(set(outcomes) & set(schema.names))
     if clash:
-        raise DataError(f"{source}: column(s) {clash} are both features and outcomes; an outcome "
-                        "must not be an input")
+        raise DataError(
+            f"{source}: column(s) {clash} are both features and outcomes; an outcome "
+            "must not be an input"
+        )
     needed = list(outcomes) + [c for c in (unit_column, id_column) if c]
     absent = [c for c in needed if c not in frame.columns]
     if absent:
@@ -190,10 +194,13 @@ def load_ehr_cohort(
         if dup.any():
             i = int(np.flatnonzero(dup)[0])
             row = f"row {i + 1}" + (f" (line {i + offset})" if offset else "")
-            raise DataError(f"{source}: id column {id_column!r} {row} repeats id "
-                            f"{frame[id_column].iloc[i]!r}; the table must have one row per stay")
-    x = encode(frame, schema, source=source, line_offset=offset,
-               missing_indicators=missing_indicators)
+            raise DataError(
+                f"{source}: id column {id_column!r} {row} repeats id "
+                f"{frame[id_column].iloc[i]!r}; the table must have one row per stay"
+            )
+    x = encode(
+        frame, schema, source=source, line_offset=offset, missing_indicators=missing_indicators
+    )
     y = np.stack(
         [parse_outcome(frame[o], name=o, source=source, line_offset=offset) for o in outcomes],
         axis=1,
@@ -222,16 +229,21 @@ def load_ehr_cohort(
             )
     pre = fit_preprocessor(x[train_idx], schema)
     n_num = len(schema.numeric)
-    missing = {
-        f.name: float(np.isnan(x[:, j]).mean()) for j, f in enumerate(schema.numeric)
-    }
+    missing = {f.name: float(np.isnan(x[:, j]).mean()) for j, f in enumerate(schema.numeric)}
     for f in schema.categorical:
         col = frame[f.name]
         blank = col.isna() | col.astype("string").str.strip().eq("").fillna(True)
         missing[f.name] = float(blank.mean())
-    log.info("site %s: %d rows (%d train, %d test) from %s; %d numeric, %d categorical features",
-             name, len(frame), train_idx.size, test_idx.size, source, n_num,
-             len(schema.categorical))
+    log.info(
+        "site %s: %d rows (%d train, %d test) from %s; %d numeric, %d categorical features",
+        name,
+        len(frame),
+        train_idx.size,
+        test_idx.size,
+        source,
+        n_num,
+        len(schema.categorical),
+    )
     site = TabularSite(
         name=name,
         x_train=pre.transform(x[train_idx]),
@@ -245,8 +257,18 @@ def load_ehr_cohort(
     if unit_column:
         units = frame[unit_column].astype("string").fillna("").to_numpy(dtype=object)
         units_train, units_test = units[train_idx], units[test_idx]
-    return EhrCohort(site, pre, len(frame), prevalence, labelled, missing, train_idx, test_idx,
-                     units_train, units_test)
+    return EhrCohort(
+        site,
+        pre,
+        len(frame),
+        prevalence,
+        labelled,
+        missing,
+        train_idx,
+        test_idx,
+        units_train,
+        units_test,
+    )
 
 
 def check_k_shot(site: TabularSite, *, support: int, query: int, source: str = "") -> None:
@@ -278,12 +300,16 @@ def split_by_unit(cohort: EhrCohort, *, min_rows: int = 1) -> list[TabularSite]:
         te = cohort.units_test == unit
         if int(tr.sum()) < min_rows:
             continue
-        out.append(replace(
-            cohort.site,
-            name=f"{cohort.site.name}/{unit or '(none)'}",
-            x_train=cohort.site.x_train[tr], y_train=cohort.site.y_train[tr],
-            x_test=cohort.site.x_test[te], y_test=cohort.site.y_test[te],
-        ))
+        out.append(
+            replace(
+                cohort.site,
+                name=f"{cohort.site.name}/{unit or '(none)'}",
+                x_train=cohort.site.x_train[tr],
+                y_train=cohort.site.y_train[tr],
+                x_test=cohort.site.x_test[te],
+                y_test=cohort.site.y_test[te],
+            )
+        )
     return out
 
 
@@ -294,8 +320,12 @@ def load_ehr_site(
     where the site file does not set its own."""
     schema = load_schema(config.schema)
     return load_ehr_cohort(
-        config.path, schema, config.outcomes, name=config.name,
-        unit_column=config.unit_column, id_column=config.id_column,
+        config.path,
+        schema,
+        config.outcomes,
+        name=config.name,
+        unit_column=config.unit_column,
+        id_column=config.id_column,
         test_fraction=config.test_fraction if config.test_fraction is not None else test_fraction,
         seed=config.seed if config.seed is not None else seed,
         missing_indicators=config.missing_indicators,
@@ -309,15 +339,19 @@ def _ehr_configs(root: Path) -> list[EhrSiteConfig]:
     configs = find_site_configs(root)
     wrong = [c for c in configs if not isinstance(c, EhrSiteConfig)]
     if wrong:
-        raise ConfigError(f"{wrong[0].source}: kind = {wrong[0].kind!r}, but data.source 'ehr' "
-                          "needs every site to be kind: ehr")
+        raise ConfigError(
+            f"{wrong[0].source}: kind = {wrong[0].kind!r}, but data.source 'ehr' "
+            "needs every site to be kind: ehr"
+        )
     return [c for c in configs if isinstance(c, EhrSiteConfig)]
 
 
 def _ehr_root(cfg: DataConfig) -> Path:
     if not cfg.path:
-        raise ConfigError("data.path is empty: data.source 'ehr' needs the folder holding one "
-                          "sub-folder per site (each with a site.yaml)")
+        raise ConfigError(
+            "data.path is empty: data.source 'ehr' needs the folder holding one "
+            "sub-folder per site (each with a site.yaml)"
+        )
     return Path(cfg.path).expanduser()
 
 
@@ -329,11 +363,15 @@ def ehr_spec_from(root: Path) -> DataSpec:
     schema = load_schema(first.schema)
     for c in configs[1:]:
         if load_schema(c.schema) != schema:
-            raise ConfigError(f"{c.source}: schema {c.schema} differs from {first.schema} "
-                              f"({first.source}); every site must encode features the same way")
+            raise ConfigError(
+                f"{c.source}: schema {c.schema} differs from {first.schema} "
+                f"({first.source}); every site must encode features the same way"
+            )
         if c.outcomes != first.outcomes:
-            raise ConfigError(f"{c.source}: outcomes = {list(c.outcomes)} differ from "
-                              f"{list(first.outcomes)} ({first.source})")
+            raise ConfigError(
+                f"{c.source}: outcomes = {list(c.outcomes)} differ from "
+                f"{list(first.outcomes)} ({first.source})"
+            )
         if c.missing_indicators != first.missing_indicators:
             raise ConfigError(f"{c.source}: missing_indicators differs from {first.source}")
     width = schema.width(missing_indicators=first.missing_indicators)
@@ -347,19 +385,29 @@ def _ehr_load_from(root: Path, cfg: DataConfig, name: str) -> TabularSite:
 
 def synth_ehr_root(cfg: DataConfig) -> Path:
     """The synthetic consortium's folder, generated on first use: ``data.path`` if set, else
-    ``<cache>/synth-ehr-<sites>sites-seed<seed>``."""
-    target = (Path(cfg.path).expanduser() if cfg.path else
-              cache_root() / f"synth-ehr-{cfg.synth_sites}sites-seed{cfg.synth_seed}")
+    ``<cache>/synth-ehr-v<version>-<sites>sites-seed<seed>``."""
+    target = (
+        Path(cfg.path).expanduser()
+        if cfg.path
+        else cache_root()
+        / f"synth-ehr-v{GENERATOR_VERSION}-{cfg.synth_sites}sites-seed{cfg.synth_seed}"
+    )
     return ensure_generated(
         target, lambda d: write_synth_ehr(d, sites=cfg.synth_sites, seed=cfg.synth_seed)
     )
 
 
-register_source("ehr", Source(
-    lambda cfg: ehr_spec_from(_ehr_root(cfg)),
-    lambda cfg, name: _ehr_load_from(_ehr_root(cfg), cfg, name),
-))
-register_source("synth-ehr", Source(
-    lambda cfg: ehr_spec_from(synth_ehr_root(cfg)),
-    lambda cfg, name: _ehr_load_from(synth_ehr_root(cfg), cfg, name),
-))
+register_source(
+    "ehr",
+    Source(
+        lambda cfg: ehr_spec_from(_ehr_root(cfg)),
+        lambda cfg, name: _ehr_load_from(_ehr_root(cfg), cfg, name),
+    ),
+)
+register_source(
+    "synth-ehr",
+    Source(
+        lambda cfg: ehr_spec_from(synth_ehr_root(cfg)),
+        lambda cfg, name: _ehr_load_from(synth_ehr_root(cfg), cfg, name),
+    ),
+)

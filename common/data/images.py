@@ -26,7 +26,7 @@ from fedmeta.common.data.cache import cache_root, ensure_generated
 from fedmeta.common.data.partition import stratified_split
 from fedmeta.common.data.registry import DataSpec, Source, register_source
 from fedmeta.common.data.site_config import ImageSiteConfig, find_site_configs
-from fedmeta.common.data.synth_images import write_synth_images
+from fedmeta.common.data.synth_images import GENERATOR_VERSION, write_synth_images
 from fedmeta.common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 
 def to_nchw(images: np.ndarray, *, source: str, key: str) -> np.ndarray:
     """``(n, H, W)`` or ``(n, H, W, C)`` (C = 1 or 3), uint8 or float in [0, 1] -> float32
-    ``(n, C, H, W)`` in [0, 1]. Other shapes, dtypes or ranges raise naming ``source`` and ``key``."""
+    ``(n, C, H, W)`` in [0, 1]. Other shapes, dtypes or ranges raise, naming ``source``/``key``."""
     if images.ndim == 3:
         x = images[:, None, :, :]
     elif images.ndim == 4 and images.shape[-1] in (1, 3):
@@ -54,8 +54,10 @@ def to_nchw(images: np.ndarray, *, source: str, key: str) -> np.ndarray:
         return (x.astype(np.float32) / 255.0).astype(np.float32)
     if np.issubdtype(images.dtype, np.floating):
         if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-            raise DataError(f"{source}: {key} holds float values outside [0, 1] (or NaN); store "
-                            "uint8 0-255 or floats in [0, 1]")
+            raise DataError(
+                f"{source}: {key} holds float values outside [0, 1] (or NaN); store "
+                "uint8 0-255 or floats in [0, 1]"
+            )
         return x.astype(np.float32)
     raise DataError(f"{source}: {key} has dtype {images.dtype}; expected uint8 (0-255) or float")
 
@@ -76,8 +78,9 @@ def _labels(raw: np.ndarray, n: int, *, source: str, key: str) -> np.ndarray:
             raise DataError(f"{source}: {key} has dtype {raw.dtype}; expected integer classes")
     y = raw.astype(np.int64)
     if y.size and y.min() < 0:
-        raise DataError(f"{source}: {key} holds a negative label {int(y.min())} at index "
-                        f"{int(np.argmin(y))}")
+        raise DataError(
+            f"{source}: {key} holds a negative label {int(y.min())} at index {int(np.argmin(y))}"
+        )
     return y
 
 
@@ -100,12 +103,15 @@ def read_medmnist_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarra
     allowed = {f"{s}_{part}" for s in NPZ_SPLITS for part in ("images", "labels")}
     unknown = sorted(set(arrays) - allowed)
     if unknown:
-        raise DataError(f"{p}: unexpected key(s) {unknown}; a MedMNIST file holds "
-                        f"{sorted(allowed)}")
+        raise DataError(
+            f"{p}: unexpected key(s) {unknown}; a MedMNIST file holds {sorted(allowed)}"
+        )
     for required in ("train_images", "train_labels", "test_images", "test_labels"):
         if required not in arrays:
-            raise DataError(f"{p}: key {required!r} is missing (keys: {sorted(arrays)}); a "
-                            "MedMNIST file needs train_* and test_*, val_* is optional")
+            raise DataError(
+                f"{p}: key {required!r} is missing (keys: {sorted(arrays)}); a "
+                "MedMNIST file needs train_* and test_*, val_* is optional"
+            )
     if ("val_images" in arrays) != ("val_labels" in arrays):
         raise DataError(f"{p}: has only one of 'val_images' and 'val_labels'")
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -116,8 +122,9 @@ def read_medmnist_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarra
         x = to_nchw(arrays[f"{split}_images"], source=str(p), key=f"{split}_images")
         y = _labels(arrays[f"{split}_labels"], x.shape[0], source=str(p), key=f"{split}_labels")
         if shape is not None and x.shape[1:] != shape:
-            raise DataError(f"{p}: {split}_images have shape {x.shape[1:]} per image, train has "
-                            f"{shape}")
+            raise DataError(
+                f"{p}: {split}_images have shape {x.shape[1:]} per image, train has {shape}"
+            )
         shape = x.shape[1:]
         out[split] = (x, y)
     if out["train"][0].shape[0] == 0:
@@ -129,8 +136,10 @@ def _class_names(n_classes: int, classes: Sequence[str] | None, source: str) -> 
     if classes is None:
         return tuple(str(k) for k in range(n_classes))
     if len(classes) < n_classes:
-        raise DataError(f"{source}: labels go up to {n_classes - 1} but only {len(classes)} class "
-                        f"names are given ({list(classes)})")
+        raise DataError(
+            f"{source}: labels go up to {n_classes - 1} but only {len(classes)} class "
+            f"names are given ({list(classes)})"
+        )
     return tuple(classes)
 
 
@@ -146,8 +155,15 @@ def load_npz_site(
     x_te, y_te = splits["test"]
     n_classes = int(max(y_tr.max(initial=-1), y_te.max(initial=-1))) + 1
     names = _class_names(n_classes, classes, str(path))
-    log.info("site %s: %d train / %d test images %s, %d classes from %s",
-             name, len(y_tr), len(y_te), x_tr.shape[1:], len(names), path)
+    log.info(
+        "site %s: %d train / %d test images %s, %d classes from %s",
+        name,
+        len(y_tr),
+        len(y_te),
+        x_tr.shape[1:],
+        len(names),
+        path,
+    )
     return ImageSite(name, x_tr, y_tr, x_te, y_te, names)
 
 
@@ -161,7 +177,9 @@ def _read_one(path: Path, *, size: tuple[int, int] | None, grayscale: bool) -> n
         try:
             import pydicom
         except ImportError as e:
-            raise DataError(f"{path}: reading DICOM needs pydicom (pip install 'fedmeta[dicom]')") from e
+            raise DataError(
+                f"{path}: reading DICOM needs pydicom (pip install 'fedmeta[dicom]')"
+            ) from e
         try:
             pixels = np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.float64)
         except Exception as e:  # pydicom raises many types for a malformed file
@@ -200,17 +218,24 @@ def read_image_folder(
     images: list[np.ndarray] = []
     labels: list[int] = []
     for k, d in enumerate(class_dirs):
-        files = sorted(f for f in d.iterdir()
-                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+        files = sorted(
+            f
+            for f in d.iterdir()
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES
+        )
         if not files:
-            raise DataError(f"{d}: class folder {d.name!r} holds no image "
-                            f"({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
+            raise DataError(
+                f"{d}: class folder {d.name!r} holds no image "
+                f"({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})"
+            )
         for f in files:
             img = _read_one(f, size=size, grayscale=grayscale)
             if images and img.shape != images[0].shape:
-                raise DataError(f"{f}: image is {img.shape[1:]} ({img.shape[0]} channel(s)) but "
-                                f"earlier images are {images[0].shape[1:]}; set image_size to "
-                                "resize them all")
+                raise DataError(
+                    f"{f}: image is {img.shape[1:]} ({img.shape[0]} channel(s)) but "
+                    f"earlier images are {images[0].shape[1:]}; set image_size to "
+                    "resize them all"
+                )
             images.append(img)
             labels.append(k)
     return np.stack(images), np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs)
@@ -228,8 +253,14 @@ def load_folder_site(
     """An :class:`ImageSite` from an image folder, split per class (stratified, seeded)."""
     x, y, classes = read_image_folder(root, size=size, grayscale=grayscale)
     train, test = stratified_split(y, test_fraction=test_fraction, seed=seed)
-    log.info("site %s: %d train / %d test images, %d classes from %s",
-             name, train.size, test.size, len(classes), root)
+    log.info(
+        "site %s: %d train / %d test images, %d classes from %s",
+        name,
+        train.size,
+        test.size,
+        len(classes),
+        root,
+    )
     return ImageSite(name, x[train], y[train], x[test], y[test], classes)
 
 
@@ -239,8 +270,10 @@ def split_classes(
     """Choose ``n_novel`` of ``n_classes`` class indices as novel classes, the rest for
     meta-training; both sorted, disjoint, seeded. Every site uses the same split."""
     if not 0 < n_novel < n_classes:
-        raise DataError(f"novel classes = {n_novel}: must be between 1 and {n_classes - 1} "
-                        f"for {n_classes} classes")
+        raise DataError(
+            f"novel classes = {n_novel}: must be between 1 and {n_classes - 1} "
+            f"for {n_classes} classes"
+        )
     perm = np.random.default_rng(seed).permutation(n_classes)
     novel = tuple(sorted(int(c) for c in perm[:n_novel]))
     base = tuple(sorted(int(c) for c in perm[n_novel:]))
@@ -252,16 +285,19 @@ def restrict_classes(site: ImageSite, keep: Sequence[int], *, suffix: str = "") 
     order; ``suffix`` is appended to the site name (e.g. ``"/novel"``)."""
     keep = list(keep)
     if len(set(keep)) != len(keep) or any(not 0 <= k < site.n_classes for k in keep):
-        raise DataError(f"site {site.name}: classes {keep} must be distinct indices in "
-                        f"[0, {site.n_classes})")
+        raise DataError(
+            f"site {site.name}: classes {keep} must be distinct indices in [0, {site.n_classes})"
+        )
     remap = np.full(site.n_classes, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
     tr = remap[site.y_train] >= 0
     te = remap[site.y_test] >= 0
     return ImageSite(
         site.name + suffix,
-        site.x_train[tr], remap[site.y_train[tr]],
-        site.x_test[te], remap[site.y_test[te]],
+        site.x_train[tr],
+        remap[site.y_train[tr]],
+        site.x_test[te],
+        remap[site.y_test[te]],
         tuple(site.classes[k] for k in keep),
     )
 
@@ -315,17 +351,24 @@ def load_image_site(
     """Load the site a ``kind: images`` site file describes (``.npz`` or class folders)."""
     if config.is_folder:
         site = load_folder_site(
-            config.path, name=config.name,
-            test_fraction=config.test_fraction if config.test_fraction is not None else test_fraction,
+            config.path,
+            name=config.name,
+            test_fraction=config.test_fraction
+            if config.test_fraction is not None
+            else test_fraction,
             seed=config.seed if config.seed is not None else seed,
-            size=config.image_size, grayscale=config.grayscale,
+            size=config.image_size,
+            grayscale=config.grayscale,
         )
         if config.classes is not None and tuple(config.classes) != site.classes:
-            raise DataError(f"{config.source}: classes = {list(config.classes)} but the folder "
-                            f"{config.path} has class folders {list(site.classes)}")
+            raise DataError(
+                f"{config.source}: classes = {list(config.classes)} but the folder "
+                f"{config.path} has class folders {list(site.classes)}"
+            )
         return site
-    return load_npz_site(config.path, name=config.name, classes=config.classes,
-                         use_val=config.use_val)
+    return load_npz_site(
+        config.path, name=config.name, classes=config.classes, use_val=config.use_val
+    )
 
 
 # --- data sources "images" (a folder of site folders) and "synth-images" (generated, cached) ---
@@ -335,12 +378,16 @@ def _image_configs(root: Path) -> list[ImageSiteConfig]:
     configs = find_site_configs(root)
     wrong = [c for c in configs if not isinstance(c, ImageSiteConfig)]
     if wrong:
-        raise ConfigError(f"{wrong[0].source}: kind = {wrong[0].kind!r}, but data.source "
-                          "'images' needs every site to be kind: images")
+        raise ConfigError(
+            f"{wrong[0].source}: kind = {wrong[0].kind!r}, but data.source "
+            "'images' needs every site to be kind: images"
+        )
     return [c for c in configs if isinstance(c, ImageSiteConfig)]
 
 
-def _class_split(cfg: DataConfig, classes: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _class_split(
+    cfg: DataConfig, classes: Sequence[str]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(meta-training, novel) class indices for the experiment: all classes are meta-training
     classes unless ``data.novel_classes`` > 0."""
     if cfg.novel_classes == 0:
@@ -354,16 +401,20 @@ def images_spec_from(root: Path, cfg: DataConfig) -> DataSpec:
     configs = _image_configs(root)
     first = configs[0]
     if first.classes is None:
-        raise ConfigError(f"{first.source}: key 'classes' is required for data.source 'images' "
-                          "(the class names, in label order, shared by every site)")
+        raise ConfigError(
+            f"{first.source}: key 'classes' is required for data.source 'images' "
+            "(the class names, in label order, shared by every site)"
+        )
     shape: tuple[int, ...] | None = None
     for c in configs:
         if c.classes != first.classes:
             raise ConfigError(f"{c.source}: classes = {c.classes} differ from {first.source}")
         if c.is_folder:
             if c.image_size is None:
-                raise ConfigError(f"{c.source}: an image folder needs 'image_size' in a "
-                                  "consortium so every site has the same input shape")
+                raise ConfigError(
+                    f"{c.source}: an image folder needs 'image_size' in a "
+                    "consortium so every site has the same input shape"
+                )
             s: tuple[int, ...] = (1 if c.grayscale else 3, *c.image_size)
         else:
             s = npz_image_shape(c.path)
@@ -388,16 +439,22 @@ def _images_load_from(root: Path, cfg: DataConfig, name: str, *, novel: bool = F
 
 def _images_root(cfg: DataConfig) -> Path:
     if not cfg.path:
-        raise ConfigError("data.path is empty: data.source 'images' needs the folder holding "
-                          "one sub-folder per site (each with a site.yaml)")
+        raise ConfigError(
+            "data.path is empty: data.source 'images' needs the folder holding "
+            "one sub-folder per site (each with a site.yaml)"
+        )
     return Path(cfg.path).expanduser()
 
 
 def synth_images_root(cfg: DataConfig) -> Path:
     """The synthetic imaging consortium's folder, generated on first use: ``data.path`` if set,
-    else ``<cache>/synth-images-<sites>sites-seed<seed>``."""
-    target = (Path(cfg.path).expanduser() if cfg.path else
-              cache_root() / f"synth-images-{cfg.synth_sites}sites-seed{cfg.synth_seed}")
+    else ``<cache>/synth-images-v<version>-<sites>sites-seed<seed>``."""
+    target = (
+        Path(cfg.path).expanduser()
+        if cfg.path
+        else cache_root()
+        / f"synth-images-v{GENERATOR_VERSION}-{cfg.synth_sites}sites-seed{cfg.synth_seed}"
+    )
     return ensure_generated(
         target, lambda d: write_synth_images(d, sites=cfg.synth_sites, seed=cfg.synth_seed)
     )
@@ -413,11 +470,17 @@ def load_novel_site(cfg: DataConfig, name: str) -> ImageSite:
     return _images_load_from(_root_for(cfg), cfg, name, novel=True)
 
 
-register_source("images", Source(
-    lambda cfg: images_spec_from(_images_root(cfg), cfg),
-    lambda cfg, name: _images_load_from(_images_root(cfg), cfg, name),
-))
-register_source("synth-images", Source(
-    lambda cfg: images_spec_from(synth_images_root(cfg), cfg),
-    lambda cfg, name: _images_load_from(synth_images_root(cfg), cfg, name),
-))
+register_source(
+    "images",
+    Source(
+        lambda cfg: images_spec_from(_images_root(cfg), cfg),
+        lambda cfg, name: _images_load_from(_images_root(cfg), cfg, name),
+    ),
+)
+register_source(
+    "synth-images",
+    Source(
+        lambda cfg: images_spec_from(synth_images_root(cfg), cfg),
+        lambda cfg, name: _images_load_from(synth_images_root(cfg), cfg, name),
+    ),
+)

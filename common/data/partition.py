@@ -48,7 +48,12 @@ def stratified_split(
 
 
 def dirichlet_label_skew(
-    labels: np.ndarray, n_sites: int, *, alpha: float, seed: int, min_size: int = 1,
+    labels: np.ndarray,
+    n_sites: int,
+    *,
+    alpha: float,
+    seed: int,
+    min_size: int = 1,
     max_tries: int = 100,
 ) -> list[np.ndarray]:
     """Partition row indices among ``n_sites`` with Dirichlet(``alpha``) label skew.
@@ -63,8 +68,10 @@ def dirichlet_label_skew(
     if not alpha > 0:
         raise DataError(f"dirichlet_label_skew: alpha = {alpha}: must be > 0")
     if min_size * n_sites > len(labels):
-        raise DataError(f"dirichlet_label_skew: {len(labels)} rows cannot give {n_sites} sites "
-                        f"at least {min_size} rows each")
+        raise DataError(
+            f"dirichlet_label_skew: {len(labels)} rows cannot give {n_sites} sites "
+            f"at least {min_size} rows each"
+        )
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
@@ -77,8 +84,10 @@ def dirichlet_label_skew(
         out = [np.sort(np.concatenate(ps)).astype(np.int64) for ps in parts]
         if min(o.size for o in out) >= min_size:
             return out
-    raise DataError(f"dirichlet_label_skew: no draw in {max_tries} gave every site {min_size} "
-                    f"rows (alpha {alpha}, {n_sites} sites); raise alpha or lower min_size")
+    raise DataError(
+        f"dirichlet_label_skew: no draw in {max_tries} gave every site {min_size} "
+        f"rows (alpha {alpha}, {n_sites} sites); raise alpha or lower min_size"
+    )
 
 
 def size_imbalance(
@@ -91,12 +100,15 @@ def size_imbalance(
     gives equal sizes (up to one row).
     """
     if n_sites < 1 or sigma < 0:
-        raise DataError(f"size_imbalance: n_sites = {n_sites}, sigma = {sigma}: need n_sites >= 1 "
-                        "and sigma >= 0")
+        raise DataError(
+            f"size_imbalance: n_sites = {n_sites}, sigma = {sigma}: need n_sites >= 1 "
+            "and sigma >= 0"
+        )
     spare = n_rows - min_size * n_sites
     if spare < 0:
-        raise DataError(f"size_imbalance: {n_rows} rows cannot give {n_sites} sites "
-                        f"{min_size} rows each")
+        raise DataError(
+            f"size_imbalance: {n_rows} rows cannot give {n_sites} sites {min_size} rows each"
+        )
     rng = np.random.default_rng(seed)
     w = np.exp(sigma * rng.standard_normal(n_sites))
     share = spare * w / w.sum()

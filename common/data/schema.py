@@ -66,7 +66,7 @@ class Feature:
                 )
             if len(set(self.categories)) != len(self.categories):
                 raise ConfigError(
-                    f"schema feature {self.name!r}: categories {list(self.categories)} repeat a value"
+                    f"schema feature {self.name!r}: categories {list(self.categories)} repeat"
                 )
         elif self.categories:
             raise ConfigError(
@@ -143,18 +143,14 @@ def schema_from_dict(data: Any, *, source: str) -> Schema:
             raise ConfigError(f"{where} must be a mapping with 'name' and 'type', got {item!r}")
         unknown = sorted(set(item) - {"name", "type", "categories"})
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {unknown}; allowed: name, type, categories"
-            )
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: name, type, categories")
         if "name" not in item or "type" not in item:
             raise ConfigError(f"{where}: needs both 'name' and 'type' (got {sorted(item)})")
         cats = item.get("categories", [])
         if not isinstance(cats, list):
             raise ConfigError(f"{where}: 'categories' must be a list, got {cats!r}")
         try:
-            features.append(
-                Feature(str(item["name"]), item["type"], tuple(str(c) for c in cats))
-            )
+            features.append(Feature(str(item["name"]), item["type"], tuple(str(c) for c in cats)))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
     try:
@@ -167,7 +163,9 @@ def load_schema(path: str | Path) -> Schema:
     """Read a schema YAML file (see the module docstring for the format)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"schema file {p} does not exist; check the 'schema' path in the site YAML")
+        raise ConfigError(
+            f"schema file {p} does not exist; check the 'schema' path in the site YAML"
+        )
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -288,7 +286,7 @@ class Preprocessor:
     std: np.ndarray
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """Impute and z-score the numeric columns of an encoded array; returns a new float32 array."""
+        """Impute and z-score the numeric columns of an encoded array; a new float32 array."""
         out = np.array(x, dtype=np.float64, copy=True)
         idx = list(self.numeric_index)
         if idx:
@@ -308,8 +306,10 @@ def fit_preprocessor(x_train: np.ndarray, schema: Schema) -> Preprocessor:
     for j in idx:
         observed = x_train[:, j][~np.isnan(x_train[:, j])]
         if observed.size == 0:
-            log.warning("numeric feature %r has no observed training value: imputed as 0",
-                        schema.numeric[j].name)
+            log.warning(
+                "numeric feature %r has no observed training value: imputed as 0",
+                schema.numeric[j].name,
+            )
             continue
         median[j] = float(np.median(observed))
         mean[j] = float(observed.mean())

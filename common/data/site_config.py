@@ -40,7 +40,11 @@ from fedmeta.common.errors import ConfigError
 SITE_FILE = "site.yaml"
 _COMMON = ("kind", "name", "path", "test_fraction", "seed")
 EHR_KEYS: tuple[str, ...] = _COMMON + (
-    "schema", "outcomes", "unit_column", "id_column", "missing_indicators",
+    "schema",
+    "outcomes",
+    "unit_column",
+    "id_column",
+    "missing_indicators",
 )
 IMAGE_KEYS: tuple[str, ...] = _COMMON + ("classes", "image_size", "grayscale", "use_val")
 
@@ -125,8 +129,11 @@ class _Reader:
         value = self.data[key]
         if isinstance(value, str):
             value = [value]
-        if (not isinstance(value, list) or not value
-                or not all(isinstance(v, str | int) and str(v).strip() for v in value)):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str | int) and str(v).strip() for v in value)
+        ):
             raise self.fail(key, "expected a non-empty list of names")
         names = tuple(str(v).strip() for v in value)
         if len(set(names)) != len(names):
@@ -163,13 +170,13 @@ def parse_site_config(data: Any, *, source: str | Path) -> SiteConfig:
         raise ConfigError(f"{src}: a site file is a mapping of keys, got {type(data).__name__}")
     kind = data.get("kind")
     if kind not in ("ehr", "images"):
-        raise ConfigError(f"{src}: kind = {kind!r}: expected 'ehr' (a table of stays) or "
-                          "'images'")
+        raise ConfigError(f"{src}: kind = {kind!r}: expected 'ehr' (a table of stays) or 'images'")
     allowed = EHR_KEYS if kind == "ehr" else IMAGE_KEYS
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"{src}: unknown key {unknown[0]!r} for kind {kind}; allowed: "
-                          f"{', '.join(allowed)}")
+        raise ConfigError(
+            f"{src}: unknown key {unknown[0]!r} for kind {kind}; allowed: {', '.join(allowed)}"
+        )
     r = _Reader(data, src)
     name = r.string("name") or src.parent.name
     if "/" in name:
@@ -181,23 +188,37 @@ def parse_site_config(data: Any, *, source: str | Path) -> SiteConfig:
         if unit and unit in outcomes:
             raise r.fail("unit_column", "is also an outcome")
         return EhrSiteConfig(
-            source=src, name=name, path=r.path("path"), schema=r.path("schema"),
-            outcomes=outcomes, unit_column=unit, id_column=ident,
-            test_fraction=r.fraction("test_fraction"), seed=r.seed("seed"),
+            source=src,
+            name=name,
+            path=r.path("path"),
+            schema=r.path("schema"),
+            outcomes=outcomes,
+            unit_column=unit,
+            id_column=ident,
+            test_fraction=r.fraction("test_fraction"),
+            seed=r.seed("seed"),
             missing_indicators=r.boolean("missing_indicators", True),
         )
     size = data.get("image_size")
     image_size: tuple[int, int] | None = None
     if size is not None:
-        if (not isinstance(size, list) or len(size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in size)):
+        if (
+            not isinstance(size, list)
+            or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in size)
+        ):
             raise r.fail("image_size", "expected [height, width], integers >= 2")
         image_size = (size[0], size[1])
     return ImageSiteConfig(
-        source=src, name=name, path=r.path("path"), classes=r.strings("classes"),
-        image_size=image_size, grayscale=r.boolean("grayscale", True),
+        source=src,
+        name=name,
+        path=r.path("path"),
+        classes=r.strings("classes"),
+        image_size=image_size,
+        grayscale=r.boolean("grayscale", True),
         use_val=r.boolean("use_val", True),
-        test_fraction=r.fraction("test_fraction"), seed=r.seed("seed"),
+        test_fraction=r.fraction("test_fraction"),
+        seed=r.seed("seed"),
     )
 
 
@@ -215,10 +236,13 @@ def find_site_configs(root: str | Path) -> list[SiteConfig]:
     """Every ``root/<folder>/site.yaml``, in folder order; names must be unique."""
     r = Path(root)
     if not r.is_dir():
-        raise ConfigError(f"data.path = {str(root)!r}: folder not found (expected one sub-folder "
-                          f"per site, each with a {SITE_FILE})")
-    configs = [load_site_config(d / SITE_FILE) for d in sorted(r.iterdir())
-               if (d / SITE_FILE).is_file()]
+        raise ConfigError(
+            f"data.path = {str(root)!r}: folder not found (expected one sub-folder "
+            f"per site, each with a {SITE_FILE})"
+        )
+    configs = [
+        load_site_config(d / SITE_FILE) for d in sorted(r.iterdir()) if (d / SITE_FILE).is_file()
+    ]
     if not configs:
         raise ConfigError(f"data.path = {str(root)!r}: no <site>/{SITE_FILE} found in it")
     seen: dict[str, Path] = {}

@@ -41,6 +41,9 @@ from fedmeta.common.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever the same arguments would produce different data (names cached folders).
+GENERATOR_VERSION = 1
+
 OUTCOMES: tuple[str, ...] = ("mortality", "los_gt_7d", "readmission_30d", "aki")
 UNITS: tuple[str, ...] = ("MICU", "SICU", "CCU", "CSRU", "TSICU")
 ADMISSION_TYPES: tuple[str, ...] = ("emergency", "urgent", "elective")
@@ -70,7 +73,7 @@ _COEF: dict[str, tuple[float, ...]] = {
     "readmission_30d": (0.4, 0.3, 0.1, 0.5, 0.2, 0.3, 0.0, 0.7),
     "aki": (0.4, 1.4, 0.2, 0.3, 0.15, 0.1, 0.3, 0.4),
 }
-_INTERCEPT = {"mortality": -2.4, "los_gt_7d": -1.0, "readmission_30d": -2.0, "aki": -1.7}
+_INTERCEPT = {"mortality": -3.3, "los_gt_7d": -1.1, "readmission_30d": -2.0, "aki": -1.9}
 
 
 def ehr_schema() -> Schema:
@@ -118,19 +121,26 @@ def draw_hospitals(
     for k in range(n_sites):
         n = int(np.clip(np.round(mean_stays * np.exp(rng.normal(0, 0.45))), 60, 8 * mean_stays))
         mix = rng.dirichlet(np.full(len(UNITS), 2.0 / max(shift, 1e-3) if shift > 0 else 1e6))
-        out.append(HospitalParams(
-            name=f"hospital-{k + 1:02d}",
-            n_stays=n,
-            age_mean=float(65 + shift * rng.normal(0, 6)),
-            severity_mean=float(shift * rng.normal(0, 0.4)),
-            unit_mix=tuple(float(m) for m in mix),
-            emergency_share=float(np.clip(0.7 + shift * rng.normal(0, 0.12), 0.2, 0.95)),
-            outcome_offset={o: float(shift * rng.normal(0, 0.4)) for o in OUTCOMES},
-            lab_scale={f: float(np.exp(shift * rng.normal(0, 0.05))) for f in NUMERIC if f != "age"},
-            lab_bias={f: float(shift * rng.normal(0, 0.15) * NUMERIC[f][1])
-                      for f in NUMERIC if f != "age"},
-            missing_rate=float(np.clip(0.08 + shift * rng.normal(0, 0.06), 0.01, 0.35)),
-        ))
+        out.append(
+            HospitalParams(
+                name=f"hospital-{k + 1:02d}",
+                n_stays=n,
+                age_mean=float(65 + shift * rng.normal(0, 6)),
+                severity_mean=float(shift * rng.normal(0, 0.4)),
+                unit_mix=tuple(float(m) for m in mix),
+                emergency_share=float(np.clip(0.7 + shift * rng.normal(0, 0.12), 0.2, 0.95)),
+                outcome_offset={o: float(shift * rng.normal(0, 0.4)) for o in OUTCOMES},
+                lab_scale={
+                    f: float(np.exp(shift * rng.normal(0, 0.05))) for f in NUMERIC if f != "age"
+                },
+                lab_bias={
+                    f: float(shift * rng.normal(0, 0.15) * NUMERIC[f][1])
+                    for f in NUMERIC
+                    if f != "age"
+                },
+                missing_rate=float(np.clip(0.08 + shift * rng.normal(0, 0.06), 0.01, 0.35)),
+            )
+        )
     return out
 
 
@@ -254,9 +264,23 @@ def write_synth_ehr(
         paths.append(site_dir / "site.yaml")
         prevalence = {o: float(pd.to_numeric(frame[o]).mean()) for o in outcomes}
         summary.append({**asdict(p), "prevalence": prevalence})
-        log.info("synth-ehr: %s: %d stays, prevalence %s", p.name, p.n_stays,
-                 {o: round(v, 3) for o, v in prevalence.items()})
-    (out / "generator.json").write_text(json.dumps(
-        {"generator": "fedmeta synth-ehr", "seed": seed, "mean_stays": mean_stays,
-         "shift": shift, "hospitals": summary}, indent=1))
+        log.info(
+            "synth-ehr: %s: %d stays, prevalence %s",
+            p.name,
+            p.n_stays,
+            {o: round(v, 3) for o, v in prevalence.items()},
+        )
+    (out / "generator.json").write_text(
+        json.dumps(
+            {
+                "generator": "fedmeta synth-ehr",
+                "version": GENERATOR_VERSION,
+                "seed": seed,
+                "mean_stays": mean_stays,
+                "shift": shift,
+                "hospitals": summary,
+            },
+            indent=1,
+        )
+    )
     return paths

@@ -31,9 +31,22 @@ from fedmeta.common.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever the same arguments would produce different data (names cached folders).
+GENERATOR_VERSION = 1
+
 CLASSES: tuple[str, ...] = (
-    "normal", "round_lesion", "ring_lesion", "cyst", "spiculated_mass", "calcifications",
-    "streaks", "honeycomb", "two_nodules", "crescent", "ground_glass", "speckled",
+    "normal",
+    "round_lesion",
+    "ring_lesion",
+    "cyst",
+    "spiculated_mass",
+    "calcifications",
+    "streaks",
+    "honeycomb",
+    "two_nodules",
+    "crescent",
+    "ground_glass",
+    "speckled",
 )
 
 
@@ -51,8 +64,9 @@ class Scanner:
 def draw_scanners(n_sites: int, *, seed: int, shift: float = 1.0) -> list[Scanner]:
     """Draw ``n_sites`` scanners; ``shift`` = 0 makes them all the identity."""
     if n_sites < 1 or shift < 0:
-        raise DataError(f"synth-images: sites = {n_sites}, shift = {shift}: need sites >= 1, "
-                        "shift >= 0")
+        raise DataError(
+            f"synth-images: sites = {n_sites}, shift = {shift}: need sites >= 1, shift >= 0"
+        )
     rng = np.random.default_rng([seed, 0])
     return [
         Scanner(
@@ -87,8 +101,9 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64),
-                       indexing="ij")
+    return np.meshgrid(
+        np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij"
+    )
 
 
 def _draw(cls: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -154,8 +169,11 @@ def simulate_site(
     for split, per_class in counts.items():
         labels = np.repeat(np.arange(len(CLASSES)), per_class)
         labels = labels[rng.permutation(labels.size)]
-        clean = np.stack([_draw(int(c), size, rng) for c in labels]) if labels.size else \
-            np.zeros((0, size, size))
+        clean = (
+            np.stack([_draw(int(c), size, rng) for c in labels])
+            if labels.size
+            else np.zeros((0, size, size))
+        )
         out[split] = (acquire(clean, scanner, rng), labels.astype(np.uint8)[:, None])
     return out
 
@@ -200,17 +218,38 @@ def write_synth_images(
             arrays[f"{split}_images"] = x
             arrays[f"{split}_labels"] = y
         np.savez_compressed(site_dir / "images.npz", **arrays)
-        (site_dir / "site.yaml").write_text(yaml.safe_dump(
-            {"kind": "images", "name": name, "path": "images.npz", "classes": list(CLASSES)},
-            sort_keys=False))
+        (site_dir / "site.yaml").write_text(
+            yaml.safe_dump(
+                {"kind": "images", "name": name, "path": "images.npz", "classes": list(CLASSES)},
+                sort_keys=False,
+            )
+        )
         paths.append(site_dir / "site.yaml")
-        log.info("synth-images: %s: %d train / %d val / %d test images, scanner %s", name,
-                 len(data["train"][1]), len(data["val"][1]), len(data["test"][1]), scanner)
+        log.info(
+            "synth-images: %s: %d train / %d val / %d test images, scanner %s",
+            name,
+            len(data["train"][1]),
+            len(data["val"][1]),
+            len(data["test"][1]),
+            scanner,
+        )
         if progress is not None:
             progress(name)
-    (out / "generator.json").write_text(json.dumps(
-        {"generator": "fedmeta synth-images", "seed": seed, "size": size, "classes": list(CLASSES),
-         "per_class": counts, "shift": shift,
-         "sites": [{"name": f"site-{k + 1:02d}", **asdict(s)} for k, s in enumerate(scanners)]},
-        indent=1))
+    (out / "generator.json").write_text(
+        json.dumps(
+            {
+                "generator": "fedmeta synth-images",
+                "version": GENERATOR_VERSION,
+                "seed": seed,
+                "size": size,
+                "classes": list(CLASSES),
+                "per_class": counts,
+                "shift": shift,
+                "sites": [
+                    {"name": f"site-{k + 1:02d}", **asdict(s)} for k, s in enumerate(scanners)
+                ],
+            },
+            indent=1,
+        )
+    )
     return paths

@@ -27,8 +27,9 @@ def test_data_command_is_registered() -> None:
 
 
 def test_synth_ehr_then_check(run, tmp_path) -> None:
-    code, out, _ = run("data", "synth-ehr", "--sites", "2", "--out", str(tmp_path), "--seed", "3",
-                       "--stays", "120")
+    code, out, _ = run(
+        "data", "synth-ehr", "--sites", "2", "--out", str(tmp_path), "--seed", "3", "--stays", "120"
+    )
     assert code == 0 and "wrote 2 hospitals" in out
     site = tmp_path / "hospital-01" / "site.yaml"
     n = len(pd.read_csv(tmp_path / "hospital-01" / "stays.csv"))
@@ -39,12 +40,24 @@ def test_synth_ehr_then_check(run, tmp_path) -> None:
 
 
 def test_synth_images_then_check(run, tmp_path) -> None:
-    code, out, _ = run("data", "synth-images", "--sites", "1", "--out", str(tmp_path),
-                       "--train-per-class", "4", "--val-per-class", "1",
-                       "--test-per-class", "2")
+    code, out, _ = run(
+        "data",
+        "synth-images",
+        "--sites",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--train-per-class",
+        "4",
+        "--val-per-class",
+        "1",
+        "--test-per-class",
+        "2",
+    )
     assert code == 0
-    code, out, _ = run("data", "check", "--site", str(tmp_path / "site-01"), "--support", "2",
-                       "--query", "2")
+    code, out, _ = run(
+        "data", "check", "--site", str(tmp_path / "site-01"), "--support", "2", "--query", "2"
+    )
     assert code == 0
     assert "images: 84 (train 60, test 24)" in out  # 12 classes x (4 train + 1 val, 2 test)
     assert "image shape: (1, 28, 28)" in out
@@ -65,8 +78,7 @@ def test_bad_cell_exits_2_with_message_and_no_traceback(run, tmp_path) -> None:
 
 def test_too_few_patients_for_tasks_exits_2(run, tmp_path) -> None:
     run("data", "synth-ehr", "--sites", "1", "--out", str(tmp_path), "--stays", "100")
-    code, _, err = run("data", "check", "--site", str(tmp_path / "hospital-01"),
-                       "--support", "500")
+    code, _, err = run("data", "check", "--site", str(tmp_path / "hospital-01"), "--support", "500")
     assert code == 2 and "a task needs support 500" in err and "Traceback" not in err
 
 

@@ -31,14 +31,16 @@ def _site(tmp_path: Path, data: dict, folder: str = "h1") -> Path:
 
 
 def _cohort(tmp_path: Path, n: int = 20, events: int = 5) -> Path:
-    save_schema(Schema((Feature("age", "numeric"), Feature("sex", "categorical", ("F", "M")))),
-                tmp_path / "schema.yaml")
+    save_schema(
+        Schema((Feature("age", "numeric"), Feature("sex", "categorical", ("F", "M")))),
+        tmp_path / "schema.yaml",
+    )
     (tmp_path / "h1").mkdir(exist_ok=True)
     age = np.arange(n, dtype=float).astype(object)
     age[:4] = None  # 4 of n missing
-    pd.DataFrame({"age": age, "sex": ["F", "M"] * (n // 2),
-                  "death": [1] * events + [0] * (n - events)}).to_csv(
-        tmp_path / "h1" / "stays.csv", index=False)
+    pd.DataFrame(
+        {"age": age, "sex": ["F", "M"] * (n // 2), "death": [1] * events + [0] * (n - events)}
+    ).to_csv(tmp_path / "h1" / "stays.csv", index=False)
     return _site(tmp_path, {**EHR, "unit_column": "sex"})
 
 
@@ -54,32 +56,50 @@ def test_ehr_config_paths_resolved_and_defaults(tmp_path) -> None:
 
 
 def test_image_config(tmp_path) -> None:
-    path = _site(tmp_path, {"kind": "images", "name": "scan-a", "path": "/data/x.npz",
-                            "classes": ["a", "b"], "image_size": [28, 30], "seed": 3})
+    path = _site(
+        tmp_path,
+        {
+            "kind": "images",
+            "name": "scan-a",
+            "path": "/data/x.npz",
+            "classes": ["a", "b"],
+            "image_size": [28, 30],
+            "seed": 3,
+        },
+    )
     config = load_site_config(path)
     assert isinstance(config, ImageSiteConfig)
     assert (config.name, config.path, config.classes) == ("scan-a", Path("/data/x.npz"), ("a", "b"))
     assert config.image_size == (28, 30) and config.seed == 3 and not config.is_folder
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({**EHR, "outcome": ["x"]}, r"unknown key 'outcome' for kind ehr; allowed: kind, name"),
-    ({**EHR, "classes": ["x"]}, r"unknown key 'classes' for kind ehr"),
-    ({**EHR, "kind": "table"}, r"kind = 'table': expected 'ehr'"),
-    ({k: v for k, v in EHR.items() if k != "outcomes"}, r"key 'outcomes' is required"),
-    ({k: v for k, v in EHR.items() if k != "schema"}, r"key 'schema' is required"),
-    ({**EHR, "outcomes": []}, r"outcomes = \[\]: expected a non-empty list"),
-    ({**EHR, "outcomes": ["a", "a"]}, r"outcomes = \['a', 'a'\]: names repeat"),
-    ({**EHR, "test_fraction": 1.5}, r"test_fraction = 1\.5: expected a number in \(0, 1\)"),
-    ({**EHR, "seed": -1}, r"seed = -1: expected an integer >= 0"),
-    ({**EHR, "seed": "x"}, r"seed = 'x'"),
-    ({**EHR, "missing_indicators": "yes"}, r"missing_indicators = 'yes': expected true or false"),
-    ({**EHR, "unit_column": "death"}, r"unit_column = 'death': is also an outcome"),
-    ({**EHR, "name": "a/b"}, r"name = 'a/b': a site name must not contain"),
-    ({**EHR, "path": ""}, r"path = '': expected a non-empty string"),
-    ({"kind": "images", "path": "x.npz", "image_size": [28]}, r"image_size = \[28\]: expected"),
-    ({"kind": "images", "path": "x.npz", "unit_column": "u"}, r"unknown key 'unit_column' for kind images"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({**EHR, "outcome": ["x"]}, r"unknown key 'outcome' for kind ehr; allowed: kind, name"),
+        ({**EHR, "classes": ["x"]}, r"unknown key 'classes' for kind ehr"),
+        ({**EHR, "kind": "table"}, r"kind = 'table': expected 'ehr'"),
+        ({k: v for k, v in EHR.items() if k != "outcomes"}, r"key 'outcomes' is required"),
+        ({k: v for k, v in EHR.items() if k != "schema"}, r"key 'schema' is required"),
+        ({**EHR, "outcomes": []}, r"outcomes = \[\]: expected a non-empty list"),
+        ({**EHR, "outcomes": ["a", "a"]}, r"outcomes = \['a', 'a'\]: names repeat"),
+        ({**EHR, "test_fraction": 1.5}, r"test_fraction = 1\.5: expected a number in \(0, 1\)"),
+        ({**EHR, "seed": -1}, r"seed = -1: expected an integer >= 0"),
+        ({**EHR, "seed": "x"}, r"seed = 'x'"),
+        (
+            {**EHR, "missing_indicators": "yes"},
+            r"missing_indicators = 'yes': expected true or false",
+        ),
+        ({**EHR, "unit_column": "death"}, r"unit_column = 'death': is also an outcome"),
+        ({**EHR, "name": "a/b"}, r"name = 'a/b': a site name must not contain"),
+        ({**EHR, "path": ""}, r"path = '': expected a non-empty string"),
+        ({"kind": "images", "path": "x.npz", "image_size": [28]}, r"image_size = \[28\]: expected"),
+        (
+            {"kind": "images", "path": "x.npz", "unit_column": "u"},
+            r"unknown key 'unit_column' for kind images",
+        ),
+    ],
+)
 def test_bad_site_files_name_file_key_and_value(tmp_path, data: dict, message: str) -> None:
     path = _site(tmp_path, data)
     with pytest.raises(ConfigError, match=r"h1/site\.yaml: .*" + message):
@@ -96,8 +116,9 @@ def test_site_file_not_found_or_not_a_mapping(tmp_path) -> None:
 
 def test_check_site_summary_by_hand(tmp_path) -> None:
     path = _cohort(tmp_path)
-    s = check_site(path, data=DataConfig(test_fraction=0.2, split_seed=0),
-                   tasks=TaskConfig(support=5, query=5))
+    s = check_site(
+        path, data=DataConfig(test_fraction=0.2, split_seed=0), tasks=TaskConfig(support=5, query=5)
+    )
     # 20 rows; death: 5 events -> 1 test, 15 non-events -> 3 test
     assert (s.n_rows, s.n_train, s.n_test) == (20, 16, 4)
     assert s.prevalence == {"death": 0.25} and s.labelled == {"death": 20}
@@ -110,10 +131,14 @@ def test_local_site_too_few_patients_for_tasks(tmp_path) -> None:
     path = _cohort(tmp_path)
     site = load_local_site(path, data=DataConfig(test_fraction=0.2))
     assert site.n_train == 16
-    with pytest.raises(DataError, match=r"site 'h1', outcome 'death': 16 labelled training "
-                                        r"patients, but a task needs support 10 \+ query 10 = 20"):
-        load_local_site(path, data=DataConfig(test_fraction=0.2),
-                        tasks=TaskConfig(support=10, query=10))
+    with pytest.raises(
+        DataError,
+        match=r"site 'h1', outcome 'death': 16 labelled training "
+        r"patients, but a task needs support 10 \+ query 10 = 20",
+    ):
+        load_local_site(
+            path, data=DataConfig(test_fraction=0.2), tasks=TaskConfig(support=10, query=10)
+        )
 
 
 def test_site_file_values_override_experiment_defaults(tmp_path) -> None:
@@ -134,10 +159,16 @@ def test_image_site_summary(tmp_path) -> None:
     d = tmp_path / "s"
     d.mkdir()
     labels = np.repeat(np.arange(3), 4).astype(np.uint8)[:, None]
-    np.savez(d / "images.npz", train_images=np.zeros((12, 6, 6), np.uint8), train_labels=labels,
-             test_images=np.zeros((3, 6, 6), np.uint8), test_labels=labels[::4])
-    path = _site(tmp_path, {"kind": "images", "path": "images.npz", "classes": ["a", "b", "c"]},
-                 folder="s")
+    np.savez(
+        d / "images.npz",
+        train_images=np.zeros((12, 6, 6), np.uint8),
+        train_labels=labels,
+        test_images=np.zeros((3, 6, 6), np.uint8),
+        test_labels=labels[::4],
+    )
+    path = _site(
+        tmp_path, {"kind": "images", "path": "images.npz", "classes": ["a", "b", "c"]}, folder="s"
+    )
     s = check_site(path, tasks=TaskConfig(ways=3, support=2, query=2))
     assert s.class_counts == {"a": 4, "b": 4, "c": 4} and s.image_shape == (1, 6, 6)
     with pytest.raises(DataError, match=r"a 3-way episode needs 3 classes with 2 shots \+ 3"):

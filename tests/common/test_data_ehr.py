@@ -13,11 +13,13 @@ from fedmeta.common.data.schema import Feature, Schema
 from fedmeta.common.data.tabular_tasks import sample_tabular_tasks
 from fedmeta.common.errors import DataError
 
-SCHEMA = Schema((
-    Feature("age", "numeric"),
-    Feature("lactate", "numeric"),
-    Feature("unit", "categorical", ("MICU", "SICU")),
-))
+SCHEMA = Schema(
+    (
+        Feature("age", "numeric"),
+        Feature("lactate", "numeric"),
+        Feature("unit", "categorical", ("MICU", "SICU")),
+    )
+)
 
 
 def _frame() -> pd.DataFrame:
@@ -29,14 +31,16 @@ def _frame() -> pd.DataFrame:
     lactate[[3, 17, 25]] = None
     los = (np.arange(n) % 3 == 0).astype(object)
     los[:5] = None
-    return pd.DataFrame({
-        "stay_id": np.arange(1000, 1000 + n),
-        "age": age,
-        "lactate": lactate,
-        "unit": np.where(np.arange(n) % 2 == 0, "MICU", "SICU"),
-        "death": (np.arange(n) < 10).astype(int),
-        "los": los,
-    })
+    return pd.DataFrame(
+        {
+            "stay_id": np.arange(1000, 1000 + n),
+            "age": age,
+            "lactate": lactate,
+            "unit": np.where(np.arange(n) % 2 == 0, "MICU", "SICU"),
+            "death": (np.arange(n) < 10).astype(int),
+            "los": los,
+        }
+    )
 
 
 def _write(frame: pd.DataFrame, path: Path) -> Path:
@@ -50,8 +54,9 @@ def _write(frame: pd.DataFrame, path: Path) -> Path:
 def _load(path: Path, **kw):
     kw.setdefault("test_fraction", 0.3)
     kw.setdefault("seed", 1)
-    return load_ehr_cohort(path, SCHEMA, ["death", "los"], name="h1", unit_column="unit",
-                           id_column="stay_id", **kw)
+    return load_ehr_cohort(
+        path, SCHEMA, ["death", "los"], name="h1", unit_column="unit", id_column="stay_id", **kw
+    )
 
 
 def test_split_counts_and_class_balance(tmp_path) -> None:
@@ -67,8 +72,14 @@ def test_split_counts_and_class_balance(tmp_path) -> None:
     assert c.prevalence["los"] == pytest.approx(8 / 25)
     assert int((c.site.y_train[:, 1] == -1).sum() + (c.site.y_test[:, 1] == -1).sum()) == 5
     assert c.missing["lactate"] == pytest.approx(3 / 30)
-    assert c.site.feature_names == ("age", "lactate", "unit=MICU", "unit=SICU",
-                                    "age__missing", "lactate__missing")
+    assert c.site.feature_names == (
+        "age",
+        "lactate",
+        "unit=MICU",
+        "unit=SICU",
+        "age__missing",
+        "lactate__missing",
+    )
     assert c.site.x_train.dtype == np.float32 and c.site.y_train.dtype == np.int64
 
 
@@ -89,7 +100,9 @@ def test_scaling_statistics_come_from_training_rows_only(tmp_path) -> None:
     np.testing.assert_allclose(c.preprocessor.median[1], np.median(lact))
     # z-scored training ages have mean 0, test ages generally not
     assert abs(float(c.site.x_train[:, 0].mean())) < 1e-5
-    expected_test_age = (frame["age"].iloc[c.test_rows] - train["age"].mean()) / train["age"].std(ddof=0)
+    expected_test_age = (frame["age"].iloc[c.test_rows] - train["age"].mean()) / train["age"].std(
+        ddof=0
+    )
     np.testing.assert_allclose(c.site.x_test[:, 0], expected_test_age, rtol=1e-5)
 
 
@@ -102,8 +115,9 @@ def test_parquet_reads_like_csv(tmp_path) -> None:
 
 def test_tasks_query_never_in_support(tmp_path) -> None:
     c = _load(_write(_frame(), tmp_path / "stays.csv"), test_fraction=0.2)
-    batch = sample_tabular_tasks(c.site, n_tasks=20, support=6, query=6,
-                                 rng=np.random.default_rng(0))
+    batch = sample_tabular_tasks(
+        c.site, n_tasks=20, support=6, query=6, rng=np.random.default_rng(0)
+    )
     for t in range(batch.n_tasks):
         support_ages = set(batch.xs[t, :, 0].tolist())
         query_ages = set(batch.xq[t, :, 0].tolist())
@@ -126,8 +140,11 @@ def test_check_k_shot(tmp_path) -> None:
     n_los = int((c.site.y_train[:, 1] >= 0).sum())  # fewer labelled rows than death's 21
     assert n_los < 21
     check_k_shot(c.site, support=10, query=n_los - 10)  # exactly enough
-    with pytest.raises(DataError, match=rf"outcome 'los': {n_los} labelled training patients.*"
-                                        rf"support 10 \+ query {n_los - 9} = {n_los + 1}"):
+    with pytest.raises(
+        DataError,
+        match=rf"outcome 'los': {n_los} labelled training patients.*"
+        rf"support 10 \+ query {n_los - 9} = {n_los + 1}",
+    ):
         check_k_shot(c.site, support=10, query=n_los - 9, source="site.yaml")
 
 
@@ -195,8 +212,11 @@ def test_bad_outcome_value(tmp_path) -> None:
 def test_single_class_outcome(tmp_path) -> None:
     frame = _frame()
     frame["los"] = 0
-    with pytest.raises(DataError, match=r"s\.csv: outcome 'los' has only class 0 among 30 "
-                                        r"labelled rows at site 'h1'"):
+    with pytest.raises(
+        DataError,
+        match=r"s\.csv: outcome 'los' has only class 0 among 30 "
+        r"labelled rows at site 'h1'",
+    ):
         _load(_write(frame, tmp_path / "s.csv"))
 
 
@@ -204,10 +224,14 @@ def test_single_class_in_training_split(tmp_path) -> None:
     frame = _frame()
     frame["los"] = 0
     frame.loc[0, "los"] = 1  # death stratum 1 -> this one event can land in test
-    seeds = [s for s in range(20)
-             if 0 in _load(_write(_frame(), tmp_path / "ok.csv"), seed=s).test_rows]
-    with pytest.raises(DataError, match=r"outcome 'los' has a single class among the \d+ "
-                                        r"labelled training rows"):
+    seeds = [
+        s for s in range(20) if 0 in _load(_write(_frame(), tmp_path / "ok.csv"), seed=s).test_rows
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"outcome 'los' has a single class among the \d+ "
+        r"labelled training rows",
+    ):
         _load(_write(frame, tmp_path / "s.csv"), seed=seeds[0])
 
 

@@ -63,18 +63,30 @@ def test_rgb_npz_and_flat_labels(tmp_path) -> None:
     assert load_npz_site(path, name="s").classes == ("0", "1", "2")
 
 
-@pytest.mark.parametrize(("replace", "message"), [
-    ({"train_labels": None}, r"key 'train_labels' is missing"),
-    ({"extra": np.zeros(3)}, r"unexpected key\(s\) \['extra'\]"),
-    ({"val_labels": None}, r"has only one of 'val_images' and 'val_labels'"),
-    ({"train_images": np.zeros((12, 8), np.uint8)}, r"train_images has shape \(12, 8\)"),
-    ({"test_images": np.zeros((6, 8, 8, 2), np.uint8)}, r"test_images has shape \(6, 8, 8, 2\)"),
-    ({"train_labels": np.zeros((12, 14), np.uint8)}, r"train_labels has shape \(12, 14\).*multi-label"),
-    ({"train_labels": np.zeros(11, np.uint8)}, r"train_labels has 11 labels but the images hold 12"),
-    ({"test_images": np.zeros((6, 9, 9), np.uint8)}, r"test_images have shape \(1, 9, 9\)"),
-    ({"train_images": np.full((12, 8, 8), 2.0)}, r"train_images holds float values outside"),
-    ({"val_labels": np.full((3, 1), -1)}, r"val_labels holds a negative label -1"),
-])
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        ({"train_labels": None}, r"key 'train_labels' is missing"),
+        ({"extra": np.zeros(3)}, r"unexpected key\(s\) \['extra'\]"),
+        ({"val_labels": None}, r"has only one of 'val_images' and 'val_labels'"),
+        ({"train_images": np.zeros((12, 8), np.uint8)}, r"train_images has shape \(12, 8\)"),
+        (
+            {"test_images": np.zeros((6, 8, 8, 2), np.uint8)},
+            r"test_images has shape \(6, 8, 8, 2\)",
+        ),
+        (
+            {"train_labels": np.zeros((12, 14), np.uint8)},
+            r"train_labels has shape \(12, 14\).*multi-label",
+        ),
+        (
+            {"train_labels": np.zeros(11, np.uint8)},
+            r"train_labels has 11 labels but the images hold 12",
+        ),
+        ({"test_images": np.zeros((6, 9, 9), np.uint8)}, r"test_images have shape \(1, 9, 9\)"),
+        ({"train_images": np.full((12, 8, 8), 2.0)}, r"train_images holds float values outside"),
+        ({"val_labels": np.full((3, 1), -1)}, r"val_labels holds a negative label -1"),
+    ],
+)
 def test_bad_npz(tmp_path, replace: dict, message: str) -> None:
     path = _npz(tmp_path / "bad.npz", **replace)
     with pytest.raises(DataError, match=r"bad\.npz: " + message):
@@ -116,13 +128,17 @@ def test_image_folder_png(tmp_path) -> None:
     assert np.bincount(site.y_test).tolist() == [3, 2]
     assert np.bincount(site.y_train).tolist() == [3, 2]
     # pixel value of malignant img{i} is 20 + i
-    assert set(np.round(site.x_train[site.y_train == 1, 0, 0, 0] * 255).astype(int)) <= {20, 21, 22, 23}
+    assert set(np.round(site.x_train[site.y_train == 1, 0, 0, 0] * 255).astype(int)) <= {
+        20,
+        21,
+        22,
+        23,
+    }
 
 
 def test_image_folder_jpeg_resize_rgb(tmp_path) -> None:
     root = _folder(tmp_path / "imgs", {"a": 2, "b": 2}, fmt="JPEG")
-    site = load_folder_site(root, name="s", test_fraction=0.5, seed=0, size=(6, 7),
-                            grayscale=False)
+    site = load_folder_site(root, name="s", test_fraction=0.5, seed=0, size=(6, 7), grayscale=False)
     assert site.x_train.shape == (2, 3, 6, 7)
 
 
@@ -134,7 +150,9 @@ def test_image_folder_bad_inputs(tmp_path) -> None:
         load_folder_site(tmp_path / "flat", name="s")
     root = _folder(tmp_path / "mixed", {"a": 2, "b": 2})
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "b" / "z.png")
-    with pytest.raises(DataError, match=r"z\.png: image is \(5, 5\).*earlier images are \(10, 12\)"):
+    with pytest.raises(
+        DataError, match=r"z\.png: image is \(5, 5\).*earlier images are \(10, 12\)"
+    ):
         load_folder_site(root, name="s")
     root = _folder(tmp_path / "emptyclass", {"a": 2})
     (root / "b").mkdir()
@@ -171,8 +189,11 @@ def test_class_split_and_restrict(tmp_path) -> None:
 def test_check_n_way_k_shot(tmp_path) -> None:
     site = load_npz_site(_npz(tmp_path / "a.npz"), name="s")  # 5 training images per class
     check_n_way_k_shot(site, ways=3, shots=2, query=3)
-    with pytest.raises(DataError, match=r"a 3-way episode needs 3 classes with 2 shots \+ 4 "
-                                        r"queries = 6 training images each, but only 0"):
+    with pytest.raises(
+        DataError,
+        match=r"a 3-way episode needs 3 classes with 2 shots \+ 4 "
+        r"queries = 6 training images each, but only 0",
+    ):
         check_n_way_k_shot(site, ways=3, shots=2, query=4, source="site.yaml")
     with pytest.raises(DataError, match=r"a 4-way episode"):
         check_n_way_k_shot(site, ways=4, shots=1, query=1)

@@ -65,6 +65,9 @@ def test_size_imbalance() -> None:
 
 def test_leave_one_site_out() -> None:
     assert leave_one_site_out(["a", "b", "c"]) == [
-        (("b", "c"), "a"), (("a", "c"), "b"), (("a", "b"), "c")]
+        (("b", "c"), "a"),
+        (("a", "c"), "b"),
+        (("a", "b"), "c"),
+    ]
     with pytest.raises(DataError, match="at least 2 distinct sites"):
         leave_one_site_out(["a", "a"])

@@ -18,37 +18,48 @@ from fedmeta.common.data.schema import (
 )
 from fedmeta.common.errors import ConfigError, DataError
 
-SCHEMA = Schema((
-    Feature("age", "numeric"),
-    Feature("sex", "categorical", ("F", "M")),
-    Feature("lactate", "numeric"),
-))
+SCHEMA = Schema(
+    (
+        Feature("age", "numeric"),
+        Feature("sex", "categorical", ("F", "M")),
+        Feature("lactate", "numeric"),
+    )
+)
 
 
 def test_encoded_layout_numeric_then_onehot_then_indicators() -> None:
     assert SCHEMA.encoded_names(missing_indicators=True) == (
-        "age", "lactate", "sex=F", "sex=M", "age__missing", "lactate__missing",
+        "age",
+        "lactate",
+        "sex=F",
+        "sex=M",
+        "age__missing",
+        "lactate__missing",
     )
     assert SCHEMA.width(missing_indicators=False) == 4
 
 
 def test_encode_by_hand() -> None:
-    frame = pd.DataFrame({"age": ["70", "", "50"], "sex": ["M", "F", None],
-                          "lactate": ["1.5", "2", None]})
+    frame = pd.DataFrame(
+        {"age": ["70", "", "50"], "sex": ["M", "F", None], "lactate": ["1.5", "2", None]}
+    )
     x = encode(frame, SCHEMA, source="t.csv", missing_indicators=True)
     nan = np.nan
-    expected = np.array([
-        [70, 1.5, 0, 1, 0, 0],
-        [nan, 2.0, 1, 0, 1, 0],
-        [50, nan, 0, 0, 0, 1],
-    ])
+    expected = np.array(
+        [
+            [70, 1.5, 0, 1, 0, 0],
+            [nan, 2.0, 1, 0, 1, 0],
+            [50, nan, 0, 0, 0, 1],
+        ]
+    )
     np.testing.assert_array_equal(x, expected)
 
 
 def test_preprocessor_uses_training_rows_only() -> None:
     # training rows: age 40, 60, missing, 80 -> median 60, mean 60, std sqrt(800/3)
-    x_train = np.array([[40.0, 1.0, 1, 0], [60.0, np.nan, 0, 1], [np.nan, 3.0, 1, 0],
-                        [80.0, 2.0, 0, 1]])
+    x_train = np.array(
+        [[40.0, 1.0, 1, 0], [60.0, np.nan, 0, 1], [np.nan, 3.0, 1, 0], [80.0, 2.0, 0, 1]]
+    )
     x_test = np.array([[1000.0, np.nan, 1, 0]])  # an outlier that must not move the statistics
     pre = fit_preprocessor(x_train, SCHEMA)
     np.testing.assert_allclose(pre.median, [60.0, 2.0])
@@ -69,7 +80,9 @@ def test_preprocessor_constant_and_empty_columns() -> None:
 
 def test_non_numeric_value_names_column_row_and_value() -> None:
     frame = pd.DataFrame({"age": ["70", "seventy"], "sex": ["M", "F"], "lactate": ["1", "2"]})
-    with pytest.raises(DataError, match=r"t\.csv: column 'age' .* row 2 \(line 3\) holds 'seventy'"):
+    with pytest.raises(
+        DataError, match=r"t\.csv: column 'age' .* row 2 \(line 3\) holds 'seventy'"
+    ):
         encode(frame, SCHEMA, source="t.csv", line_offset=2)
 
 
@@ -97,15 +110,23 @@ def test_schema_yaml_round_trip(tmp_path) -> None:
     assert load_schema(path) == SCHEMA
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"features": [{"name": "a", "type": "text"}]}, r"type 'text' is not one of"),
-    ({"features": [{"name": "a", "type": "categorical"}]}, r"needs a non-empty 'categories'"),
-    ({"features": [{"name": "a", "type": "numeric", "unit": "mg"}]}, r"unknown key\(s\) \['unit'\]"),
-    ({"features": [{"name": "a", "type": "numeric"}, {"name": "a", "type": "numeric"}]},
-     r"\['a'\] more than once"),
-    ({"feature": []}, r"exactly one key 'features'"),
-    ({"features": [{"name": "a", "type": "numeric", "categories": ["x"]}]}, r"takes no"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"features": [{"name": "a", "type": "text"}]}, r"type 'text' is not one of"),
+        ({"features": [{"name": "a", "type": "categorical"}]}, r"needs a non-empty 'categories'"),
+        (
+            {"features": [{"name": "a", "type": "numeric", "unit": "mg"}]},
+            r"unknown key\(s\) \['unit'\]",
+        ),
+        (
+            {"features": [{"name": "a", "type": "numeric"}, {"name": "a", "type": "numeric"}]},
+            r"\['a'\] more than once",
+        ),
+        ({"feature": []}, r"exactly one key 'features'"),
+        ({"features": [{"name": "a", "type": "numeric", "categories": ["x"]}]}, r"takes no"),
+    ],
+)
 def test_bad_schema_rejected(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         schema_from_dict(data, source="schema.yaml")
@@ -118,5 +139,6 @@ def test_missing_schema_file(tmp_path) -> None:
 
 def test_infer_schema() -> None:
     frame = pd.DataFrame({"a": ["1", None, "2.5"], "b": ["x", "y", None]})
-    assert infer_schema(frame, ["a", "b"]) == Schema((
-        Feature("a", "numeric"), Feature("b", "categorical", ("x", "y"))))
+    assert infer_schema(frame, ["a", "b"]) == Schema(
+        (Feature("a", "numeric"), Feature("b", "categorical", ("x", "y")))
+    )

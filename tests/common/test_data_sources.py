@@ -43,12 +43,26 @@ def test_ehr_source(ehr_dir) -> None:
 def test_ehr_source_rejects_disagreeing_sites(ehr_dir, tmp_path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    (tmp_path / "a" / "site.yaml").write_text(yaml.safe_dump({
-        "kind": "ehr", "path": "x.csv", "schema": str(ehr_dir / "schema.yaml"),
-        "outcomes": ["mortality"]}))
-    (tmp_path / "b" / "site.yaml").write_text(yaml.safe_dump({
-        "kind": "ehr", "path": "x.csv", "schema": str(ehr_dir / "schema.yaml"),
-        "outcomes": ["aki"]}))
+    (tmp_path / "a" / "site.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "ehr",
+                "path": "x.csv",
+                "schema": str(ehr_dir / "schema.yaml"),
+                "outcomes": ["mortality"],
+            }
+        )
+    )
+    (tmp_path / "b" / "site.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "ehr",
+                "path": "x.csv",
+                "schema": str(ehr_dir / "schema.yaml"),
+                "outcomes": ["aki"],
+            }
+        )
+    )
     with pytest.raises(ConfigError, match=r"b/site\.yaml: outcomes = \['aki'\] differ"):
         data_spec(DataConfig(source="ehr", path=str(tmp_path)))
     (tmp_path / "b" / "site.yaml").write_text(yaml.safe_dump({"kind": "images", "path": "x.npz"}))
@@ -83,11 +97,11 @@ def test_synth_sources_generate_once_into_cache(tmp_path, monkeypatch) -> None:
     cfg = DataConfig(source="synth-ehr", synth_sites=2, synth_seed=3)
     spec = data_spec(cfg)
     assert spec.sites == ("hospital-01", "hospital-02")
-    record = tmp_path / "synth-ehr-2sites-seed3" / "generator.json"
+    record = tmp_path / "synth-ehr-v1-2sites-seed3" / "generator.json"
     stamp = record.stat().st_mtime_ns
     assert load_site(cfg, "hospital-02").n_features == 42
     assert record.stat().st_mtime_ns == stamp  # reused, not regenerated
-    assert [p.name for p in tmp_path.iterdir()] == ["synth-ehr-2sites-seed3"]  # no temp left
+    assert [p.name for p in tmp_path.iterdir()] == ["synth-ehr-v1-2sites-seed3"]  # no temp left
     img = DataConfig(source="synth-images", synth_sites=1, synth_seed=0)
     assert data_spec(img).input_shape == (1, 28, 28)
 

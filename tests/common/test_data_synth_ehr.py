@@ -56,7 +56,9 @@ def test_deterministic(consortium, tmp_path) -> None:
     for p, q in zip(paths, again, strict=True):
         assert (p.parent / "stays.csv").read_bytes() == (q.parent / "stays.csv").read_bytes()
     other = write_synth_ehr(tmp_path / "b", sites=1, seed=8, mean_stays=300)
-    assert (other[0].parent / "stays.csv").read_bytes() != (paths[0].parent / "stays.csv").read_bytes()
+    assert (other[0].parent / "stays.csv").read_bytes() != (
+        paths[0].parent / "stays.csv"
+    ).read_bytes()
 
 
 def test_real_reader_loads_every_site(consortium) -> None:
@@ -92,12 +94,15 @@ def test_shift_controls_site_differences() -> None:
     assert np.std(offsets) > 0.2
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"sites": 0}, r"sites = 0: must be >= 1"),
-    ({"sites": 2, "outcomes": ["death"]}, r"outcomes \['death'\]: choose from"),
-    ({"sites": 2, "file_format": "xlsx"}, r"format 'xlsx'"),
-    ({"sites": 2, "mean_stays": 10}, r"mean_stays = 10"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sites": 0}, r"sites = 0: must be >= 1"),
+        ({"sites": 2, "outcomes": ["death"]}, r"outcomes \['death'\]: choose from"),
+        ({"sites": 2, "file_format": "xlsx"}, r"format 'xlsx'"),
+        ({"sites": 2, "mean_stays": 10}, r"mean_stays = 10"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs: dict, message: str) -> None:
     with pytest.raises(DataError, match=message):
         write_synth_ehr(tmp_path, **kwargs)
@@ -107,4 +112,5 @@ def test_parquet_output(tmp_path) -> None:
     paths = write_synth_ehr(tmp_path, sites=1, seed=0, mean_stays=100, file_format="parquet")
     config = load_site_config(paths[0])
     assert config.path.name == "stays.parquet"
-    assert load_ehr_site(config).n_rows == len(pd.read_parquet(config.path))  # type: ignore[arg-type]
+    assert isinstance(config, EhrSiteConfig)
+    assert load_ehr_site(config).n_rows == len(pd.read_parquet(config.path))

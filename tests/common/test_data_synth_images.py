@@ -1,4 +1,4 @@
-"""Synthetic multi-site imaging: MedMNIST format, determinism, real scanner shift, learnable classes."""
+"""Synthetic imaging: MedMNIST format, determinism, real scanner shift, learnable classes."""
 
 from __future__ import annotations
 
@@ -23,16 +23,18 @@ from fedmeta.common.errors import DataError
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     out = tmp_path_factory.mktemp("img")
-    return out, write_synth_images(out, sites=3, seed=1, train_per_class=12, val_per_class=2,
-                                   test_per_class=6)
+    return out, write_synth_images(
+        out, sites=3, seed=1, train_per_class=12, val_per_class=2, test_per_class=6
+    )
 
 
 def test_medmnist_format_and_counts(sites) -> None:
     out, paths = sites
     assert len(CLASSES) >= 10
     with np.load(paths[0].parent / "images.npz") as z:
-        assert sorted(z.files) == sorted(f"{s}_{p}" for s in ("train", "val", "test")
-                                         for p in ("images", "labels"))
+        assert sorted(z.files) == sorted(
+            f"{s}_{p}" for s in ("train", "val", "test") for p in ("images", "labels")
+        )
         assert z["train_images"].shape == (12 * 12, 28, 28)
         assert z["train_images"].dtype == np.uint8
         assert z["train_labels"].shape == (144, 1)
@@ -47,8 +49,9 @@ def test_medmnist_format_and_counts(sites) -> None:
 
 def test_deterministic(sites, tmp_path) -> None:
     _, paths = sites
-    again = write_synth_images(tmp_path, sites=3, seed=1, train_per_class=12, val_per_class=2,
-                               test_per_class=6)
+    again = write_synth_images(
+        tmp_path, sites=3, seed=1, train_per_class=12, val_per_class=2, test_per_class=6
+    )
     a = read_medmnist_npz(paths[2].parent / "images.npz")
     b = read_medmnist_npz(again[2].parent / "images.npz")
     for split in a:
