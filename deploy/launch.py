@@ -323,11 +323,28 @@ def run_config_arg(values: Mapping[str, str]) -> str:
     return " ".join(parts)
 
 
+def stage_app(app: Path, dest: Path) -> Path:
+    """Copy the app's ``pyproject.toml`` into ``dest`` and return ``dest``.
+
+    ``flwr run`` rewrites the ``pyproject.toml`` it is given (it comments out the legacy
+    ``[tool.flwr.federations]`` tables), so it is pointed at a copy, never at the source tree.
+    The components it names (``fedmeta.server.app:app``, ``fedmeta.client.app:app``) are imported
+    from the installed ``fedmeta`` package on both sides, so the FAB needs nothing else.
+    """
+    src = app / "pyproject.toml"
+    if not src.is_file():
+        raise ProvisionError(f"{src}: missing; --app must be the fedmeta source folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest / "pyproject.toml")
+    return dest
+
+
 def submit_run(
     env: Mapping[str, str], *, app: Path, run_config: Mapping[str, str]
 ) -> int:
-    """``flwr run APP fedmeta --run-config ...``; returns the run id."""
-    args = ["run", str(app), CONNECTION]
+    """``flwr run APP fedmeta --run-config ...`` on a staged copy of APP; returns the run id."""
+    staged = stage_app(app, Path(env["FLWR_HOME"]) / "staged-app")
+    args = ["run", str(staged), CONNECTION]
     if run_config:
         args += ["--run-config", run_config_arg(run_config)]
     doc = _flwr(args, env, timeout=120.0)
