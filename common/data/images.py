@@ -456,7 +456,9 @@ def synth_images_root(cfg: DataConfig) -> Path:
         / f"synth-images-v{GENERATOR_VERSION}-{cfg.synth_sites}sites-seed{cfg.synth_seed}"
     )
     return ensure_generated(
-        target, lambda d: write_synth_images(d, sites=cfg.synth_sites, seed=cfg.synth_seed)
+        target,
+        lambda d: write_synth_images(d, sites=cfg.synth_sites, seed=cfg.synth_seed),
+        expect={"version": GENERATOR_VERSION, "n_sites": cfg.synth_sites, "seed": cfg.synth_seed},
     )
 
 

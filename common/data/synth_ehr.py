@@ -275,6 +275,7 @@ def write_synth_ehr(
             {
                 "generator": "fedmeta synth-ehr",
                 "version": GENERATOR_VERSION,
+                "n_sites": sites,
                 "seed": seed,
                 "mean_stays": mean_stays,
                 "shift": shift,

@@ -240,6 +240,7 @@ def write_synth_images(
             {
                 "generator": "fedmeta synth-images",
                 "version": GENERATOR_VERSION,
+                "n_sites": sites,
                 "seed": seed,
                 "size": size,
                 "classes": list(CLASSES),

@@ -119,3 +119,9 @@ def test_shipped_configs(tmp_path, monkeypatch) -> None:
     imaging = load_config(root / "imaging-synth.yaml")
     assert imaging.data.synth_sites == 10 and imaging.data.novel_classes == 5
     assert len(CLASSES) - imaging.data.novel_classes >= imaging.tasks.ways
+
+
+def test_synth_folder_made_with_other_settings_is_refused(tmp_path) -> None:
+    write_synth_ehr(tmp_path, sites=1, seed=0, mean_stays=60)
+    with pytest.raises(ConfigError, match=r"holds data generated with \{'n_sites': 1\}"):
+        data_spec(DataConfig(source="synth-ehr", path=str(tmp_path), synth_sites=2))
