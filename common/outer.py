@@ -43,16 +43,17 @@ class OuterOptimizer:
         return self.params()
 
     def state_arrays(self) -> NDArrays:
-        """Optimiser state as flat arrays ``opt.<i>.<field>`` for a safetensors checkpoint."""
+        """Optimiser state as flat arrays ``<param name>::<field>`` for a safetensors checkpoint."""
         out: NDArrays = {}
-        for i, name in enumerate(self.names):
+        for name in self.names:
             for field, value in self.opt.state.get(self.tensors[name], {}).items():
-                out[f"opt.{i}.{field}"] = np.asarray(torch.as_tensor(value).detach().numpy()).copy()
+                out[f"{name}::{field}"] = np.asarray(torch.as_tensor(value).detach().numpy()).copy()
         return out
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Restore what :meth:`state_arrays` produced."""
         for key, value in arrays.items():
-            _, idx, field = key.split(".", 2)
-            tensor = self.tensors[self.names[int(idx)]]
-            self.opt.state[tensor][field] = torch.as_tensor(np.asarray(value)).clone()
+            name, sep, field = key.rpartition("::")
+            if not sep or name not in self.tensors:
+                raise KeyError(f"optimiser state {key!r} names no parameter of this model")
+            self.opt.state[self.tensors[name]][field] = torch.as_tensor(np.asarray(value)).clone()

@@ -172,7 +172,10 @@ def run_experiment(
     totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
     history: list[dict] = []
     if resume and folder.checkpoint.exists():
-        theta, opt_state, extra, meta = load_checkpoint(folder)
+        saved, opt_state, extra, meta = load_checkpoint(folder)
+        if set(saved) != set(theta):
+            raise ConfigError(f"{folder.checkpoint}: parameters do not match the configured model")
+        theta = {k: saved[k] for k in theta}  # the model's order, not the file's
         if meta.get("algorithm") != cfg.algorithm:
             raise ConfigError(f"{folder.checkpoint}: saved by algorithm {meta.get('algorithm')}, not {cfg.algorithm}")
         strategy.restore(theta, opt_state, extra)

@@ -26,6 +26,9 @@ class TabularSite:
     y_test: np.ndarray
     feature_names: tuple[str, ...]
     outcomes: tuple[str, ...]
+    #: Source row identifiers of each split (local bookkeeping for audits; never sent).
+    row_ids_train: tuple[int, ...] = ()
+    row_ids_test: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):

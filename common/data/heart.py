@@ -115,10 +115,15 @@ def load_hospital(
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, train_size=train_fraction, random_state=split_seed, stratify=stratify
     )
+    # The same call on the row ids gives the ids of each split (the split depends on y only).
+    ids = rows["id"].to_numpy() if "id" in rows.columns else np.arange(len(rows))
+    id_tr, id_te = train_test_split(ids, train_size=train_fraction, random_state=split_seed, stratify=stratify)
     mean = x_tr.mean(axis=0)
     std = x_tr.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     log.debug("%s: %d train / %d test rows", name, len(y_tr), len(y_te))
+    if set(id_tr) & set(id_te):  # pragma: no cover - a broken split must never reach training
+        raise DataError(f"{name}: a row is in both the training and the test split")
     return TabularSite(
         name=name,
         x_train=((x_tr - mean) / std).astype(np.float32),
@@ -127,4 +132,6 @@ def load_hospital(
         y_test=y_te.reshape(-1, 1).astype(np.int64),
         feature_names=FEATURES,
         outcomes=(OUTCOME,),
+        row_ids_train=tuple(int(i) for i in id_tr),
+        row_ids_test=tuple(int(i) for i in id_te),
     )

@@ -1,0 +1,191 @@
+"""Secure aggregation of Reptile deltas with Flower's SecAgg+ (Bell et al. 2020, CCS).
+
+Flower 1.39 implements SecAgg+ only on its legacy path: a ``LegacyContext`` running
+``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy ``Strategy`` on the server,
+and ``secaggplus_mod`` on every ClientApp. The protocol masks each site's *legacy FitRes
+parameters* and reveals only their example-weighted mean to the server. It is value-agnostic, so
+it carries Reptile deltas as well as weights: a site returns ``Δ_i = φ_i − θ`` as its "parameters"
+and the server receives ``Δ̄ = Σ n_i Δ_i / Σ n_i`` (:class:`SecureReptile` then applies
+``θ ← θ + β Δ̄``). What it costs, and why it is a separate path from the Message-API strategy:
+
+* Values are clipped to ``[-R, R]`` and stochastically quantised to ``Q`` levels before masking,
+  so the mean is exact only up to ``2R/Q`` per coordinate (unbiased). :func:`secagg_settings`
+  picks ``R`` from the L2 bound the sites clip their deltas to (a coordinate never exceeds the
+  vector's L2 norm) and the largest ``Q`` whose masked sum cannot overflow the 2³² modulus.
+* The server never sees an individual delta, so per-site validation (non-finite values, norm
+  bound, robust median / trimmed mean) and compression (fp16, int8, top-k) cannot run; sites must
+  clip their own deltas (``common.privacy.clip_update``), and a malformed delta is bounded by the
+  clipping but not detected. Secure aggregation and robust aggregation are alternatives.
+* Metrics (counts, losses) travel in clear beside the masked vector.
+
+With differential privacy the two combine: each site clips to ``C`` and adds
+``N(0, (zC)²/n)`` (``common.privacy.site_noise_std(distributed=True)``), so only the sum carries
+the full noise ``zC`` and no single site's delta is ever revealed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Context
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+log = logging.getLogger(__name__)
+
+MODULUS = 2**32  # Flower requires modulus_range <= 2**32
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ parameters. ``clipping_range`` R bounds every coordinate; ``quantization_range``
+    Q is the number of levels; ``max_weight`` bounds a site's example count (its weight)."""
+
+    num_shares: int | float
+    reconstruction_threshold: int | float
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    modulus_range: int = MODULUS
+    timeout: float | None = None
+
+    @property
+    def resolution(self) -> float:
+        """Quantisation step ``2R/Q`` of one coordinate of one site's (weighted) delta."""
+        return 2 * self.clipping_range / self.quantization_range
+
+
+def secagg_settings(
+    *, n_sites: int, l2_bound: float, max_examples: int, dropout_tolerance: int = 1,
+    timeout: float | None = None,
+) -> SecAggSettings:
+    """Settings for ``n_sites`` sites whose deltas are clipped to L2 norm ``l2_bound``.
+
+    Every site is a neighbour of every other (``num_shares = n``); a key is reconstructable
+    from ``n − dropout_tolerance`` shares. ``Q`` is the largest power of two with ``n·Q`` below
+    the modulus (the masked sum of ``n`` values in ``[0, Q)`` must not wrap around).
+    """
+    if n_sites < 2:
+        raise ValueError(f"secure aggregation needs at least 2 sites, got {n_sites}")
+    if not l2_bound > 0:
+        raise ValueError(f"l2_bound must be > 0, got {l2_bound}")
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    if not 0 <= dropout_tolerance < n_sites - 1:
+        raise ValueError(
+            f"dropout_tolerance must be in [0, {n_sites - 2}] for {n_sites} sites, "
+            f"got {dropout_tolerance}"
+        )
+    levels_bits = 31 - math.ceil(math.log2(n_sites + 1))
+    return SecAggSettings(
+        num_shares=n_sites,
+        reconstruction_threshold=max(2, n_sites - dropout_tolerance),
+        clipping_range=float(l2_bound),
+        quantization_range=2**levels_bits,
+        max_weight=float(max_examples),
+        timeout=timeout,
+    )
+
+
+def apply_mean_delta(
+    theta: Sequence[np.ndarray], mean_delta: Sequence[np.ndarray], lr: float
+) -> list[np.ndarray]:
+    """Reptile's outer step ``θ ← θ + β Δ̄`` on lists of arrays (new arrays; inputs untouched)."""
+    if len(theta) != len(mean_delta):
+        raise ValueError(f"θ has {len(theta)} arrays, the aggregate {len(mean_delta)}")
+    out = []
+    for t, d in zip(theta, mean_delta, strict=True):
+        if t.shape != d.shape:
+            raise ValueError(f"aggregate shape {d.shape} does not match θ's {t.shape}")
+        out.append((t + lr * d).astype(t.dtype))
+    return out
+
+
+class SecureReptile(FedAvg):
+    """Legacy strategy for SecAgg+: receives the securely averaged delta, applies ``θ + β Δ̄``.
+
+    Under ``SecAggPlusWorkflow`` every ``FitRes`` handed to :meth:`aggregate_fit` carries the same
+    aggregate (the workflow writes it into each); this class takes it once. ``on_round`` is called
+    with ``(round, mean_delta, theta)`` after each update (tests and logging).
+    """
+
+    def __init__(
+        self,
+        *,
+        theta: Sequence[np.ndarray],
+        outer_lr: float,
+        min_sites: int,
+        on_round: Callable[[int, list[np.ndarray], list[np.ndarray]], None] | None = None,
+    ) -> None:
+        if not outer_lr > 0:
+            raise ValueError(f"outer_lr must be > 0, got {outer_lr}")
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=min_sites,
+            min_available_clients=min_sites,
+            min_evaluate_clients=0,
+            initial_parameters=ndarrays_to_parameters([np.asarray(t) for t in theta]),
+        )
+        self.theta = [np.array(t, copy=True) for t in theta]
+        self.outer_lr = outer_lr
+        self.on_round = on_round
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if not results:
+            log.warning("round %d: no securely aggregated result (failures: %d)", server_round,
+                        len(failures))
+            return None, {}
+        mean_delta = parameters_to_ndarrays(results[0][1].parameters)
+        self.theta = apply_mean_delta(self.theta, mean_delta, self.outer_lr)
+        if self.on_round is not None:
+            self.on_round(server_round, mean_delta, self.theta)
+        n = sum(r.num_examples for _, r in results)
+        log.info("round %d: applied the SecAgg+ mean delta of %d sites (%d examples)",
+                 server_round, len(results), n)
+        return ndarrays_to_parameters(self.theta), {"num-sites": len(results), "num-examples": n}
+
+
+def make_secagg_server_app(
+    strategy: SecureReptile, *, rounds: int, settings: SecAggSettings
+) -> ServerApp:
+    """A ServerApp running ``rounds`` rounds of SecAgg+ with ``strategy`` (legacy workflow)."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
+        workflow = DefaultWorkflow(
+            fit_workflow=SecAggPlusWorkflow(
+                num_shares=settings.num_shares,
+                reconstruction_threshold=settings.reconstruction_threshold,
+                max_weight=settings.max_weight,
+                clipping_range=settings.clipping_range,
+                quantization_range=settings.quantization_range,
+                modulus_range=settings.modulus_range,
+                timeout=settings.timeout,
+            )
+        )
+        workflow(grid, legacy)
+
+    return app

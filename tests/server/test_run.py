@@ -1,0 +1,134 @@
+"""The coordinator's run end to end over an in-process grid (real ServerApp driver and ClientApp
+handlers, messages serialised as on the wire): outputs, reproducibility, resume, bad replies."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedmeta.common import params as P
+from fedmeta.common.data.heart import HOSPITALS
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+SUMMARY_KEYS = {"algorithm", "rounds", "wall_s", "config", "sites", "mean", "comm"}
+
+
+def test_outputs_and_summary_fields(tmp_path, local_run):
+    summary, _ = local_run(tmp_path)
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert SUMMARY_KEYS <= set(on_disk)
+    assert on_disk["algorithm"] == "reptile" and on_disk["rounds"] == 3
+    assert set(on_disk["sites"]) == set(HOSPITALS)
+    for site in on_disk["sites"].values():
+        for phase in ("before", "after"):
+            assert set(site[phase]) == {"accuracy", "auroc", "loss"}
+        assert site["n_train"] > 0 and site["n_test"] > 0
+    for phase in ("before", "after"):
+        for metric in ("accuracy", "auroc", "loss"):
+            expected = np.nanmean([s[phase][metric] for s in on_disk["sites"].values()])
+            assert on_disk["mean"][phase][metric] == pytest.approx(expected)
+    lines = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert sum(x["bytes_up"] for x in lines) == on_disk["comm"]["bytes_up"]
+    # Bytes: 4 sites send one float32 copy of every parameter per round, each array serialised in
+    # .npy form (Flower's Array.data: the raw bytes plus the .npy header).
+    theta, _ = P.load(run / "final.safetensors")
+    n_bytes = sum(len(_npy(v)) for v in theta.values())
+    assert n_bytes == sum(v.nbytes for v in theta.values()) + 128 * len(theta)
+    assert on_disk["comm"]["bytes_up"] == 3 * 4 * n_bytes
+    assert on_disk["comm"]["bytes_down"] == (3 + 1) * 4 * n_bytes
+    assert on_disk["config"]["rounds"] == 3
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path, local_run):
+    local_run(tmp_path, name="a")
+    local_run(tmp_path, name="b")
+    local_run(tmp_path, ["seed=1"], name="c")
+    a, _ = P.load(tmp_path / "a" / "final.safetensors")
+    b, _ = P.load(tmp_path / "b" / "final.safetensors")
+    c, _ = P.load(tmp_path / "c" / "final.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, local_run, optimizer):
+    extra = [f"outer.optimizer={optimizer}", "outer.lr=0.5" if optimizer == "sgd" else "outer.lr=0.01",
+             "outer.momentum=0.5" if optimizer == "sgd" else "outer.beta1=0.8"]
+    local_run(tmp_path, extra, name="full")
+    local_run(tmp_path, extra, name="cut", stop_after=2)
+    assert not (tmp_path / "cut" / "final.safetensors").exists()
+    local_run(tmp_path, extra, name="cut", resume=True)
+    full, _ = P.load(tmp_path / "full" / "final.safetensors")
+    resumed, _ = P.load(tmp_path / "cut" / "final.safetensors")
+    for k in full:
+        np.testing.assert_array_equal(full[k], resumed[k])
+    lines = (tmp_path / "cut" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+
+
+def _tamper_update(fn):
+    def tamper(reply):
+        if reply.has_content() and "update" in reply.content.array_records:
+            rec = reply.content["update"]
+            arrays = {k: a.numpy() for k, a in rec.items()}
+            reply.content["update"] = ArrayRecord(array_dict={k: Array(v) for k, v in fn(arrays).items()})
+        return reply
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("fn", "reason"),
+    [
+        (lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()}, "NaN/Inf"),
+        (lambda a: {k: (np.zeros((3, 3), np.float32) if i == 0 else v) for i, (k, v) in enumerate(a.items())}, "shape"),
+        (lambda a: {k: v.astype(np.float64) for k, v in a.items()}, "dtype"),
+        (lambda a: {k: v * 1e9 for k, v in a.items()}, "exceeds validation.max_norm"),
+        (lambda a: dict(list(a.items())[1:]), "missing"),
+    ],
+)
+def test_bad_reply_is_rejected_and_round_goes_on(tmp_path, local_run, fn, reason, caplog):
+    def hook(grid):
+        grid.tamper(1001, _tamper_update(fn))  # partition 1 = Hungary
+
+    summary, _ = local_run(tmp_path, grid_hook=hook)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert sorted(line["accepted"]) == ["Cleveland", "Switzerland", "VA Long Beach"]
+        assert reason in line["rejected"]["Hungary"]
+        assert line["applied"]
+    assert any("rejected the reply of Hungary" in r.message for r in caplog.records)
+    assert np.isfinite(summary["mean"]["after"]["accuracy"])
+
+
+def test_site_dropping_out_round_completes_with_others(tmp_path, local_run):
+    def hook(grid):
+        grid.drop(1003, from_round=2)  # VA Long Beach disconnects after round 1
+
+    summary, _ = local_run(tmp_path, grid_hook=hook)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert len(lines[0]["accepted"]) == 4
+    assert sorted(lines[1]["accepted"]) == ["Cleveland", "Hungary", "Switzerland"]
+    assert "VA Long Beach" not in summary["sites"]
+
+
+def test_too_few_valid_replies_leave_theta_unchanged(tmp_path, local_run):
+    nan = _tamper_update(lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()})
+
+    def hook(grid):
+        for node in (1000, 1001, 1002):
+            grid.tamper(node, nan)
+
+    local_run(tmp_path, ["rounds=1", "federation.min_nodes=2"], grid_hook=hook)
+    line = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
+    assert line["applied"] is False and line["accepted"] == ["VA Long Beach"]
