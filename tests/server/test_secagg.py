@@ -1,0 +1,83 @@
+"""SecAgg+ carries Reptile deltas: the securely aggregated mean equals the plain weighted mean."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmeta.server.secagg import SecAggSettings, apply_mean_delta, secagg_settings
+
+SHAPES = [(13, 8), (8,), (8, 2), (2,)]
+N_SITES = 4
+
+
+def _site_delta(pid: int) -> tuple[list[np.ndarray], int]:
+    rng = np.random.default_rng(100 + pid)
+    delta = [rng.normal(0, 0.01, s) for s in SHAPES]
+    return delta, 20 * (pid + 1)  # sites of 20, 40, 60, 80 examples
+
+
+def test_settings_fit_the_modulus_and_bound() -> None:
+    s = secagg_settings(n_sites=4, l2_bound=0.5, max_examples=1000)
+    assert s.num_shares == 4 and s.reconstruction_threshold == 3
+    assert s.clipping_range == 0.5 and s.max_weight == 1000.0
+    assert 4 * s.quantization_range < s.modulus_range == 2**32
+    assert s.quantization_range == 2**28
+    assert s.resolution == pytest.approx(1.0 / 2**28)
+    with pytest.raises(ValueError, match="at least 2 sites"):
+        secagg_settings(n_sites=1, l2_bound=1.0, max_examples=10)
+    with pytest.raises(ValueError, match="dropout_tolerance must be in"):
+        secagg_settings(n_sites=3, l2_bound=1.0, max_examples=10, dropout_tolerance=2)
+
+
+def test_apply_mean_delta_is_reptile_outer_step() -> None:
+    theta = [np.array([1.0, 2.0]), np.array([[0.5]])]
+    new = apply_mean_delta(theta, [np.array([0.2, -0.4]), np.array([[1.0]])], 0.5)
+    np.testing.assert_allclose(new[0], [1.1, 1.8])
+    np.testing.assert_allclose(new[1], [[1.0]])
+    np.testing.assert_allclose(theta[0], [1.0, 2.0])  # untouched
+    with pytest.raises(ValueError, match="does not match"):
+        apply_mean_delta(theta, [np.zeros(3), np.zeros((1, 1))], 1.0)
+
+
+@pytest.mark.ray
+def test_secaggplus_mean_of_deltas_equals_plain_weighted_mean() -> None:
+    from flwr.simulation import run_simulation
+
+    from fedmeta.client.secagg import make_secagg_client_app
+    from fedmeta.server.secagg import SecureReptile, make_secagg_server_app
+
+    def local_delta(theta, context, config):  # type: ignore[no-untyped-def]
+        return _site_delta(int(context.node_config["partition-id"]))
+
+    deltas = [_site_delta(p) for p in range(N_SITES)]
+    total = sum(n for _, n in deltas)
+    plain = [sum(d[i] * n for d, n in deltas) / total for i in range(len(SHAPES))]
+    unweighted = [sum(d[i] for d, _ in deltas) / N_SITES for i in range(len(SHAPES))]
+
+    seen: list[tuple[int, list[np.ndarray]]] = []
+    theta0 = [np.zeros(s) for s in SHAPES]
+    strategy = SecureReptile(theta=theta0, outer_lr=1.0, min_sites=N_SITES,
+                             on_round=lambda r, mean, th: seen.append((r, mean)))
+    settings = secagg_settings(n_sites=N_SITES, l2_bound=0.5, max_examples=100)
+    run_simulation(
+        server_app=make_secagg_server_app(strategy, rounds=2, settings=settings),
+        client_app=make_secagg_client_app(local_delta, l2_bound=0.5),
+        num_supernodes=N_SITES,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    assert [r for r, _ in seen] == [1, 2]
+    tol = 4 * settings.resolution * settings.max_weight / 20  # a few steps, rescaled by weight
+    for _, mean in seen:
+        for got, want, unw in zip(mean, plain, unweighted, strict=True):
+            np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+            assert np.max(np.abs(got - unw)) > 100 * tol  # the weighting really happened
+    for got, want in zip(strategy.theta, plain, strict=True):
+        np.testing.assert_allclose(got, 2 * want, atol=2 * tol, rtol=0)
+
+
+def test_settings_dataclass_is_frozen() -> None:
+    s = SecAggSettings(num_shares=3, reconstruction_threshold=2, clipping_range=1.0,
+                       quantization_range=2**20, max_weight=10.0)
+    with pytest.raises(AttributeError):
+        s.num_shares = 4  # type: ignore[misc]
