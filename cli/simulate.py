@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<algorithm>-<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (--set rounds=N extends it)")
+    p.add_argument("--backend", choices=("ray", "local"), default="ray",
+                   help="ray: Flower's simulation engine, one actor per site (default); local: all "
+                        "sites in this process, messages still serialised as on the wire (no Ray start)")
     p.set_defaults(func=_run)
 
 
@@ -49,12 +52,22 @@ def simulate(
     resume: bool = False,
     progress: Any = None,
     stop_after: int | None = None,
+    backend: str = "ray",
+    client_app: Any = None,
 ) -> dict[str, Any]:
-    """Run ``cfg`` with one simulated SuperNode per training site; returns the summary."""
+    """Run ``cfg`` with one simulated SuperNode per training site; returns the summary.
+
+    ``backend="ray"`` uses Flower's simulation engine; ``"local"`` an in-process grid
+    (:class:`fedmeta.server.local_grid.LocalGrid`) with the same ServerApp driver and ClientApp.
+    """
     from flwr.simulation import run_simulation
 
-    from fedmeta.client.app import app as client_app
+    from fedmeta.client.app import app as default_client_app
     from fedmeta.server.app import make_server_app
+    from fedmeta.server.driver import run_experiment
+    from fedmeta.server.local_grid import LocalGrid
+
+    client_app = client_app or default_client_app
 
     sites = training_sites(cfg.data)
     n_nodes = cfg.federation.num_supernodes or len(sites)
@@ -66,6 +79,10 @@ def simulate(
         raise ConfigError(
             f"federation.min_nodes = {cfg.federation.min_nodes}: more than the {n_nodes} simulated sites"
         )
+    if backend == "local":
+        grid = LocalGrid(client_app, [{"partition-id": i} for i in range(n_nodes)])
+        return run_experiment(grid, cfg, out_dir, expected_nodes=n_nodes, resume=resume,
+                              progress=progress, stop_after=stop_after)
     result: dict[str, Any] = {}
     server_app = make_server_app(
         cfg, out_dir, expected_nodes=n_nodes, resume=resume, progress=progress,
@@ -76,6 +93,7 @@ def simulate(
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False},
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
                    backend_config=backend_config)
     if not result and stop_after is None:
@@ -118,7 +136,6 @@ def _log_to_run_folder(out_dir: Path, *, verbose: bool) -> None:
                 h.setLevel(logging.WARNING)
         # Flower logs to its own handler; its deprecation notices for run_simulation are expected.
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -140,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[{time.monotonic() - start:6.1f}s] {text}", flush=True)
 
     print(f"fedmeta: {cfg.algorithm} on {cfg.data.source}, {cfg.rounds} rounds -> {out_dir}", flush=True)
-    summary = simulate(cfg, out_dir, resume=args.resume is not None, progress=progress)
+    summary = simulate(cfg, out_dir, resume=args.resume is not None, progress=progress, backend=args.backend)
     print()
     print(format_table(summary))
     print(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedmeta.client import task
 from fedmeta.client.wire import arrays_from_record, encode_reply
@@ -23,8 +25,6 @@ from fedmeta.common.errors import ConfigError
 from fedmeta.common.experiment import site_rng
 
 log = logging.getLogger(__name__)
-
-app = ClientApp()
 
 _SITES: dict[str, Site] = {}
 
@@ -58,7 +58,6 @@ def site_of(context: Context, cfg: ExperimentConfig) -> Site:
     return site
 
 
-@app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Handshake: the site's name and split sizes (counts only)."""
     cfg = experiment_of(msg)
@@ -70,7 +69,6 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
     site = site_of(context, cfg)
@@ -94,7 +92,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
     site = site_of(context, cfg)
@@ -107,3 +104,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict({"site": ConfigRecord({"name": site.name}), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
+
+def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp with fedmeta's handlers; ``mods`` wrap every message (e.g. DP, auditing)."""
+    client_app = ClientApp(mods=list(mods))
+    client_app.query()(hello)
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()
