@@ -305,19 +305,26 @@ def restrict_classes(site: ImageSite, keep: Sequence[int], *, suffix: str = "") 
 def check_n_way_k_shot(
     site: ImageSite, *, ways: int, shots: int, query: int, source: str = ""
 ) -> None:
-    """Raise :class:`DataError` unless at least ``ways`` classes have ``shots + query``
-    training images each, so an N-way K-shot episode can be drawn without repeats."""
+    """Raise :class:`DataError` unless the site has at least ``ways`` classes and every class has
+    ``shots + query`` training images, so that any N-way K-shot episode over its classes can be
+    drawn without repeats (as :class:`fedmeta.common.data.episodes.EpisodeSampler` requires)."""
     need = shots + query
-    counts = np.bincount(site.y_train, minlength=site.n_classes)
-    enough = [site.classes[k] for k in range(site.n_classes) if counts[k] >= need]
-    if len(enough) < ways:
-        where = f"{source}: " if source else ""
-        detail = ", ".join(f"{site.classes[k]}: {int(counts[k])}" for k in range(site.n_classes))
+    where = f"{source}: " if source else ""
+    hint = "Hint: lower tasks.ways, tasks.support or tasks.query."
+    if site.n_classes < ways:
         raise DataError(
-            f"{where}site {site.name!r}: a {ways}-way episode needs {ways} classes with "
-            f"{shots} shots + {query} queries = {need} training images each, but only "
-            f"{len(enough)} class(es) have that many ({detail}). Hint: lower tasks.ways, "
-            "tasks.support or tasks.query."
+            f"{where}site {site.name!r}: a {ways}-way episode needs {ways} classes, but the site "
+            f"has {site.n_classes} ({list(site.classes)}). {hint}"
+        )
+    counts = np.bincount(site.y_train, minlength=site.n_classes)
+    short = [
+        f"{site.classes[k]}: {int(counts[k])}" for k in range(site.n_classes) if counts[k] < need
+    ]
+    if short:
+        raise DataError(
+            f"{where}site {site.name!r}: an episode needs {shots} shots + {query} queries = "
+            f"{need} training images per class, but {len(short)} class(es) have fewer "
+            f"({', '.join(short)}). {hint}"
         )
 
 

@@ -171,5 +171,7 @@ def test_image_site_summary(tmp_path) -> None:
     )
     s = check_site(path, tasks=TaskConfig(ways=3, support=2, query=2))
     assert s.class_counts == {"a": 4, "b": 4, "c": 4} and s.image_shape == (1, 6, 6)
-    with pytest.raises(DataError, match=r"a 3-way episode needs 3 classes with 2 shots \+ 3"):
+    with pytest.raises(
+        DataError, match=r"an episode needs 2 shots \+ 3 queries = 5 training images per class"
+    ):
         check_site(path, tasks=TaskConfig(ways=3, support=2, query=3))

@@ -191,9 +191,9 @@ def test_check_n_way_k_shot(tmp_path) -> None:
     check_n_way_k_shot(site, ways=3, shots=2, query=3)
     with pytest.raises(
         DataError,
-        match=r"a 3-way episode needs 3 classes with 2 shots \+ 4 "
-        r"queries = 6 training images each, but only 0",
+        match=r"site\.yaml: site 's': an episode needs 2 shots \+ 4 queries = 6 training images "
+        r"per class, but 3 class\(es\) have fewer \(0: 5, 1: 5, 2: 5\)",
     ):
         check_n_way_k_shot(site, ways=3, shots=2, query=4, source="site.yaml")
-    with pytest.raises(DataError, match=r"a 4-way episode"):
+    with pytest.raises(DataError, match=r"a 4-way episode needs 4 classes, but the site has 3"):
         check_n_way_k_shot(site, ways=4, shots=1, query=1)
