@@ -1,11 +1,18 @@
 """What a hospital computes locally, in plain PyTorch (no Flower import).
 
-``train_update`` turns the global parameters θ into this site's update for one round (a delta for
-Reptile/FedAvg, a meta-gradient for MAML-family algorithms), from tasks sampled from the site's
-own training split. ``evaluate_site`` adapts θ on the site's training split and scores it on the
-site's test split before and after adaptation. Both return only parameter-shaped arrays and
-aggregate numbers (counts, summed losses, metrics over a whole split): never rows, labels or
-per-example values.
+``train_update`` turns the global state into this site's update for one round, from tasks sampled
+from the site's own training split:
+
+- ``reptile``: ``Δ = θ_local − θ`` after Reptile steps (Nichol et al. 2018);
+- ``maml`` / ``fomaml``: the meta-gradient of the query loss after support adaptation (Finn et al.
+  2017), second or first order;
+- ``metasgd``: meta-gradients for θ and for the learned per-parameter rates (Li et al. 2017);
+- ``protonet``: the gradient of the episodes' prototype-classification loss (Snell et al. 2017);
+- ``fedavg``: ``Δ`` after plain minibatch SGD on the training rows (McMahan et al. 2017).
+
+``evaluate_site`` scores the global state on the site's test split before and after local
+adaptation. Both return only parameter-shaped arrays and aggregate numbers (counts, summed losses,
+metrics over a whole split): never rows, labels or per-example values.
 """
 
 from __future__ import annotations
@@ -25,12 +32,17 @@ from fedmeta.common.experiment import build_model_for, inner_config
 from fedmeta.common.meta.engine import choose_impl, resolve_device
 from fedmeta.common.meta.fedavg import local_sgd
 from fedmeta.common.meta.inner import adapt
+from fedmeta.common.meta.maml import maml_step
+from fedmeta.common.meta.metasgd import metasgd_step
+from fedmeta.common.meta.protonet import protonet_logits, protonet_step
 from fedmeta.common.meta.reptile import reptile_step
-from fedmeta.common.meta.types import InnerConfig, MetaStats, TaskBatch
+from fedmeta.common.meta.types import InnerConfig, MetaStats, Params, TaskBatch
 from fedmeta.common.metrics import binary_metrics, multiclass_metrics
 from fedmeta.common.params import NDArrays, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
+
+LR_PREFIX = "lr::"
 
 
 @dataclass(frozen=True)
@@ -42,103 +54,230 @@ class Update:
     stats: MetaStats
 
 
-def sample_tasks(cfg: ExperimentConfig, site: Site, rng: np.random.Generator) -> TaskBatch:
+def split_state(state: NDArrays) -> tuple[NDArrays, NDArrays | None]:
+    """Split the broadcast state into θ and Meta-SGD's ``lr::`` rates (None when absent)."""
+    theta = {k: v for k, v in state.items() if not k.startswith(LR_PREFIX)}
+    lrs = {k[len(LR_PREFIX):]: v for k, v in state.items() if k.startswith(LR_PREFIX)}
+    return theta, (lrs or None)
+
+
+def sample_tasks(cfg: ExperimentConfig, site: Site, rng: np.random.Generator, *, split: str = "train") -> TaskBatch:
+    """A meta-batch from the site's training split: K/Q-patient tasks, or N-way K-shot episodes."""
+    t = cfg.tasks
     if isinstance(site, TabularSite):
-        return sample_tabular_tasks(
-            site, n_tasks=cfg.tasks.meta_batch, support=cfg.tasks.support, query=cfg.tasks.query, rng=rng
-        )
-    raise NotImplementedError(f"task sampling for {type(site).__name__} is not available yet")
+        return sample_tabular_tasks(site, n_tasks=t.meta_batch, support=t.support, query=t.query, rng=rng)
+    from fedmeta.common.data.episodes import sample_episodes
+
+    x, y = (site.x_train, site.y_train) if split == "train" else (site.x_test, site.y_test)
+    return sample_episodes(x, y, n_tasks=t.meta_batch, n_way=t.ways, k_shot=t.support, n_query=t.query, rng=rng)
+
+
+def _mean(params: Params, n: int) -> Params:
+    return {k: v / n for k, v in params.items()}
 
 
 def train_update(
-    cfg: ExperimentConfig,
-    spec: DataSpec,
-    site: Site,
-    theta: NDArrays,
-    *,
-    rng: np.random.Generator,
+    cfg: ExperimentConfig, spec: DataSpec, site: Site, state: NDArrays, *, rng: np.random.Generator
 ) -> Update:
-    """One round of local work on ``site`` starting from the global ``theta``."""
+    """One round of local work on ``site`` starting from the broadcast ``state``."""
     device = resolve_device(cfg.engine.device)
     model = build_model_for(cfg, spec).to(device)
-    params = from_numpy(theta, device=device)
+    theta_np, lrs_np = split_state(state)
+    params = from_numpy(theta_np, device=device)
     inner = inner_config(cfg)
-    if cfg.algorithm == "fedavg":
-        if not isinstance(site, TabularSite):
-            raise NotImplementedError("FedAvg on images is not available yet")
-        x = torch.from_numpy(site.x_train).to(device)
-        y = torch.from_numpy(site.y_train[:, 0]).to(device)
+    impl = choose_impl(model, device, cfg.engine.impl)
+    algo = cfg.algorithm
+
+    if algo == "fedavg":
+        x, y = _training_rows(site)
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         delta, stats = local_sgd(
-            model, params, x, y,
-            steps=cfg.inner.steps * cfg.tasks.meta_steps,
-            lr=cfg.inner.lr,
-            batch_size=cfg.tasks.support + cfg.tasks.query,
-            generator=gen,
-            loss="cross_entropy",
+            model, params, x.to(device), y.to(device),
+            steps=cfg.inner.steps * cfg.tasks.meta_steps, lr=cfg.inner.lr,
+            batch_size=cfg.tasks.meta_batch * (cfg.tasks.support + cfg.tasks.query) if isinstance(site, TabularSite)
+            else cfg.tasks.ways * (cfg.tasks.support + cfg.tasks.query),
+            generator=gen, loss="cross_entropy",
         )
         return Update(to_numpy(delta), stats.n_examples, stats)
-    if cfg.algorithm == "reptile":
-        impl = choose_impl(model, device, cfg.engine.impl)
+
+    total: MetaStats | None = None
+    if algo == "reptile":
         local = {k: v.clone() for k, v in params.items()}
-        total: MetaStats | None = None
         for _ in range(cfg.tasks.meta_steps):
-            tasks = sample_tasks(cfg, site, rng).to(device)
-            delta, stats = reptile_step(model, local, tasks, inner, impl=impl)
+            delta, stats = reptile_step(model, local, sample_tasks(cfg, site, rng).to(device), inner, impl=impl)
             local = {k: local[k] + delta[k] for k in local}
             total = stats if total is None else total + stats
         assert total is not None
-        update = {k: local[k] - params[k] for k in params}
-        return Update(to_numpy(update), total.n_examples, total)
-    raise NotImplementedError(f"algorithm {cfg.algorithm!r} is not available on the client yet")
+        return Update(to_numpy({k: local[k] - params[k] for k in params}), total.n_examples, total)
+
+    grads: Params | None = None
+    lr_grads: Params | None = None
+    lrs = from_numpy(lrs_np, device=device) if lrs_np is not None else None
+    for _ in range(cfg.tasks.meta_steps):
+        tasks = sample_tasks(cfg, site, rng).to(device)
+        g_lr: Params | None = None
+        if algo in ("maml", "fomaml"):
+            g, stats = maml_step(model, params, tasks, inner, impl=impl)
+        elif algo == "metasgd":
+            if lrs is None:
+                raise ValueError("metasgd: the coordinator sent no learning rates (lr:: arrays)")
+            g, g_lr, stats = metasgd_step(model, params, lrs, tasks, inner, impl=impl)
+        elif algo == "protonet":
+            _check_two_classes(site)
+            g, stats = protonet_step(model, params, tasks, n_way=_n_way(cfg, site), impl=impl)
+        else:  # pragma: no cover - the config's Literal type admits no other value
+            raise ValueError(f"unknown algorithm {algo!r}")
+        grads = g if grads is None else {k: grads[k] + g[k] for k in g}
+        if g_lr is not None:
+            lr_grads = g_lr if lr_grads is None else {k: lr_grads[k] + g_lr[k] for k in g_lr}
+        total = stats if total is None else total + stats
+    assert grads is not None and total is not None
+    out = to_numpy(_mean(grads, cfg.tasks.meta_steps))
+    if lr_grads is not None:
+        out.update({f"{LR_PREFIX}{k}": v for k, v in to_numpy(_mean(lr_grads, cfg.tasks.meta_steps)).items()})
+    return Update(out, total.n_examples, total)
 
 
-def _predict(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> np.ndarray:
+def _check_two_classes(site: Site) -> None:
+    if isinstance(site, TabularSite):
+        labels = site.y_train[:, 0]
+        missing = [c for c in (0, 1) if not (labels == c).any()]
+        if missing:
+            from fedmeta.common.errors import DataError
+
+            raise DataError(
+                f"site {site.name}: ProtoNet episodes need both classes, but the training split has "
+                f"no patient with outcome {site.outcomes[0]} = {missing[0]}; this site can only be scored"
+            )
+
+
+def _n_way(cfg: ExperimentConfig, site: Site) -> int:
+    return 2 if isinstance(site, TabularSite) else cfg.tasks.ways
+
+
+def _training_rows(site: Site) -> tuple[torch.Tensor, torch.Tensor]:
+    """All labelled training rows (first outcome for tables)."""
+    if isinstance(site, TabularSite):
+        known = site.y_train[:, 0] >= 0
+        return torch.from_numpy(site.x_train[known]), torch.from_numpy(site.y_train[known, 0])
+    return torch.from_numpy(site.x_train), torch.from_numpy(site.y_train)
+
+
+def _predict(model: nn.Module, params: Params, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         logits = torch.func.functional_call(model, params, (x,))
     return logits.detach().to("cpu", torch.float64).numpy()
 
 
-def _score(site: Site, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    if isinstance(site, TabularSite):
-        z = logits - logits.max(axis=1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        return binary_metrics(y, p[:, 1])
-    return multiclass_metrics(y, logits)
+def _binary_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    return binary_metrics(y, p[:, 1])
+
+
+def _present_class_logits(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor,
+                          xq: torch.Tensor, n_way: int = 2) -> np.ndarray:
+    """ProtoNet logits where a class with no support example gets probability 0 (a site whose
+    training split holds one class can still be scored)."""
+    present = [c for c in range(n_way) if bool((ys == c).any())]
+    remap = torch.full((n_way,), -1, dtype=torch.long, device=ys.device)
+    remap[present] = torch.arange(len(present), device=ys.device)
+    with torch.no_grad():
+        if len(present) == 1:
+            sub = torch.zeros(len(xq), 1, dtype=torch.float64)
+        else:
+            sub = protonet_logits(model, params, xs, remap[ys], xq, n_way=len(present)).to("cpu", torch.float64)
+    out = np.full((len(xq), n_way), -1e9)
+    out[:, present] = sub.numpy()
+    return out
 
 
 def evaluate_site(
-    cfg: ExperimentConfig,
-    spec: DataSpec,
-    site: Site,
-    theta: NDArrays,
-    *,
-    rng: np.random.Generator,
+    cfg: ExperimentConfig, spec: DataSpec, site: Site, state: NDArrays, *, rng: np.random.Generator
 ) -> dict[str, dict[str, float] | int]:
-    """Score θ on the site's test split before and after adapting it on the training split.
+    """Score the global state on the site's test split before and after local adaptation.
 
-    Adaptation: ``eval.adapt_steps`` full-batch gradient steps of ``eval.adapt_lr`` on the training
-    split (or on ``eval.shots`` patients drawn from it), with the ``eval.proximal`` pull toward θ.
+    Tables: adaptation is ``eval.adapt_steps`` full-batch steps of ``eval.adapt_lr`` on the
+    training split (or on ``eval.shots`` patients of it), pulled toward θ by ``eval.proximal``;
+    Meta-SGD adapts with its learned rates instead (``inner.steps`` steps). ProtoNets compute class
+    prototypes: "before" from ``tasks.support`` labelled patients, "after" from the whole training
+    split. Images: few-shot episodes drawn from the site's test split (see
+    :func:`evaluate_episodes`).
     """
     if isinstance(site, ImageSite):
-        raise NotImplementedError("image evaluation is not available yet")
+        return evaluate_episodes(cfg, spec, site, state, rng=rng)
     device = resolve_device(cfg.engine.device)
     model = build_model_for(cfg, spec).to(device)
-    params = from_numpy(theta, device=device)
-    x_tr, y_tr = site.x_train, site.y_train[:, 0]
-    known = y_tr >= 0
-    x_tr, y_tr = x_tr[known], y_tr[known]
+    theta_np, lrs_np = split_state(state)
+    params = from_numpy(theta_np, device=device)
+    x_tr, y_tr = _training_rows(site)
     if cfg.eval.shots:
-        idx = rng.choice(len(y_tr), size=min(cfg.eval.shots, len(y_tr)), replace=False)
+        idx = torch.from_numpy(rng.choice(len(y_tr), size=min(cfg.eval.shots, len(y_tr)), replace=False))
         x_tr, y_tr = x_tr[idx], y_tr[idx]
+    x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_te = torch.from_numpy(site.x_test).to(device)
     y_te = site.y_test[:, 0]
-    before = _score(site, _predict(model, params, x_te), y_te)
-    adapted = params
-    if cfg.eval.adapt_steps > 0:
-        inner = InnerConfig(steps=cfg.eval.adapt_steps, lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal)
-        adapted = adapt(
-            model, params, torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device), inner
-        )
-    after = _score(site, _predict(model, adapted, x_te), y_te)
+    if cfg.algorithm == "protonet":
+        k = min(cfg.tasks.support, len(y_tr))
+        few = torch.from_numpy(rng.choice(len(y_tr), size=k, replace=False)).to(device)
+        before = _binary_scores(_present_class_logits(model, params, x_tr[few], y_tr[few], x_te), y_te)
+        after = _binary_scores(_present_class_logits(model, params, x_tr, y_tr, x_te), y_te)
+    else:
+        before = _binary_scores(_predict(model, params, x_te), y_te)
+        if lrs_np is not None:
+            inner = InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
+            adapted = adapt(model, params, x_tr, y_tr, inner, lrs=from_numpy(lrs_np, device=device))
+        elif cfg.eval.adapt_steps > 0:
+            inner = InnerConfig(steps=cfg.eval.adapt_steps, lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal)
+            adapted = adapt(model, params, x_tr, y_tr, inner)
+        else:
+            adapted = params
+        after = _binary_scores(_predict(model, adapted, x_te), y_te)
     return {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te))}
+
+
+def evaluate_episodes(
+    cfg: ExperimentConfig, spec: DataSpec, site: ImageSite, state: NDArrays, *, rng: np.random.Generator,
+    n_episodes: int = 20,
+) -> dict[str, dict[str, float] | int]:
+    """Few-shot accuracy on ``n_episodes`` ``ways``-way episodes from the site's test split.
+
+    "before": θ applied to the query images with no adaptation (gradient methods) or prototypes
+    from one shot per class (ProtoNets); "after": adapted on the K-shot support set with
+    ``inner.steps`` steps (Meta-SGD: its learned rates), or prototypes from all K shots.
+    """
+    from fedmeta.common.data.episodes import sample_episodes
+
+    device = resolve_device(cfg.engine.device)
+    model = build_model_for(cfg, spec).to(device)
+    theta_np, lrs_np = split_state(state)
+    params = from_numpy(theta_np, device=device)
+    t = cfg.tasks
+    eps = sample_episodes(site.x_test, site.y_test, n_tasks=n_episodes, n_way=t.ways, k_shot=t.support,
+                          n_query=t.query, rng=rng).to(device)
+    lrs = from_numpy(lrs_np, device=device) if lrs_np is not None else None
+    scores: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for i in range(eps.n_tasks):
+        xs, ys, xq, yq = eps.xs[i], eps.ys[i], eps.xq[i], eps.yq[i].cpu().numpy()
+        if cfg.algorithm == "protonet":
+            one = torch.stack([torch.nonzero(ys == c)[0, 0] for c in range(t.ways)])
+            with torch.no_grad():
+                zb = protonet_logits(model, params, xs[one], ys[one], xq, n_way=t.ways)
+                za = protonet_logits(model, params, xs, ys, xq, n_way=t.ways)
+            scores["before"].append(multiclass_metrics(yq, zb.cpu().double().numpy()))
+            scores["after"].append(multiclass_metrics(yq, za.cpu().double().numpy()))
+            continue
+        scores["before"].append(multiclass_metrics(yq, _predict(model, params, xq)))
+        inner = InnerConfig(steps=cfg.eval.adapt_steps or cfg.inner.steps, lr=cfg.eval.adapt_lr)
+        if lrs is not None:
+            inner = InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
+        adapted = adapt(model, params, xs, ys, inner, lrs=lrs)
+        scores["after"].append(multiclass_metrics(yq, _predict(model, adapted, xq)))
+    out: dict[str, dict[str, float] | int] = {
+        phase: {"accuracy": float(np.mean([s["accuracy"] for s in v])), "auroc": float("nan"),
+                "loss": float(np.mean([s["loss"] for s in v]))}
+        for phase, v in scores.items()
+    }
+    out["n_train"] = int(site.n_train)
+    out["n_test"] = int(site.n_test)
+    return out

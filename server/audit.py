@@ -143,6 +143,40 @@ class AuditLog:
                     accepted=[int(n) for n in accepted], rejected=[int(n) for n in rejected],
                     missing=[int(n) for n in missing])
 
+    def round_outcome(
+        self,
+        *,
+        run_id: int,
+        round: int,  # noqa: A002
+        sampled_nodes: Iterable[int],
+        node_names: Mapping[int, str],
+        accepted_sites: Iterable[str],
+        rejected_sites: Mapping[str, str],
+    ) -> None:
+        """One ``contribution`` per sampled node, then ``round_completed``.
+
+        ``node_names`` maps node ids to the names the strategy uses in ``accepted_sites`` and
+        ``rejected_sites`` (site -> reason); a sampled node in neither did not reply in time.
+        """
+        accepted_names = set(accepted_sites)
+        acc: list[int] = []
+        rej: list[int] = []
+        miss: list[int] = []
+        for node in sampled_nodes:
+            name = node_names.get(int(node), str(node))
+            if name in accepted_names:
+                acc.append(int(node))
+                self.contribution(run_id=run_id, round=round, node_id=node, accepted=True)
+            elif name in rejected_sites:
+                rej.append(int(node))
+                self.contribution(run_id=run_id, round=round, node_id=node, accepted=False,
+                                  reason=rejected_sites[name][:MAX_STR])
+            else:
+                miss.append(int(node))
+                self.contribution(run_id=run_id, round=round, node_id=node, accepted=False,
+                                  reason="no reply before the round timeout")
+        self.round_completed(run_id=run_id, round=round, accepted=acc, rejected=rej, missing=miss)
+
     def run_finished(self, *, run_id: int, status: str, rounds_completed: int) -> None:
         self.record("run_finished", run_id=int(run_id), status=status,
                     rounds_completed=int(rounds_completed))

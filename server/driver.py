@@ -12,6 +12,7 @@ deployment alike) and writes, into the run folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import data_spec
 from fedmeta.common.errors import ConfigError, FedmetaError
 from fedmeta.common.experiment import initial_parameters
+from fedmeta.server import audit as audit_log
 from fedmeta.server.registry import make_strategy
 from fedmeta.server.strategy import FedMetaStrategy, read_evaluate_replies
 from fedmeta.server.wire import payload_bytes, record_from_arrays
@@ -166,8 +168,10 @@ def run_experiment(
     folder.write_json(folder.config, cfg.to_dict())
 
     names = handshake(grid, cfg, expected_nodes or cfg.federation.min_nodes, say)
+    audit, run_id = _start_audit(grid, cfg, names)
     strategy = make_strategy(cfg, theta, node_names=names, rng=np.random.default_rng(cfg.seed))
     strategy.summary()
+    theta = strategy.theta()  # θ plus any learned state (Meta-SGD's rates)
     first_round = 1
     totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
     history: list[dict] = []
@@ -185,6 +189,8 @@ def run_experiment(
         first_round = int(meta["round"]) + 1
         history = folder.read_rounds(first_round - 1)
         say(f"resuming {out_dir} after round {first_round - 1}")
+        if audit is not None:
+            audit.checkpoint_resumed(run_id=run_id, round=first_round - 1)
     folder.rounds.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     arrays = record_from_arrays(strategy.global_arrays(theta))
@@ -199,6 +205,12 @@ def run_experiment(
             theta = strategy.theta()
         rec = strategy.last
         assert rec is not None
+        if audit is not None:
+            audit.round_outcome(
+                run_id=run_id, round=server_round,
+                sampled_nodes=[m.metadata.dst_node_id for m in messages], node_names=names,
+                accepted_sites=rec.accepted, rejected_sites=rec.rejected,
+            )
         totals["bytes_up"] += rec.bytes_up
         totals["bytes_down"] += rec.bytes_down
         line = asdict(rec) | {"wall_s": round(time.monotonic() - t_round, 4), "applied": new_arrays is not None}
@@ -212,6 +224,8 @@ def run_experiment(
             + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
         )
         if stop_after is not None and server_round >= stop_after:
+            if audit is not None:
+                audit.run_finished(run_id=run_id, status="stopped", rounds_completed=server_round)
             return {"stopped_after": server_round}
 
     eval_config = ConfigRecord({"experiment": cfg.to_json()})
@@ -222,7 +236,8 @@ def run_experiment(
     )
     if not per_site:
         raise FedmetaError("no site returned an evaluation; see the log for their errors")
-    P.save(folder.final, theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed})
+    P.save(folder.final, theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed,
+                                 "config": cfg.to_json()})
     summary = {
         "algorithm": cfg.algorithm,
         "rounds": cfg.rounds,
@@ -236,5 +251,25 @@ def run_experiment(
     }
     summary.update(strategy.summary_extra())
     folder.write_json(folder.summary, summary)
+    if audit is not None:
+        audit.run_finished(run_id=run_id, status="completed", rounds_completed=cfg.rounds)
     return summary
+
+
+def _start_audit(
+    grid: Grid, cfg: ExperimentConfig, names: dict[int, str]
+) -> tuple[audit_log.AuditLog | None, int]:
+    """The coordinator's audit log (deployment only: ``$FEDMETA_AUDIT_LOG``) and the run id."""
+    audit = audit_log.from_env()
+    if audit is None:
+        return None, 0
+    try:
+        run_id = int(grid.run.run_id)
+    except (AttributeError, NotImplementedError):
+        run_id = 0
+    audit.run_started(
+        run_id=run_id, algorithm=cfg.algorithm, rounds=cfg.rounds,
+        config_sha256=hashlib.sha256(cfg.to_json().encode()).hexdigest(), nodes=sorted(names),
+    )
+    return audit, run_id
 
