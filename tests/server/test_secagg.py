@@ -42,7 +42,13 @@ def test_apply_mean_delta_is_reptile_outer_step() -> None:
 
 @pytest.mark.ray
 def test_secaggplus_mean_of_deltas_equals_plain_weighted_mean() -> None:
+    import sys
+
+    import ray.cloudpickle
     from flwr.simulation import run_simulation
+
+    # Ray workers cannot import this test module: ship its functions by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     from fedmeta.client.secagg import make_secagg_client_app
     from fedmeta.server.secagg import SecureReptile, make_secagg_server_app
