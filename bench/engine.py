@@ -167,6 +167,11 @@ def _engine_step(
     algorithm: str, model: nn.Module, tasks: TaskBatch, inner: InnerConfig, n_way: int, impl: str
 ) -> Callable[[], object]:
     params = init_params(model)
+    if impl == "vmap+compile":
+        if algorithm == "maml":
+            return lambda: maml_step(model, params, tasks, inner, impl="vmap", compile=True)
+        fo = replace(inner, first_order=True)
+        return lambda: maml_step(model, params, tasks, fo, impl="vmap", compile=True)
     if algorithm == "maml":
         return lambda: maml_step(model, params, tasks, inner, impl=impl)
     if algorithm == "fomaml":
@@ -237,12 +242,19 @@ def _measure(
     auto = choose_impl(model, device, "auto")
     rows = []
     for impl in impls:
+        if impl == "vmap+compile" and algorithm not in ("maml", "fomaml"):
+            continue
         if impl == "learn2learn":
             if l2l is None or algorithm not in L2L_ALGORITHMS:
                 continue
             fn = _l2l_step(l2l, algorithm, model, tasks, inner)
         else:
             fn = _engine_step(algorithm, model, tasks, inner, workload.n_way, impl)
+        compile_s = None
+        if impl == "vmap+compile":
+            start = time.perf_counter()
+            fn()
+            compile_s = round(time.perf_counter() - start, 1)
         ms, peak = _time(fn, device, reps=reps, warmup=1)
         row = {
             "section": section,
@@ -258,6 +270,7 @@ def _measure(
             "threads": torch.get_num_threads(),
             "reps": reps,
             "load_avg_1min": round(os.getloadavg()[0], 2),
+            "compile_s": compile_s,
         }
         logger.info("%s", row)
         rows.append(row)
@@ -303,8 +316,9 @@ def run(*, quick: bool, out_dir: Path) -> list[dict[str, object]]:
     reps_mlp = 5 if quick else 15
     reps_conv = 2 if quick and not cuda else (5 if quick else 10)
     rows: list[dict[str, object]] = []
+    mlp_impls = impls if quick else (*impls, "vmap+compile")
     for algorithm in ALGORITHMS:
-        rows += _measure(MLP, algorithm, impls, device, l2l, reps=reps_mlp, section="main")
+        rows += _measure(MLP, algorithm, mlp_impls, device, l2l, reps=reps_mlp, section="main")
     for algorithm in ALGORITHMS:
         rows += _measure(CONV4, algorithm, impls, device, l2l, reps=reps_conv, section="main")
 

@@ -33,6 +33,11 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -47,6 +52,8 @@ from fedmeta.common.meta.inner import (
 )
 from fedmeta.common.meta.types import InnerConfig, MetaStats, Params, TaskBatch
 
+logger = logging.getLogger(__name__)
+
 
 def maml_step(
     model: nn.Module,
@@ -57,11 +64,18 @@ def maml_step(
     loss: str = "cross_entropy",
     impl: str = "auto",
     group_size: int | None = None,
+    compile: bool = False,
 ) -> tuple[Params, MetaStats]:
     """Meta-gradient of the mean post-adaptation query loss (MAML, or FOMAML when
-    ``inner.first_order``), and the meta-batch's stats. ``params`` is not modified."""
+    ``inner.first_order``), and the meta-batch's stats. ``params`` is not modified.
+
+    ``compile=True`` (vmap only, no ``group_size``) runs the whole meta-gradient as one
+    ``torch.compile``d ``torch.func.grad`` of the vmapped objective; the first call per model,
+    settings and meta-batch shape compiles (tens of seconds), later calls reuse it.
+    """
     grads, _, stats = meta_gradient(
-        model, params, None, tasks, inner, loss=loss, impl=impl, group_size=group_size
+        model, params, None, tasks, inner, loss=loss, impl=impl, group_size=group_size,
+        compile=compile,
     )
     return grads, stats
 
@@ -76,6 +90,7 @@ def meta_gradient(
     loss: str = "cross_entropy",
     impl: str = "auto",
     group_size: int | None = None,
+    compile: bool = False,
 ) -> tuple[Params, Params | None, MetaStats]:
     """Shared by MAML and Meta-SGD: gradients of ``(1/T) Σ_t L(φ_t; query_t)`` with respect to
     ``params`` and, when given, the per-parameter inner learning rates ``lrs``."""
@@ -87,6 +102,13 @@ def meta_gradient(
     if group_size is not None and group_size <= 0:
         raise ValueError(f"group_size must be a positive number of tasks, got {group_size}")
     which = choose_impl(model, device, impl)
+    if compile:
+        if which != "vmap" or group_size is not None:
+            raise ValueError(
+                f"compile=True needs the vmap implementation without group_size, got impl "
+                f"{which!r} (requested {impl!r}) and group_size={group_size}"
+            )
+        return _compiled_meta_gradient(model, params, lrs, tasks, inner, loss=loss)
     n_tasks, n_query = tasks.n_tasks, tasks.n_query
     scale = 1.0 / (n_tasks * n_query)  # mean over tasks of the mean query loss (equal Q per task)
 
@@ -150,5 +172,55 @@ def meta_gradient(
         n_query=n_tasks * n_query,
         query_loss_before=loss_before,
         query_loss_after=loss_after,
+    )
+    return grads_theta, grads_lrs, stats
+
+
+# Compiled meta-gradient functions per model (weakly held) and settings.
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Callable[..., Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _compiled_meta_gradient(
+    model: nn.Module,
+    params: Params,
+    lrs: Params | None,
+    tasks: TaskBatch,
+    inner: InnerConfig,
+    *,
+    loss: str,
+) -> tuple[Params, Params | None, MetaStats]:
+    key = (inner, loss, lrs is not None)
+    cache = _COMPILED.setdefault(model, {})
+    if key not in cache:
+
+        def one_task(
+            p: Params, a: Params | None, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                before = task_loss(forward(model, p, xq), yq, loss, reduction="sum")
+            phi = adapt_functional(model, p, xs, ys, inner, loss=loss, lrs=a)
+            return task_loss(forward(model, phi, xq), yq, loss, reduction="sum"), before
+
+        def objective(
+            p: Params, a: Params | None, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor
+        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            after, before = torch.func.vmap(one_task, in_dims=(None, None, 0, 0, 0, 0))(p, a, xs, ys, xq, yq)
+            return after.sum() / (xq.shape[0] * xq.shape[1]), (after.detach(), before)
+
+        argnums = (0, 1) if lrs is not None else 0
+        logger.info("compiling the MAML meta-gradient for %s (%s)", type(model).__name__, key)
+        cache[key] = torch.compile(torch.func.grad(objective, argnums=argnums, has_aux=True))
+    theta = {k: v.detach() for k, v in params.items()}
+    alpha = {k: v.detach() for k, v in lrs.items()} if lrs is not None else None
+    grads, (after, before) = cache[key](theta, alpha, tasks.xs, tasks.ys, tasks.xq, tasks.yq)
+    grads_theta, grads_lrs = grads if lrs is not None else (grads, None)
+    stats = MetaStats(
+        n_tasks=tasks.n_tasks,
+        n_examples=tasks.n_examples,
+        n_query=tasks.n_tasks * tasks.n_query,
+        query_loss_before=float(before.sum()),
+        query_loss_after=float(after.sum()),
     )
     return grads_theta, grads_lrs, stats

@@ -54,14 +54,17 @@ def metasgd_step(
     loss: str = "cross_entropy",
     impl: str = "auto",
     group_size: int | None = None,
+    compile: bool = False,
 ) -> tuple[Params, Params, MetaStats]:
     """Meta-gradients with respect to ``params`` (θ) and ``lrs`` (α), and the meta-batch's stats.
 
     Second order unless ``inner.first_order`` (then the inner gradients are constants, but ``α``
-    still gets the gradient above). Neither ``params`` nor ``lrs`` is modified.
+    still gets the gradient above). Neither ``params`` nor ``lrs`` is modified. ``compile``: as
+    in :func:`fedmeta.common.meta.maml.maml_step`.
     """
     grads, lr_grads, stats = meta_gradient(
-        model, params, lrs, tasks, inner, loss=loss, impl=impl, group_size=group_size
+        model, params, lrs, tasks, inner, loss=loss, impl=impl, group_size=group_size,
+        compile=compile,
     )
     assert lr_grads is not None
     return grads, lr_grads, stats

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from meta_reference import mlp_setup
 
 from fedmeta.common.meta.engine import choose_impl, maybe_compile, params_device, resolve_device
 from fedmeta.common.meta.evaluate import adapt_and_evaluate
 from fedmeta.common.meta.inner import adapt, forward, task_loss
+from fedmeta.common.meta.reference import tiny_mlp_problem
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model
 
@@ -57,7 +57,7 @@ def test_compile_switch_is_off_by_default() -> None:
 
 @pytest.mark.parametrize("impl", ["vmap", "loop"])
 def test_adapt_and_evaluate_matches_per_task_adapt(impl: str) -> None:
-    model, theta, tasks = mlp_setup(seed=20, n_tasks=4)
+    model, theta, tasks = tiny_mlp_problem(seed=20, n_tasks=4)
     inner = InnerConfig(steps=3, lr=0.4, proximal=0.1)
     stats = adapt_and_evaluate(model, theta, tasks, inner, impl=impl)
     loss_after = correct_after = loss_before = 0.0

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from meta_reference import (
-    conv_setup,
-    directional_fd,
-    dot,
-    leaf,
-    mlp_setup,
-    random_like,
-    ref_meta_loss,
-)
 
 from fedmeta.common.meta.inner import adapt, forward, task_loss
 from fedmeta.common.meta.maml import maml_step
+from fedmeta.common.meta.reference import (
+    directional_fd,
+    dot,
+    leaf,
+    random_like,
+    ref_meta_loss,
+    tiny_conv_problem,
+    tiny_mlp_problem,
+)
 from fedmeta.common.meta.types import InnerConfig, TaskBatch
 from fedmeta.common.models import build_model
 
 SETUPS = {
-    "mlp": lambda: mlp_setup(seed=0),
-    "conv-batchnorm": lambda: conv_setup("batch", seed=1),
-    "conv-groupnorm": lambda: conv_setup("group", seed=2),
+    "mlp": lambda: tiny_mlp_problem(seed=0),
+    "conv-batchnorm": lambda: tiny_conv_problem("batch", seed=1),
+    "conv-groupnorm": lambda: tiny_conv_problem("group", seed=2),
 }
 
 
@@ -59,7 +59,7 @@ def test_second_order_meta_gradient_matches_finite_differences_and_reference(set
 
 @pytest.mark.parametrize("impl", ["vmap", "loop"])
 def test_first_order_is_the_mean_query_gradient_at_the_adapted_weights(impl: str) -> None:
-    model, theta, tasks = mlp_setup(seed=3)
+    model, theta, tasks = tiny_mlp_problem(seed=3)
     inner = InnerConfig(steps=3, lr=0.3, proximal=0.2, first_order=True)
     grad, _ = maml_step(model, theta, tasks, inner, impl=impl)
     expected = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -76,14 +76,14 @@ def test_first_order_is_the_mean_query_gradient_at_the_adapted_weights(impl: str
 
 
 def test_first_order_differs_from_second_order() -> None:
-    model, theta, tasks = mlp_setup(seed=4)
+    model, theta, tasks = tiny_mlp_problem(seed=4)
     g2, _ = maml_step(model, theta, tasks, InnerConfig(steps=2, lr=0.5))
     g1, _ = maml_step(model, theta, tasks, InnerConfig(steps=2, lr=0.5, first_order=True))
     assert not torch.allclose(g1["net.0.weight"], g2["net.0.weight"], atol=1e-6)
 
 
 def test_zero_inner_steps_is_the_plain_query_gradient() -> None:
-    model, theta, tasks = mlp_setup(seed=5)
+    model, theta, tasks = tiny_mlp_problem(seed=5)
     grad, stats = maml_step(model, theta, tasks, InnerConfig(steps=0))
     p = leaf(theta)
     value = sum(task_loss(forward(model, p, tasks.xq[t]), tasks.yq[t], "cross_entropy") for t in range(3)) / 3
@@ -93,7 +93,7 @@ def test_zero_inner_steps_is_the_plain_query_gradient() -> None:
 
 
 def test_grouped_vmap_equals_one_pass_and_params_are_untouched() -> None:
-    model, theta, tasks = mlp_setup(seed=6, n_tasks=5)
+    model, theta, tasks = tiny_mlp_problem(seed=6, n_tasks=5)
     before = {k: v.clone() for k, v in theta.items()}
     inner = InnerConfig(steps=2, lr=0.3)
     whole, s1 = maml_step(model, theta, tasks, inner, impl="vmap")
@@ -130,6 +130,13 @@ def test_native_batch_norm_is_refused_under_vmap() -> None:
 
 
 def test_bad_group_size() -> None:
-    model, theta, tasks = mlp_setup()
+    model, theta, tasks = tiny_mlp_problem()
     with pytest.raises(ValueError, match="group_size must be a positive number of tasks, got 0"):
         maml_step(model, theta, tasks, InnerConfig(), group_size=0)
+
+
+def test_compile_needs_the_vmap_path() -> None:
+    # Only the refusal is tested: torch.compile itself is too slow for the test suite.
+    model, theta, tasks = tiny_mlp_problem()
+    with pytest.raises(ValueError, match="compile=True needs the vmap implementation without group_size, got impl 'loop'"):
+        maml_step(model, theta, tasks, InnerConfig(), impl="loop", compile=True)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from meta_reference import conv_setup, directional_fd, dot, leaf, mlp_setup, random_like, ref_meta_loss
 
 from fedmeta.common.meta.inner import forward, task_loss
 from fedmeta.common.meta.metasgd import init_lrs, metasgd_step
+from fedmeta.common.meta.reference import (
+    directional_fd,
+    dot,
+    leaf,
+    random_like,
+    ref_meta_loss,
+    tiny_conv_problem,
+    tiny_mlp_problem,
+)
 from fedmeta.common.meta.types import InnerConfig
 
 
@@ -19,7 +27,7 @@ def _random_lrs(theta, seed: int):
 @pytest.mark.parametrize("impl", ["vmap", "loop"])
 @pytest.mark.parametrize("setup", ["mlp", "conv-batchnorm"])
 def test_gradients_match_reference_and_finite_differences(impl: str, setup: str) -> None:
-    model, theta, tasks = mlp_setup(seed=10) if setup == "mlp" else conv_setup("batch", seed=11)
+    model, theta, tasks = tiny_mlp_problem(seed=10) if setup == "mlp" else tiny_conv_problem("batch", seed=11)
     lrs = _random_lrs(theta, seed=12)
     inner = InnerConfig(steps=2, proximal=0.3)
     g_theta, g_lrs, _ = metasgd_step(model, theta, lrs, tasks, inner, impl=impl)
@@ -43,7 +51,7 @@ def test_gradients_match_reference_and_finite_differences(impl: str, setup: str)
 
 def test_one_first_order_step_lr_gradient_by_formula() -> None:
     # φ_t = θ − α ⊙ g^s_t  =>  ∇_α = −(1/T) Σ_t ∇L(φ_t; query_t) ⊙ g^s_t, and ∇_θ = (1/T) Σ_t ∇L(φ_t; query_t).
-    model, theta, tasks = mlp_setup(seed=14)
+    model, theta, tasks = tiny_mlp_problem(seed=14)
     lrs = _random_lrs(theta, seed=15)
     g_theta, g_lrs, _ = metasgd_step(model, theta, lrs, tasks, InnerConfig(steps=1, first_order=True))
     exp_theta = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -66,7 +74,7 @@ def test_one_first_order_step_lr_gradient_by_formula() -> None:
 def test_uniform_lrs_reduce_to_maml() -> None:
     from fedmeta.common.meta.maml import maml_step
 
-    model, theta, tasks = mlp_setup(seed=16)
+    model, theta, tasks = tiny_mlp_problem(seed=16)
     inner = InnerConfig(steps=2, lr=0.2)
     g_theta, _, stats = metasgd_step(model, theta, init_lrs(theta, 0.2), tasks, inner)
     g_maml, stats_maml = maml_step(model, theta, tasks, inner)
@@ -76,7 +84,7 @@ def test_uniform_lrs_reduce_to_maml() -> None:
 
 
 def test_init_lrs_and_bad_inputs() -> None:
-    model, theta, tasks = mlp_setup()
+    model, theta, tasks = tiny_mlp_problem()
     lrs = init_lrs(theta, 0.01)
     assert all(torch.all(v == 0.01) and v.shape == theta[k].shape for k, v in lrs.items())
     with pytest.raises(ValueError, match="initial learning rate must be finite, got nan"):

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from meta_reference import directional_fd, dot, leaf, random_like
 from torch.func import functional_call
 
 from fedmeta.common.meta.matching import matching_accuracy, matching_logits, matching_step
 from fedmeta.common.meta.protonet import protonet_accuracy, protonet_logits, protonet_step
+from fedmeta.common.meta.reference import directional_fd, dot, leaf, random_like
 from fedmeta.common.meta.relation import relation_logits, relation_step
 from fedmeta.common.meta.types import TaskBatch
 from fedmeta.common.models import build_model

@@ -1,5 +1,9 @@
-"""Independent references for the meta-gradient tests: a per-task torch.autograd loop written from
-the papers' formulas (no fedmeta.common.meta code), central finite differences, small models and tasks."""
+"""Independent references to check the engine against: the MAML / Meta-SGD meta-objective as a
+plain per-task ``torch.autograd`` loop written from the papers' formulas (it uses no other
+``fedmeta.common.meta`` code), central finite differences, and tiny float64 problems.
+
+Used by the tests (``tests/common/test_meta_*.py``); not needed at run time.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def random_like(params: Params, generator: torch.Generator) -> Params:
     return {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()}
 
 
-def mlp_setup(seed: int = 0, n_tasks: int = 3) -> tuple[nn.Module, Params, TaskBatch]:
+def tiny_mlp_problem(seed: int = 0, n_tasks: int = 3) -> tuple[nn.Module, Params, TaskBatch]:
     torch.manual_seed(seed)
     model = build_model("mlp", in_features=4, hidden=(6, 5), out_features=3).double()
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -81,7 +85,7 @@ def mlp_setup(seed: int = 0, n_tasks: int = 3) -> tuple[nn.Module, Params, TaskB
     return model, theta, tasks
 
 
-def conv_setup(norm: str, seed: int = 0, n_tasks: int = 2) -> tuple[nn.Module, Params, TaskBatch]:
+def tiny_conv_problem(norm: str, seed: int = 0, n_tasks: int = 2) -> tuple[nn.Module, Params, TaskBatch]:
     """A small Conv-4 (4 channels, 16x16 inputs) on 2-way 2-shot tasks with 2 queries per class."""
     torch.manual_seed(seed)
     model = build_model("conv4", in_channels=1, hidden=4, out_features=2, norm=norm, groups=2, image_size=16).double()
