@@ -13,7 +13,7 @@ episodic training (Snell et al. 2017; Finn et al. 2017).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,7 @@ def metric_step(
             losses = torch.func.vmap(
                 one_episode, in_dims=(None, 0, 0, 0, 0, 0), randomness="different"
             )(theta, episodes.xs, ys1, episodes.xq, episodes.yq, yq1)
-            objectives = [losses.sum()]
+            objectives: Iterable[torch.Tensor] = [losses.sum()]
         else:
             objectives = (
                 one_episode(theta, episodes.xs[t], ys1[t], episodes.xq[t], episodes.yq[t], yq1[t])
