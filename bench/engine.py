@@ -206,6 +206,31 @@ def _l2l_step(
     return step
 
 
+def _agreement_with_learn2learn(l2l: Any, device: torch.device) -> list[dict[str, object]]:
+    """Max |difference| between this engine's and learn2learn's meta-gradients (float64, MLP
+    workload, 8 tasks) for MAML, FOMAML and Meta-SGD: the speed rows compare equal work."""
+    rows = []
+    work = replace(MLP, meta_batch=8)
+    for algorithm in L2L_ALGORITHMS:
+        torch.manual_seed(0)
+        model = work.model(algorithm).to(device=device, dtype=torch.float64)
+        tasks = work.tasks(device, torch.Generator().manual_seed(0)).to(device, torch.float64)
+        inner = InnerConfig(steps=work.inner_steps, lr=0.05, first_order=algorithm == "fomaml")
+        params = init_params(model)
+        if algorithm == "metasgd":
+            ours, _, _ = metasgd_step(model, params, init_lrs(params, inner.lr), tasks, inner)
+        else:
+            ours, _ = maml_step(model, params, tasks, inner)
+        _l2l_step(l2l, algorithm, model, tasks, inner)()
+        theirs = {k: p.grad for k, p in model.named_parameters()}
+        diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+        rows.append({"section": "agreement", "workload": work.name, "algorithm": algorithm,
+                     "implementation": "engine vs learn2learn", "max_abs_diff": diff,
+                     "device": _device_name(device)})
+        logger.info("%s: max |engine - learn2learn| meta-gradient = %.2e", algorithm, diff)
+    return rows
+
+
 def _time(fn: Callable[[], object], device: torch.device, *, reps: int, warmup: int) -> tuple[float, float | None]:
     def sync() -> None:
         if device.type == "cuda":
@@ -338,6 +363,11 @@ def run(*, quick: bool, out_dir: Path) -> list[dict[str, object]]:
         for k in (1, 10):
             rows += _measure(replace(CONV4, inner_steps=k), "maml", impls, device, l2l, reps=3, section="scaling")
     _print_table(rows)
+    if l2l is not None:
+        agreement = _agreement_with_learn2learn(l2l, device)
+        for r in agreement:
+            print(f"agreement {r['algorithm']:<8} max |engine - learn2learn| meta-gradient: {r['max_abs_diff']:.1e}")
+        rows += agreement
     from fedmeta.bench import sine
 
     rows += sine.run(quick=quick, out_dir=out_dir)
