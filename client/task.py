@@ -26,6 +26,7 @@ from torch import nn
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import ImageSite, Site, TabularSite
+from fedmeta.common.data.episodes import EpisodeSampler
 from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.data.tabular_tasks import sample_tabular_tasks
 from fedmeta.common.experiment import build_model_for, inner_config
@@ -66,10 +67,9 @@ def sample_tasks(cfg: ExperimentConfig, site: Site, rng: np.random.Generator, *,
     t = cfg.tasks
     if isinstance(site, TabularSite):
         return sample_tabular_tasks(site, n_tasks=t.meta_batch, support=t.support, query=t.query, rng=rng)
-    from fedmeta.common.data.episodes import sample_episodes
-
     x, y = (site.x_train, site.y_train) if split == "train" else (site.x_test, site.y_test)
-    return sample_episodes(x, y, n_tasks=t.meta_batch, n_way=t.ways, k_shot=t.support, n_query=t.query, rng=rng)
+    sampler = EpisodeSampler(x, y, n_way=t.ways, k_shot=t.support, n_query=t.query)
+    return sampler.sample(t.meta_batch, rng=rng)
 
 
 def _mean(params: Params, n: int) -> Params:
@@ -240,21 +240,24 @@ def evaluate_episodes(
     cfg: ExperimentConfig, spec: DataSpec, site: ImageSite, state: NDArrays, *, rng: np.random.Generator,
     n_episodes: int = 20,
 ) -> dict[str, dict[str, float] | int]:
-    """Few-shot accuracy on ``n_episodes`` ``ways``-way episodes from the site's test split.
+    """Few-shot accuracy on ``n_episodes`` ``ways``-way episodes from the site's test split (of
+    its novel classes when ``data.novel_classes`` > 0).
 
     "before": θ applied to the query images with no adaptation (gradient methods) or prototypes
     from one shot per class (ProtoNets); "after": adapted on the K-shot support set with
     ``inner.steps`` steps (Meta-SGD: its learned rates), or prototypes from all K shots.
     """
-    from fedmeta.common.data.episodes import sample_episodes
-
     device = resolve_device(cfg.engine.device)
     model = build_model_for(cfg, spec).to(device)
     theta_np, lrs_np = split_state(state)
     params = from_numpy(theta_np, device=device)
     t = cfg.tasks
-    eps = sample_episodes(site.x_test, site.y_test, n_tasks=n_episodes, n_way=t.ways, k_shot=t.support,
-                          n_query=t.query, rng=rng).to(device)
+    if cfg.data.novel_classes > 0:  # score adaptation to classes never seen in meta-training
+        from fedmeta.common.data.images import load_novel_site
+
+        site = load_novel_site(cfg.data, site.name)
+    sampler = EpisodeSampler(site.x_test, site.y_test, n_way=t.ways, k_shot=t.support, n_query=t.query)
+    eps = sampler.sample(n_episodes, rng=rng).to(device)
     lrs = from_numpy(lrs_np, device=device) if lrs_np is not None else None
     scores: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for i in range(eps.n_tasks):

@@ -75,9 +75,15 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progre
     return names
 
 
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def _summary_mean(per_site: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Unweighted mean over sites (each hospital counts once), skipping undefined values."""
     return {
-        phase: {m: float(np.nanmean([s[phase][m] for s in per_site.values()])) for m in METRICS}
+        phase: {m: _nanmean([s[phase][m] for s in per_site.values()]) for m in METRICS}
         for phase in ("before", "after")
     }
 
@@ -96,7 +102,8 @@ class RunFolder:
 
     def write_json(self, path: Path, data: Any) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(_nan_to_none(data), indent=2, sort_keys=True, default=_json_default,
+                                  allow_nan=False) + "\n")
         tmp.replace(path)
 
     def read_rounds(self, upto: int) -> list[dict]:
@@ -104,6 +111,17 @@ class RunFolder:
             return []
         lines = [json.loads(line) for line in self.rounds.read_text().splitlines() if line.strip()]
         return [r for r in lines if r["round"] <= upto]
+
+
+def _nan_to_none(o: Any) -> Any:
+    """Strict JSON: an undefined metric (e.g. AUROC of a one-class split) becomes null."""
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_nan_to_none(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -215,7 +233,7 @@ def run_experiment(
         totals["bytes_down"] += rec.bytes_down
         line = asdict(rec) | {"wall_s": round(time.monotonic() - t_round, 4), "applied": new_arrays is not None}
         with folder.rounds.open("a") as f:
-            f.write(json.dumps(line, default=_json_default) + "\n")
+            f.write(json.dumps(_nan_to_none(line), default=_json_default, allow_nan=False) + "\n")
         totals["wall_s"] = time.monotonic() - t0
         save_checkpoint(folder, strategy, theta, server_round, totals)
         say(
