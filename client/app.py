@@ -41,9 +41,9 @@ def site_of(context: Context, cfg: ExperimentConfig) -> Site:
     if key in _SITES:
         return _SITES[key]
     if "site-config" in nc:
-        from fedmeta.client.site_config import load_site_config
+        from fedmeta.client.site_config import load_local_site
 
-        site = load_site_config(str(nc["site-config"])).load()
+        site = load_local_site(str(nc["site-config"]), data=cfg.data, tasks=cfg.tasks)
     elif "site" in nc:
         site = load_site(cfg.data, str(nc["site"]))
     elif "partition-id" in nc:

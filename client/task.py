@@ -193,8 +193,9 @@ def _present_class_logits(model: nn.Module, params: Params, xs: torch.Tensor, ys
 
 
 def evaluate_site(
-    cfg: ExperimentConfig, spec: DataSpec, site: Site, state: NDArrays, *, rng: np.random.Generator
-) -> dict[str, dict[str, float] | int]:
+    cfg: ExperimentConfig, spec: DataSpec, site: Site, state: NDArrays, *, rng: np.random.Generator,
+    keep_params: bool = False,
+) -> dict:
     """Score the global state on the site's test split before and after local adaptation.
 
     Tables: adaptation is ``eval.adapt_steps`` full-batch steps of ``eval.adapt_lr`` on the
@@ -202,7 +203,8 @@ def evaluate_site(
     Meta-SGD adapts with its learned rates instead (``inner.steps`` steps). ProtoNets compute class
     prototypes: "before" from ``tasks.support`` labelled patients, "after" from the whole training
     split. Images: few-shot episodes drawn from the site's test split (see
-    :func:`evaluate_episodes`).
+    :func:`evaluate_episodes`). ``keep_params`` adds the adapted parameters under ``"params"``
+    (for a new hospital to keep; the ClientApp never sends them).
     """
     if isinstance(site, ImageSite):
         return evaluate_episodes(cfg, spec, site, state, rng=rng)
@@ -233,6 +235,9 @@ def evaluate_site(
         else:
             adapted = params
         after = _binary_scores(_predict(model, adapted, x_te), y_te)
+        if keep_params:
+            return {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te)),
+                    "params": to_numpy(adapted)}
     return {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te))}
 
 
