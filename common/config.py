@@ -127,9 +127,11 @@ class OuterConfig:
 
     For Reptile and FedAvg the aggregate is a delta and ``lr`` is the outer step β
     (``θ ← θ + β·Δ̄``); for MAML/Meta-SGD/ProtoNets it is a meta-gradient (``θ ← θ − lr·ḡ``).
+    ``adam`` and ``yogi`` are the adaptive server optimisers of Reddi et al. 2021 (FedAdam,
+    FedYogi; ``eps`` is their τ).
     """
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "yogi"] = "sgd"
     lr: float = 1.0
     momentum: float = 0.0
     beta1: float = 0.9
