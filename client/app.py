@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedmeta.client import task
-from fedmeta.client.wire import arrays_from_record, encode_reply
+from fedmeta.client.wire import arrays_from_record, encode_reply, receive_state
 from fedmeta.common.config import ExperimentConfig, config_from_dict
 from fedmeta.common.data.base import Site
 from fedmeta.common.data.registry import data_spec, load_site, training_sites
@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
     site = site_of(context, cfg)
     server_round = int(msg.content["config"]["server-round"])
-    theta = arrays_from_record(msg.content["arrays"])
+    theta = receive_state(msg.content["arrays"], msg.content["config"], context)
     update = task.train_update(cfg, data_spec(cfg.data), site, theta, rng=site_rng(cfg, site.name, server_round))
     record, encoding = encode_reply(update.arrays, cfg, context)
     s = update.stats

@@ -9,11 +9,33 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
-from fedmeta.common.compression import encode
+from fedmeta.common.compression import checksum, decode, encode
+from fedmeta.common.errors import DeltaError
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.params import NDArrays
 
 _RESIDUAL = "fedmeta.topk-residual"
+_HELD = "fedmeta.theta"
+
+
+def receive_state(arrays: ArrayRecord, config: ConfigRecord, context: Context) -> NDArrays:
+    """The coordinator's state: sent in full, or as an encoded change to what this node holds
+    (checked against the coordinator's checksum of it). Caches the result in the node's state."""
+    incoming = arrays_from_record(arrays)
+    if str(config.get("down", "full")) == "delta":
+        if _HELD not in context.state.array_records:
+            raise DeltaError("the coordinator sent a change but this node holds no θ; it will resend θ")
+        held = arrays_from_record(context.state.array_records[_HELD])
+        if checksum(held) != str(config["down-base"]):
+            raise DeltaError("this node's cached θ differs from the coordinator's record; it will resend θ")
+        change = decode(incoming, str(config["down-method"]), held, source="coordinator")
+        state = {k: (held[k] + change[k]).astype(np.float32) for k in held}
+    else:
+        state = incoming
+    context.state.array_records[_HELD] = ArrayRecord(
+        array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
+    )
+    return state
 
 
 def arrays_from_record(record: ArrayRecord) -> NDArrays:

@@ -112,3 +112,15 @@ def decode(
             flat[idx] = val.astype(np.float32)
             out[name] = flat.reshape(ref.shape)
     return out
+
+
+def checksum(arrays: Mapping[str, np.ndarray]) -> str:
+    """A short digest of the arrays' names, shapes and bytes (to check a node's cached θ)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:24]

@@ -192,11 +192,15 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How sites encode their update: ``none`` (float32), ``fp16``, ``int8`` (per-tensor scale)
-    or ``topk`` (largest ``topk_fraction`` of entries, with error feedback kept on the site)."""
+    """How updates are encoded: ``none`` (float32), ``fp16``, ``int8`` (per-tensor scale) or
+    ``topk`` (largest ``topk_fraction`` of entries, with error feedback kept on the site), for the
+    sites' replies and, with ``downlink: delta``, for the coordinator's broadcasts too."""
 
     method: Literal["none", "fp16", "int8", "topk"] = "none"
     topk_fraction: float = 0.1
+    #: ``delta``: after a node's first round, send it only the encoded change of θ since what it
+    #: holds (with ``method`` none this is the full float32 θ, since a dense delta is no smaller).
+    downlink: Literal["full", "delta"] = "full"
 
     def validate(self, where: str) -> None:
         if not 0 < self.topk_fraction <= 1:

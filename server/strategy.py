@@ -22,11 +22,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmeta.common.aggregation import aggregate, validate_update
+from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import DeltaError
 from fedmeta.common.outer import OuterOptimizer
 from fedmeta.common.params import NDArrays
-from fedmeta.server.wire import decode_update, payload_bytes, record_from_arrays
+from fedmeta.server.wire import arrays_from_record, decode_update, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class FedMetaStrategy(Strategy):
         self.reference = {k: np.asarray(v) for k, v in theta.items()}
         self.on_reject = on_reject
         self.last: RoundLog | None = None
+        self.held: dict[int, NDArrays] = {}  # node -> the state it holds (downlink deltas)
 
     # -- to be specialised -------------------------------------------------------------------
     def pseudo_gradient(self, aggregated: NDArrays) -> NDArrays:
@@ -137,8 +139,37 @@ class FedMetaStrategy(Strategy):
         cfg["server-round"] = server_round
         cfg["phase"] = "train"
         self.last = RoundLog(round=server_round, sampled=[self.node_names.get(n, str(n)) for n in node_ids])
-        self.last.bytes_down = payload_bytes(arrays) * len(node_ids)
-        return self._messages(arrays, cfg, node_ids, MessageType.TRAIN)
+        comp = self.cfg.compression
+        if comp.downlink == "full" or comp.method == "none":
+            self.last.bytes_down = payload_bytes(arrays) * len(node_ids)
+            return self._messages(arrays, cfg, node_ids, MessageType.TRAIN)
+        state = arrays_from_record(arrays)
+        messages = []
+        for node in node_ids:
+            record, node_cfg = self._downlink(node, state, cfg)
+            self.last.bytes_down += payload_bytes(record)
+            messages.extend(self._messages(record, node_cfg, [node], MessageType.TRAIN))
+        return messages
+
+    def _downlink(self, node: int, state: NDArrays, cfg: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
+        """What to send ``node``: the full state the first time, afterwards the encoded change
+        from what it holds. The server tracks what the node will hold after decoding, so encoding
+        error never accumulates: the next change includes it."""
+        comp = self.cfg.compression
+        out = ConfigRecord(dict(cfg))
+        held = self.held.get(node)
+        if held is None:
+            self.held[node] = {k: v.copy() for k, v in state.items()}
+            out["down"] = "full"
+            return record_from_arrays(state), out
+        change = {k: state[k] - held[k] for k in state}
+        encoded, _ = encode(change, comp.method, topk_fraction=comp.topk_fraction)
+        decoded = decode(encoded, comp.method, held)
+        out["down"] = "delta"
+        out["down-method"] = comp.method
+        out["down-base"] = checksum(held)
+        self.held[node] = {k: (held[k] + decoded[k]).astype(np.float32) for k in held}
+        return record_from_arrays(encoded), out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -159,6 +190,7 @@ class FedMetaStrategy(Strategy):
                 record.bytes_up += payload_bytes(msg.content["update"])
                 norm = validate_update(update, reference, max_norm=self.cfg.validation.max_norm, source=f"site {site}")
             except DeltaError as e:
+                self.held.pop(node, None)  # resynchronise this node with a full θ next time
                 record.rejected[site] = str(e)
                 log.warning("round %d: rejected the reply of %s: %s", server_round, site, e)
                 if self.on_reject:

@@ -132,3 +132,46 @@ def test_too_few_valid_replies_leave_theta_unchanged(tmp_path, local_run):
     local_run(tmp_path, ["rounds=1", "federation.min_nodes=2"], grid_hook=hook)
     line = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
     assert line["applied"] is False and line["accepted"] == ["VA Long Beach"]
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8", "topk"])
+def test_compressed_uplink_and_downlink_deltas(tmp_path, local_run, method):
+    """Byte counts follow the encoding exactly; after round 1 each node gets only the change."""
+    summary, grid = local_run(tmp_path, [f"compression.method={method}", "compression.downlink=delta",
+                                         "compression.topk_fraction=0.1", "rounds=3"])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    theta, _ = P.load(tmp_path / "run" / "final.safetensors")
+    full = sum(len(_npy(v)) for v in theta.values())
+    assert lines[0]["bytes_down"] == 4 * full  # first contact: the full θ
+    assert all(line["accepted"] and not line["rejected"] for line in lines)
+    per_site_up = lines[0]["bytes_up"] / 4
+    if method == "fp16":
+        assert per_site_up == sum(len(_npy(v.astype(np.float16))) for v in theta.values())
+    if method == "int8":
+        assert per_site_up == sum(len(_npy(v.astype(np.int8))) + len(_npy(np.zeros(1, np.float32)))
+                                  for v in theta.values())
+    assert lines[1]["bytes_down"] < 4 * full and lines[1]["bytes_up"] < 4 * full
+    assert np.isfinite(summary["mean"]["after"]["accuracy"])
+
+
+def test_node_with_a_stale_cache_is_resynchronised(tmp_path, local_run):
+    from flwr.app import ArrayRecord as AR
+
+    def hook(grid):
+        original = grid.send_and_receive
+
+        def corrupt_then_send(messages, *, timeout=None):
+            ctx = grid.nodes[1000]
+            if "fedmeta.theta" in ctx.state.array_records:  # the node's cache gets out of step
+                rec = ctx.state.array_records["fedmeta.theta"]
+                ctx.state.array_records["fedmeta.theta"] = AR(
+                    array_dict={k: Array(a.numpy() + 1.0) for k, a in rec.items()})
+                grid.corrupted = getattr(grid, "corrupted", 0) + 1
+            return original(messages, timeout=timeout)
+
+        grid.send_and_receive = corrupt_then_send
+
+    local_run(tmp_path, ["compression.method=int8", "compression.downlink=delta", "rounds=3"], grid_hook=hook)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert "cached θ differs" in lines[1]["rejected"]["Cleveland"]  # round 2: stale cache detected
+    assert "Cleveland" in lines[2]["accepted"]  # round 3: resent in full, accepted again
