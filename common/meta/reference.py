@@ -7,6 +7,9 @@ Used by the tests (``tests/common/test_meta_*.py``); not needed at run time.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +19,21 @@ from fedmeta.common.meta.types import TaskBatch
 from fedmeta.common.models import build_model
 
 Params = dict[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block (restored after).
+
+    Tiny problems gain nothing from threads, and on a loaded 2-core machine two spinning OpenMP
+    threads per process made these checks 10-50x slower (measured here).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ref_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
 
 from fedmeta.common.data.episodes import EpisodeSampler, split_classes
+from fedmeta.common.meta.reference import single_thread
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def _data(n_classes: int = 10, per_class: int = 12) -> tuple[np.ndarray, np.ndarray]:

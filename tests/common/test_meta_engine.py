@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from fedmeta.common.meta.engine import choose_impl, maybe_compile, params_device, resolve_device
 from fedmeta.common.meta.evaluate import adapt_and_evaluate
 from fedmeta.common.meta.inner import adapt, forward, task_loss
-from fedmeta.common.meta.reference import tiny_mlp_problem
+from fedmeta.common.meta.reference import single_thread, tiny_mlp_problem
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def test_auto_rule() -> None:

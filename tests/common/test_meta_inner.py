@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from fedmeta.common.meta.fedavg import local_sgd
 from fedmeta.common.meta.inner import adapt, task_loss
+from fedmeta.common.meta.reference import single_thread
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model, init_params
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def _sgd_reference(model, x, y, *, steps, lr, proximal=0.0, loss="cross_entropy", batches=None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -13,10 +15,17 @@ from fedmeta.common.meta.reference import (
     leaf,
     random_like,
     ref_meta_loss,
+    single_thread,
     tiny_conv_problem,
     tiny_mlp_problem,
 )
 from fedmeta.common.meta.types import InnerConfig
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def _random_lrs(theta, seed: int):

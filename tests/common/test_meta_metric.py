@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,10 +13,16 @@ from torch.func import functional_call
 
 from fedmeta.common.meta.matching import matching_accuracy, matching_logits, matching_step
 from fedmeta.common.meta.protonet import protonet_accuracy, protonet_logits, protonet_step
-from fedmeta.common.meta.reference import directional_fd, dot, leaf, random_like
+from fedmeta.common.meta.reference import directional_fd, dot, leaf, random_like, single_thread
 from fedmeta.common.meta.relation import relation_logits, relation_step
 from fedmeta.common.meta.types import TaskBatch
 from fedmeta.common.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def _identity_embedding() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -74,6 +81,9 @@ def _episodes(kind: str, n_tasks: int = 3, seed: int = 0) -> tuple[torch.nn.Modu
     elif kind == "relation":
         model = build_model("relation-mlp", in_features=4, hidden=(6,), embed=5, relation_hidden=4)
         shape = (4,)
+    elif kind == "relation-conv":
+        model = build_model("relation-conv4", hidden=4, norm="batch", groups=2, image_size=16, relation_hidden=3)
+        shape = (1, 16, 16)
     else:
         model = build_model("mlp", in_features=4, hidden=(6,), out_features=5)
         shape = (4,)
@@ -111,7 +121,7 @@ def _ref_objective(method: str, model, p, episodes: TaskBatch) -> torch.Tensor:
 
 
 STEPS = {"protonet": protonet_step, "matching": matching_step, "relation": relation_step}
-CASES = [("protonet", "mlp"), ("protonet", "conv"), ("matching", "mlp"), ("matching", "conv"), ("relation", "relation")]
+CASES = [("protonet", "mlp"), ("protonet", "conv"), ("matching", "mlp"), ("matching", "conv"), ("relation", "relation"), ("relation", "relation-conv")]
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES)

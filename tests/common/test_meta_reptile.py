@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
+from fedmeta.common.meta.reference import single_thread, tiny_conv_problem
 from fedmeta.common.meta.reptile import reptile_step
 from fedmeta.common.meta.types import InnerConfig, TaskBatch
 from fedmeta.common.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def _line_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -74,6 +83,17 @@ def test_reptile_vmap_and_loop_agree_on_an_mlp() -> None:
         torch.testing.assert_close(dv[k], dl[k])
     assert sv.query_loss_after == pytest.approx(sl.query_loss_after)
     assert sv.query_loss_before == pytest.approx(sl.query_loss_before)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_reptile_vmap_and_loop_agree_on_a_conv_net(norm: str) -> None:
+    model, theta, tasks = tiny_conv_problem(norm, seed=3)
+    inner = InnerConfig(steps=2, lr=0.3)
+    dv, _ = reptile_step(model, theta, tasks, inner, impl="vmap")
+    dl, _ = reptile_step(model, theta, tasks, inner, impl="loop")
+    for k in dv:
+        torch.testing.assert_close(dv[k], dl[k])
+    assert float(dv["head.weight"].abs().sum()) > 0
 
 
 def test_reptile_rejects_bad_inputs() -> None:

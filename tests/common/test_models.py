@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmeta.common.meta.reference import single_thread
 from fedmeta.common.models import BatchStatNorm2d, build_model, init_params
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def test_mlp_shapes_and_parameter_names() -> None:
