@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,8 +134,9 @@ def start_site(
     max_retries: int | None = None,
     max_wait_time: float | None = None,
     flwr_home: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Managed:
-    """Start ``flower-supernode`` for one hospital."""
+    """Start ``flower-supernode`` for one hospital (``extra_env`` is added to its environment)."""
     home = flwr_home or procs.run_dir / f"flwr-home-{site.site}"
     argv = supernode_argv(
         site,
@@ -146,7 +147,9 @@ def start_site(
         max_retries=max_retries,
         max_wait_time=max_wait_time,
     )
-    return procs.start(f"site-{site.site}", argv, env=base_env(home))
+    env = base_env(home)
+    env.update(extra_env or {})
+    return procs.start(f"site-{site.site}", argv, env=env)
 
 
 def wait_nodes_online(

@@ -185,6 +185,20 @@ class Processes:
         logger.info("stopped %s (pid %d, exit %s)", name, m.pid, m.popen.returncode)
         return m.popen.returncode
 
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything it spawned at once, as a crash would (no cleanup)."""
+        m = self.procs[name]
+        pids = set(self._known_children.get(name, set()))
+        if m.alive():
+            pids.update(descendants(m.pid))
+            _signal(m.pid, signal.SIGKILL)
+        for p in pids:
+            _signal(p, signal.SIGKILL)
+        m.popen.wait(timeout=10)
+        self._known_children[name] = pids
+        self._record()
+        logger.info("killed %s (pid %d) and %d children", name, m.pid, len(pids))
+
     def stop_all(self) -> None:
         """Stop every process, newest first; never raises for a process already gone."""
         for name in reversed(list(self.procs)):

@@ -178,3 +178,139 @@ def test_federated_reptile_run_over_tls(deployment: Deployment) -> None:
 def test_flwr_run_never_rewrites_the_source_pyproject(deployment: Deployment) -> None:
     # `flwr run` migrates the pyproject.toml it is given; submit_run hands it a staged copy.
     assert _digest(project_root() / "pyproject.toml") == deployment.pyproject_sha256
+
+
+MALFORMED_SITE = Path(__file__).parent / "malformed_site"
+
+
+def _audit(d: Deployment, run_id: int) -> list[dict]:
+    return [e for e in read_log(d.co.layout.audit) if e.get("run_id") == run_id]
+
+
+def _rounds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _restart_site_until_online(
+    d: Deployment, co: CoordinatorHandle, site: SiteConfig, *, timeout: float
+) -> None:
+    """Start the site's SuperNode again until the SuperLink admits it (a SuperNode that crashed is
+    refused re-activation until its old session's heartbeat expires: exit code 305)."""
+    deadline = time.monotonic() + timeout
+    name = f"site-{site.site}"
+    log = d.procs.run_dir / "logs" / f"{name}.log"
+    while time.monotonic() < deadline:
+        offset = log.stat().st_size if log.exists() else 0
+        m = start_site(d.procs, site, runtime_port=free_port())
+        t_end = time.monotonic() + 20
+        while time.monotonic() < t_end and m.alive():
+            with log.open("rb") as f:
+                f.seek(offset)
+                if f"SuperNode ID: {co.node_ids[site.site]}".encode() in f.read():
+                    return
+            time.sleep(0.5)
+        d.procs.stop(name)
+        time.sleep(3.0)
+    raise AssertionError(f"{site.site} was not re-admitted within {timeout:.0f} s")
+
+
+def test_malformed_delta_is_rejected_logged_and_the_round_goes_on(deployment: Deployment) -> None:
+    d = deployment
+    faulty = d.sites[N_SITES]  # site-3, registered; its ClientApp now sends a NaN in its delta
+    start_site(d.procs, faulty, runtime_port=free_port(),
+               extra_env={"PYTHONPATH": str(MALFORMED_SITE)})
+    try:
+        wait_nodes_online(d.co.env, [d.co.node_ids[s.site] for s in d.sites], timeout=60)
+        out = d.root / "malformed"
+        run_id = submit_run(d.co.env, app=project_root(), run_config={
+            "config": "", "overrides": " ".join(["rounds=1", *FAST]), "out": str(out)})
+        d.procs.refresh_children()
+        assert wait_run(d.co.env, run_id, timeout=240) == "finished:completed"
+    finally:
+        d.procs.stop(f"site-{faulty.site}")
+    (r1,) = _rounds(out)
+    assert len(r1["accepted"]) == N_SITES and r1["applied"]
+    assert len(r1["rejected"]) == 1
+    (reason,) = r1["rejected"].values()
+    assert "NaN/Inf" in reason
+    bad = d.co.node_ids[faulty.site]
+    events = _audit(d, run_id)
+    rejected = [e for e in events if e["event"] == "contribution" and not e["accepted"]]
+    assert [(e["node_id"], e["site"]) for e in rejected] == [(bad, faulty.site)]
+    assert "NaN/Inf" in rejected[0]["reason"]
+    (done,) = [e for e in events if e["event"] == "round_completed"]
+    assert done["rejected"] == [bad] and len(done["accepted"]) == N_SITES
+    assert [e["event"] for e in events][-1] == "run_finished"
+
+
+def test_site_crash_mid_round_and_coordinator_restart(deployment: Deployment) -> None:
+    """Site-2 dies during round 1 (the round completes with the other two at the timeout); the
+    coordinator is then killed after round 1's checkpoint and restarted on the same state
+    database; the hospital restarts (re-admitted once the SuperLink has seen its old session
+    expire, as systemd's Restart= would retry) and the run resumes from round 1's checkpoint with
+    all three sites."""
+    d = deployment
+    out = d.root / "faults"
+    overrides = ["rounds=2", "federation.timeout_s=40", *FAST]
+    run_id = submit_run(d.co.env, app=project_root(), run_config={
+        "config": "", "overrides": " ".join(overrides), "out": str(out)})
+    victim = "site-site-2"
+    victim_node = d.co.node_ids["site-2"]
+
+    # Round 1 begins right after the handshake (audited as run_started); kill site-2 once its
+    # ClientApp for the training message is running.
+    _wait_for(lambda: any(e["event"] == "run_started" for e in _audit(d, run_id)), 120,
+              "run_started in the audit log")
+    from fedmeta.deploy.processes import descendants
+
+    def clientapp_running() -> bool:
+        pids = descendants(d.procs.procs[victim].pid)
+        return any(b"flwr-clientapp" in Path(f"/proc/{p}/cmdline").read_bytes()
+                   for p in pids if Path(f"/proc/{p}/cmdline").exists())
+
+    _wait_for(clientapp_running, 60, "site-2's training ClientApp")
+    d.procs.kill(victim)
+
+    # Round 1 completes with two sites; then crash the coordinator (checkpoint of round 1 exists).
+    _wait_for(lambda: (out / "rounds.jsonl").exists() and len(_rounds(out)) >= 1, 120,
+              "round 1 in rounds.jsonl")
+    assert (out / "checkpoint.safetensors").is_file()
+    d.procs.kill("superlink")
+    co = start_coordinator(
+        d.procs, deployment=d.pki, state=d.co.layout.state, fleet_address=d.co.fleet_address,
+        control_host=LOOPBACK, control_port=int(d.co.control_address.rsplit(":", 1)[1]),
+    )
+    assert co.node_ids == d.co.node_ids  # same database: same registered identities
+    _restart_site_until_online(d, co, d.sites[2], timeout=150)
+    wait_nodes_online(co.env, [co.node_ids[s.site] for s in d.sites[:N_SITES]], timeout=90)
+    # After the restart the operator waits for all three hospitals (min_nodes=3) and allows
+    # SuperNodes that still hold messages of the killed run time to drain them.
+    resume_overrides = ["rounds=2", "federation.timeout_s=90", "federation.min_nodes=3", *FAST]
+    resumed = submit_run(co.env, app=project_root(), run_config={
+        "config": "", "overrides": " ".join(resume_overrides), "out": str(out),
+        "resume": "true"})
+    assert wait_run(co.env, resumed, timeout=240) == "finished:completed"
+
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert len(rounds[0]["sampled"]) == N_SITES and len(rounds[0]["accepted"]) == N_SITES - 1
+    assert rounds[0]["applied"]  # min_nodes = 2 was met
+    assert all(len(r["accepted"]) == N_SITES for r in rounds[1:])  # site-2 rejoined
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["sites"]) == N_SITES
+    first = _audit(d, run_id)
+    missing = [e for e in first if e["event"] == "contribution" and not e["accepted"]]
+    assert [e["node_id"] for e in missing] == [victim_node]
+    assert missing[0]["reason"] == "no reply before the round timeout"
+    later = _audit(d, resumed)
+    assert {"event": "checkpoint_resumed", "round": 1} in [
+        {k: e[k] for k in ("event", "round")} for e in later if e["event"] == "checkpoint_resumed"]
