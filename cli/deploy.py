@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ss = st_sub.add_parser("start", help="start the SuperNode of site.yaml")
     ss.add_argument("--site", type=Path, required=True, help="site.yaml from the site bundle")
     ss.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
+    ss.add_argument("--run-dir", type=Path, default=None,
+                    help="where process logs and pids.json go (default: beside site.yaml)")
     ss.set_defaults(func=_site_start)
 
     rn = sub.add_parser("run", help="submit an experiment to the running coordinator")
@@ -227,7 +229,7 @@ def _site_start(args: argparse.Namespace) -> int:
     if args.insecure:
         _warn_insecure()
     site = load_site_config(args.site)
-    with Processes(args.site.parent / "run") as procs:
+    with Processes(args.run_dir or args.site.parent / "run") as procs:
         m = start_site(procs, site, insecure=args.insecure)
         print(f"site {site.site}: SuperNode (pid {m.pid}) dialing {site.superlink} over gRPC+TLS; "
               f"log {m.log_path}; Ctrl-C to stop")

@@ -1,0 +1,52 @@
+"""``fedmeta provision`` and friends through the command line (no processes started)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmeta.cli.main import main
+
+
+def _consortium(tmp_path: Path, **extra: object) -> Path:
+    doc = {"consortium": "c", "coordinator": {"host": "127.0.0.1"},
+           "sites": [{"name": "a"}, {"name": "b"}], **extra}
+    p = tmp_path / "consortium.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c = _consortium(tmp_path)
+    out = tmp_path / "pki"
+    assert main(["provision", "--consortium", str(c), "--out", str(out)]) == 0
+    assert "2 site bundles" in capsys.readouterr().out
+    assert stat.S_IMODE((out / "sites" / "a" / "supernode.key").stat().st_mode) == 0o600
+    assert main(["provision", "--consortium", str(c), "--out", str(out)]) == 2
+    assert "already provisioned" in capsys.readouterr().err
+    doc = yaml.safe_load(c.read_text())
+    doc["sites"].append({"name": "late"})
+    c.write_text(yaml.safe_dump(doc))
+    assert main(["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late"]) == 0
+    assert (out / "sites" / "late" / "site.yaml").is_file()
+    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 0
+    assert "revoked a" in capsys.readouterr().out
+
+
+def test_bad_consortium_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c = _consortium(tmp_path, extra_key=1)
+    assert main(["provision", "--consortium", str(c), "--out", str(tmp_path / "pki")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'extra_key'" in err and str(c) in err
+    assert not (tmp_path / "pki").exists()
+
+
+def test_run_without_a_running_coordinator_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["run", "--deployment", str(tmp_path), "--state", str(tmp_path / "state")])
+    assert code == 2
+    assert "is `fedmeta coordinator start" in capsys.readouterr().err
