@@ -12,9 +12,12 @@ engine's two paths, :mod:`fedmeta.common.meta.engine`), and ``learn2learn`` (MAM
 Meta-SGD, clone/adapt per task, ``backward`` per task) when it can be imported. ``auto`` marks the
 implementation the engine picks by itself. A row's ``median_ms`` is the median wall time of one
 outer step (meta-gradient or delta for the whole meta-batch; on CUDA after a synchronise);
-``peak_mb`` is the peak memory above the level at the start: on CUDA ``max_memory_allocated``,
-on the CPU the resident set size sampled every millisecond (approximate: freed memory that the
-allocator keeps is reused and not counted again).
+``peak_mb`` is the peak memory of one more outer step above the level before it: on CUDA
+``max_memory_allocated``, on the CPU the resident set size sampled every millisecond after
+``malloc_trim`` (approximate). Implementations are timed round-robin, repetition by repetition,
+so that load from other processes affects them alike; ``load_avg_1min`` is recorded per row.
+Engine rows include the query loss before adaptation (one extra query forward per task), which
+the learn2learn rows do not compute.
 
 learn2learn 0.2.0's top-level package imports gym and torchvision, which must not be installed
 here; if ``import learn2learn`` fails, only its ``algorithms.maml``/``meta_sgd`` modules are loaded.
@@ -22,6 +25,8 @@ here; if ``import learn2learn`` fails, only its ``algorithms.maml``/``meta_sgd``
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib
 import importlib.util
 import logging
@@ -231,22 +236,14 @@ def _agreement_with_learn2learn(l2l: Any, device: torch.device) -> list[dict[str
     return rows
 
 
-def _time(fn: Callable[[], object], device: torch.device, *, reps: int, warmup: int) -> tuple[float, float | None]:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    with _PeakMemory(device) as mem:
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), mem.peak_mb
+def _release_free_memory() -> None:
+    """Hand memory freed by earlier measurements back to the OS (glibc), so the next RSS peak
+    is not hidden by reuse of pages already resident."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _measure(
@@ -259,43 +256,61 @@ def _measure(
     reps: int,
     section: str,
 ) -> list[dict[str, object]]:
+    """Time every implementation round-robin (so load changes hit all alike), then measure each
+    one's peak memory in one more call of its own."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = workload.model(algorithm).to(device)
     tasks = workload.tasks(device, gen)
     inner = InnerConfig(steps=workload.inner_steps, lr=0.05)
     auto = choose_impl(model, device, "auto")
-    rows = []
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fns: dict[str, Callable[[], object]] = {}
+    compile_s: dict[str, float] = {}
     for impl in impls:
         if impl == "vmap+compile" and algorithm not in ("maml", "fomaml"):
             continue
         if impl == "learn2learn":
             if l2l is None or algorithm not in L2L_ALGORITHMS:
                 continue
-            fn = _l2l_step(l2l, algorithm, model, tasks, inner)
+            fns[impl] = _l2l_step(l2l, algorithm, model, tasks, inner)
         else:
-            fn = _engine_step(algorithm, model, tasks, inner, workload.n_way, impl)
-        compile_s = None
-        if impl == "vmap+compile":
+            fns[impl] = _engine_step(algorithm, model, tasks, inner, workload.n_way, impl)
+        start = time.perf_counter()
+        fns[impl]()  # warm-up (and compilation)
+        sync()
+        compile_s[impl] = time.perf_counter() - start
+    times: dict[str, list[float]] = {impl: [] for impl in fns}
+    for _ in range(reps):
+        for impl, fn in fns.items():
             start = time.perf_counter()
             fn()
-            compile_s = round(time.perf_counter() - start, 1)
-        ms, peak = _time(fn, device, reps=reps, warmup=1)
+            sync()
+            times[impl].append((time.perf_counter() - start) * 1000)
+    rows = []
+    for impl, fn in fns.items():
+        _release_free_memory()
+        with _PeakMemory(device) as mem:
+            fn()
         row = {
             "section": section,
             "workload": workload.name,
             "algorithm": algorithm,
             "implementation": impl,
             "auto": impl == auto,
-            "median_ms": round(ms, 2),
-            "peak_mb": None if peak is None else round(peak, 1),
+            "median_ms": round(statistics.median(times[impl]), 2),
+            "peak_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
             "device": _device_name(device),
             "meta_batch": workload.meta_batch,
             "inner_steps": workload.inner_steps,
             "threads": torch.get_num_threads(),
             "reps": reps,
             "load_avg_1min": round(os.getloadavg()[0], 2),
-            "compile_s": compile_s,
+            "compile_s": round(compile_s[impl], 1) if impl == "vmap+compile" else None,
         }
         logger.info("%s", row)
         rows.append(row)

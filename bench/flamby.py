@@ -58,15 +58,18 @@ BASE: tuple[str, ...] = (
 MODELS = (("model.name=linear",), ("model.name=mlp",))
 PROX = tuple((*m, p) for m in MODELS for p in ("eval.proximal=0.0", "eval.proximal=0.1"))
 
+_YOGI = ("algorithm=fedavg", "outer.optimizer=yogi", "outer.beta2=0.99", "outer.eps=0.001")
+_YOGI_LR = tuple((*m, f"outer.lr={lr}") for m in MODELS for lr in (0.01, 0.03, 0.1))
 METHODS: tuple[H.FedMethod, ...] = (
-    H.FedMethod("fedavg", ("algorithm=fedavg",), "FedAvg", "FedAvg + fine-tuning", MODELS),
-    H.FedMethod("fedyogi", ("algorithm=fedavg", "outer.optimizer=yogi", "outer.beta2=0.99", "outer.eps=0.001"),
-                "FedYogi", "FedYogi + fine-tuning",
-                candidates=tuple((*m, f"outer.lr={lr}") for m in MODELS for lr in (0.01, 0.03, 0.1))),
-    H.FedMethod("reptile", ("algorithm=reptile",), None, "fedmeta Reptile + adaptation", PROX),
-    H.FedMethod("fomaml", ("algorithm=fomaml",), None, "fedmeta FOMAML + adaptation", PROX),
-    H.FedMethod("maml", ("algorithm=maml",), None, "fedmeta MAML + adaptation", PROX),
-    H.FedMethod("metasgd", ("algorithm=metasgd",), None, "fedmeta Meta-SGD + adaptation", MODELS),
+    H.FedMethod("fedavg", ("algorithm=fedavg",), "FedAvg", "before", MODELS),
+    H.FedMethod("fedavg-ft", ("algorithm=fedavg",), "FedAvg + fine-tuning", "after", PROX),
+    H.FedMethod("fedyogi", _YOGI, "FedYogi", "before", _YOGI_LR),
+    H.FedMethod("fedyogi-ft", _YOGI, "FedYogi + fine-tuning", "after",
+                tuple((*c, p) for c in _YOGI_LR for p in ("eval.proximal=0.0", "eval.proximal=0.1"))),
+    H.FedMethod("reptile", ("algorithm=reptile",), "fedmeta Reptile + adaptation", "after", PROX),
+    H.FedMethod("fomaml", ("algorithm=fomaml",), "fedmeta FOMAML + adaptation", "after", PROX),
+    H.FedMethod("maml", ("algorithm=maml",), "fedmeta MAML + adaptation", "after", PROX),
+    H.FedMethod("metasgd", ("algorithm=metasgd",), "fedmeta Meta-SGD + adaptation", "after", MODELS),
 )
 #: Centralised references: full-batch gradient descent, fixed a priori (convex problem; 500
 #: steps of 0.1 reach a plateau of the training loss on every hospital).
@@ -141,10 +144,7 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
             summary, _, log_rounds = H.run_federated(cfg, out_dir / "runs" / f"{method.key}-s{seed}", curve=fn)
             if fn is not None:
                 curves[method.key] = log_rounds
-            if method.global_label:
-                rows += H.summary_rows(summary, benchmark=BENCH, method=method.global_label, phase="before", seed=seed)
-            if method.adapted_label:
-                rows += H.summary_rows(summary, benchmark=BENCH, method=method.adapted_label, phase="after", seed=seed)
+            rows += H.summary_rows(summary, benchmark=BENCH, method=method.label, phase=method.phase, seed=seed)
     table = H.aggregate_seeds([r for r in rows if r["metric"] != "val_accuracy"])
     for name, value in PUBLISHED.items():
         table.append(H.row(BENCH, f"flamby-published:{name}", "accuracy", value, site="mean", n=5, std=None))
@@ -175,14 +175,10 @@ def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path,
                 title="Fed-Heart-Disease (FLamby protocol)" + (" [quick]" if quick else ""),
                 errors={m: r.get("std") or 0.0 for m, r in means.items()}, hline=TARGET)
     series = {}
+    labels = {m.key: (m.label, m.phase) for m in METHODS}
     for key, log_rounds in curves.items():
-        phase = "before_accuracy" if key in ("fedavg", "fedyogi") else "after_accuracy"
-        pts = [(r["round"], r[phase]) for r in log_rounds if phase in r]
-        if pts:
-            label = key + (" (global)" if phase.startswith("before") else " + adaptation")
-            series[label] = ([p[0] for p in pts], [p[1] for p in pts])
-        if key in ("fedavg", "fedyogi"):
-            pts = [(r["round"], r["after_accuracy"]) for r in log_rounds if "after_accuracy" in r]
-            series[key + " + fine-tuning"] = ([p[0] for p in pts], [p[1] for p in pts])
+        label, phase = labels[key]
+        pts = [(r["round"], r[f"{phase}_accuracy"]) for r in log_rounds if f"{phase}_accuracy" in r]
+        series[label] = ([p[0] for p in pts], [p[1] for p in pts])
     H.plot_lines(series, out_dir / "flamby_learning_curves.png", xlabel="round",
                  ylabel="mean test accuracy (4 hospitals)", title="Learning curves, seed 0")

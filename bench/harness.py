@@ -355,23 +355,24 @@ def plot_bars(values: Mapping[str, float], path: Path, *, ylabel: str, title: st
 # -- methods and their selection on validation splits ---------------------------------------------
 @dataclass(frozen=True)
 class FedMethod:
-    """A federated method of a benchmark.
+    """A federated method of a benchmark, scored on its global model (``phase = "before"``:
+    FedAvg, FedYogi) or after local adaptation (``"after"``: fine-tuning, meta-learners).
 
     ``overrides``: config settings fixed a priori. ``candidates``: alternative extra settings, one
-    of which :func:`select` picks on the validation source. ``global_label`` names the rows of the
-    unadapted global model (FedAvg, FedYogi), ``adapted_label`` those after local adaptation.
-    ``phase`` is what selection maximises (``before`` for global models, ``after`` otherwise).
+    of which :func:`select` picks on the validation source, maximising the same phase's accuracy.
     """
 
     key: str
     overrides: tuple[str, ...]
-    global_label: str | None = None
-    adapted_label: str | None = None
+    label: str
+    phase: str = "after"
     candidates: tuple[tuple[str, ...], ...] = ((),)
 
-    @property
-    def phase(self) -> str:
-        return "after" if self.adapted_label and not self.global_label else "before"
+    def __post_init__(self) -> None:
+        if self.phase not in ("before", "after"):
+            raise ValueError(f"FedMethod {self.key}: phase = {self.phase!r}: use before or after")
+        if not self.candidates:
+            raise ValueError(f"FedMethod {self.key}: needs at least one candidate (use ((),))")
 
 
 def select(method: FedMethod, base: Sequence[str], *, val_source: str, out_dir: Path,
@@ -391,8 +392,7 @@ def select(method: FedMethod, base: Sequence[str], *, val_source: str, out_dir: 
                      config_path)
         summary, _, _ = run_federated(cfg, out_dir / f"select-{method.key}-{i}")
         acc = float(summary["mean"][method.phase]["accuracy"])
-        rows.append(row(benchmark, method.global_label or method.adapted_label or method.key,
-                        "val_accuracy", acc, site="mean", candidate=" ".join(cand)))
+        rows.append(row(benchmark, method.label, "val_accuracy", acc, site="mean", candidate=" ".join(cand)))
         if acc > best[0]:
             best = (acc, cand)
     return best[1], rows

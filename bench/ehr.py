@@ -1,0 +1,189 @@
+"""Benchmark 3: a synthetic MIMIC-style consortium, new hospitals and a new outcome, by AUROC.
+
+Data: ``configs/ehr-synth.yaml`` (:mod:`fedmeta.common.data.synth_ehr`): 20 hospitals sharing
+physiology but differing in case-mix, prevalence, lab calibration and missingness; four binary
+outcomes per stay (mortality, length of stay > 7 days, 30-day readmission, acute kidney injury).
+A meta-learning task is a (hospital, outcome) pair.
+
+Two settings, both scored at hospitals that never took part in training (:data:`HELD_OUT`):
+
+1. **held-out hospitals**: the federation trains on the other 16; each held-out hospital adapts to
+   each of the four outcomes from K labelled patients (K in :data:`KS`, :data:`DRAWS` random
+   draws) and is scored by AUROC on its test split;
+2. **held-out outcome**: the same, but acute kidney injury is also removed from every training
+   hospital's labels (a derived data source, see :func:`register_without_outcome`), so AKI is a
+   new prediction task at a new hospital.
+
+Methods: fedmeta Reptile and FOMAML (tasks over all training outcomes); FedAvg + fine-tuning
+(note: fedmeta's FedAvg client trains on a site's *first* outcome, mortality, so its model is a
+mortality model fine-tuned to the target outcome, the usual transfer baseline); local training
+(logistic regression on the K patients alone, L2 as scikit-learn's default ``C = 1``).
+
+Settings are those of ``configs/ehr-synth.yaml`` (fixed by the data's author before these runs),
+with :data:`HELD_OUT` four hospitals instead of two for more held-out sites; adaptation is
+``eval.adapt_steps`` steps of ``eval.adapt_lr`` for every method. Nothing is tuned here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from fedmeta.bench import harness as H
+from fedmeta.common.config import DataConfig
+from fedmeta.common.data.base import Site, TabularSite
+from fedmeta.common.data.registry import DataSpec, Source, _source, register_source
+
+log = logging.getLogger(__name__)
+
+BENCH = "ehr"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ehr-synth.yaml"
+HELD_OUT: tuple[str, ...] = ("hospital-17", "hospital-18", "hospital-19", "hospital-20")
+NEW_OUTCOME = "aki"
+KS: tuple[int, ...] = (10, 20, 50)
+DRAWS = 20
+METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("reptile", "fedmeta Reptile + adaptation", ("algorithm=reptile",)),
+    ("fomaml", "fedmeta FOMAML + adaptation", ("algorithm=fomaml",)),
+    ("fedavg", "FedAvg + fine-tuning", ("algorithm=fedavg",)),
+)
+LOCAL = "local training (K patients, logistic regression)"
+
+
+def register_without_outcome(source: str, outcome: str) -> str:
+    """Register ``SOURCE-no-OUTCOME``: the same sites with ``outcome``'s column removed from both
+    splits, so no training hospital ever sees a label for it. Returns the new source's name."""
+    base = _source(DataConfig(source=source))
+    name = f"{source}-no-{outcome}"
+
+    def spec(cfg: DataConfig) -> DataSpec:
+        s = base.spec(replace(cfg, source=source))
+        if outcome not in s.outcomes:
+            raise ValueError(f"{source} has no outcome {outcome!r}: {s.outcomes}")
+        return replace(s, outcomes=tuple(o for o in s.outcomes if o != outcome))
+
+    def load(cfg: DataConfig, site: str) -> Site:
+        full = base.load(replace(cfg, source=source), site)
+        assert isinstance(full, TabularSite)
+        keep = [i for i, o in enumerate(full.outcomes) if o != outcome]
+        return replace(full, y_train=full.y_train[:, keep], y_test=full.y_test[:, keep],
+                       outcomes=tuple(full.outcomes[i] for i in keep))
+
+    register_source(name, Source(spec, load))
+    return name
+
+
+def settings(quick: bool) -> tuple[int, int, tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+    """(rounds, draws, Ks, held-out hospitals, method keys)."""
+    if quick:
+        return 3, 2, (20,), HELD_OUT[-1:], ("reptile", "fedavg")
+    return 30, DRAWS, KS, HELD_OUT, tuple(m[0] for m in METHODS)
+
+
+def _draws(y: np.ndarray, k: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """K patients with a known label, both classes present (a K-shot task the site can label)."""
+    known = np.flatnonzero(y >= 0)
+    out = []
+    while len(out) < n:
+        idx = rng.choice(known, size=min(k, len(known)), replace=False)
+        if len(np.unique(y[idx])) == 2:
+            out.append(idx)
+    return out
+
+
+def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+    """Run benchmark 3; rows per (setting, method, outcome, K) for each held-out hospital and mean."""
+    H.quiet()
+    rounds, n_draws, ks, held_out, keys = settings(quick)
+    timer = H.Timer()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{BENCH}.md").write_text("")
+    no_new = register_without_outcome("synth-ehr", NEW_OUTCOME)
+    holdout = "data.holdout=[" + ",".join(held_out) + "]"
+    base = [f"rounds={rounds}", holdout, "seed=0"]
+    ref_cfg = H.config(base, CONFIG)
+    spec = H.spec_of(ref_cfg)
+    sites = H.load_sites(ref_cfg, held_out)
+    outcomes = spec.outcomes
+    per_draw: list[H.Row] = []
+    states: dict[tuple[str, str], tuple[H.ExperimentConfig, H.NDArrays]] = {}
+    for key, _label, overrides in METHODS:
+        if key not in keys:
+            continue
+        for setting, source in (("held-out hospitals", "synth-ehr"), ("held-out outcome", no_new)):
+            if key == "fedavg" and setting == "held-out outcome":
+                states[(key, setting)] = states[(key, "held-out hospitals")]  # trains on mortality only
+                continue
+            cfg = H.config([*base, *overrides, f"data.source={source}"], CONFIG)
+            _, state, _ = H.run_federated(cfg, out_dir / "runs" / f"{key}-{source}")
+            states[(key, setting)] = (cfg, state)
+    local_cfg = H.config([*base, "model.name=linear"], CONFIG)
+    lmodel, ltheta0 = H.model_and_init(local_cfg, spec)
+    for hi, (name, site) in enumerate(sites.items()):
+        assert isinstance(site, TabularSite)
+        for oi, outcome in enumerate(outcomes):
+            settings_here = ["held-out hospitals"] + (["held-out outcome"] if outcome == NEW_OUTCOME else [])
+            x_tr, y_all = site.x_train, site.y_train[:, oi]
+            x_te, y_te = H.test_rows(site, oi)
+            for k in ks:
+                picks = _draws(y_all, k, n_draws, np.random.default_rng([hi, oi, k, 2029]))
+                for d, idx in enumerate(picks):
+                    xs, ys = x_tr[idx], y_all[idx]
+                    local = H.fit(lmodel, ltheta0, xs, ys, steps=500, lr=0.1, proximal=1.0 / len(ys))
+                    s_local = H.score(lmodel, local, x_te, y_te)
+                    for setting in settings_here:
+                        per_draw.append(H.row(BENCH, LOCAL, "auroc", s_local["auroc"], k=k, site=name,
+                                              outcome=outcome, setting=setting, draw=d))
+                        for key, label, _ in METHODS:
+                            if (key, setting) not in states:
+                                continue
+                            cfg, state = states[(key, setting)]
+                            model = H.build_model_for(cfg, spec)
+                            phi = H.adapt_state(model, state, xs, ys, steps=cfg.eval.adapt_steps,
+                                                lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal,
+                                                metasgd_steps=cfg.inner.steps)
+                            per_draw.append(H.row(BENCH, label, "auroc", H.score(model, phi, x_te, y_te)["auroc"],
+                                                  k=k, site=name, outcome=outcome, setting=setting, draw=d))
+    by = ("setting", "method", "metric", "outcome", "site", "k")
+    per_site = H.aggregate_seeds(per_draw, by=by)
+    means: list[H.Row] = []
+    for key in sorted({(r["setting"], r["method"], r["outcome"], r["k"]) for r in per_site}):
+        vals = [r["value"] for r in per_site
+                if (r["setting"], r["method"], r["outcome"], r["k"]) == key and r["value"] is not None]
+        means.append(H.row(BENCH, key[1], "auroc", float(np.mean(vals)) if vals else None, setting=key[0],
+                           outcome=key[2], k=key[3], site="mean", n=len(vals)))
+    result = per_site + means + [H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds,
+                                       draws=n_draws)]
+    _report(result, out_dir, ks, outcomes, quick=quick)
+    H.save_rows(result, out_dir / f"{BENCH}.json")
+    return result
+
+
+def _report(rows: list[H.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tuple[str, ...], *,
+            quick: bool) -> None:
+    means = [r for r in rows if r.get("site") == "mean" and r.get("k") is not None]
+    for k in ks:
+        sub = [r for r in means if r["k"] == k and r["setting"] == "held-out hospitals"]
+        H.emit(H.pivot_table(sub, metric="auroc", columns=list(outcomes), column_key="outcome",
+                             title=f"Held-out hospitals, K = {k}: AUROC by outcome (mean of held-out hospitals)"),
+               out_dir, BENCH)
+    sub = [r for r in means if r["setting"] == "held-out outcome"]
+    H.emit(H.pivot_table(sub, metric="auroc", columns=list(ks), column_key="k",
+                         title=f"Held-out outcome ({NEW_OUTCOME}, never labelled in training) at held-out "
+                               "hospitals: AUROC vs K"), out_dir, BENCH)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for setting in ("held-out hospitals", "held-out outcome"):
+        for m in dict.fromkeys(r["method"] for r in means):
+            pts: dict[int, list[float]] = {}
+            for r in means:
+                if r["method"] == m and r["setting"] == setting and r["value"] is not None:
+                    pts.setdefault(r["k"], []).append(r["value"])
+            if pts:
+                xs = sorted(pts)
+                series[f"{m} [{setting}]"] = (xs, [float(np.mean(pts[x])) for x in xs])
+    H.plot_lines(series, out_dir / "ehr_auroc_vs_k.png", xlabel="K labelled patients", ylabel="AUROC",
+                 title="Synthetic EHR consortium: new hospitals / new outcome" + (" [quick]" if quick else ""),
+                 logx=True)
