@@ -31,9 +31,11 @@ Rényi DP"), as in Google's ``dp-accounting``::
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Update = Mapping[str, torch.Tensor]
@@ -115,6 +117,28 @@ def privatize(
     clipped, stats = clip_update(update, clip)
     std = site_noise_std(clip, noise_multiplier, n_sites=n_sites, distributed=distributed)
     return add_gaussian_noise(clipped, std, generator=generator), stats
+
+
+def privatize_arrays(
+    arrays: Mapping[str, np.ndarray],
+    *,
+    clip: float,
+    noise_multiplier: float,
+    seed: int | None = None,
+    n_sites: int = 1,
+    distributed: bool = False,
+) -> tuple[dict[str, np.ndarray], ClipStats]:
+    """:func:`privatize` for a site's numpy update (what the ClientApp calls before replying).
+
+    The noise seed comes from :mod:`secrets` unless ``seed`` is given (tests only): the
+    experiment's seed is known to the coordinator, so noise drawn from it could be subtracted.
+    """
+    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    named = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+    noised, stats = privatize(named, clip=clip, noise_multiplier=noise_multiplier, generator=gen,
+                              n_sites=n_sites, distributed=distributed)
+    return {k: noised[k].numpy().astype(np.asarray(arrays[k]).dtype, copy=False)
+            for k in arrays}, stats
 
 
 def epsilon(

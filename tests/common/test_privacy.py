@@ -17,6 +17,7 @@ from fedmeta.common.privacy import (
     gaussian_rdp_epsilon,
     l2_norm,
     privatize,
+    privatize_arrays,
     site_noise_std,
 )
 
@@ -145,3 +146,16 @@ def test_epsilon_is_monotone_in_rounds_and_noise_and_sampling() -> None:
 def test_epsilon_rejects_bad_arguments(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         epsilon(**kwargs)  # type: ignore[arg-type]
+
+
+def test_privatize_arrays_clips_noises_and_keeps_dtype() -> None:
+    import numpy as np
+
+    arrays = {"w": np.array([3.0, 4.0], dtype=np.float32), "b": np.array([12.0], dtype=np.float32)}
+    out, stats = privatize_arrays(arrays, clip=6.5, noise_multiplier=0.0, seed=1)
+    assert stats.factor == pytest.approx(0.5)
+    np.testing.assert_allclose(out["w"], [1.5, 2.0], rtol=1e-6)
+    assert out["w"].dtype == np.float32 and arrays["w"][0] == 3.0
+    a, _ = privatize_arrays(arrays, clip=1.0, noise_multiplier=1.0)
+    b, _ = privatize_arrays(arrays, clip=1.0, noise_multiplier=1.0)
+    assert not np.allclose(a["w"], b["w"])  # unseeded: fresh secret noise each call
