@@ -301,7 +301,10 @@ def unregister_site(layout: CoordinatorLayout, env: Mapping[str, str], name: str
 def list_nodes(env: Mapping[str, str]) -> list[dict[str, object]]:
     """``flwr supernode list``: the SuperLink's view of every registered node."""
     doc = _flwr(["supernode", "list", CONNECTION], env)
-    return list(doc.get("nodes", []))  # type: ignore[arg-type]
+    nodes = doc.get("nodes", [])
+    if not isinstance(nodes, list):
+        raise ProvisionError(f"flwr supernode list: unexpected answer {doc!r}")
+    return [dict(n) for n in nodes]
 
 
 def project_root() -> Path:
