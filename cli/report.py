@@ -110,6 +110,12 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
         f"| **mean (sites)** | | | {fmt(m['before']['accuracy'])} | {fmt(m['after']['accuracy'])} | "
         f"{fmt(m['before']['auroc'])} | {fmt(m['after']['auroc'])} | {fmt(m['before']['loss'])} | {fmt(m['after']['loss'])} |"
     )
+    if summary.get("holdout"):
+        lines += ["", "Held out of meta-training (new hospitals, adapted locally):", "",
+                  "| site | n train | n test | accuracy before | after | AUROC before | after |", "|---|---|---|---|---|---|---|"]
+        for s, d in summary["holdout"]["sites"].items():
+            lines.append(f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before']['accuracy'])} | "
+                         f"{fmt(d['after']['accuracy'])} | {fmt(d['before']['auroc'])} | {fmt(d['after']['auroc'])} |")
     rejected = sum(len(r.get("rejected", {})) for r in rounds)
     lines += ["", f"Rejected replies over the run: {rejected}.", "", "![learning curves](curves.png)", "",
               "![before/after adaptation](adaptation.png)", ""]

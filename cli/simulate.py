@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.config import ExperimentConfig, load_config
-from fedmeta.common.data.registry import training_sites
+from fedmeta.common.data.registry import simulation_sites, training_sites
 from fedmeta.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,14 @@ def simulate(
 
     client_app = client_app or default_client_app
 
-    sites = training_sites(cfg.data)
+    sites = simulation_sites(cfg.data)
     n_nodes = cfg.federation.num_supernodes or len(sites)
     if n_nodes > len(sites):
         raise ConfigError(
-            f"federation.num_supernodes = {n_nodes}: the data source has only {len(sites)} training sites"
+            f"federation.num_supernodes = {n_nodes}: the data source has only {len(sites)} sites"
         )
+    if n_nodes < len(training_sites(cfg.data)) + len(cfg.data.holdout) and cfg.data.holdout:
+        raise ConfigError("federation.num_supernodes must cover every site when data.holdout is set")
     if cfg.federation.min_nodes > n_nodes:
         raise ConfigError(
             f"federation.min_nodes = {cfg.federation.min_nodes}: more than the {n_nodes} simulated sites"
@@ -118,6 +120,11 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(row(name, s, str(s["n_train"]), str(s["n_test"])))
     lines.append("-" * len(head))
     lines.append(row("mean (sites)", summary["mean"], "", ""))
+    if summary.get("holdout"):
+        lines.append("held out of meta-training (new hospitals, adapted locally):")
+        for name, s in summary["holdout"]["sites"].items():
+            lines.append(row(name, s, str(s["n_train"]), str(s["n_test"])))
+        lines.append(row("mean (held out)", summary["holdout"]["mean"], "", ""))
     return "\n".join(lines)
 
 

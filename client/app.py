@@ -2,7 +2,7 @@
 
 Which site a node is comes from its node config: ``site-config`` (path of the site's YAML, for a
 real hospital), ``site`` (a site name of the experiment's data source) or ``partition-id``
-(simulation: the i-th training site). The reply holds parameter-shaped arrays and aggregate
+(simulation: the i-th site, training sites first, then held-out ones). The reply holds parameter-shaped arrays and aggregate
 numbers only; :mod:`fedmeta.client.task` computes them.
 """
 
@@ -20,7 +20,7 @@ from fedmeta.client import task
 from fedmeta.client.wire import arrays_from_record, encode_reply, receive_state
 from fedmeta.common.config import ExperimentConfig, config_from_dict
 from fedmeta.common.data.base import Site
-from fedmeta.common.data.registry import data_spec, load_site, training_sites
+from fedmeta.common.data.registry import data_spec, load_site, simulation_sites
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.experiment import site_rng
 
@@ -47,10 +47,10 @@ def site_of(context: Context, cfg: ExperimentConfig) -> Site:
     elif "site" in nc:
         site = load_site(cfg.data, str(nc["site"]))
     elif "partition-id" in nc:
-        names = training_sites(cfg.data)
+        names = simulation_sites(cfg.data)
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(names):
-            raise ConfigError(f"partition-id {pid} out of range: the experiment has {len(names)} training sites")
+            raise ConfigError(f"partition-id {pid} out of range: the experiment has {len(names)} sites")
         site = load_site(cfg.data, names[pid])
     else:
         raise ConfigError("node config names no site: set site-config=PATH, site=NAME or partition-id=N")

@@ -252,6 +252,8 @@ def run_experiment(
     per_site = read_evaluate_replies(
         grid.send_and_receive(eval_msgs, timeout=cfg.federation.timeout_s), names
     )
+    holdout = {k: v for k, v in per_site.items() if k in set(cfg.data.holdout)}
+    per_site = {k: v for k, v in per_site.items() if k not in holdout}
     if not per_site:
         raise FedmetaError("no site returned an evaluation; see the log for their errors")
     P.save(folder.final, theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed,
@@ -267,6 +269,8 @@ def run_experiment(
         "comm": {"bytes_up": int(totals["bytes_up"]), "bytes_down": int(totals["bytes_down"])},
         "params": {"count": int(sum(v.size for v in theta.values())), "file": folder.final.name},
     }
+    if holdout:
+        summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": _summary_mean(holdout)}
     summary.update(strategy.summary_extra())
     folder.write_json(folder.summary, summary)
     if audit is not None:

@@ -116,8 +116,11 @@ class FedMetaStrategy(Strategy):
         )
 
     def sample(self, node_ids: Iterable[int]) -> list[int]:
-        """A seeded sample of ``fraction`` of the nodes (at least ``min_nodes``), ordered by site."""
-        nodes = sorted(node_ids, key=lambda n: (self.node_names.get(n, ""), n))
+        """A seeded sample of ``fraction`` of the training nodes (at least ``min_nodes``), ordered
+        by site; held-out sites (``data.holdout``) never train."""
+        holdout = set(self.cfg.data.holdout)
+        nodes = sorted((n for n in node_ids if self.node_names.get(n) not in holdout),
+                       key=lambda n: (self.node_names.get(n, ""), n))
         k = max(int(round(len(nodes) * self.cfg.federation.fraction)), self.cfg.federation.min_nodes)
         k = min(k, len(nodes))
         if k == len(nodes):

@@ -78,6 +78,12 @@ def training_sites(cfg: DataConfig) -> tuple[str, ...]:
     return tuple(s for s in chosen if s not in cfg.holdout)
 
 
+def simulation_sites(cfg: DataConfig) -> tuple[str, ...]:
+    """Every site a simulation starts a node for: the training sites, then the held-out ones
+    (which join only for the final evaluation, as new hospitals)."""
+    return training_sites(cfg) + tuple(cfg.holdout)
+
+
 def load_site(cfg: DataConfig, name: str) -> Site:
     """Load one site's own rows (training and test splits)."""
     spec = data_spec(cfg)

@@ -25,7 +25,9 @@ def test_report_writes_pngs_and_markdown(run_dir, capsys):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run_dir / "report.md").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert "| Cleveland |" in md and "Hungary" not in md  # held-out site took no part
+    assert "| Cleveland |" in md
+    assert "Held out of meta-training" in md and "| Hungary |" in md
+    assert set(summary["holdout"]["sites"]) == {"Hungary"} and "Hungary" not in summary["sites"]
     assert f"{summary['mean']['after']['accuracy']:.3f}" in md
 
 
