@@ -23,6 +23,7 @@ from fedmeta.common.data.base import Site
 from fedmeta.common.data.registry import data_spec, load_site, simulation_sites
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.experiment import site_rng
+from fedmeta.common.privacy import privatize_arrays
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +76,26 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     theta = receive_state(msg.content["arrays"], msg.content["config"], context)
     update = task.train_update(cfg, data_spec(cfg.data), site, theta, rng=site_rng(cfg, site.name, server_round))
-    record, encoding = encode_reply(update.arrays, cfg, context)
+    arrays = update.arrays
     s = update.stats
+    metrics: dict[str, int | float] = {"num-examples": int(update.num_examples), "n-tasks": int(s.n_tasks)}
+    if cfg.privacy.dp:
+        # Clip and noise the update here, on the site (local DP); losses computed from patients
+        # are not covered by the mechanism, so they are not sent.
+        arrays, clip = privatize_arrays(arrays, clip=cfg.privacy.clip, noise_multiplier=cfg.privacy.noise_multiplier)
+        log.info("DP: update norm %.4g clipped to %.4g", clip.norm, cfg.privacy.clip)
+    else:
+        metrics.update({
+            "n-query": int(s.n_query),
+            "query-loss-before": float(s.query_loss_before),
+            "query-loss-after": float(s.query_loss_after),
+        })
+    record, encoding = encode_reply(arrays, cfg, context)
     content = RecordDict({
         "update": record,
         "encoding": encoding,
         "site": ConfigRecord({"name": site.name}),
-        "metrics": MetricRecord({
-            "num-examples": int(update.num_examples),
-            "n-tasks": int(s.n_tasks),
-            "n-query": int(s.n_query),
-            "query-loss-before": float(s.query_loss_before),
-            "query-loss-after": float(s.query_loss_after),
-        }),
+        "metrics": MetricRecord(metrics),
     })
     return Message(content=content, reply_to=msg)
 

@@ -223,6 +223,11 @@ def run_experiment(
             theta = strategy.theta()
         rec = strategy.last
         assert rec is not None
+        if cfg.privacy.dp:
+            from fedmeta.common.privacy import epsilon
+
+            rec.epsilon = epsilon(rounds=server_round, noise_multiplier=cfg.privacy.noise_multiplier,
+                                  delta=cfg.privacy.delta, sampling_rate=cfg.federation.fraction)
         if audit is not None:
             audit.round_outcome(
                 run_id=run_id, round=server_round,
@@ -240,6 +245,7 @@ def run_experiment(
             f"round {server_round}/{cfg.rounds}: {len(rec.accepted)}/{len(rec.sampled)} sites, "
             f"query loss {rec.query_loss_before:.4f} -> {rec.query_loss_after:.4f} after adaptation"
             + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
+            + (f", DP ε = {rec.epsilon:.2f} at δ = {cfg.privacy.delta:g}" if rec.epsilon is not None else "")
         )
         if stop_after is not None and server_round >= stop_after:
             if audit is not None:
@@ -269,6 +275,15 @@ def run_experiment(
         "comm": {"bytes_up": int(totals["bytes_up"]), "bytes_down": int(totals["bytes_down"])},
         "params": {"count": int(sum(v.size for v in theta.values())), "file": folder.final.name},
     }
+    if cfg.privacy.dp:
+        from fedmeta.common.privacy import epsilon
+
+        summary["privacy"] = {
+            "epsilon": epsilon(rounds=cfg.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
+                               delta=cfg.privacy.delta, sampling_rate=cfg.federation.fraction),
+            "delta": cfg.privacy.delta, "clip": cfg.privacy.clip,
+            "noise_multiplier": cfg.privacy.noise_multiplier, "adjacency": "site-level",
+        }
     if holdout:
         summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": _summary_mean(holdout)}
     summary.update(strategy.summary_extra())

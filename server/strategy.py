@@ -47,6 +47,7 @@ class RoundLog:
     update_norm: float = float("nan")
     bytes_down: int = 0
     bytes_up: int = 0
+    epsilon: float | None = None
 
 
 class FedMetaStrategy(Strategy):
@@ -200,11 +201,14 @@ class FedMetaStrategy(Strategy):
                     self.on_reject(server_round, site, str(e))
                 continue
             updates.append(update)
-            weights.append(metrics["num-examples"])
+            # Under DP every site counts once: example-count weights would let one site's data
+            # move the aggregate by more than the clipping bound.
+            weights.append(1.0 if self.cfg.privacy.dp else metrics["num-examples"])
             record.accepted.append(site)
             record.site_metrics[site] = {
                 "num_examples": metrics["num-examples"],
-                "query_loss_after": metrics["query-loss-after"] / max(metrics["n-query"], 1.0),
+                "query_loss_after": (metrics["query-loss-after"] / metrics["n-query"]
+                                     if metrics.get("n-query", 0) > 0 else float("nan")),
                 "update_norm": norm,
             }
             for key in sums:
@@ -219,9 +223,9 @@ class FedMetaStrategy(Strategy):
         aggregated = aggregate(updates, weights, rule=v.aggregation, trim=v.trim, clip_norm=v.clip_norm)
         new_theta = self.optimizer.step(self.pseudo_gradient(aggregated))
         record.num_examples = int(sums["num-examples"])
-        n_query = max(sums["n-query"], 1.0)
-        record.query_loss_before = sums["query-loss-before"] / n_query
-        record.query_loss_after = sums["query-loss-after"] / n_query
+        if sums["n-query"] > 0:  # sites under DP send no losses
+            record.query_loss_before = sums["query-loss-before"] / sums["n-query"]
+            record.query_loss_after = sums["query-loss-after"] / sums["n-query"]
         record.update_norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in aggregated.values())))
         metrics_out = MetricRecord({
             "num-examples": record.num_examples,

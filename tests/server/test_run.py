@@ -175,3 +175,23 @@ def test_node_with_a_stale_cache_is_resynchronised(tmp_path, local_run):
     lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert "cached θ differs" in lines[1]["rejected"]["Cleveland"]  # round 2: stale cache detected
     assert "Cleveland" in lines[2]["accepted"]  # round 3: resent in full, accepted again
+
+
+def test_differential_privacy_clips_on_the_site_and_reports_epsilon(tmp_path, local_run):
+    from fedmeta.common.privacy import epsilon_per_round
+
+    # Without noise the clipping is visible exactly: every accepted update has norm <= C.
+    local_run(tmp_path, ["privacy.dp=true", "privacy.clip=0.01", "privacy.noise_multiplier=0.0"], name="clip")
+    for line in (tmp_path / "clip" / "rounds.jsonl").read_text().splitlines():
+        for site in json.loads(line)["site_metrics"].values():
+            assert site["update_norm"] <= 0.01 + 1e-6
+    summary, _ = local_run(tmp_path, ["privacy.dp=true", "privacy.clip=0.05", "privacy.noise_multiplier=1.1",
+                                      "privacy.delta=1e-5"], name="dp")
+    lines = [json.loads(x) for x in (tmp_path / "dp" / "rounds.jsonl").read_text().splitlines()]
+    expected = epsilon_per_round(rounds=3, noise_multiplier=1.1, delta=1e-5)
+    assert [x["epsilon"] for x in lines] == pytest.approx(expected)
+    assert expected[0] < expected[1] < expected[2]
+    assert summary["privacy"]["epsilon"] == pytest.approx(expected[-1])
+    # Noise of std 1.1 * 0.05 per entry makes the sent norm far larger than the clipping bound.
+    assert all(s["update_norm"] > 0.05 for x in lines for s in x["site_metrics"].values())
+    assert all(x["query_loss_after"] is None for x in lines)  # no losses leave a site under DP
