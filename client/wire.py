@@ -10,8 +10,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from fedmeta.common.compression import checksum, decode, encode
-from fedmeta.common.errors import DeltaError
 from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.errors import DeltaError
 from fedmeta.common.params import NDArrays
 
 _RESIDUAL = "fedmeta.topk-residual"

@@ -295,9 +295,10 @@ class ExperimentConfig:
         if self.seed < 0:
             raise ConfigError(f"{where}: seed = {self.seed}: must be >= 0")
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                value.validate(where)
+            section = getattr(self, f.name)
+            check = getattr(section, "validate", None)
+            if dataclasses.is_dataclass(section) and callable(check):
+                check(where)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict (tuples become lists)."""
@@ -332,7 +333,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         return tuple(_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value))
     if origin in (types.UnionType, typing.Union):
         raise TypeError(f"config field {key} has a union type; not supported")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: {key} = {value!r}: expected a mapping of settings")
         return _build(tp, value, f"{key}.", where)

@@ -19,7 +19,6 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import serde
 from flwr.common.constant import ErrorCode
-
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 

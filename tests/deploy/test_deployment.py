@@ -38,7 +38,7 @@ from fedmeta.deploy.local import (
     wait_nodes_online,
     write_local_consortium,
 )
-from fedmeta.deploy.processes import Processes
+from fedmeta.deploy.processes import Processes, descendants
 from fedmeta.deploy.provision import provision
 from fedmeta.deploy.siteconfig import SiteConfig, load_site_config
 from fedmeta.server.audit import read_log
@@ -223,64 +223,55 @@ def _restart_site_until_online(
     raise AssertionError(f"{site.site} was not re-admitted within {timeout:.0f} s")
 
 
-def test_malformed_delta_is_rejected_logged_and_the_round_goes_on(deployment: Deployment) -> None:
-    d = deployment
-    faulty = d.sites[N_SITES]  # site-3, registered; its ClientApp now sends a NaN in its delta
-    start_site(d.procs, faulty, runtime_port=free_port(),
-               extra_env={"PYTHONPATH": str(MALFORMED_SITE)})
-    try:
-        wait_nodes_online(d.co.env, [d.co.node_ids[s.site] for s in d.sites], timeout=60)
-        out = d.root / "malformed"
-        run_id = submit_run(d.co.env, app=project_root(), run_config={
-            "config": "", "overrides": " ".join(["rounds=1", *FAST]), "out": str(out)})
-        d.procs.refresh_children()
-        assert wait_run(d.co.env, run_id, timeout=240) == "finished:completed"
-    finally:
-        d.procs.stop(f"site-{faulty.site}")
-    (r1,) = _rounds(out)
-    assert len(r1["accepted"]) == N_SITES and r1["applied"]
-    assert len(r1["rejected"]) == 1
-    (reason,) = r1["rejected"].values()
-    assert "NaN/Inf" in reason
-    bad = d.co.node_ids[faulty.site]
-    events = _audit(d, run_id)
-    rejected = [e for e in events if e["event"] == "contribution" and not e["accepted"]]
-    assert [(e["node_id"], e["site"]) for e in rejected] == [(bad, faulty.site)]
-    assert "NaN/Inf" in rejected[0]["reason"]
-    (done,) = [e for e in events if e["event"] == "round_completed"]
-    assert done["rejected"] == [bad] and len(done["accepted"]) == N_SITES
-    assert [e["event"] for e in events][-1] == "run_finished"
+@dataclass
+class FaultScenario:
+    out: Path
+    first_run: int
+    resumed_run: int
+    faulty_node: int
+    crashed_node: int
+    first_audit: list[dict]
+    resumed_audit: list[dict]
 
 
-def test_site_crash_mid_round_and_coordinator_restart(deployment: Deployment) -> None:
-    """Site-2 dies during round 1 (the round completes with the other two at the timeout); the
-    coordinator is then killed after round 1's checkpoint and restarted on the same state
-    database; the hospital restarts (re-admitted once the SuperLink has seen its old session
-    expire, as systemd's Restart= would retry) and the run resumes from round 1's checkpoint with
-    all three sites."""
+@pytest.fixture(scope="module")
+def faults(deployment: Deployment) -> FaultScenario:
+    """One run that meets all three faults (each start-up costs tens of seconds, so they share it).
+
+    * site-3 is faulty: its ClientApp puts a NaN into every delta it sends;
+    * site-2 crashes (SIGKILL) while computing round 1 and restarts later;
+    * after round 1 is checkpointed the coordinator crashes (SIGKILL), restarts on the same state
+      database, and the run is resubmitted with ``resume=true``.
+
+    A crashed SuperNode is refused re-activation until the SuperLink has seen its previous session
+    expire, so site-2 is restarted until admitted, as systemd's ``Restart=`` would.
+    """
     d = deployment
     out = d.root / "faults"
+    faulty, crashed = d.sites[N_SITES], d.sites[2]
+    start_site(d.procs, faulty, runtime_port=free_port(),
+               extra_env={"PYTHONPATH": str(MALFORMED_SITE)})
+    wait_nodes_online(d.co.env, [d.co.node_ids[s.site] for s in d.sites], timeout=60)
     overrides = ["rounds=2", "federation.timeout_s=40", *FAST]
-    run_id = submit_run(d.co.env, app=project_root(), run_config={
+    first = submit_run(d.co.env, app=project_root(), run_config={
         "config": "", "overrides": " ".join(overrides), "out": str(out)})
-    victim = "site-site-2"
-    victim_node = d.co.node_ids["site-2"]
 
-    # Round 1 begins right after the handshake (audited as run_started); kill site-2 once its
-    # ClientApp for the training message is running.
-    _wait_for(lambda: any(e["event"] == "run_started" for e in _audit(d, run_id)), 120,
+    # Round 1 starts right after the handshake (audited as run_started): kill site-2 once the
+    # ClientApp computing its round-1 update is running.
+    _wait_for(lambda: any(e["event"] == "run_started" for e in _audit(d, first)), 120,
               "run_started in the audit log")
-    from fedmeta.deploy.processes import descendants
+    victim = f"site-{crashed.site}"
 
     def clientapp_running() -> bool:
-        pids = descendants(d.procs.procs[victim].pid)
-        return any(b"flwr-clientapp" in Path(f"/proc/{p}/cmdline").read_bytes()
-                   for p in pids if Path(f"/proc/{p}/cmdline").exists())
+        for pid in descendants(d.procs.procs[victim].pid):
+            cmdline = Path(f"/proc/{pid}/cmdline")
+            if cmdline.exists() and b"flwr-clientapp" in cmdline.read_bytes():
+                return True
+        return False
 
-    _wait_for(clientapp_running, 60, "site-2's training ClientApp")
+    _wait_for(clientapp_running, 60, "site-2's round-1 ClientApp")
     d.procs.kill(victim)
 
-    # Round 1 completes with two sites; then crash the coordinator (checkpoint of round 1 exists).
     _wait_for(lambda: (out / "rounds.jsonl").exists() and len(_rounds(out)) >= 1, 120,
               "round 1 in rounds.jsonl")
     assert (out / "checkpoint.safetensors").is_file()
@@ -290,27 +281,63 @@ def test_site_crash_mid_round_and_coordinator_restart(deployment: Deployment) ->
         control_host=LOOPBACK, control_port=int(d.co.control_address.rsplit(":", 1)[1]),
     )
     assert co.node_ids == d.co.node_ids  # same database: same registered identities
-    _restart_site_until_online(d, co, d.sites[2], timeout=150)
-    wait_nodes_online(co.env, [co.node_ids[s.site] for s in d.sites[:N_SITES]], timeout=90)
-    # After the restart the operator waits for all three hospitals (min_nodes=3) and allows
-    # SuperNodes that still hold messages of the killed run time to drain them.
+    _restart_site_until_online(d, co, crashed, timeout=150)
+    wait_nodes_online(co.env, [co.node_ids[s.site] for s in d.sites], timeout=90)
+    # After the restart the operator asks for three hospitals (min_nodes=3) and gives SuperNodes
+    # that still hold messages of the killed run time to drain them.
     resume_overrides = ["rounds=2", "federation.timeout_s=90", "federation.min_nodes=3", *FAST]
     resumed = submit_run(co.env, app=project_root(), run_config={
         "config": "", "overrides": " ".join(resume_overrides), "out": str(out),
         "resume": "true"})
-    assert wait_run(co.env, resumed, timeout=240) == "finished:completed"
+    try:
+        assert wait_run(co.env, resumed, timeout=300) == "finished:completed"
+    finally:
+        d.procs.stop(f"site-{faulty.site}")
+    return FaultScenario(
+        out=out, first_run=first, resumed_run=resumed,
+        faulty_node=d.co.node_ids[faulty.site], crashed_node=d.co.node_ids[crashed.site],
+        first_audit=_audit(d, first), resumed_audit=_audit(d, resumed),
+    )
 
-    rounds = _rounds(out)
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert len(rounds[0]["sampled"]) == N_SITES and len(rounds[0]["accepted"]) == N_SITES - 1
-    assert rounds[0]["applied"]  # min_nodes = 2 was met
-    assert all(len(r["accepted"]) == N_SITES for r in rounds[1:])  # site-2 rejoined
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["sites"]) == N_SITES
-    first = _audit(d, run_id)
-    missing = [e for e in first if e["event"] == "contribution" and not e["accepted"]]
-    assert [e["node_id"] for e in missing] == [victim_node]
-    assert missing[0]["reason"] == "no reply before the round timeout"
-    later = _audit(d, resumed)
-    assert {"event": "checkpoint_resumed", "round": 1} in [
-        {k: e[k] for k in ("event", "round")} for e in later if e["event"] == "checkpoint_resumed"]
+
+def _contributions(events: list[dict], round_: int) -> dict[int, dict]:
+    return {e["node_id"]: e for e in events
+            if e["event"] == "contribution" and e["round"] == round_}
+
+
+def test_malformed_delta_is_rejected_logged_and_the_round_goes_on(faults: FaultScenario) -> None:
+    rounds = _rounds(faults.out)
+    for r in rounds:
+        assert len(r["rejected"]) == 1 and r["applied"], r
+        (reason,) = r["rejected"].values()
+        assert "NaN/Inf" in reason
+    for events, round_ in ((faults.first_audit, 1), (faults.resumed_audit, 2)):
+        bad = _contributions(events, round_)[faults.faulty_node]
+        assert bad["accepted"] is False and "NaN/Inf" in bad["reason"]
+        assert bad["site"] == f"site-{N_SITES}"
+        (done,) = [e for e in events if e["event"] == "round_completed" and e["round"] == round_]
+        assert done["rejected"] == [faults.faulty_node]
+
+
+def test_site_crash_mid_round_then_rejoin(faults: FaultScenario) -> None:
+    r1, r2 = _rounds(faults.out)
+    assert len(r1["sampled"]) == N_SITES + 1
+    assert len(r1["accepted"]) == N_SITES - 1 and r1["applied"]  # min_nodes = 2 was met
+    missing = _contributions(faults.first_audit, 1)[faults.crashed_node]
+    assert missing["accepted"] is False
+    assert missing["reason"] == "no reply before the round timeout"
+    (done,) = [e for e in faults.first_audit if e["event"] == "round_completed"]
+    assert done["missing"] == [faults.crashed_node]
+    assert len(r2["accepted"]) == N_SITES  # site-2 is back
+    assert _contributions(faults.resumed_audit, 2)[faults.crashed_node]["accepted"] is True
+
+
+def test_coordinator_restart_resumes_from_checkpoint(faults: FaultScenario) -> None:
+    assert [r["round"] for r in _rounds(faults.out)] == [1, 2]
+    resumed = [e for e in faults.resumed_audit if e["event"] == "checkpoint_resumed"]
+    assert [e["round"] for e in resumed] == [1]
+    assert not any(e["event"] == "contribution" and e["round"] == 1
+                   for e in faults.resumed_audit)  # round 1 was not redone
+    assert not any(e["event"] == "run_finished" for e in faults.first_audit)
+    summary = json.loads((faults.out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and len(summary["sites"]) >= N_SITES

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord
 from fedmeta.common import params as P
 from fedmeta.common.data.heart import HOSPITALS
 
+
 def _npy(a):
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
