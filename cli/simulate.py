@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run a federated meta-learning simulation on this machine")
-    p.add_argument("--config", type=Path, default=None, help="experiment YAML (default: built-in defaults)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="experiment YAML, or the name of a bundled one (e.g. heart-maml; see configs/)")
     p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. --set rounds=3 seed=7 inner.lr=0.1")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<algorithm>-<time>)")
@@ -34,6 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ray: Flower's simulation engine, one actor per site (default); local: all "
                         "sites in this process, messages still serialised as on the wire (no Ray start)")
     p.set_defaults(func=_run)
+
+
+def resolve_config(path: Path | None) -> Path | None:
+    """A file path as given, or a bundled experiment by name (``heart-maml`` -> configs/heart-maml.yaml)."""
+    if path is None or path.exists():
+        return path
+    from importlib import resources
+
+    bundled = resources.files("fedmeta.configs") / (path.name if path.suffix else f"{path.name}.yaml")
+    if bundled.is_file() and len(path.parts) == 1:
+        return Path(str(bundled))
+    return path  # load_config reports the missing file
 
 
 def gpu_share(n_nodes: int) -> float:
@@ -155,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.resume, args.overrides)
         out_dir = args.resume
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(resolve_config(args.config), args.overrides)
         out_dir = args.out or default_run_dir(cfg)
     _log_to_run_folder(out_dir, verbose=args.verbose)
     start = time.monotonic()
