@@ -26,6 +26,7 @@ from fedmeta.deploy.launch import (
     base_env,
     check_fleet_is_grpc,
     list_nodes,
+    load_node_ids,
     project_root,
     register_sites,
     submit_run,
@@ -108,10 +109,12 @@ def start_coordinator(
                 bound, control_host, control_port)
     ids: dict[str, int] = {}
     if not insecure:
+        known = load_node_ids(layout)
         ids = register_sites(layout, env)
         log = open_log(layout.audit)
         for name, node_id in ids.items():
-            log.record("node_registered", site=name, node_id=node_id)
+            if name not in known:
+                log.record("node_registered", site=name, node_id=node_id)
     procs.refresh_children()
     return CoordinatorHandle(
         layout=layout,
