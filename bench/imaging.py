@@ -61,7 +61,7 @@ ADAPT_STEPS, ADAPT_LR = 20, 0.05
 def settings(quick: bool) -> tuple[int, int, tuple[str, ...]]:
     """(rounds, episodes per held-out site, methods)."""
     if quick:
-        return 2, 3, ("protonet", "fedavg")
+        return 1, 2, ("protonet", "fedavg")
     return 20, EPISODES, tuple(m[0] for m in METHODS)
 
 
@@ -81,7 +81,10 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
     rows: list[H.Row] = []
-    eval_cfg = H.config([*BASE, f"rounds={rounds}"], CONFIG)
+    base = [*BASE, f"rounds={rounds}"]
+    if quick:  # three training sites, all of them each round
+        base += ["data.sites=[site-01,site-02,site-03,site-09,site-10]", "federation.fraction=1.0"]
+    eval_cfg = H.config(base, CONFIG)
     eval_model = H.build_model_for(eval_cfg, H.spec_of(eval_cfg))  # 5-way head
     episodes = {}
     for si, name in enumerate(HELD_OUT):
@@ -92,7 +95,7 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     for key, label, overrides in METHODS:
         if key not in keys:
             continue
-        cfg = H.config([*BASE, *overrides, f"rounds={rounds}"], CONFIG)
+        cfg = H.config([*base, *overrides], CONFIG)
         t = H.Timer()
         _, state, log_rounds = H.run_federated(cfg, out_dir / "runs" / key, own_evaluation=True)
         curves[label] = log_rounds
