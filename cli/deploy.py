@@ -70,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="folder the coordinator writes summary.json into")
     rn.add_argument("--app", type=Path, default=None, help="fedmeta source folder (Flower app)")
     rn.add_argument("--no-stream", action="store_true", help="do not stream the run's logs")
+    rn.add_argument("--secagg", action="store_true",
+                    help="Reptile with SecAgg+ secure aggregation (server sees only the mean delta)")
     rn.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
     rn.set_defaults(func=_run)
 
@@ -83,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     lo.add_argument("--insecure", action="store_true", help="no TLS (prints a warning)")
     lo.add_argument("--timeout", type=float, default=900.0)
+    lo.add_argument("--secagg", action="store_true", help="secure aggregation (SecAgg+)")
     lo.set_defaults(func=_deploy_local)
 
 
@@ -248,7 +251,8 @@ def _run(args: argparse.Namespace) -> int:
         "overrides": " ".join(args.override),
         "out": str(out),
     }
-    run_id = submit_run(env, app=args.app or project_root(), run_config=run_config)
+    run_id = submit_run(env, app=args.app or project_root(), run_config=run_config,
+                        secagg=args.secagg)
     open_log(args.state / "audit.jsonl").record("run_submitted", run_id=run_id, sites=[])
     print(f"submitted run {run_id}; results in {out}")
     if not args.no_stream:
@@ -271,6 +275,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         overrides=args.override,
         insecure=args.insecure,
         run_timeout=args.timeout,
+        secagg=args.secagg,
     )
     print(f"run {res.run_id} {res.status}: provision {res.provision_s:.1f} s, start "
           f"{res.startup_s:.1f} s, run {res.run_s:.1f} s, total {res.total_s:.1f} s; "

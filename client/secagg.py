@@ -10,7 +10,8 @@ See :mod:`fedmeta.server.secagg` for what the protocol protects and what it rule
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 from fedmeta.common.privacy import add_gaussian_noise, clip_update, site_noise_std
 
 # (theta as a list of arrays, node context, round config) -> (delta list, number of examples)
-LocalDelta = Callable[[list[np.ndarray], Context, dict[str, object]], tuple[list[np.ndarray], int]]
+LocalDelta = Callable[[list[np.ndarray], Context, Mapping[str, object]], tuple[list[np.ndarray], int]]
 
 
 def bound_delta(
@@ -42,27 +43,45 @@ def bound_delta(
     return [noised[str(i)].numpy() for i in range(len(delta))]
 
 
+# Keys of the round config that override the app's bounding settings (set by the server app).
+L2_BOUND_KEY = "secagg-l2-bound"
+NOISE_KEY = "secagg-noise-multiplier"
+N_SITES_KEY = "secagg-n-sites"
+
+
 def make_secagg_client_app(
     local_delta: LocalDelta,
     *,
-    l2_bound: float,
+    l2_bound: float | None = None,
     noise_multiplier: float = 0.0,
     n_sites: int = 1,
     seed: int | None = None,
 ) -> ClientApp:
-    """A ClientApp answering SecAgg+ train rounds with ``local_delta``'s (bounded) delta."""
+    """A ClientApp answering SecAgg+ train rounds with ``local_delta``'s (bounded) delta.
+
+    The bound and the noise come from the round config (``secagg-l2-bound``,
+    ``secagg-noise-multiplier``, ``secagg-n-sites``) when the server sends them, else from the
+    arguments; with neither a bound the reply is refused (fail closed: an unbounded delta would be
+    silently clipped coordinate-wise by the quantiser). ``seed`` (tests only) makes the noise
+    reproducible; otherwise it comes from :mod:`secrets`.
+    """
     app = ClientApp(mods=[secaggplus_mod])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        config = dict(fitins.config)
+        bound = float(config.get(L2_BOUND_KEY, l2_bound or 0.0))  # type: ignore[arg-type]
+        if not bound > 0:
+            raise ValueError(f"no L2 bound for the secure-aggregation delta ({L2_BOUND_KEY})")
+        noise = float(config.get(NOISE_KEY, noise_multiplier))  # type: ignore[arg-type]
+        sites = int(config.get(N_SITES_KEY, n_sites))  # type: ignore[arg-type]
         theta = [np.asarray(a) for a in parameters_to_ndarrays(fitins.parameters)]
-        delta, num_examples = local_delta(theta, context, dict(fitins.config))
-        gen = None
-        if seed is not None:
-            gen = torch.Generator().manual_seed(seed + int(context.node_id) % 2**31)
-        bounded = bound_delta(delta, l2_bound=l2_bound, noise_multiplier=noise_multiplier,
-                              n_sites=n_sites, generator=gen)
+        delta, num_examples = local_delta(theta, context, config)
+        node_seed = secrets.randbits(63) if seed is None else seed + int(context.node_id) % 2**31
+        gen = torch.Generator().manual_seed(node_seed)
+        bounded = bound_delta(delta, l2_bound=bound, noise_multiplier=noise, n_sites=sites,
+                              generator=gen)
         fitres = FitRes(
             status=Status(code=Code.OK, message="ok"),
             parameters=ndarrays_to_parameters(bounded),

@@ -326,27 +326,41 @@ def run_config_arg(values: Mapping[str, str]) -> str:
     return " ".join(parts)
 
 
-def stage_app(app: Path, dest: Path) -> Path:
+SECAGG_COMPONENTS = {
+    "serverapp": "fedmeta.server.secagg_app:app",
+    "clientapp": "fedmeta.client.secagg_app:app",
+}
+
+
+def stage_app(app: Path, dest: Path, *, secagg: bool = False) -> Path:
     """Copy the app's ``pyproject.toml`` into ``dest`` and return ``dest``.
 
     ``flwr run`` rewrites the ``pyproject.toml`` it is given (it comments out the legacy
     ``[tool.flwr.federations]`` tables), so it is pointed at a copy, never at the source tree.
     The components it names (``fedmeta.server.app:app``, ``fedmeta.client.app:app``) are imported
     from the installed ``fedmeta`` package on both sides, so the FAB needs nothing else.
+    ``secagg=True`` points the components at the secure-aggregation pair
+    (:mod:`fedmeta.server.secagg_app`, :mod:`fedmeta.client.secagg_app`).
     """
     src = app / "pyproject.toml"
     if not src.is_file():
         raise ProvisionError(f"{src}: missing; --app must be the fedmeta source folder")
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest / "pyproject.toml")
+    text = src.read_text(encoding="utf-8")
+    if secagg:
+        for key, target in SECAGG_COMPONENTS.items():
+            text, n = re.subn(rf'(?m)^{key}\s*=\s*"[^"]*"', f'{key} = "{target}"', text)
+            if n != 1:
+                raise ProvisionError(f"{src}: expected one `{key} = ...` component, found {n}")
+    (dest / "pyproject.toml").write_text(text, encoding="utf-8")
     return dest
 
 
 def submit_run(
-    env: Mapping[str, str], *, app: Path, run_config: Mapping[str, str]
+    env: Mapping[str, str], *, app: Path, run_config: Mapping[str, str], secagg: bool = False
 ) -> int:
     """``flwr run APP fedmeta --run-config ...`` on a staged copy of APP; returns the run id."""
-    staged = stage_app(app, Path(env["FLWR_HOME"]) / "staged-app")
+    staged = stage_app(app, Path(env["FLWR_HOME"]) / "staged-app", secagg=secagg)
     args = ["run", str(staged), CONNECTION]
     if run_config:
         args += ["--run-config", run_config_arg(run_config)]

@@ -215,6 +215,7 @@ def deploy_local(
     insecure: bool = False,
     run_timeout: float = 600.0,
     app: Path | None = None,
+    secagg: bool = False,
 ) -> LocalResult:
     """Provision, start a TLS SuperLink and ``sites`` SuperNodes on 127.0.0.1, run, stop all.
 
@@ -259,7 +260,8 @@ def deploy_local(
                 "overrides": " ".join([*overrides, f"rounds={rounds}"]),
                 "out": str(out),
             }
-            run_id = submit_run(co.env, app=app or project_root(), run_config=run_config)
+            run_id = submit_run(co.env, app=app or project_root(), run_config=run_config,
+                                secagg=secagg)
             open_log(co.layout.audit).record("run_submitted", run_id=run_id,
                                              sites=sorted(co.node_ids))
             procs.refresh_children()

@@ -74,25 +74,25 @@ def secagg_settings(
 ) -> SecAggSettings:
     """Settings for ``n_sites`` sites whose deltas are clipped to L2 norm ``l2_bound``.
 
-    Every site is a neighbour of every other (``num_shares = n``); a key is reconstructable
-    from ``n − dropout_tolerance`` shares. ``Q`` is the largest power of two with ``n·Q`` below
+    Every site is a neighbour of every other (``num_shares = n``; Flower needs ``n > 2``); a key
+    is reconstructable from ``n − dropout_tolerance`` shares (Flower needs fewer than ``n``). ``Q`` is the largest power of two with ``n·Q`` below
     the modulus (the masked sum of ``n`` values in ``[0, Q)`` must not wrap around).
     """
-    if n_sites < 2:
-        raise ValueError(f"secure aggregation needs at least 2 sites, got {n_sites}")
+    if n_sites < 3:
+        raise ValueError(f"SecAgg+ needs at least 3 sites, got {n_sites}")
     if not l2_bound > 0:
         raise ValueError(f"l2_bound must be > 0, got {l2_bound}")
     if max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    if not 0 <= dropout_tolerance < n_sites - 1:
+    if not 1 <= dropout_tolerance <= n_sites - 2:
         raise ValueError(
-            f"dropout_tolerance must be in [0, {n_sites - 2}] for {n_sites} sites, "
+            f"dropout_tolerance must be in [1, {n_sites - 2}] for {n_sites} sites, "
             f"got {dropout_tolerance}"
         )
     levels_bits = 31 - math.ceil(math.log2(n_sites + 1))
     return SecAggSettings(
         num_shares=n_sites,
-        reconstruction_threshold=max(2, n_sites - dropout_tolerance),
+        reconstruction_threshold=n_sites - dropout_tolerance,
         clipping_range=float(l2_bound),
         quantization_range=2**levels_bits,
         max_weight=float(max_examples),

@@ -175,6 +175,26 @@ def test_federated_reptile_run_over_tls(deployment: Deployment) -> None:
         {"run_s": elapsed, "round_wall_s": [r["wall_s"] for r in rounds]}))
 
 
+def test_secure_aggregation_run_over_tls(deployment: Deployment) -> None:
+    """``--secagg``: Reptile over SecAgg+ through the real SuperLink; sites clip to privacy.clip."""
+    d = deployment
+    out = d.root / "secagg"
+    run_id = submit_run(d.co.env, app=project_root(), secagg=True, run_config={
+        "config": "", "overrides": "rounds=1 privacy.clip=0.05 tasks.meta_batch=4",
+        "out": str(out)})
+    d.procs.refresh_children()
+    assert wait_run(d.co.env, run_id, timeout=300) == "finished:completed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["secure_aggregation"] is True and summary["rounds_completed"] == 1
+    (r1,) = _rounds(out)
+    # Each site's delta (norm 0.05-0.3 unclipped) was clipped to 0.05 before masking, so the
+    # securely averaged delta cannot exceed it (quantisation adds at most ~1e-8 per coordinate).
+    assert 0 < r1["mean_delta_norm"] <= 0.05 + 1e-5
+    assert (out / "final.safetensors").is_file()
+    started = [e for e in _audit(d, run_id) if e["event"] == "run_started"]
+    assert started and started[0]["algorithm"] == "reptile+secagg"
+
+
 def test_flwr_run_never_rewrites_the_source_pyproject(deployment: Deployment) -> None:
     # `flwr run` migrates the pyproject.toml it is given; submit_run hands it a staged copy.
     assert _digest(project_root() / "pyproject.toml") == deployment.pyproject_sha256

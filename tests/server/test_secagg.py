@@ -24,8 +24,8 @@ def test_settings_fit_the_modulus_and_bound() -> None:
     assert 4 * s.quantization_range < s.modulus_range == 2**32
     assert s.quantization_range == 2**28
     assert s.resolution == pytest.approx(1.0 / 2**28)
-    with pytest.raises(ValueError, match="at least 2 sites"):
-        secagg_settings(n_sites=1, l2_bound=1.0, max_examples=10)
+    with pytest.raises(ValueError, match="at least 3 sites"):
+        secagg_settings(n_sites=2, l2_bound=1.0, max_examples=10)
     with pytest.raises(ValueError, match="dropout_tolerance must be in"):
         secagg_settings(n_sites=3, l2_bound=1.0, max_examples=10, dropout_tolerance=2)
 
