@@ -175,6 +175,43 @@ def _binary_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return binary_metrics(y, p[:, 1])
 
 
+def choose_adapt_steps(
+    cfg: ExperimentConfig, model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *,
+    rng: np.random.Generator,
+) -> int:
+    """How many adaptation steps to take, chosen on the site's own rows only.
+
+    With ``eval.validation_fraction`` = f > 0 and enough rows of each class, a stratified fraction f
+    of the adaptation rows is held out; θ is adapted on the rest for each candidate step count
+    (0 and a geometric grid up to ``eval.adapt_steps``) and the count with the lowest held-out
+    log-loss is returned (ties: fewer steps). Otherwise ``eval.adapt_steps``.
+    """
+    e = cfg.eval
+    labels = y.cpu().numpy()
+    classes, counts = np.unique(labels, return_counts=True)
+    if e.validation_fraction <= 0 or len(classes) < 2 or counts.min() < 4:
+        return e.adapt_steps
+    val = np.concatenate([
+        rng.choice(np.flatnonzero(labels == c), size=max(1, int(round(e.validation_fraction * n))), replace=False)
+        for c, n in zip(classes, counts, strict=True)
+    ])
+    mask = np.ones(len(labels), dtype=bool)
+    mask[val] = False
+    fit_idx = torch.from_numpy(np.flatnonzero(mask)).to(x.device)
+    val_idx = torch.from_numpy(np.sort(val)).to(x.device)
+    grid = sorted({0, *(int(round(e.adapt_steps * f)) for f in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0))})
+    best, best_loss = 0, float("inf")
+    for steps in grid:
+        fitted = params if steps == 0 else adapt(
+            model, params, x[fit_idx], y[fit_idx], InnerConfig(steps=steps, lr=e.adapt_lr, proximal=e.proximal))
+        with torch.no_grad():
+            logits = torch.func.functional_call(model, fitted, (x[val_idx],))
+            loss = float(torch.nn.functional.cross_entropy(logits, y[val_idx]))
+        if loss < best_loss - 1e-9:
+            best, best_loss = steps, loss
+    return best
+
+
 def _present_class_logits(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor,
                           xq: torch.Tensor, n_way: int = 2) -> np.ndarray:
     """ProtoNet logits where a class with no support example gets probability 0 (a site whose
@@ -198,8 +235,9 @@ def evaluate_site(
 ) -> dict:
     """Score the global state on the site's test split before and after local adaptation.
 
-    Tables: adaptation is ``eval.adapt_steps`` full-batch steps of ``eval.adapt_lr`` on the
-    training split (or on ``eval.shots`` patients of it), pulled toward θ by ``eval.proximal``;
+    Tables: adaptation is up to ``eval.adapt_steps`` full-batch steps of ``eval.adapt_lr`` on the
+    training split (or on ``eval.shots`` patients of it), pulled toward θ by ``eval.proximal``,
+    the number of steps chosen on held-out training rows (:func:`choose_adapt_steps`);
     Meta-SGD adapts with its learned rates instead (``inner.steps`` steps). ProtoNets compute class
     prototypes: "before" from ``tasks.support`` labelled patients, "after" from the whole training
     split. Images: few-shot episodes drawn from the site's test split (see
@@ -230,8 +268,9 @@ def evaluate_site(
             inner = InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
             adapted = adapt(model, params, x_tr, y_tr, inner, lrs=from_numpy(lrs_np, device=device))
         elif cfg.eval.adapt_steps > 0:
-            inner = InnerConfig(steps=cfg.eval.adapt_steps, lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal)
-            adapted = adapt(model, params, x_tr, y_tr, inner)
+            steps = choose_adapt_steps(cfg, model, params, x_tr, y_tr, rng=rng)
+            inner = InnerConfig(steps=max(steps, 1), lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal)
+            adapted = adapt(model, params, x_tr, y_tr, inner) if steps > 0 else params
         else:
             adapted = params
         after = _binary_scores(_predict(model, adapted, x_te), y_te)

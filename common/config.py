@@ -180,6 +180,9 @@ class EvalConfig:
     proximal: float = 0.0
     shots: int = 0
     every: int = 0  # also evaluate every N rounds (0: only at the end)
+    #: > 0: hold out this fraction of the site's adaptation rows, choose the number of steps
+    #: (up to ``adapt_steps``) with the lowest loss on them, then adapt on all rows that long.
+    validation_fraction: float = 0.25
 
     def validate(self, where: str) -> None:
         if self.adapt_steps < 0:
@@ -188,6 +191,10 @@ class EvalConfig:
             raise ConfigError(f"{where}: eval.adapt_lr = {self.adapt_lr}: must be > 0")
         if self.shots < 0 or self.every < 0 or self.proximal < 0:
             raise ConfigError(f"{where}: eval.shots, eval.every and eval.proximal must be >= 0")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(
+                f"{where}: eval.validation_fraction = {self.validation_fraction}: must be in [0, 1)"
+            )
 
 
 @dataclass(frozen=True)
