@@ -56,9 +56,15 @@ def _wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progress) -> dict[int, str]:
-    """Ask every connected site for its name (a QUERY message); returns ``node_id -> site``."""
-    nodes = _wait_for_nodes(grid, expected, cfg.federation.timeout_s)
+def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progress,
+              known: dict[int, str] | None = None) -> dict[int, str]:
+    """Ask every connected site not in ``known`` for its name (a QUERY message); returns
+    ``node_id -> site`` for all of them (``known`` included). With ``known`` it does not wait."""
+    known = dict(known or {})
+    nodes = (_wait_for_nodes(grid, expected, cfg.federation.timeout_s) if not known
+             else sorted(n for n in grid.get_node_ids() if n not in known))
+    if known and not nodes:
+        return known
     content = RecordDict({"config": ConfigRecord({"phase": "hello", "experiment": cfg.to_json()})})
     msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     names: dict[int, str] = {}
@@ -68,11 +74,15 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progre
             log.warning("node %d failed the handshake: %s", node, reply.error.reason)
             continue
         names[node] = str(reply.content["site"]["name"])
+    for node, site in list(names.items()):
+        if site in known.values():  # a site reconnecting under a new node id replaces its old one
+            known = {n: s for n, s in known.items() if s != site}
     dupes = {s for s in names.values() if list(names.values()).count(s) > 1}
     if dupes:
         raise FedmetaError(f"two nodes claim the same site {sorted(dupes)[0]!r}; check node configs")
-    progress(f"{len(names)} sites joined: {', '.join(sorted(names.values()))}")
-    return names
+    if names:
+        progress(f"{len(names)} site(s) joined: {', '.join(sorted(names.values()))}")
+    return known | names
 
 
 def _nanmean(values: list[float]) -> float:
@@ -215,6 +225,9 @@ def run_experiment(
     train_config = ConfigRecord({"experiment": cfg.to_json()})
     for server_round in range(first_round, cfg.rounds + 1):
         t_round = time.monotonic()
+        if set(grid.get_node_ids()) - set(strategy.node_names):  # sites that connected late
+            strategy.node_names = handshake(grid, cfg, 0, say, known=strategy.node_names)
+            names = strategy.node_names
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.timeout_s))
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -226,8 +239,10 @@ def run_experiment(
         if cfg.privacy.dp:
             from fedmeta.common.privacy import epsilon
 
+            # Sites are sampled as a fixed-size subset, not by Poisson sampling, so no privacy
+            # amplification by subsampling is claimed: ε is that of every round taking part.
             rec.epsilon = epsilon(rounds=server_round, noise_multiplier=cfg.privacy.noise_multiplier,
-                                  delta=cfg.privacy.delta, sampling_rate=cfg.federation.fraction)
+                                  delta=cfg.privacy.delta)
         if audit is not None:
             audit.round_outcome(
                 run_id=run_id, round=server_round,
@@ -280,7 +295,7 @@ def run_experiment(
 
         summary["privacy"] = {
             "epsilon": epsilon(rounds=cfg.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
-                               delta=cfg.privacy.delta, sampling_rate=cfg.federation.fraction),
+                               delta=cfg.privacy.delta),
             "delta": cfg.privacy.delta, "clip": cfg.privacy.clip,
             "noise_multiplier": cfg.privacy.noise_multiplier, "adjacency": "site-level",
         }

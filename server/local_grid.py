@@ -47,10 +47,18 @@ class LocalGrid(Grid):
                 run_id=run_id, node_id=node_id, node_config=dict(node_config),
                 state=RecordDict(), run_config={},
             )
+        self.run_id = run_id
         self.dropped: dict[int, int] = {}  # node id -> from which server round it stops answering
         self.tampers: dict[int, Tamper] = {}
         self.sent: list[Message] = []  # every message a site sent (after serialisation)
         self.record_sent = False
+
+    def add_node(self, node_config: dict[str, Any]) -> int:
+        """Connect another site (e.g. one that joins after the run started); returns its node id."""
+        node_id = 1000 + len(self.nodes)
+        self.nodes[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config=dict(node_config),
+                                      state=RecordDict(), run_config={})
+        return node_id
 
     # -- fault injection ---------------------------------------------------------------------------
     def drop(self, node_id: int, from_round: int) -> None:

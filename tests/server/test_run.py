@@ -196,3 +196,28 @@ def test_differential_privacy_clips_on_the_site_and_reports_epsilon(tmp_path, lo
     # Noise of std 1.1 * 0.05 per entry makes the sent norm far larger than the clipping bound.
     assert all(s["update_norm"] > 0.05 for x in lines for s in x["site_metrics"].values())
     assert all(x["query_loss_after"] is None for x in lines)  # no losses leave a site under DP
+
+
+def test_site_joining_after_the_start_is_named_and_trains(tmp_path):
+    from fedmeta.client.app import app as client_app
+    from fedmeta.common.config import load_config
+    from fedmeta.server.driver import run_experiment
+    from fedmeta.server.local_grid import LocalGrid
+
+    cfg = load_config(None, ["rounds=3", "eval.adapt_steps=5", "tasks.meta_batch=4", "federation.min_nodes=3"])
+    grid = LocalGrid(client_app, [{"partition-id": i} for i in range(3)])
+    original = grid.send_and_receive
+    calls = []
+
+    def late_join(messages, *, timeout=None):
+        calls.append(1)
+        if len(calls) == 2:  # while round 1 is under way, VA Long Beach connects
+            grid.add_node({"partition-id": 3})
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = late_join
+    summary = run_experiment(grid, cfg, tmp_path / "run", expected_nodes=3, progress=lambda _: None)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert "VA Long Beach" not in lines[0]["sampled"]
+    assert "VA Long Beach" in lines[1]["accepted"] and "VA Long Beach" in lines[2]["accepted"]
+    assert set(summary["sites"]) == set(HOSPITALS)
