@@ -61,7 +61,7 @@ def settings(quick: bool) -> tuple[list[int], int, dict[str, str], tuple[tuple[s
     """(seeds, rounds, algorithms, compressions)."""
     if quick:
         return [0], 2, {"fedavg": "FedAvg", "reptile": "fedmeta Reptile"}, COMPRESSIONS[:3:2]
-    return [0, 1, 2], 30, ALGORITHMS, COMPRESSIONS
+    return [0, 1], 30, ALGORITHMS, COMPRESSIONS
 
 
 def bytes_to_reach(curve: list[dict], key: str, target: float) -> tuple[float | None, int | None]:
