@@ -323,17 +323,25 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
     """One line per method (``name -> (x, y)``), optional error bars and reference lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (xs, ys) in series.items():
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vDP*Xph<>"
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        style = {"marker": markers[i % len(markers)], "ms": 3, "color": colors[(2 * i) % 20 + (i // 10) % 2],
+                 "label": name}
         err = (errors or {}).get(name)
         if err is not None:
-            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=name)
+            ax.errorbar(xs, ys, yerr=err, capsize=2, **style)
         else:
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.plot(xs, ys, **style)
     for name, y in (hlines or {}).items():
         ax.axhline(y, ls="--", lw=1, color="grey")
         ax.text(ax.get_xlim()[0], y, f" {name}", va="bottom", fontsize=7, color="grey")
     if logx:
         ax.set_xscale("log")
+        ticks = sorted({float(x) for xs, _ in series.values() for x in xs})
+        if 0 < len(ticks) <= 8:  # few x values (K): label them plainly
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
