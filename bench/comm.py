@@ -29,8 +29,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from fedmeta.bench import flamby
 from fedmeta.bench import harness as H
 from fedmeta.common.config import CompressionConfig

@@ -86,7 +86,7 @@ def settings(quick: bool) -> tuple[int, int, tuple[int, ...], tuple[str, ...], t
 def _draws(y: np.ndarray, k: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """K patients with a known label, both classes present (a K-shot task the site can label)."""
     known = np.flatnonzero(y >= 0)
-    out = []
+    out: list[np.ndarray] = []
     while len(out) < n:
         idx = rng.choice(known, size=min(k, len(known)), replace=False)
         if len(np.unique(y[idx])) == 2:
@@ -152,11 +152,11 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     by = ("setting", "method", "metric", "outcome", "site", "k")
     per_site = H.aggregate_seeds(per_draw, by=by)
     means: list[H.Row] = []
-    for key in sorted({(r["setting"], r["method"], r["outcome"], r["k"]) for r in per_site}):
+    for group in sorted({(r["setting"], r["method"], r["outcome"], r["k"]) for r in per_site}):
         vals = [r["value"] for r in per_site
-                if (r["setting"], r["method"], r["outcome"], r["k"]) == key and r["value"] is not None]
-        means.append(H.row(BENCH, key[1], "auroc", float(np.mean(vals)) if vals else None, setting=key[0],
-                           outcome=key[2], k=key[3], site="mean", n=len(vals)))
+                if (r["setting"], r["method"], r["outcome"], r["k"]) == group and r["value"] is not None]
+        means.append(H.row(BENCH, group[1], "auroc", float(np.mean(vals)) if vals else None, setting=group[0],
+                           outcome=group[2], k=group[3], site="mean", n=len(vals)))
     result = per_site + means + [H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds,
                                        draws=n_draws)]
     _report(result, out_dir, ks, outcomes, quick=quick)
@@ -185,7 +185,7 @@ def _report(rows: list[H.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tup
                     pts.setdefault(r["k"], []).append(r["value"])
             if pts:
                 xs = sorted(pts)
-                series[f"{m} [{setting}]"] = (xs, [float(np.mean(pts[x])) for x in xs])
+                series[f"{m} [{setting}]"] = ([float(x) for x in xs], [float(np.mean(pts[x])) for x in xs])
     H.plot_lines(series, out_dir / "ehr_auroc_vs_k.png", xlabel="K labelled patients", ylabel="AUROC",
                  title="Synthetic EHR consortium: new hospitals / new outcome" + (" [quick]" if quick else ""),
                  logx=True)

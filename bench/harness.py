@@ -34,8 +34,15 @@ from sklearn.model_selection import train_test_split
 from fedmeta.common import params as P
 from fedmeta.common.config import ExperimentConfig, load_config
 from fedmeta.common.data.base import Site, TabularSite
+from fedmeta.common.data.registry import (
+    DataSpec,
+    Source,
+    _source,
+    data_spec,
+    load_site,
+    register_source,
+)
 from fedmeta.common.errors import FedmetaError
-from fedmeta.common.data.registry import DataSpec, Source, _source, data_spec, load_site, register_source
 from fedmeta.common.experiment import build_model_for, initial_parameters
 from fedmeta.common.meta.inner import adapt, forward
 from fedmeta.common.meta.types import InnerConfig, Params
@@ -274,13 +281,13 @@ def pivot_table(rows: Sequence[Row], *, metric: str, columns: Sequence[Any], col
     for m in methods or order:
         cells = []
         for c in columns:
-            r = cell.get((m, c))
-            if r is None or r["value"] is None:
+            found = cell.get((m, c))
+            if found is None or found["value"] is None:
                 cells.append("–")
-            elif r.get("std") is not None and r.get("n", 1) > 1:
-                cells.append(f"{r['value']:.{digits}f} ± {r['std']:.{digits}f}")
+            elif found.get("std") is not None and found.get("n", 1) > 1:
+                cells.append(f"{found['value']:.{digits}f} ± {found['std']:.{digits}f}")
             else:
-                cells.append(f"{r['value']:.{digits}f}")
+                cells.append(f"{found['value']:.{digits}f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -158,7 +158,8 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
             x_te, y_te = H.test_rows(site)
             picks = {k: draws(len(y_tr), k, n_draws, hospital=hi, seed=seed) for k in ks}
 
-            def record(method: str, k: int, d: int, s: dict[str, float], *, held: str = held) -> None:
+            def record(method: str, k: int, d: int, s: dict[str, float], *, held: str = held,
+                       seed: int = seed) -> None:
                 for m in ("accuracy", "auroc"):
                     per_draw.append(H.row(BENCH, method, m, s[m], k=k, site=held, seed=seed, draw=d))
 
