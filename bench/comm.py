@@ -55,6 +55,10 @@ if DOWNLINK:
                                              "compression.downlink=delta")))
 
 
+#: Compressions drawn in the bytes-vs-accuracy plot for the meta-learners (all are in the table).
+PLOTTED = ("none", "int8", "topk10%+delta-down")
+
+
 def settings(quick: bool) -> tuple[list[int], int, dict[str, str], tuple[tuple[str, tuple[str, ...]], ...]]:
     """(seeds, rounds, algorithms, compressions)."""
     if quick:
@@ -116,6 +120,11 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     rows.append(H.row(BENCH, "all", "runtime_s", timer(), site="mean", seeds=len(seeds), rounds=rounds))
     _report(rows, curves, out_dir, quick=quick)
     H.save_rows(rows, out_dir / f"{BENCH}.json")
+    curve_rows = [H.row(BENCH, label, key, r.get(key), site="mean", round=int(r["round"]), seed=seeds[0],
+                        bytes=float(r["bytes_up"]) + float(r["bytes_down"]))
+                  for label, log_rounds in curves.items() for r in log_rounds
+                  for key in ("before_accuracy", "after_accuracy")]
+    H.save_rows(curve_rows, out_dir / f"{BENCH}_curves.json")
     return rows
 
 
@@ -142,6 +151,9 @@ def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path, *, 
     H.emit("\n".join(lines), out_dir, BENCH)
     series: dict[str, tuple[list[float], list[float]]] = {}
     for label, log_rounds in curves.items():
+        fedavg = label.startswith("FedAvg")
+        if not label.endswith("[none]") and (fedavg or not any(label.endswith(f"[{c}]") for c in PLOTTED)):
+            continue  # keep the plot readable: the other compressions are in the table
         key = "before_accuracy" if label.startswith("FedAvg") else "after_accuracy"
         xs, ys, total = [], [], 0.0
         for r in log_rounds:
