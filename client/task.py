@@ -181,35 +181,34 @@ def choose_adapt_steps(
 ) -> int:
     """How many adaptation steps to take, chosen on the site's own rows only.
 
-    With ``eval.validation_fraction`` = f > 0 and enough rows of each class, a stratified fraction f
-    of the adaptation rows is held out; θ is adapted on the rest for each candidate step count
-    (0 and a geometric grid up to ``eval.adapt_steps``) and the count with the lowest held-out
-    log-loss is returned (ties: fewer steps). Otherwise ``eval.adapt_steps``.
+    With ``eval.validation_fraction`` = f > 0 and enough rows of each class, the adaptation rows
+    are split into ``k = round(1/f)`` stratified folds; for each candidate step count (0 and a
+    geometric grid up to ``eval.adapt_steps``) θ is adapted on k−1 folds and scored on the held-out
+    one, and the count with the lowest summed held-out log-loss is returned (ties: fewer steps).
+    Otherwise ``eval.adapt_steps``.
     """
     e = cfg.eval
     labels = y.cpu().numpy()
     classes, counts = np.unique(labels, return_counts=True)
-    if e.validation_fraction <= 0 or len(classes) < 2 or counts.min() < 4:
+    k = max(2, int(round(1 / e.validation_fraction))) if e.validation_fraction > 0 else 0
+    if k == 0 or len(classes) < 2 or counts.min() < k:
         return e.adapt_steps
-    val = np.concatenate([
-        rng.choice(np.flatnonzero(labels == c), size=max(1, int(round(e.validation_fraction * n))), replace=False)
-        for c, n in zip(classes, counts, strict=True)
-    ])
-    mask = np.ones(len(labels), dtype=bool)
-    mask[val] = False
-    fit_idx = torch.from_numpy(np.flatnonzero(mask)).to(x.device)
-    val_idx = torch.from_numpy(np.sort(val)).to(x.device)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in classes:  # stratified fold assignment
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = np.arange(len(idx)) % k
     grid = sorted({0, *(int(round(e.adapt_steps * f)) for f in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0))})
-    best, best_loss = 0, float("inf")
-    for steps in grid:
-        fitted = params if steps == 0 else adapt(
-            model, params, x[fit_idx], y[fit_idx], InnerConfig(steps=steps, lr=e.adapt_lr, proximal=e.proximal))
-        with torch.no_grad():
-            logits = torch.func.functional_call(model, fitted, (x[val_idx],))
-            loss = float(torch.nn.functional.cross_entropy(logits, y[val_idx]))
-        if loss < best_loss - 1e-9:
-            best, best_loss = steps, loss
-    return best
+    losses = np.zeros(len(grid))
+    for f in range(k):
+        fit_idx = torch.from_numpy(np.flatnonzero(fold != f)).to(x.device)
+        val_idx = torch.from_numpy(np.flatnonzero(fold == f)).to(x.device)
+        for g, steps in enumerate(grid):
+            fitted = params if steps == 0 else adapt(
+                model, params, x[fit_idx], y[fit_idx], InnerConfig(steps=steps, lr=e.adapt_lr, proximal=e.proximal))
+            with torch.no_grad():
+                logits = torch.func.functional_call(model, fitted, (x[val_idx],))
+                losses[g] += float(torch.nn.functional.cross_entropy(logits, y[val_idx], reduction="sum"))
+    return grid[int(np.argmin(losses))]  # argmin takes the first (fewest steps) on ties
 
 
 def _present_class_logits(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor,

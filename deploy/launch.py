@@ -94,6 +94,11 @@ class CoordinatorLayout:
 def base_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process: private FLWR_HOME, no runtime ``uv sync``."""
     env = dict(os.environ)
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by
+    # name: put this interpreter's bin folder first on PATH so they come from the same venv, also
+    # when the venv was never activated (e.g. `.venv/bin/python -m pytest` in CI).
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, *(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
