@@ -329,7 +329,8 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
                hlines: Mapping[str, float] | None = None, logx: bool = False) -> None:
     """One line per method (``name -> (x, y)``), optional error bars and reference lines."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    many = len(series) > 8
+    fig, ax = plt.subplots(figsize=(10.5 if many else 7, 4.5))
     colors = plt.get_cmap("tab20").colors
     markers = "os^vDP*Xph<>"
     for i, (name, (xs, ys)) in enumerate(series.items()):
@@ -353,7 +354,10 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:  # outside the axes, so that no curve is hidden
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
