@@ -66,6 +66,24 @@ def settings(quick: bool) -> tuple[list[int], int, dict[str, str], tuple[tuple[s
     return [0, 1], 30, ALGORITHMS, COMPRESSIONS
 
 
+def run_plotted_subset(out_dir: Path) -> list[H.Row]:
+    """Seed 0 of the full benchmark for the compressions in :data:`PLOTTED` only, into
+    ``out_dir/plotted-subset``: its plots (and ``comm_curves.json``) are the ones published, since
+    the full run's plot of every compression is unreadable. Same seeds, so the same curves."""
+    subset = tuple(c for c in COMPRESSIONS if c[0] in PLOTTED)
+    full = settings
+
+    def only_subset(quick: bool) -> tuple[list[int], int, dict[str, str], tuple[tuple[str, tuple[str, ...]], ...]]:
+        _, rounds, algorithms, _ = full(quick)
+        return [0], rounds, algorithms, subset
+
+    globals()["settings"] = only_subset
+    try:
+        return run(quick=False, out_dir=out_dir / "plotted-subset")
+    finally:
+        globals()["settings"] = full
+
+
 def bytes_to_reach(curve: list[dict], key: str, target: float) -> tuple[float | None, int | None]:
     """Cumulative bytes (up + down) and the round at which ``curve[key]`` first reaches ``target``."""
     total = 0.0
