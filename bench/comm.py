@@ -37,7 +37,10 @@ from fedmeta.common.data.heart import HOSPITALS
 log = logging.getLogger(__name__)
 
 BENCH = "comm"
-BASE: tuple[str, ...] = (*flamby.BASE, "model.name=mlp", "rounds=30")
+#: ``eval.validation_fraction = 0.25``: each site picks its number of adaptation steps (0 to 100)
+#: by held-out log-loss on its own training rows (``client/task.py: choose_adapt_steps``), the
+#: project's default when the published run was made; pinned so the command reproduces it.
+BASE: tuple[str, ...] = (*flamby.BASE, "model.name=mlp", "rounds=30", "eval.validation_fraction=0.25")
 ALGORITHMS: dict[str, str] = {
     "fedavg": "FedAvg", "reptile": "fedmeta Reptile", "fomaml": "fedmeta FOMAML", "maml": "fedmeta MAML",
     "metasgd": "fedmeta Meta-SGD",
