@@ -156,6 +156,7 @@ def _log_to_run_folder(out_dir: Path, *, verbose: bool) -> None:
                 h.setLevel(logging.WARNING)
         # Flower logs to its own handler; its deprecation notices for run_simulation are expected.
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state-database migrations
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -179,7 +179,7 @@ class EvalConfig:
     adapt_lr: float = 0.05
     proximal: float = 0.0
     shots: int = 0
-    every: int = 0  # also evaluate every N rounds (0: only at the end)
+    every: int = 0  # also evaluate every N rounds, into rounds.jsonl's "eval" (0: only at the end)
     #: > 0: hold out this fraction of the site's adaptation rows, choose the number of steps
     #: (up to ``adapt_steps``) with the lowest loss on them, then adapt on all rows that long.
     validation_fraction: float = 0.25

@@ -23,7 +23,8 @@ def build_model_for(cfg: ExperimentConfig, spec: DataSpec) -> nn.Module:
     """The configured network for inputs of ``spec.input_shape``.
 
     Tables: ``mlp`` or ``linear`` with ``spec.n_classes`` outputs. Images: ``conv4`` with
-    ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1).
+    ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1), or one per meta-training
+    class for FedAvg's plain classifier.
     """
     name = cfg.model.name
     if spec.kind == "tabular":
@@ -37,7 +38,10 @@ def build_model_for(cfg: ExperimentConfig, spec: DataSpec) -> nn.Module:
     if name != "conv4":
         raise ConfigError(f"model.name = {name}: image data needs conv4")
     width = cfg.model.hidden[0] if cfg.model.hidden else 64
-    return build_model("conv4", in_channels=spec.input_shape[0], hidden=width, out_features=cfg.tasks.ways)
+    # FedAvg trains an ordinary classifier over every meta-training class, then fine-tunes it on
+    # an episode's (relabelled) classes; the episodic algorithms need ``ways`` outputs.
+    outputs = max(cfg.tasks.ways, spec.n_classes) if cfg.algorithm == "fedavg" else cfg.tasks.ways
+    return build_model("conv4", in_channels=spec.input_shape[0], hidden=width, out_features=outputs)
 
 
 def initial_parameters(cfg: ExperimentConfig, spec: DataSpec) -> NDArrays:

@@ -172,6 +172,17 @@ def load_checkpoint(folder: RunFolder) -> tuple[P.NDArrays, P.NDArrays, P.NDArra
     return theta, opt, extra, meta
 
 
+def evaluate_round(grid: Grid, strategy: FedMetaStrategy, cfg: ExperimentConfig, arrays: Any,
+                   server_round: int, names: dict[int, str]) -> dict[str, Any]:
+    """Federated evaluation of the current state at every training site (``eval.every``): the
+    per-site before/after metrics, their unweighted mean, and the bytes it sent."""
+    msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"experiment": cfg.to_json()}), grid))
+    per_site = read_evaluate_replies(grid.send_and_receive(msgs, timeout=cfg.federation.timeout_s), names)
+    per_site = {k: v for k, v in per_site.items() if k not in set(cfg.data.holdout)}
+    return {"sites": per_site, "mean": _summary_mean(per_site) if per_site else {},
+            "bytes_down": payload_bytes(arrays) * len(msgs)}
+
+
 def run_experiment(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -262,6 +273,18 @@ def run_experiment(
             + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
             + (f", DP ε = {rec.epsilon:.2f} at δ = {cfg.privacy.delta:g}" if rec.epsilon is not None else "")
         )
+        if cfg.eval.every and server_round % cfg.eval.every == 0 and server_round < cfg.rounds:
+            interim = evaluate_round(grid, strategy, cfg, arrays, server_round, names)
+            totals["bytes_down"] += interim.pop("bytes_down")
+            with folder.rounds.open("r+") as f:  # attach to this round's line
+                lines = f.read().splitlines()
+                last = json.loads(lines[-1]) | {"eval": interim}
+                lines[-1] = json.dumps(_nan_to_none(last), default=_json_default, allow_nan=False)
+                f.seek(0)
+                f.write("\n".join(lines) + "\n")
+                f.truncate()
+            say(f"round {server_round}: evaluation, mean accuracy after adaptation "
+                f"{interim['mean']['after']['accuracy']:.3f}")
         if stop_after is not None and server_round >= stop_after:
             if audit is not None:
                 audit.run_finished(run_id=run_id, status="stopped", rounds_completed=server_round)

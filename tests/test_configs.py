@@ -26,3 +26,13 @@ def test_heart_config_runs_a_round(path, tmp_path):
     cfg = load_config(path, ["rounds=1", "eval.adapt_steps=2"])
     summary = simulate(cfg, tmp_path / "run", backend="local")
     assert len(summary["sites"]) == 4
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "fedavg"])
+def test_imaging_config_runs_a_round(algorithm, tmp_path):
+    """Episodic ProtoNets and FedAvg's plain classifier (one output per meta-training class)."""
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "imaging-synth.yaml",
+                      [f"algorithm={algorithm}", "rounds=1", "eval.adapt_steps=2", "tasks.meta_batch=2"])
+    summary = simulate(cfg, tmp_path / "run", backend="local")
+    assert len(summary["sites"]) == 10
+    assert 0.0 <= summary["mean"]["after"]["accuracy"] <= 1.0

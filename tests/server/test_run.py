@@ -221,3 +221,15 @@ def test_site_joining_after_the_start_is_named_and_trains(tmp_path):
     assert "VA Long Beach" not in lines[0]["sampled"]
     assert "VA Long Beach" in lines[1]["accepted"] and "VA Long Beach" in lines[2]["accepted"]
     assert set(summary["sites"]) == set(HOSPITALS)
+
+
+def test_eval_every_records_interim_evaluations(tmp_path, local_run):
+    summary, _ = local_run(tmp_path, ["rounds=4", "eval.every=2"])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [("eval" in x) for x in lines] == [False, True, False, False]  # round 4 is the final one
+    interim = lines[1]["eval"]
+    assert set(interim["sites"]) == set(HOSPITALS)
+    assert 0 <= interim["mean"]["after"]["accuracy"] <= 1
+    theta, _ = P.load(tmp_path / "run" / "final.safetensors")
+    full = sum(len(_npy(v)) for v in theta.values())
+    assert summary["comm"]["bytes_down"] == (4 + 1 + 1) * 4 * full  # 4 rounds + interim + final eval
