@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.config import ExperimentConfig, load_config
-from fedmeta.common.data.registry import simulation_sites, training_sites
+from fedmeta.common.data.registry import simulation_sites
 from fedmeta.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def simulate(
         raise ConfigError(
             f"federation.num_supernodes = {n_nodes}: the data source has only {len(sites)} sites"
         )
-    if n_nodes < len(training_sites(cfg.data)) + len(cfg.data.holdout) and cfg.data.holdout:
+    if cfg.data.holdout and n_nodes < len(sites):
         raise ConfigError("federation.num_supernodes must cover every site when data.holdout is set")
     if cfg.federation.min_nodes > n_nodes:
         raise ConfigError(

@@ -29,7 +29,7 @@ from fedmeta.common.data.base import ImageSite, Site, TabularSite
 from fedmeta.common.data.episodes import EpisodeSampler
 from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.data.tabular_tasks import sample_tabular_tasks
-from fedmeta.common.experiment import build_model_for, inner_config
+from fedmeta.common.experiment import LR_PREFIX, build_model_for, inner_config
 from fedmeta.common.meta.engine import choose_impl, resolve_device
 from fedmeta.common.meta.fedavg import local_sgd
 from fedmeta.common.meta.inner import adapt
@@ -43,7 +43,6 @@ from fedmeta.common.params import NDArrays, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
 
-LR_PREFIX = "lr::"
 
 
 @dataclass(frozen=True)
@@ -268,15 +267,15 @@ def evaluate_site(
             adapted = adapt(model, params, x_tr, y_tr, inner, lrs=from_numpy(lrs_np, device=device))
         elif cfg.eval.adapt_steps > 0:
             steps = choose_adapt_steps(cfg, model, params, x_tr, y_tr, rng=rng)
-            inner = InnerConfig(steps=max(steps, 1), lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal)
-            adapted = adapt(model, params, x_tr, y_tr, inner) if steps > 0 else params
+            adapted = params if steps == 0 else adapt(
+                model, params, x_tr, y_tr, InnerConfig(steps=steps, lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal))
         else:
             adapted = params
         after = _binary_scores(_predict(model, adapted, x_te), y_te)
-        if keep_params:
-            return {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te)),
-                    "params": to_numpy(adapted)}
-    return {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te))}
+    result = {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te))}
+    if keep_params and cfg.algorithm != "protonet":
+        result["params"] = to_numpy(adapted)
+    return result
 
 
 def evaluate_episodes(

@@ -32,14 +32,16 @@ def receive_state(arrays: ArrayRecord, config: ConfigRecord, context: Context) -
         state = {k: (held[k] + change[k]).astype(np.float32) for k in held}
     else:
         state = incoming
-    context.state.array_records[_HELD] = ArrayRecord(
-        array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
-    )
+    context.state.array_records[_HELD] = record_from_arrays(state)
     return state
 
 
 def arrays_from_record(record: ArrayRecord) -> NDArrays:
     return {k: a.numpy() for k, a in record.items()}
+
+
+def record_from_arrays(arrays: NDArrays) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def encode_reply(update: NDArrays, cfg: ExperimentConfig, context: Context) -> tuple[ArrayRecord, ConfigRecord]:
@@ -50,8 +52,5 @@ def encode_reply(update: NDArrays, cfg: ExperimentConfig, context: Context) -> t
         residual = arrays_from_record(context.state.array_records[_RESIDUAL])
     encoded, new_residual = encode(update, method, topk_fraction=cfg.compression.topk_fraction, error=residual)
     if method == "topk":
-        context.state.array_records[_RESIDUAL] = ArrayRecord(
-            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in new_residual.items()}
-        )
-    record = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
-    return record, ConfigRecord({"method": method})
+        context.state.array_records[_RESIDUAL] = record_from_arrays(new_residual)
+    return record_from_arrays(encoded), ConfigRecord({"method": method})

@@ -18,6 +18,9 @@ from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model
 from fedmeta.common.params import NDArrays, to_numpy
 
+#: Name prefix of Meta-SGD's learned per-parameter rates in the broadcast state (``lr::<param>``).
+LR_PREFIX = "lr::"
+
 
 def build_model_for(cfg: ExperimentConfig, spec: DataSpec) -> nn.Module:
     """The configured network for inputs of ``spec.input_shape``.

@@ -33,12 +33,11 @@ from fedmeta.common.errors import ConfigError, FedmetaError
 from fedmeta.common.experiment import initial_parameters
 from fedmeta.server import audit as audit_log
 from fedmeta.server.registry import make_strategy
-from fedmeta.server.strategy import FedMetaStrategy, read_evaluate_replies
+from fedmeta.server.strategy import FedMetaStrategy, read_evaluate_replies, summary_mean
 from fedmeta.server.wire import payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "auroc", "loss")
 Progress = Callable[[str], None]
 
 
@@ -74,28 +73,14 @@ def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progre
             log.warning("node %d failed the handshake: %s", node, reply.error.reason)
             continue
         names[node] = str(reply.content["site"]["name"])
-    for node, site in list(names.items()):
-        if site in known.values():  # a site reconnecting under a new node id replaces its old one
-            known = {n: s for n, s in known.items() if s != site}
+    # A site reconnecting under a new node id replaces its old one.
+    known = {n: s for n, s in known.items() if s not in set(names.values())}
     dupes = {s for s in names.values() if list(names.values()).count(s) > 1}
     if dupes:
         raise FedmetaError(f"two nodes claim the same site {sorted(dupes)[0]!r}; check node configs")
     if names:
         progress(f"{len(names)} site(s) joined: {', '.join(sorted(names.values()))}")
     return known | names
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _summary_mean(per_site: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Unweighted mean over sites (each hospital counts once), skipping undefined values."""
-    return {
-        phase: {m: _nanmean([s[phase][m] for s in per_site.values()]) for m in METRICS}
-        for phase in ("before", "after")
-    }
 
 
 class RunFolder:
@@ -172,15 +157,17 @@ def load_checkpoint(folder: RunFolder) -> tuple[P.NDArrays, P.NDArrays, P.NDArra
     return theta, opt, extra, meta
 
 
-def evaluate_round(grid: Grid, strategy: FedMetaStrategy, cfg: ExperimentConfig, arrays: Any,
-                   server_round: int, names: dict[int, str]) -> dict[str, Any]:
-    """Federated evaluation of the current state at every training site (``eval.every``): the
-    per-site before/after metrics, their unweighted mean, and the bytes it sent."""
+def federated_evaluation(grid: Grid, strategy: FedMetaStrategy, cfg: ExperimentConfig, arrays: Any,
+                         server_round: int) -> tuple[dict[str, dict], dict[str, dict], int]:
+    """Every site adapts the current state and scores its test split: per-site results of the
+    training sites and of the held-out ones, and the payload bytes the broadcast sent."""
     msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"experiment": cfg.to_json()}), grid))
-    per_site = read_evaluate_replies(grid.send_and_receive(msgs, timeout=cfg.federation.timeout_s), names)
-    per_site = {k: v for k, v in per_site.items() if k not in set(cfg.data.holdout)}
-    return {"sites": per_site, "mean": _summary_mean(per_site) if per_site else {},
-            "bytes_down": payload_bytes(arrays) * len(msgs)}
+    per_site = read_evaluate_replies(grid.send_and_receive(msgs, timeout=cfg.federation.timeout_s),
+                                     strategy.node_names)
+    held_out = set(cfg.data.holdout)
+    training = {k: v for k, v in per_site.items() if k not in held_out}
+    holdout = {k: v for k, v in per_site.items() if k in held_out}
+    return training, holdout, payload_bytes(arrays) * len(msgs)
 
 
 def run_experiment(
@@ -238,7 +225,6 @@ def run_experiment(
         t_round = time.monotonic()
         if set(grid.get_node_ids()) - set(strategy.node_names):  # sites that connected late
             strategy.node_names = handshake(grid, cfg, 0, say, known=strategy.node_names)
-            names = strategy.node_names
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.timeout_s))
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -257,12 +243,18 @@ def run_experiment(
         if audit is not None:
             audit.round_outcome(
                 run_id=run_id, round=server_round,
-                sampled_nodes=[m.metadata.dst_node_id for m in messages], node_names=names,
+                sampled_nodes=[m.metadata.dst_node_id for m in messages], node_names=strategy.node_names,
                 accepted_sites=rec.accepted, rejected_sites=rec.rejected,
             )
         totals["bytes_up"] += rec.bytes_up
         totals["bytes_down"] += rec.bytes_down
         line = asdict(rec) | {"wall_s": round(time.monotonic() - t_round, 4), "applied": new_arrays is not None}
+        interim = None
+        if cfg.eval.every and server_round % cfg.eval.every == 0 and server_round < cfg.rounds:
+            sites, _, sent = federated_evaluation(grid, strategy, cfg, arrays, server_round)
+            totals["bytes_down"] += sent
+            interim = {"sites": sites, "mean": summary_mean(sites) if sites else {}}
+            line["eval"] = interim
         with folder.rounds.open("a") as f:
             f.write(json.dumps(_nan_to_none(line), default=_json_default, allow_nan=False) + "\n")
         totals["wall_s"] = time.monotonic() - t0
@@ -273,16 +265,7 @@ def run_experiment(
             + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
             + (f", DP ε = {rec.epsilon:.2f} at δ = {cfg.privacy.delta:g}" if rec.epsilon is not None else "")
         )
-        if cfg.eval.every and server_round % cfg.eval.every == 0 and server_round < cfg.rounds:
-            interim = evaluate_round(grid, strategy, cfg, arrays, server_round, names)
-            totals["bytes_down"] += interim.pop("bytes_down")
-            with folder.rounds.open("r+") as f:  # attach to this round's line
-                lines = f.read().splitlines()
-                last = json.loads(lines[-1]) | {"eval": interim}
-                lines[-1] = json.dumps(_nan_to_none(last), default=_json_default, allow_nan=False)
-                f.seek(0)
-                f.write("\n".join(lines) + "\n")
-                f.truncate()
+        if interim is not None and interim["mean"]:
             say(f"round {server_round}: evaluation, mean accuracy after adaptation "
                 f"{interim['mean']['after']['accuracy']:.3f}")
         if stop_after is not None and server_round >= stop_after:
@@ -290,14 +273,8 @@ def run_experiment(
                 audit.run_finished(run_id=run_id, status="stopped", rounds_completed=server_round)
             return {"stopped_after": server_round}
 
-    eval_config = ConfigRecord({"experiment": cfg.to_json()})
-    eval_msgs = list(strategy.configure_evaluate(cfg.rounds, arrays, eval_config, grid))
-    totals["bytes_down"] += payload_bytes(arrays) * len(eval_msgs)
-    per_site = read_evaluate_replies(
-        grid.send_and_receive(eval_msgs, timeout=cfg.federation.timeout_s), names
-    )
-    holdout = {k: v for k, v in per_site.items() if k in set(cfg.data.holdout)}
-    per_site = {k: v for k, v in per_site.items() if k not in holdout}
+    per_site, holdout, sent = federated_evaluation(grid, strategy, cfg, arrays, cfg.rounds)
+    totals["bytes_down"] += sent
     if not per_site:
         raise FedmetaError("no site returned an evaluation; see the log for their errors")
     P.save(folder.final, theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed,
@@ -309,7 +286,7 @@ def run_experiment(
         "wall_s": round(time.monotonic() - t0, 3),
         "config": cfg.to_dict(),
         "sites": dict(sorted(per_site.items())),
-        "mean": _summary_mean(per_site),
+        "mean": summary_mean(per_site),
         "comm": {"bytes_up": int(totals["bytes_up"]), "bytes_down": int(totals["bytes_down"])},
         "params": {"count": int(sum(v.size for v in theta.values())), "file": folder.final.name},
     }
@@ -323,7 +300,7 @@ def run_experiment(
             "noise_multiplier": cfg.privacy.noise_multiplier, "adjacency": "site-level",
         }
     if holdout:
-        summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": _summary_mean(holdout)}
+        summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": summary_mean(holdout)}
     summary.update(strategy.summary_extra())
     folder.write_json(folder.summary, summary)
     if audit is not None:

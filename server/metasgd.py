@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.experiment import LR_PREFIX
 from fedmeta.common.params import NDArrays
 from fedmeta.server.strategy import FedMetaStrategy
-
-LR_PREFIX = "lr::"
 
 
 def with_learning_rates(theta: NDArrays, value: float) -> NDArrays:

@@ -26,7 +26,7 @@ from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import DeltaError
 from fedmeta.common.outer import OuterOptimizer
-from fedmeta.common.params import NDArrays
+from fedmeta.common.params import NDArrays, l2_norm
 from fedmeta.server.wire import arrays_from_record, decode_update, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class FedMetaStrategy(Strategy):
         if sums["n-query"] > 0:  # sites under DP send no losses
             record.query_loss_before = sums["query-loss-before"] / sums["n-query"]
             record.query_loss_after = sums["query-loss-after"] / sums["n-query"]
-        record.update_norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in aggregated.values())))
+        record.update_norm = l2_norm(aggregated)
         metrics_out = MetricRecord({
             "num-examples": record.num_examples,
             "query-loss-before": record.query_loss_before,
@@ -265,10 +265,20 @@ class FedMetaStrategy(Strategy):
         per_site = read_evaluate_replies(replies, self.node_names)
         if not per_site:
             return None
-        keys = ("accuracy", "auroc", "loss")
-        return MetricRecord({
-            f"after-{k}": float(np.nanmean([m["after"][k] for m in per_site.values()])) for k in keys
-        })
+        return MetricRecord({f"after-{k}": v for k, v in summary_mean(per_site)["after"].items()})
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def summary_mean(per_site: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Unweighted mean over sites (each hospital counts once), skipping undefined values."""
+    return {
+        phase: {m: _nanmean([s[phase][m] for s in per_site.values()]) for m in ("accuracy", "auroc", "loss")}
+        for phase in ("before", "after")
+    }
 
 
 def read_evaluate_replies(replies: Iterable[Message], node_names: dict[int, str]) -> dict[str, dict]:

@@ -112,12 +112,13 @@ def load_hospital(
     x, y = _encode(rows, Path(path) if path else default_csv())
     counts = np.bincount(y, minlength=2)
     stratify = y if counts.min() > 2 else None
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, train_size=train_fraction, random_state=split_seed, stratify=stratify
+    # Split row positions once; features, labels and source ids follow the same split.
+    tr, te = train_test_split(
+        np.arange(len(y)), train_size=train_fraction, random_state=split_seed, stratify=stratify
     )
-    # The same call on the row ids gives the ids of each split (the split depends on y only).
+    x_tr, x_te, y_tr, y_te = x[tr], x[te], y[tr], y[te]
     ids = rows["id"].to_numpy() if "id" in rows.columns else np.arange(len(rows))
-    id_tr, id_te = train_test_split(ids, train_size=train_fraction, random_state=split_seed, stratify=stratify)
+    id_tr, id_te = ids[tr], ids[te]
     mean = x_tr.mean(axis=0)
     std = x_tr.std(axis=0)
     std = np.where(std > 0, std, 1.0)

@@ -110,8 +110,4 @@ def _load_builtin_sources() -> None:
     import importlib
 
     for module in ("fedmeta.common.data.ehr", "fedmeta.common.data.images"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+        importlib.import_module(module)
