@@ -76,11 +76,11 @@ def register_without_outcome(source: str, outcome: str) -> str:
     return name
 
 
-def settings(quick: bool) -> tuple[int, int, tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-    """(rounds, draws, Ks, held-out hospitals, method keys)."""
+def settings(quick: bool) -> tuple[list[int], int, int, tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+    """(training seeds, rounds, draws, Ks, held-out hospitals, method keys)."""
     if quick:
-        return 2, 2, (20,), HELD_OUT[-1:], ("reptile", "fedavg")
-    return 30, DRAWS, KS, HELD_OUT, tuple(m[0] for m in METHODS)
+        return [0], 2, 2, (20,), HELD_OUT[-1:], ("reptile", "fedavg")
+    return [0, 1, 2], 30, DRAWS, KS, HELD_OUT, tuple(m[0] for m in METHODS)
 
 
 def _draws(y: np.ndarray, k: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -97,58 +97,20 @@ def _draws(y: np.ndarray, k: int, n: int, rng: np.random.Generator) -> list[np.n
 def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     """Run benchmark 3; rows per (setting, method, outcome, K) for each held-out hospital and mean."""
     H.quiet()
-    rounds, n_draws, ks, held_out, keys = settings(quick)
+    seeds, rounds, n_draws, ks, held_out, keys = settings(quick)
     timer = H.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
     no_new = register_without_outcome("synth-ehr", NEW_OUTCOME)
     holdout = "data.holdout=[" + ",".join(held_out) + "]"
-    base = [f"rounds={rounds}", holdout, "seed=0"]
-    if quick:  # four sites a round, and a one-step closing evaluation the benchmark does not use
-        base += ["federation.fraction=0.25", "federation.min_nodes=4", "eval.adapt_steps=1"]
-    ref_cfg = H.config(base, CONFIG)
-    spec = H.spec_of(ref_cfg)
-    sites = H.load_sites(ref_cfg, held_out)
-    outcomes = spec.outcomes
+    outcomes = H.spec_of(H.config([f"rounds={rounds}", holdout], CONFIG)).outcomes
     per_draw: list[H.Row] = []
-    states: dict[tuple[str, str], tuple[H.ExperimentConfig, H.NDArrays]] = {}
-    for key, _label, overrides in METHODS:
-        if key not in keys:
-            continue
-        for setting, source in (("held-out hospitals", "synth-ehr"), ("held-out outcome", no_new)):
-            if key == "fedavg" and setting == "held-out outcome":
-                states[(key, setting)] = states[(key, "held-out hospitals")]  # trains on mortality only
-                continue
-            cfg = H.config([*base, *overrides, f"data.source={source}"], CONFIG)
-            _, state, _ = H.run_federated(cfg, out_dir / "runs" / f"{key}-{source}")
-            states[(key, setting)] = (cfg, state)
-    local_cfg = H.config([*base, "model.name=linear"], CONFIG)
-    lmodel, ltheta0 = H.model_and_init(local_cfg, spec)
-    for hi, (name, site) in enumerate(sites.items()):
-        assert isinstance(site, TabularSite)
-        for oi, outcome in enumerate(outcomes):
-            settings_here = ["held-out hospitals"] + (["held-out outcome"] if outcome == NEW_OUTCOME else [])
-            x_tr, y_all = site.x_train, site.y_train[:, oi]
-            x_te, y_te = H.test_rows(site, oi)
-            for k in ks:
-                picks = _draws(y_all, k, n_draws, np.random.default_rng([hi, oi, k, 2029]))
-                for d, idx in enumerate(picks):
-                    xs, ys = x_tr[idx], y_all[idx]
-                    local = H.fit(lmodel, ltheta0, xs, ys, steps=500, lr=0.1, proximal=1.0 / len(ys))
-                    s_local = H.score(lmodel, local, x_te, y_te)
-                    for setting in settings_here:
-                        per_draw.append(H.row(BENCH, LOCAL, "auroc", s_local["auroc"], k=k, site=name,
-                                              outcome=outcome, setting=setting, draw=d))
-                        for key, label, _ in METHODS:
-                            if (key, setting) not in states:
-                                continue
-                            cfg, state = states[(key, setting)]
-                            model = H.build_model_for(cfg, spec)
-                            phi = H.adapt_state(model, state, xs, ys, steps=cfg.eval.adapt_steps,
-                                                lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal,
-                                                metasgd_steps=cfg.inner.steps)
-                            per_draw.append(H.row(BENCH, label, "auroc", H.score(model, phi, x_te, y_te)["auroc"],
-                                                  k=k, site=name, outcome=outcome, setting=setting, draw=d))
+    for seed in seeds:  # the data (and so the held-out sites) are the same for every seed
+        base = [f"rounds={rounds}", holdout, f"seed={seed}"]
+        if quick:  # four sites a round, and a one-step closing evaluation the benchmark does not use
+            base += ["federation.fraction=0.25", "federation.min_nodes=4", "eval.adapt_steps=1"]
+        per_draw += _run_seed(seed, base, n_draws=n_draws, ks=ks, held_out=held_out, keys=keys,
+                              no_new=no_new, out_dir=out_dir)
     by = ("setting", "method", "metric", "outcome", "site", "k")
     per_site = H.aggregate_seeds(per_draw, by=by)
     means: list[H.Row] = []
@@ -162,6 +124,55 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     _report(result, out_dir, ks, outcomes, quick=quick)
     H.save_rows(result, out_dir / f"{BENCH}.json")
     return result
+
+
+def _run_seed(seed: int, base: list[str], *, n_draws: int, ks: tuple[int, ...], held_out: tuple[str, ...],
+              keys: tuple[str, ...], no_new: str, out_dir: Path) -> list[H.Row]:
+    """One training seed: every method trained in both settings, then each held-out hospital's
+    K-shot AUROC per draw (the draws depend on the seed and are shared by every method)."""
+    ref_cfg = H.config(base, CONFIG)
+    spec = H.spec_of(ref_cfg)
+    sites = H.load_sites(ref_cfg, held_out)
+    states: dict[tuple[str, str], tuple[H.ExperimentConfig, H.NDArrays]] = {}
+    for key, _label, overrides in METHODS:
+        if key not in keys:
+            continue
+        for setting, source in (("held-out hospitals", "synth-ehr"), ("held-out outcome", no_new)):
+            if key == "fedavg" and setting == "held-out outcome":
+                states[(key, setting)] = states[(key, "held-out hospitals")]  # trains on mortality only
+                continue
+            cfg = H.config([*base, *overrides, f"data.source={source}"], CONFIG)
+            _, state, _ = H.run_federated(cfg, out_dir / "runs" / f"{key}-{source}-s{seed}")
+            states[(key, setting)] = (cfg, state)
+    local_cfg = H.config([*base, "model.name=linear"], CONFIG)
+    lmodel, ltheta0 = H.model_and_init(local_cfg, spec)
+    per_draw: list[H.Row] = []
+    for hi, (name, site) in enumerate(sites.items()):
+        assert isinstance(site, TabularSite)
+        for oi, outcome in enumerate(spec.outcomes):
+            settings_here = ["held-out hospitals"] + (["held-out outcome"] if outcome == NEW_OUTCOME else [])
+            x_tr, y_all = site.x_train, site.y_train[:, oi]
+            x_te, y_te = H.test_rows(site, oi)
+            for k in ks:
+                picks = _draws(y_all, k, n_draws, np.random.default_rng([seed, hi, oi, k, 2029]))
+                for d, idx in enumerate(picks):
+                    xs, ys = x_tr[idx], y_all[idx]
+                    local = H.fit(lmodel, ltheta0, xs, ys, steps=500, lr=0.1, proximal=1.0 / len(ys))
+                    s_local = H.score(lmodel, local, x_te, y_te)
+                    for setting in settings_here:
+                        tag = {"k": k, "site": name, "outcome": outcome, "setting": setting, "seed": seed, "draw": d}
+                        per_draw.append(H.row(BENCH, LOCAL, "auroc", s_local["auroc"], **tag))
+                        for key, label, _ in METHODS:
+                            if (key, setting) not in states:
+                                continue
+                            cfg, state = states[(key, setting)]
+                            model = H.build_model_for(cfg, spec)
+                            phi = H.adapt_state(model, state, xs, ys, steps=cfg.eval.adapt_steps,
+                                                lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal,
+                                                metasgd_steps=cfg.inner.steps)
+                            per_draw.append(H.row(BENCH, label, "auroc", H.score(model, phi, x_te, y_te)["auroc"],
+                                                  **tag))
+    return per_draw
 
 
 def _report(rows: list[H.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tuple[str, ...], *,

@@ -58,11 +58,11 @@ METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 ADAPT_STEPS, ADAPT_LR = 20, 0.05
 
 
-def settings(quick: bool) -> tuple[int, int, tuple[str, ...]]:
-    """(rounds, episodes per held-out site, methods)."""
+def settings(quick: bool) -> tuple[list[int], int, int, tuple[str, ...]]:
+    """(training seeds, rounds, episodes per held-out site, methods)."""
     if quick:
-        return 1, 2, ("protonet", "fedavg")
-    return 20, EPISODES, tuple(m[0] for m in METHODS)
+        return [0], 1, 2, ("protonet", "fedavg")
+    return [0, 1, 2], 20, EPISODES, tuple(m[0] for m in METHODS)
 
 
 def _new_head(params: dict[str, torch.Tensor], ways: int) -> dict[str, torch.Tensor]:
@@ -76,11 +76,11 @@ def _new_head(params: dict[str, torch.Tensor], ways: int) -> dict[str, torch.Ten
 def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     """Run benchmark 4: few-shot accuracy per held-out site and the mean."""
     H.quiet()
-    rounds, n_episodes, keys = settings(quick)
+    seeds, rounds, n_episodes, keys = settings(quick)
     timer = H.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
-    rows: list[H.Row] = []
+    per_seed: list[H.Row] = []
     base = [*BASE, f"rounds={rounds}"]
     if quick:  # three training sites, all of them each round
         base += ["data.sites=[site-01,site-02,site-03]", "federation.fraction=1.0"]
@@ -92,39 +92,25 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
         sampler = EpisodeSampler(site.x_test, site.y_test, n_way=WAYS, k_shot=SHOTS, n_query=QUERIES)
         episodes[name] = sampler.sample(n_episodes, rng=np.random.default_rng([si, 4243]))
     curves: dict[str, list[dict]] = {}
-    for key, label, overrides in METHODS:
-        if key not in keys:
-            continue
-        cfg = H.config([*base, *overrides], CONFIG)
-        t = H.Timer()
-        _, state, log_rounds = H.run_federated(cfg, out_dir / "runs" / key, own_evaluation=True)
-        curves[label] = log_rounds
-        train_s = t()
-        params = from_numpy(state)
-        if key == "fedavg":
-            params = _new_head(params, WAYS)
-        for name, eps in episodes.items():
-            accs = []
-            for i in range(eps.n_tasks):
-                xs, ys, xq, yq = eps.xs[i], eps.ys[i], eps.xq[i], eps.yq[i].numpy()
-                if key == "protonet":
-                    with torch.no_grad():
-                        logits = protonet_logits(eval_model, params, xs, ys, xq, n_way=WAYS)
-                else:
-                    phi = adapt(eval_model, params, xs, ys, InnerConfig(steps=ADAPT_STEPS, lr=ADAPT_LR))
-                    with torch.no_grad():
-                        logits = torch.func.functional_call(eval_model, phi, (xq,))
-                accs.append(multiclass_metrics(yq, logits.double().numpy())["accuracy"])
-            rows.append(H.row(BENCH, label, "accuracy", float(np.mean(accs)), site=name, k=SHOTS,
-                              std=float(np.std(accs)), n=len(accs)))
-        site_means = [r["value"] for r in rows if r["method"] == label and r["site"] in HELD_OUT]
-        rows.append(H.row(BENCH, label, "accuracy", float(np.mean(site_means)), site="mean", k=SHOTS,
-                          n=len(site_means)))
-        rows.append(H.row(BENCH, label, "train_s", train_s, site="mean", rounds=rounds))
+    for seed in seeds:
+        for key, label, overrides in METHODS:
+            if key not in keys:
+                continue
+            cfg = H.config([*base, *overrides, f"seed={seed}"], CONFIG)
+            t = H.Timer()
+            _, state, log_rounds = H.run_federated(cfg, out_dir / "runs" / f"{key}-s{seed}", own_evaluation=True)
+            if seed == seeds[0]:
+                curves[label] = log_rounds
+            train_s = t()
+            per_seed += _score_episodes(key, label, state, eval_model, episodes, seed=seed)
+            per_seed.append(H.row(BENCH, label, "train_s", train_s, site="mean", rounds=rounds, seed=seed))
+    # mean ± std over training seeds (each value a mean over the site's episodes)
+    rows = H.aggregate_seeds(per_seed)
     rows.append(H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds, episodes=n_episodes))
     H.emit(H.pivot_table(rows, metric="accuracy", columns=[*HELD_OUT, "mean"],
                          title=f"Synthetic imaging: {WAYS}-way {SHOTS}-shot accuracy on novel classes at "
-                               f"held-out sites ({n_episodes} episodes per site; ± std over episodes; chance 0.2)"),
+                               f"held-out sites ({n_episodes} episodes per site, {len(seeds)} training seed(s); "
+                               "± std over seeds; chance 0.2)"),
            out_dir, BENCH)
     series = {label: ([r["round"] for r in lr], [r["query_loss_after"] or float("nan") for r in lr])
               for label, lr in curves.items()}
@@ -135,4 +121,30 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     H.plot_bars(means, out_dir / "imaging_accuracy.png", ylabel="5-way 5-shot accuracy (novel classes)",
                 title="Synthetic imaging, held-out sites")
     H.save_rows(rows, out_dir / f"{BENCH}.json")
+    return rows
+
+
+def _score_episodes(key: str, label: str, state: H.NDArrays, eval_model: torch.nn.Module,
+                    episodes: dict, *, seed: int) -> list[H.Row]:
+    """One training seed's accuracy per held-out site (mean over its episodes) and their mean."""
+    params = from_numpy(state)
+    if key == "fedavg":
+        params = _new_head(params, WAYS)
+    rows: list[H.Row] = []
+    for name, eps in episodes.items():
+        accs = []
+        for i in range(eps.n_tasks):
+            xs, ys, xq, yq = eps.xs[i], eps.ys[i], eps.xq[i], eps.yq[i].numpy()
+            if key == "protonet":
+                with torch.no_grad():
+                    logits = protonet_logits(eval_model, params, xs, ys, xq, n_way=WAYS)
+            else:
+                phi = adapt(eval_model, params, xs, ys, InnerConfig(steps=ADAPT_STEPS, lr=ADAPT_LR))
+                with torch.no_grad():
+                    logits = torch.func.functional_call(eval_model, phi, (xq,))
+            accs.append(multiclass_metrics(yq, logits.double().numpy())["accuracy"])
+        rows.append(H.row(BENCH, label, "accuracy", float(np.mean(accs)), site=name, k=SHOTS, seed=seed,
+                          episodes=len(accs)))
+    site_means = [r["value"] for r in rows]
+    rows.append(H.row(BENCH, label, "accuracy", float(np.mean(site_means)), site="mean", k=SHOTS, seed=seed))
     return rows

@@ -46,9 +46,14 @@ FACTS_REFERENCE: dict[int, tuple[float, float, float]] = {
 QUICK_METHODS = ("fedavg", "fedavg-ft", "reptile")
 
 
+#: The K of "every training patient of the held-out hospital" (one draw): the ceiling each
+#: method's adaptation reaches with all the labels the hospital has, next to the few-shot Ks.
+ALL = "all"
+
+
 def settings(quick: bool) -> tuple[list[int], int, int, tuple[int, ...]]:
     """(training seeds, rounds, draws per K, Ks)."""
-    return ([0], 3, 3, (5, 20)) if quick else ([0], 30, 30, KS)
+    return ([0], 3, 3, (5, 20)) if quick else ([0, 1, 2], 30, 30, KS)
 
 
 @dataclass(frozen=True)
@@ -156,12 +161,15 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
             site = H.load_sites(base_cfg, [held])[held]
             x_tr, y_tr = H.training_rows(site)
             x_te, y_te = H.test_rows(site)
-            picks = {k: draws(len(y_tr), k, n_draws, hospital=hi, seed=seed) for k in ks}
+            picks: dict[int | str, list[np.ndarray]] = {
+                k: draws(len(y_tr), k, n_draws, hospital=hi, seed=seed) for k in ks}
+            picks[ALL] = [np.arange(len(y_tr))]
 
-            def record(method: str, k: int, d: int, s: dict[str, float], *, held: str = held,
+            def record(method: str, k: int | str, d: int, s: dict[str, float], *, held: str = held,
                        seed: int = seed) -> None:
+                where = {"patients": ALL} if k == ALL else {"k": k}  # the schema's k is a number
                 for m in ("accuracy", "auroc"):
-                    per_draw.append(H.row(BENCH, method, m, s[m], k=k, site=held, seed=seed, draw=d))
+                    per_draw.append(H.row(BENCH, method, m, s[m], site=held, seed=seed, draw=d, **where))
 
             # references: alone, and logistic regression pooled over the other hospitals
             model, theta0 = H.model_and_init(base_cfg, spec)
@@ -173,7 +181,7 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
                            proximal=flamby.CENTRAL_L2)
             unadapted = H.score(model, pooled, x_te, y_te)
             bias = [n for n in pooled if n.endswith("bias")]
-            for k in ks:
+            for k in picks:
                 for d, idx in enumerate(picks[k]):
                     xs, ys = x_tr[idx], y_tr[idx]
                     alone = H.fit(model, zero, xs, ys, steps=flamby.CENTRAL_STEPS, lr=flamby.CENTRAL_LR,
@@ -191,7 +199,7 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
                 fmodel = H.build_model_for(cfg, spec)
                 if method.phase == "before":
                     glob = H.score(fmodel, H.from_numpy(state), x_te, y_te)
-                for k in ks:
+                for k in picks:
                     for d, idx in enumerate(picks[k]):
                         if method.phase == "before":
                             record(f"{method.label} (unadapted)", k, d, glob)
@@ -202,11 +210,13 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
                         record(method.label, k, d, H.score(fmodel, phi, x_te, y_te))
     per_site = H.aggregate_seeds(per_draw)
     means: list[H.Row] = []
-    for key in dict.fromkeys((r["method"], r["metric"], r["k"]) for r in per_site):
-        vals = [r["value"] for r in per_site if (r["method"], r["metric"], r["k"]) == key and r["value"] is not None]
-        draw_std = [r["std"] for r in per_site if (r["method"], r["metric"], r["k"]) == key and r["std"] is not None]
-        means.append(H.row(BENCH, key[0], key[1], float(np.mean(vals)) if vals else None, k=key[2], site="mean",
-                           std=float(np.mean(draw_std)) if draw_std else None, n=len(vals)))
+    for key in dict.fromkeys((r["method"], r["metric"], r.get("k")) for r in per_site):
+        group = [r for r in per_site if (r["method"], r["metric"], r.get("k")) == key]
+        vals = [r["value"] for r in group if r["value"] is not None]
+        draw_std = [r["std"] for r in group if r["std"] is not None]
+        where = {"patients": ALL} if key[2] is None else {"k": key[2]}
+        means.append(H.row(BENCH, key[0], key[1], float(np.mean(vals)) if vals else None, site="mean",
+                           std=float(np.mean(draw_std)) if draw_std else None, n=len(vals), **where))
     for k, (alone, others, refit) in FACTS_REFERENCE.items():
         for name, v in (("alone", alone), ("others' model", others), ("others' model + intercept", refit)):
             means.append(H.row(BENCH, f"facts-sklearn:{name}", "accuracy", v, k=k, site="mean"))
@@ -219,19 +229,24 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
 
 def _report(rows: list[H.Row], out_dir: Path, chosen: dict[str, tuple[str, ...]],
             adapt_of: dict[str, Adaptation], ks: tuple[int, ...], *, quick: bool) -> None:
-    means = [r for r in rows if r.get("site") == "mean" and r.get("k") is not None]
+    def column(r: H.Row) -> H.Row:  # the tables' K column: a number, or "all"
+        return {**r, "K": ALL if r.get("patients") == ALL else r.get("k")}
+
+    rows = [column(r) for r in rows]
+    means = [r for r in rows if r.get("site") == "mean" and r["K"] is not None]
     for metric in ("accuracy", "auroc"):
-        H.emit(H.pivot_table(means, metric=metric, columns=list(ks), column_key="k",
+        H.emit(H.pivot_table(means, metric=metric, columns=[*ks, ALL], column_key="K",
                              title=f"New hospital with K labelled patients: {metric}, mean over the held-out "
-                                   "hospitals (± mean std over draws)"), out_dir, BENCH)
-    for k in ks:
-        H.emit(H.pivot_table([r for r in rows if r.get("k") == k and r.get("site") != "mean"],
+                                   "hospitals (± mean std over draws and training seeds; K = all: every training "
+                                   "patient of the hospital)"), out_dir, BENCH)
+    for k in (*ks, ALL):
+        H.emit(H.pivot_table([r for r in rows if r["K"] == k and r.get("site") != "mean"],
                              metric="accuracy", columns=list(HOSPITALS), title=f"K = {k}: accuracy per held-out hospital"),
                out_dir, BENCH)
     H.emit("Chosen on validation (benchmark 1's carved validation splits, K-shot): "
            + "; ".join(f"{k}: {' '.join(v) or '(fixed)'}, {adapt_of[k].text()}" for k, v in chosen.items()),
            out_dir, BENCH)
-    at = {r["method"]: r["value"] for r in means if r["metric"] == "accuracy" and r["k"] == TARGET_K}
+    at = {r["method"]: r["value"] for r in means if r["metric"] == "accuracy" and r["K"] == TARGET_K}
     fm = {m: v for m, v in at.items() if m.startswith("fedmeta") and v is not None}
     if fm:
         best = max(fm, key=lambda m: fm[m])
@@ -241,7 +256,7 @@ def _report(rows: list[H.Row], out_dir: Path, chosen: dict[str, tuple[str, ...]]
     errs: dict[str, list[float]] = {}
     for m in dict.fromkeys(r["method"] for r in means if not r["method"].startswith("facts")):
         pts = sorted((r["k"], r["value"], r.get("std") or 0.0) for r in means
-                     if r["method"] == m and r["metric"] == "accuracy" and r["value"] is not None)
+                     if r["method"] == m and r["metric"] == "accuracy" and r["value"] is not None and r["K"] != ALL)
         series[m] = ([p[0] for p in pts], [p[1] for p in pts])
         errs[m] = [p[2] for p in pts]
     H.plot_lines(series, out_dir / "new_site_accuracy_vs_k.png", xlabel="K labelled patients at the new hospital",
