@@ -15,6 +15,7 @@ BENCHMARKS = {
     "ehr": "ehr",
     "imaging": "imaging",
     "comm": "comm",
+    "ceiling": "ceiling",
 }
 
 

@@ -12,10 +12,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # name on the command line -> module, as in fedmeta.cli.bench
-BENCHMARKS = {"flamby": "flamby", "new-site": "new_site", "ehr": "ehr", "imaging": "imaging", "comm": "comm"}
+BENCHMARKS = {"flamby": "flamby", "new-site": "new_site", "ehr": "ehr", "imaging": "imaging", "comm": "comm",
+              "ceiling": "ceiling"}
 BOUNDED = ("accuracy", "auroc", "val_accuracy", "final_accuracy")
 
 
@@ -118,3 +120,14 @@ def test_validation_source_never_uses_the_test_split() -> None:
     for r in val.x_test.round(5):
         assert tuple(r) in train_rows
     assert not any(tuple(r) in test_rows - train_rows for r in val.x_train.round(5))
+
+
+def test_ceiling_intercept_is_the_maximum_likelihood_one() -> None:
+    """The refitted intercept solves the score equation: predicted and observed positives agree."""
+    from fedmeta.bench.ceiling import _fit_intercept
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=200)
+    y = (rng.random(200) < 1 / (1 + np.exp(-(z - 1.3)))).astype(float)
+    b = _fit_intercept(z, y, 0.0)
+    assert (1 / (1 + np.exp(-(z + b)))).sum() == pytest.approx(y.sum(), abs=1e-8)
