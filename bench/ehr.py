@@ -113,12 +113,18 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
                               no_new=no_new, out_dir=out_dir)
     by = ("setting", "method", "metric", "outcome", "site", "k")
     per_site = H.aggregate_seeds(per_draw, by=by)
+    # the mean over held-out hospitals, and its spread over training seeds (each seed's mean over
+    # hospitals and draws), so that a difference between methods can be read against it
+    by_seed = H.aggregate_seeds(per_draw, by=("setting", "method", "metric", "outcome", "k", "seed"))
     means: list[H.Row] = []
     for group in sorted({(r["setting"], r["method"], r["outcome"], r["k"]) for r in per_site}):
         vals = [r["value"] for r in per_site
                 if (r["setting"], r["method"], r["outcome"], r["k"]) == group and r["value"] is not None]
+        seed_means = [r["value"] for r in by_seed
+                      if (r["setting"], r["method"], r["outcome"], r["k"]) == group and r["value"] is not None]
         means.append(H.row(BENCH, group[1], "auroc", float(np.mean(vals)) if vals else None, setting=group[0],
-                           outcome=group[2], k=group[3], site="mean", n=len(vals)))
+                           outcome=group[2], k=group[3], site="mean", n=len(seed_means),
+                           std=float(np.std(seed_means)) if seed_means else None))
     result = per_site + means + [H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds,
                                        draws=n_draws)]
     _report(result, out_dir, ks, outcomes, quick=quick)
@@ -181,12 +187,13 @@ def _report(rows: list[H.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tup
     for k in ks:
         sub = [r for r in means if r["k"] == k and r["setting"] == "held-out hospitals"]
         H.emit(H.pivot_table(sub, metric="auroc", columns=list(outcomes), column_key="outcome",
-                             title=f"Held-out hospitals, K = {k}: AUROC by outcome (mean of held-out hospitals)"),
+                             title=f"Held-out hospitals, K = {k}: AUROC by outcome (mean of held-out hospitals; "
+                                   "± std over training seeds)"),
                out_dir, BENCH)
     sub = [r for r in means if r["setting"] == "held-out outcome"]
     H.emit(H.pivot_table(sub, metric="auroc", columns=list(ks), column_key="k",
                          title=f"Held-out outcome ({NEW_OUTCOME}, never labelled in training) at held-out "
-                               "hospitals: AUROC vs K"), out_dir, BENCH)
+                               "hospitals: AUROC vs K (± std over training seeds)"), out_dir, BENCH)
     series: dict[str, tuple[list[float], list[float]]] = {}
     for setting in ("held-out hospitals", "held-out outcome"):
         for m in dict.fromkeys(r["method"] for r in means):
