@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from fedmeta.bench import harness as H
+from fedmeta.bench import fitting, plots, runner
+from fedmeta.bench import rows as R
 from fedmeta.common.data.heart import HOSPITALS
 
 log = logging.getLogger(__name__)
@@ -60,28 +61,28 @@ def _accuracy(x: np.ndarray, y: np.ndarray, model: tuple[np.ndarray, float] | No
     return float((pred == y).mean())
 
 
-def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     """Compute the bounds (seconds; ``quick`` is the same computation)."""
     del quick
-    H.quiet()
+    runner.quiet()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
-    cfg = H.config(["data.source=fed-heart"])
-    sites = H.load_sites(cfg, HOSPITALS)
-    rows: list[H.Row] = []
+    cfg = runner.config(["data.source=fed-heart"])
+    sites = runner.load_sites(cfg, HOSPITALS)
+    rows: list[R.Row] = []
     per: dict[str, list[float]] = {}
 
     def add(method: str, site: str, value: float, **extra: object) -> None:
-        rows.append(H.row(BENCH, method, "accuracy", value, site=site, **extra))
+        rows.append(R.row(BENCH, method, "accuracy", value, site=site, **extra))
         per.setdefault(method, []).append(value)
 
     for held in HOSPITALS:
         others = [s for n, s in sites.items() if n != held]
-        x_o = np.concatenate([H.training_rows(s)[0] for s in others])
-        y_o = np.concatenate([H.training_rows(s)[1] for s in others])
+        x_o = np.concatenate([fitting.training_rows(s)[0] for s in others])
+        y_o = np.concatenate([fitting.training_rows(s)[1] for s in others])
         w, b0 = _lr(x_o, y_o, 1.0) or (np.zeros(x_o.shape[1]), 0.0)
-        x_tr, y_tr = H.training_rows(sites[held])
-        x_te, y_te = H.test_rows(sites[held])
+        x_tr, y_tr = fitting.training_rows(sites[held])
+        x_te, y_te = fitting.test_rows(sites[held])
         majority = int(np.round(y_tr.mean()))
         add("others' LR, unadapted", held, _accuracy(x_te, y_te, (w, b0), majority))
         b_all = _fit_intercept(x_tr @ w, y_tr.astype(float), b0)
@@ -94,11 +95,11 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
         best_c = max(by_c, key=lambda c: by_c[c])
         add("per-hospital LR, L2 chosen on the test split (oracle)", held, by_c[best_c], c=best_c)
     for method, values in per.items():
-        rows.append(H.row(BENCH, method, "accuracy", float(np.mean(values)), site="mean"))
-    H.emit(H.pivot_table(rows, metric="accuracy", columns=[*HOSPITALS, "mean"],
+        rows.append(R.row(BENCH, method, "accuracy", float(np.mean(values)), site="mean"))
+    R.emit(R.pivot_table(rows, metric="accuracy", columns=[*HOSPITALS, "mean"],
                          title="Fed-Heart-Disease: bounds with the test split's help (not methods), accuracy"),
            out_dir, BENCH)
-    H.plot_bars({r["method"]: r["value"] for r in rows if r["site"] == "mean"}, out_dir / "ceiling.png",
+    plots.plot_bars({r["method"]: r["value"] for r in rows if r["site"] == "mean"}, out_dir / "ceiling.png",
                 ylabel="mean accuracy over 4 hospitals", title="Bounds (logistic regression)")
-    H.save_rows(rows, out_dir / f"{BENCH}.json")
+    R.save_rows(rows, out_dir / f"{BENCH}.json")
     return rows

@@ -29,8 +29,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from fedmeta.bench import flamby
-from fedmeta.bench import harness as H
+from fedmeta.bench import flamby, plots, runner
+from fedmeta.bench import rows as R
 from fedmeta.common.config import CompressionConfig
 from fedmeta.common.data.heart import HOSPITALS
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 BENCH = "comm"
 #: ``eval.validation_fraction = 0.25``: each site picks its number of adaptation steps (0 to 100)
-#: by held-out log-loss on its own training rows (``client/task.py: choose_adapt_steps``), the
+#: by held-out log-loss on its own training rows (``sitecore/evaluate.py: choose_adapt_steps``), the
 #: project's default when the published run was made; pinned so the command reproduces it.
 BASE: tuple[str, ...] = (*flamby.BASE, "model.name=mlp", "rounds=30", "eval.validation_fraction=0.25")
 ALGORITHMS: dict[str, str] = {
@@ -69,7 +69,7 @@ def settings(quick: bool) -> tuple[list[int], int, dict[str, str], tuple[tuple[s
     return [0, 1], 30, ALGORITHMS, COMPRESSIONS
 
 
-def run_plotted_subset(out_dir: Path) -> list[H.Row]:
+def run_plotted_subset(out_dir: Path) -> list[R.Row]:
     """Seed 0 of the full benchmark for the compressions in :data:`PLOTTED` only, into
     ``out_dir/plotted-subset``: its plots (and ``comm_curves.json``) are the ones published, since
     the full run's plot of every compression is unreadable. Same seeds, so the same curves."""
@@ -98,22 +98,22 @@ def bytes_to_reach(curve: list[dict], key: str, target: float) -> tuple[float | 
     return None, None
 
 
-def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     """Run benchmark 5; rows of bytes-to-target and final accuracy per method and compression."""
-    H.quiet()
+    runner.quiet()
     seeds, rounds, algorithms, compressions = settings(quick)
-    timer = H.Timer()
+    timer = R.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
-    per_seed: list[H.Row] = []
+    per_seed: list[R.Row] = []
     curves: dict[str, list[dict]] = {}
     for seed in seeds:
         runs: dict[tuple[str, str], list[dict]] = {}
         for algo in algorithms:
             for comp, overrides in compressions:
-                cfg = H.config([*BASE, f"algorithm={algo}", *overrides, f"rounds={rounds}", f"seed={seed}"])
-                fn = flamby.curve_fn(cfg, H.load_sites(cfg, HOSPITALS))
-                _, _, log_rounds = H.run_federated(cfg, out_dir / "runs" / f"{algo}-{comp}-s{seed}", curve=fn)
+                cfg = runner.config([*BASE, f"algorithm={algo}", *overrides, f"rounds={rounds}", f"seed={seed}"])
+                fn = flamby.curve_fn(cfg, runner.load_sites(cfg, HOSPITALS))
+                _, _, log_rounds = runner.run_federated(cfg, out_dir / "runs" / f"{algo}-{comp}-s{seed}", curve=fn)
                 runs[(algo, comp)] = log_rounds
         ref = runs[("fedavg", "none")]
         targets = {"FedAvg final": ref[-1]["before_accuracy"], "FedAvg + FT final": ref[-1]["after_accuracy"]}
@@ -128,28 +128,28 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
                 b, rnd = bytes_to_reach(log_rounds, key, target)
                 ref_key = "before_accuracy" if tname == "FedAvg final" else "after_accuracy"
                 b_ref, _ = bytes_to_reach(ref, ref_key, target)
-                per_seed.append(H.row(BENCH, label, f"bytes_to[{tname}]", b, site="mean", seed=seed,
+                per_seed.append(R.row(BENCH, label, f"bytes_to[{tname}]", b, site="mean", seed=seed,
                                       target=target, round=rnd))
-                per_seed.append(H.row(BENCH, label, f"reduction_vs_fedavg[{tname}]",
+                per_seed.append(R.row(BENCH, label, f"reduction_vs_fedavg[{tname}]",
                                       (b_ref / b) if (b and b_ref) else None, site="mean", seed=seed))
             total = sum(float(r["bytes_up"]) + float(r["bytes_down"]) for r in log_rounds)
             final_key = "before_accuracy" if algo == "fedavg" else "after_accuracy"
-            per_seed.append(H.row(BENCH, label, "final_accuracy", log_rounds[-1][final_key], site="mean", seed=seed))
-            per_seed.append(H.row(BENCH, label, "total_bytes", total, site="mean", seed=seed))
-    rows = H.aggregate_seeds(per_seed, by=("method", "metric", "site"))
-    rows.append(H.row(BENCH, "local training (no communication)", "total_bytes", 0.0, site="mean"))
-    rows.append(H.row(BENCH, "all", "runtime_s", timer(), site="mean", seeds=len(seeds), rounds=rounds))
+            per_seed.append(R.row(BENCH, label, "final_accuracy", log_rounds[-1][final_key], site="mean", seed=seed))
+            per_seed.append(R.row(BENCH, label, "total_bytes", total, site="mean", seed=seed))
+    rows = R.aggregate_seeds(per_seed, by=("method", "metric", "site"))
+    rows.append(R.row(BENCH, "local training (no communication)", "total_bytes", 0.0, site="mean"))
+    rows.append(R.row(BENCH, "all", "runtime_s", timer(), site="mean", seeds=len(seeds), rounds=rounds))
     _report(rows, curves, out_dir, quick=quick)
-    H.save_rows(rows, out_dir / f"{BENCH}.json")
-    curve_rows = [H.row(BENCH, label, key, r.get(key), site="mean", round=int(r["round"]), seed=seeds[0],
+    R.save_rows(rows, out_dir / f"{BENCH}.json")
+    curve_rows = [R.row(BENCH, label, key, r.get(key), site="mean", round=int(r["round"]), seed=seeds[0],
                         bytes=float(r["bytes_up"]) + float(r["bytes_down"]))
                   for label, log_rounds in curves.items() for r in log_rounds
                   for key in ("before_accuracy", "after_accuracy")]
-    H.save_rows(curve_rows, out_dir / f"{BENCH}_curves.json")
+    R.save_rows(curve_rows, out_dir / f"{BENCH}_curves.json")
     return rows
 
 
-def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path, *, quick: bool) -> None:
+def _report(rows: list[R.Row], curves: dict[str, list[dict]], out_dir: Path, *, quick: bool) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("all",)))
     metrics = ["final_accuracy", "total_bytes", "bytes_to[FedAvg final]", "reduction_vs_fedavg[FedAvg final]",
                "bytes_to[FedAvg + FT final]", "reduction_vs_fedavg[FedAvg + FT final]"]
@@ -169,7 +169,7 @@ def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path, *, 
             else:
                 cells.append(f"{r['value']:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    H.emit("\n".join(lines), out_dir, BENCH)
+    R.emit("\n".join(lines), out_dir, BENCH)
     series: dict[str, tuple[list[float], list[float]]] = {}
     for label, log_rounds in curves.items():
         fedavg = label.startswith("FedAvg")
@@ -184,10 +184,10 @@ def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path, *, 
         series[label] = (xs, ys)
         if label.startswith("FedAvg"):
             series[label.replace("FedAvg", "FedAvg + FT")] = (xs, [r["after_accuracy"] for r in log_rounds])
-    H.plot_lines(series, out_dir / "comm_bytes_vs_accuracy.png", xlabel="cumulative bytes (up + down)",
+    plots.plot_lines(series, out_dir / "comm_bytes_vs_accuracy.png", xlabel="cumulative bytes (up + down)",
                  ylabel="mean test accuracy (4 hospitals)", logx=True,
                  title="Bytes vs accuracy, seed 0" + (" [quick]" if quick else ""))
-    H.plot_lines({k: ([r["round"] for r in v], [r["after_accuracy" if not k.startswith("FedAvg") else
+    plots.plot_lines({k: ([r["round"] for r in v], [r["after_accuracy" if not k.startswith("FedAvg") else
                                                     "before_accuracy"] for r in v])
                    for k, v in curves.items() if k.endswith("[none]")},
                  out_dir / "comm_learning_curves.png", xlabel="round", ylabel="mean test accuracy",

@@ -32,10 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmeta.bench import harness as H
-from fedmeta.common.config import DataConfig
+from fedmeta.bench import fitting, plots, runner
+from fedmeta.bench import rows as R
+from fedmeta.common.config import DataConfig, ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.data.registry import DataSpec, Source, _source, register_source
+from fedmeta.common.experiment import build_model_for
+from fedmeta.common.params import NDArrays
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +63,13 @@ def register_without_outcome(source: str, outcome: str) -> str:
     name = f"{source}-no-{outcome}"
 
     def spec(cfg: DataConfig) -> DataSpec:
-        s = base.spec(replace(cfg, source=source))
+        s = base.spec(cfg.model_copy(update={"source": source}))
         if outcome not in s.outcomes:
             raise ValueError(f"{source} has no outcome {outcome!r}: {s.outcomes}")
         return replace(s, outcomes=tuple(o for o in s.outcomes if o != outcome))
 
     def load(cfg: DataConfig, site: str) -> Site:
-        full = base.load(replace(cfg, source=source), site)
+        full = base.load(cfg.model_copy(update={"source": source}), site)
         assert isinstance(full, TabularSite)
         keep = [i for i, o in enumerate(full.outcomes) if o != outcome]
         return replace(full, y_train=full.y_train[:, keep], y_test=full.y_test[:, keep],
@@ -94,17 +97,17 @@ def _draws(y: np.ndarray, k: int, n: int, rng: np.random.Generator) -> list[np.n
     return out
 
 
-def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     """Run benchmark 3; rows per (setting, method, outcome, K) for each held-out hospital and mean."""
-    H.quiet()
+    runner.quiet()
     seeds, rounds, n_draws, ks, held_out, keys = settings(quick)
-    timer = H.Timer()
+    timer = R.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
     no_new = register_without_outcome("synth-ehr", NEW_OUTCOME)
     holdout = "data.holdout=[" + ",".join(held_out) + "]"
-    outcomes = H.spec_of(H.config([f"rounds={rounds}", holdout], CONFIG)).outcomes
-    per_draw: list[H.Row] = []
+    outcomes = runner.spec_of(runner.config([f"rounds={rounds}", holdout], CONFIG)).outcomes
+    per_draw: list[R.Row] = []
     for seed in seeds:  # the data (and so the held-out sites) are the same for every seed
         base = [f"rounds={rounds}", holdout, f"seed={seed}"]
         if quick:  # four sites a round, and a one-step closing evaluation the benchmark does not use
@@ -112,34 +115,34 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
         per_draw += _run_seed(seed, base, n_draws=n_draws, ks=ks, held_out=held_out, keys=keys,
                               no_new=no_new, out_dir=out_dir)
     by = ("setting", "method", "metric", "outcome", "site", "k")
-    per_site = H.aggregate_seeds(per_draw, by=by)
+    per_site = R.aggregate_seeds(per_draw, by=by)
     # the mean over held-out hospitals, and its spread over training seeds (each seed's mean over
     # hospitals and draws), so that a difference between methods can be read against it
-    by_seed = H.aggregate_seeds(per_draw, by=("setting", "method", "metric", "outcome", "k", "seed"))
-    means: list[H.Row] = []
+    by_seed = R.aggregate_seeds(per_draw, by=("setting", "method", "metric", "outcome", "k", "seed"))
+    means: list[R.Row] = []
     for group in sorted({(r["setting"], r["method"], r["outcome"], r["k"]) for r in per_site}):
         vals = [r["value"] for r in per_site
                 if (r["setting"], r["method"], r["outcome"], r["k"]) == group and r["value"] is not None]
         seed_means = [r["value"] for r in by_seed
                       if (r["setting"], r["method"], r["outcome"], r["k"]) == group and r["value"] is not None]
-        means.append(H.row(BENCH, group[1], "auroc", float(np.mean(vals)) if vals else None, setting=group[0],
+        means.append(R.row(BENCH, group[1], "auroc", float(np.mean(vals)) if vals else None, setting=group[0],
                            outcome=group[2], k=group[3], site="mean", n=len(seed_means),
                            std=float(np.std(seed_means)) if seed_means else None))
-    result = per_site + means + [H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds,
+    result = per_site + means + [R.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds,
                                        draws=n_draws)]
     _report(result, out_dir, ks, outcomes, quick=quick)
-    H.save_rows(result, out_dir / f"{BENCH}.json")
+    R.save_rows(result, out_dir / f"{BENCH}.json")
     return result
 
 
 def _run_seed(seed: int, base: list[str], *, n_draws: int, ks: tuple[int, ...], held_out: tuple[str, ...],
-              keys: tuple[str, ...], no_new: str, out_dir: Path) -> list[H.Row]:
+              keys: tuple[str, ...], no_new: str, out_dir: Path) -> list[R.Row]:
     """One training seed: every method trained in both settings, then each held-out hospital's
     K-shot AUROC per draw (the draws depend on the seed and are shared by every method)."""
-    ref_cfg = H.config(base, CONFIG)
-    spec = H.spec_of(ref_cfg)
-    sites = H.load_sites(ref_cfg, held_out)
-    states: dict[tuple[str, str], tuple[H.ExperimentConfig, H.NDArrays]] = {}
+    ref_cfg = runner.config(base, CONFIG)
+    spec = runner.spec_of(ref_cfg)
+    sites = runner.load_sites(ref_cfg, held_out)
+    states: dict[tuple[str, str], tuple[ExperimentConfig, NDArrays]] = {}
     for key, _label, overrides in METHODS:
         if key not in keys:
             continue
@@ -147,51 +150,51 @@ def _run_seed(seed: int, base: list[str], *, n_draws: int, ks: tuple[int, ...], 
             if key == "fedavg" and setting == "held-out outcome":
                 states[(key, setting)] = states[(key, "held-out hospitals")]  # trains on mortality only
                 continue
-            cfg = H.config([*base, *overrides, f"data.source={source}"], CONFIG)
-            _, state, _ = H.run_federated(cfg, out_dir / "runs" / f"{key}-{source}-s{seed}")
+            cfg = runner.config([*base, *overrides, f"data.source={source}"], CONFIG)
+            _, state, _ = runner.run_federated(cfg, out_dir / "runs" / f"{key}-{source}-s{seed}")
             states[(key, setting)] = (cfg, state)
-    local_cfg = H.config([*base, "model.name=linear"], CONFIG)
-    lmodel, ltheta0 = H.model_and_init(local_cfg, spec)
-    per_draw: list[H.Row] = []
+    local_cfg = runner.config([*base, "model.name=linear"], CONFIG)
+    lmodel, ltheta0 = fitting.model_and_init(local_cfg, spec)
+    per_draw: list[R.Row] = []
     for hi, (name, site) in enumerate(sites.items()):
         assert isinstance(site, TabularSite)
         for oi, outcome in enumerate(spec.outcomes):
             settings_here = ["held-out hospitals"] + (["held-out outcome"] if outcome == NEW_OUTCOME else [])
             x_tr, y_all = site.x_train, site.y_train[:, oi]
-            x_te, y_te = H.test_rows(site, oi)
+            x_te, y_te = fitting.test_rows(site, oi)
             for k in ks:
                 picks = _draws(y_all, k, n_draws, np.random.default_rng([seed, hi, oi, k, 2029]))
                 for d, idx in enumerate(picks):
                     xs, ys = x_tr[idx], y_all[idx]
-                    local = H.fit(lmodel, ltheta0, xs, ys, steps=500, lr=0.1, proximal=1.0 / len(ys))
-                    s_local = H.score(lmodel, local, x_te, y_te)
+                    local = fitting.fit(lmodel, ltheta0, xs, ys, steps=500, lr=0.1, proximal=1.0 / len(ys))
+                    s_local = fitting.score(lmodel, local, x_te, y_te)
                     for setting in settings_here:
                         tag = {"k": k, "site": name, "outcome": outcome, "setting": setting, "seed": seed, "draw": d}
-                        per_draw.append(H.row(BENCH, LOCAL, "auroc", s_local["auroc"], **tag))
+                        per_draw.append(R.row(BENCH, LOCAL, "auroc", s_local["auroc"], **tag))
                         for key, label, _ in METHODS:
                             if (key, setting) not in states:
                                 continue
                             cfg, state = states[(key, setting)]
-                            model = H.build_model_for(cfg, spec)
-                            phi = H.adapt_state(model, state, xs, ys, steps=cfg.eval.adapt_steps,
+                            model = build_model_for(cfg, spec)
+                            phi = fitting.adapt_state(model, state, xs, ys, steps=cfg.eval.adapt_steps,
                                                 lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal,
-                                                metasgd_steps=cfg.inner.steps)
-                            per_draw.append(H.row(BENCH, label, "auroc", H.score(model, phi, x_te, y_te)["auroc"],
+                                                cfg=cfg)
+                            per_draw.append(R.row(BENCH, label, "auroc", fitting.score(model, phi, x_te, y_te)["auroc"],
                                                   **tag))
     return per_draw
 
 
-def _report(rows: list[H.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tuple[str, ...], *,
+def _report(rows: list[R.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tuple[str, ...], *,
             quick: bool) -> None:
     means = [r for r in rows if r.get("site") == "mean" and r.get("k") is not None]
     for k in ks:
         sub = [r for r in means if r["k"] == k and r["setting"] == "held-out hospitals"]
-        H.emit(H.pivot_table(sub, metric="auroc", columns=list(outcomes), column_key="outcome",
+        R.emit(R.pivot_table(sub, metric="auroc", columns=list(outcomes), column_key="outcome",
                              title=f"Held-out hospitals, K = {k}: AUROC by outcome (mean of held-out hospitals; "
                                    "± std over training seeds)"),
                out_dir, BENCH)
     sub = [r for r in means if r["setting"] == "held-out outcome"]
-    H.emit(H.pivot_table(sub, metric="auroc", columns=list(ks), column_key="k",
+    R.emit(R.pivot_table(sub, metric="auroc", columns=list(ks), column_key="k",
                          title=f"Held-out outcome ({NEW_OUTCOME}, never labelled in training) at held-out "
                                "hospitals: AUROC vs K (± std over training seeds)"), out_dir, BENCH)
     series: dict[str, tuple[list[float], list[float]]] = {}
@@ -204,6 +207,6 @@ def _report(rows: list[H.Row], out_dir: Path, ks: tuple[int, ...], outcomes: tup
             if pts:
                 xs = sorted(pts)
                 series[f"{m} [{setting}]"] = ([float(x) for x in xs], [float(np.mean(pts[x])) for x in xs])
-    H.plot_lines(series, out_dir / "ehr_auroc_vs_k.png", xlabel="K labelled patients", ylabel="AUROC",
+    plots.plot_lines(series, out_dir / "ehr_auroc_vs_k.png", xlabel="K labelled patients", ylabel="AUROC",
                  title="Synthetic EHR consortium: new hospitals / new outcome" + (" [quick]" if quick else ""),
                  logx=True)

@@ -30,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmeta.bench import harness as H
-from fedmeta.client.task import evaluate_site
+from fedmeta.bench import fitting, plots, runner, sources
+from fedmeta.bench import rows as R
+from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.heart import HOSPITALS
 from fedmeta.common.experiment import site_rng
+from fedmeta.common.params import NDArrays
+from fedmeta.sitecore.evaluate import evaluate_site
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ BASE: tuple[str, ...] = (
 )
 #: Benchmark 1 adapts as the product does by default: up to ``eval.adapt_steps`` steps, the count
 #: chosen per hospital by k-fold cross-validation on its own training rows
-#: (``eval.validation_fraction``, :func:`fedmeta.client.task.choose_adapt_steps`). The first
+#: (``eval.validation_fraction``, :func:`fedmeta.sitecore.evaluate.choose_adapt_steps`). The first
 #: published table used exactly 100 steps (``eval.validation_fraction=0``); add that override to
 #: reproduce it.
 FIXED_STEPS: tuple[str, ...] = ()
@@ -66,16 +69,16 @@ PROX = tuple((*m, p) for m in MODELS for p in ("eval.proximal=0.0", "eval.proxim
 
 _YOGI = ("algorithm=fedavg", "outer.optimizer=yogi", "outer.beta2=0.99", "outer.eps=0.001")
 _YOGI_LR = tuple((*m, f"outer.lr={lr}") for m in MODELS for lr in (0.01, 0.03, 0.1))
-METHODS: tuple[H.FedMethod, ...] = (
-    H.FedMethod("fedavg", ("algorithm=fedavg",), "FedAvg", "before", MODELS),
-    H.FedMethod("fedavg-ft", ("algorithm=fedavg",), "FedAvg + fine-tuning", "after", PROX),
-    H.FedMethod("fedyogi", _YOGI, "FedYogi", "before", _YOGI_LR),
-    H.FedMethod("fedyogi-ft", _YOGI, "FedYogi + fine-tuning", "after",
+METHODS: tuple[runner.FedMethod, ...] = (
+    runner.FedMethod("fedavg", ("algorithm=fedavg",), "FedAvg", "before", MODELS),
+    runner.FedMethod("fedavg-ft", ("algorithm=fedavg",), "FedAvg + fine-tuning", "after", PROX),
+    runner.FedMethod("fedyogi", _YOGI, "FedYogi", "before", _YOGI_LR),
+    runner.FedMethod("fedyogi-ft", _YOGI, "FedYogi + fine-tuning", "after",
                 tuple((*c, p) for c in _YOGI_LR for p in ("eval.proximal=0.0", "eval.proximal=0.1"))),
-    H.FedMethod("reptile", ("algorithm=reptile",), "fedmeta Reptile + adaptation", "after", PROX),
-    H.FedMethod("fomaml", ("algorithm=fomaml",), "fedmeta FOMAML + adaptation", "after", PROX),
-    H.FedMethod("maml", ("algorithm=maml",), "fedmeta MAML + adaptation", "after", PROX),
-    H.FedMethod("metasgd", ("algorithm=metasgd",), "fedmeta Meta-SGD + adaptation", "after", MODELS),
+    runner.FedMethod("reptile", ("algorithm=reptile",), "fedmeta Reptile + adaptation", "after", PROX),
+    runner.FedMethod("fomaml", ("algorithm=fomaml",), "fedmeta FOMAML + adaptation", "after", PROX),
+    runner.FedMethod("maml", ("algorithm=maml",), "fedmeta MAML + adaptation", "after", PROX),
+    runner.FedMethod("metasgd", ("algorithm=metasgd",), "fedmeta Meta-SGD + adaptation", "after", MODELS),
 )
 #: Centralised references: full-batch gradient descent, fixed a priori (convex problem; 500
 #: steps of 0.1 reach a plateau of the training loss on every hospital).
@@ -91,38 +94,38 @@ def settings(quick: bool) -> tuple[list[int], int]:
     return ([0], 2) if quick else ([0, 1, 2, 3, 4], 30)
 
 
-def central_rows(seed: int, *, benchmark: str = BENCH) -> list[H.Row]:
+def central_rows(seed: int, *, benchmark: str = BENCH) -> list[R.Row]:
     """Pooled and per-hospital (local) logistic regression, scored on every hospital's test split."""
-    cfg = H.config([*BASE, f"seed={seed}"])
-    spec = H.spec_of(cfg)
-    model, theta0 = H.model_and_init(cfg, spec)
-    sites = H.load_sites(cfg, HOSPITALS)
-    x_all = np.concatenate([H.training_rows(s)[0] for s in sites.values()])
-    y_all = np.concatenate([H.training_rows(s)[1] for s in sites.values()])
-    pooled = H.fit(model, theta0, x_all, y_all, steps=CENTRAL_STEPS, lr=CENTRAL_LR, proximal=CENTRAL_L2)
-    rows: list[H.Row] = []
+    cfg = runner.config([*BASE, f"seed={seed}"])
+    spec = runner.spec_of(cfg)
+    model, theta0 = fitting.model_and_init(cfg, spec)
+    sites = runner.load_sites(cfg, HOSPITALS)
+    x_all = np.concatenate([fitting.training_rows(s)[0] for s in sites.values()])
+    y_all = np.concatenate([fitting.training_rows(s)[1] for s in sites.values()])
+    pooled = fitting.fit(model, theta0, x_all, y_all, steps=CENTRAL_STEPS, lr=CENTRAL_LR, proximal=CENTRAL_L2)
+    rows: list[R.Row] = []
     per: dict[str, dict[str, list[float]]] = {"pooled": {"accuracy": [], "auroc": []},
                                               "local": {"accuracy": [], "auroc": []}}
     for name, site in sites.items():
-        x_te, y_te = H.test_rows(site)
-        own = H.fit(model, theta0, *H.training_rows(site), steps=CENTRAL_STEPS, lr=CENTRAL_LR,
+        x_te, y_te = fitting.test_rows(site)
+        own = fitting.fit(model, theta0, *fitting.training_rows(site), steps=CENTRAL_STEPS, lr=CENTRAL_LR,
                     proximal=CENTRAL_L2)
         for method, params in (("pooled", pooled), ("local", own)):
-            s = H.score(model, params, x_te, y_te)
+            s = fitting.score(model, params, x_te, y_te)
             for m in ("accuracy", "auroc"):
-                rows.append(H.row(benchmark, method, m, s[m], site=name, seed=seed))
+                rows.append(R.row(benchmark, method, m, s[m], site=name, seed=seed))
                 per[method][m].append(s[m])
     for method, metrics in per.items():
         for m, values in metrics.items():
-            rows.append(H.row(benchmark, method, m, float(np.nanmean(values)), site="mean", seed=seed))
+            rows.append(R.row(benchmark, method, m, float(np.nanmean(values)), site="mean", seed=seed))
     return rows
 
 
-def curve_fn(cfg: H.ExperimentConfig, sites: dict) -> H.CurveFn:
+def curve_fn(cfg: ExperimentConfig, sites: dict) -> runner.CurveFn:
     """Per-round mean test accuracy before and after adaptation (for the learning curves)."""
-    spec = H.spec_of(cfg)
+    spec = runner.spec_of(cfg)
 
-    def fn(rnd: int, state: H.NDArrays) -> dict[str, float]:
+    def fn(rnd: int, state: NDArrays) -> dict[str, float]:
         res = [evaluate_site(cfg, spec, s, state, rng=site_rng(cfg, n, rnd, "curve")) for n, s in sites.items()]
         return {f"{phase}_accuracy": float(np.mean([r[phase]["accuracy"] for r in res]))  # type: ignore[index]
                 for phase in ("before", "after")}
@@ -130,19 +133,19 @@ def curve_fn(cfg: H.ExperimentConfig, sites: dict) -> H.CurveFn:
     return fn
 
 
-def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     """Run benchmark 1 and save ``flamby.json``-style rows, tables and plots under ``out_dir``."""
-    H.quiet()
-    H.register_validation_sources("fed-heart")
+    runner.quiet()
+    sources.register_validation_sources("fed-heart")
     seeds, rounds = settings(quick)
-    timer = H.Timer()
+    timer = R.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
-    rows: list[H.Row] = []
+    rows: list[R.Row] = []
     chosen: dict[str, tuple[str, ...]] = {}
     methods = [m for m in METHODS if not quick or m.key in QUICK_METHODS]
     for method in methods:
-        cand, sel_rows = H.select(method, [*BASE, *FIXED_STEPS, f"rounds={rounds}"], val_source="fed-heart-val",
+        cand, sel_rows = runner.select(method, [*BASE, *FIXED_STEPS, f"rounds={rounds}"], val_source="fed-heart-val",
                                   out_dir=out_dir / "runs", benchmark=BENCH, limit=2 if quick else None)
         chosen[method.key] = cand
         rows += sel_rows
@@ -150,39 +153,39 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
     for seed in seeds:
         rows += central_rows(seed)
         for method in methods:
-            cfg = H.config([*BASE, *FIXED_STEPS, *method.overrides, *chosen[method.key], f"rounds={rounds}",
+            cfg = runner.config([*BASE, *FIXED_STEPS, *method.overrides, *chosen[method.key], f"rounds={rounds}",
                             f"seed={seed}"])
-            fn = curve_fn(cfg, H.load_sites(cfg, HOSPITALS)) if seed == seeds[0] else None
-            summary, _, log_rounds = H.run_federated(cfg, out_dir / "runs" / f"{method.key}-s{seed}", curve=fn)
+            fn = curve_fn(cfg, runner.load_sites(cfg, HOSPITALS)) if seed == seeds[0] else None
+            summary, _, log_rounds = runner.run_federated(cfg, out_dir / "runs" / f"{method.key}-s{seed}", curve=fn)
             if fn is not None:
                 curves[method.key] = log_rounds
-            rows += H.summary_rows(summary, benchmark=BENCH, method=method.label, phase=method.phase, seed=seed)
-    table = H.aggregate_seeds([r for r in rows if r["metric"] != "val_accuracy"])
+            rows += R.summary_rows(summary, benchmark=BENCH, method=method.label, phase=method.phase, seed=seed)
+    table = R.aggregate_seeds([r for r in rows if r["metric"] != "val_accuracy"])
     for name, value in PUBLISHED.items():
-        table.append(H.row(BENCH, f"flamby-published:{name}", "accuracy", value, site="mean", n=5, std=None))
+        table.append(R.row(BENCH, f"flamby-published:{name}", "accuracy", value, site="mean", n=5, std=None))
     sel = [r for r in rows if r["metric"] == "val_accuracy"]
-    result = table + sel + [H.row(BENCH, "all", "runtime_s", timer(), site="mean",
+    result = table + sel + [R.row(BENCH, "all", "runtime_s", timer(), site="mean",
                                   seeds=len(seeds), rounds=rounds)]
     _report(result, curves, out_dir, chosen, quick=quick)
-    H.save_rows(result, out_dir / f"{BENCH}.json")
+    R.save_rows(result, out_dir / f"{BENCH}.json")
     return result
 
 
-def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path,
+def _report(rows: list[R.Row], curves: dict[str, list[dict]], out_dir: Path,
             chosen: dict[str, tuple[str, ...]], *, quick: bool) -> None:
     cols = [*HOSPITALS, "mean"]
-    H.emit(H.pivot_table(rows, metric="accuracy", columns=cols,
+    R.emit(R.pivot_table(rows, metric="accuracy", columns=cols,
                          title="Fed-Heart-Disease: accuracy on each hospital's test split (mean ± std over seeds)"),
            out_dir, BENCH)
-    H.emit(H.pivot_table([r for r in rows if not r["method"].startswith("flamby-published")], metric="auroc",
+    R.emit(R.pivot_table([r for r in rows if not r["method"].startswith("flamby-published")], metric="auroc",
                          columns=cols, title="Fed-Heart-Disease: AUROC"), out_dir, BENCH)
-    H.emit("Chosen on validation: " + "; ".join(f"{k}: {' '.join(v) or '(fixed)'}" for k, v in chosen.items()),
+    R.emit("Chosen on validation: " + "; ".join(f"{k}: {' '.join(v) or '(fixed)'}" for k, v in chosen.items()),
            out_dir, BENCH)
     means = {r["method"]: r for r in rows if r["metric"] == "accuracy" and r.get("site") == "mean"}
     best = max((r for m, r in means.items() if m.startswith("fedmeta")), key=lambda r: r["value"] or 0.0)
-    H.emit(f"Best fedmeta method: {best['method']} {best['value']:.3f} (target {TARGET}: "
+    R.emit(f"Best fedmeta method: {best['method']} {best['value']:.3f} (target {TARGET}: "
            f"{'met' if best['value'] >= TARGET else 'NOT met'})", out_dir, BENCH)
-    H.plot_bars({m: r["value"] for m, r in means.items() if r["value"] is not None},
+    plots.plot_bars({m: r["value"] for m, r in means.items() if r["value"] is not None},
                 out_dir / "flamby_accuracy.png", ylabel="mean accuracy over 4 hospitals",
                 title="Fed-Heart-Disease (FLamby protocol)" + (" [quick]" if quick else ""),
                 errors={m: r.get("std") or 0.0 for m, r in means.items()}, hline=TARGET)
@@ -192,5 +195,5 @@ def _report(rows: list[H.Row], curves: dict[str, list[dict]], out_dir: Path,
         label, phase = labels[key]
         pts = [(r["round"], r[f"{phase}_accuracy"]) for r in log_rounds if f"{phase}_accuracy" in r]
         series[label] = ([p[0] for p in pts], [p[1] for p in pts])
-    H.plot_lines(series, out_dir / "flamby_learning_curves.png", xlabel="round",
+    plots.plot_lines(series, out_dir / "flamby_learning_curves.png", xlabel="round",
                  ylabel="mean test accuracy (4 hospitals)", title="Learning curves, seed 0")

@@ -10,7 +10,7 @@ Methods (all on the same Conv-4, 32 channels, trained 20 rounds, half the sites 
 
 - ``FedProto``: federated prototypical networks (Snell et al. 2017), prototypes from the 5 shots;
 - ``FedMAML (first order)``: FOMAML (Finn et al. 2017), adapted on the 5 shots; first order
-  because second-order Conv-4 meta-gradients are ~3x slower on CPU (FACTS.md);
+  because second-order Conv-4 meta-gradients are ~3x slower on CPU (``fedmeta bench engine``);
 - ``FedAvg + fine-tuning``: FedAvg (McMahan et al. 2017) trained as a plain classifier of the 7
   meta-training classes (``tasks.ways = 7``: fedmeta's FedAvg client trains on a site's raw
   labels, which a 5-output head cannot hold), then, as the "Baseline" of Chen et al. 2019 ("A
@@ -29,14 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmeta.bench import harness as H
+from fedmeta.bench import plots, runner
+from fedmeta.bench import rows as R
 from fedmeta.common.data.episodes import EpisodeSampler
 from fedmeta.common.data.images import load_novel_site
+from fedmeta.common.experiment import build_model_for
 from fedmeta.common.meta.inner import adapt
 from fedmeta.common.meta.protonet import protonet_logits
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.metrics import multiclass_metrics
-from fedmeta.common.params import from_numpy
+from fedmeta.common.params import NDArrays, from_numpy
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +75,19 @@ def _new_head(params: dict[str, torch.Tensor], ways: int) -> dict[str, torch.Ten
     return out
 
 
-def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
+def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     """Run benchmark 4: few-shot accuracy per held-out site and the mean."""
-    H.quiet()
+    runner.quiet()
     seeds, rounds, n_episodes, keys = settings(quick)
-    timer = H.Timer()
+    timer = R.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")
-    per_seed: list[H.Row] = []
+    per_seed: list[R.Row] = []
     base = [*BASE, f"rounds={rounds}"]
     if quick:  # three training sites, all of them each round
         base += ["data.sites=[site-01,site-02,site-03]", "federation.fraction=1.0"]
-    eval_cfg = H.config(base, CONFIG)
-    eval_model = H.build_model_for(eval_cfg, H.spec_of(eval_cfg))  # 5-way head
+    eval_cfg = runner.config(base, CONFIG)
+    eval_model = build_model_for(eval_cfg, runner.spec_of(eval_cfg))  # 5-way head
     episodes = {}
     for si, name in enumerate(HELD_OUT):
         site = load_novel_site(eval_cfg.data, name)
@@ -96,41 +98,41 @@ def run(*, quick: bool, out_dir: Path) -> list[H.Row]:
         for key, label, overrides in METHODS:
             if key not in keys:
                 continue
-            cfg = H.config([*base, *overrides, f"seed={seed}"], CONFIG)
-            t = H.Timer()
-            _, state, log_rounds = H.run_federated(cfg, out_dir / "runs" / f"{key}-s{seed}", own_evaluation=True)
+            cfg = runner.config([*base, *overrides, f"seed={seed}"], CONFIG)
+            t = R.Timer()
+            _, state, log_rounds = runner.run_federated(cfg, out_dir / "runs" / f"{key}-s{seed}", own_evaluation=True)
             if seed == seeds[0]:
                 curves[label] = log_rounds
             train_s = t()
             per_seed += _score_episodes(key, label, state, eval_model, episodes, seed=seed)
-            per_seed.append(H.row(BENCH, label, "train_s", train_s, site="mean", rounds=rounds, seed=seed))
+            per_seed.append(R.row(BENCH, label, "train_s", train_s, site="mean", rounds=rounds, seed=seed))
     # mean ± std over training seeds (each value a mean over the site's episodes)
-    rows = H.aggregate_seeds(per_seed)
-    rows.append(H.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds, episodes=n_episodes))
-    H.emit(H.pivot_table(rows, metric="accuracy", columns=[*HELD_OUT, "mean"],
+    rows = R.aggregate_seeds(per_seed)
+    rows.append(R.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds, episodes=n_episodes))
+    R.emit(R.pivot_table(rows, metric="accuracy", columns=[*HELD_OUT, "mean"],
                          title=f"Synthetic imaging: {WAYS}-way {SHOTS}-shot accuracy on novel classes at "
                                f"held-out sites ({n_episodes} episodes per site, {len(seeds)} training seed(s); "
                                "± std over seeds; chance 0.2)"),
            out_dir, BENCH)
     series = {label: ([r["round"] for r in lr], [r["query_loss_after"] or float("nan") for r in lr])
               for label, lr in curves.items()}
-    H.plot_lines(series, out_dir / "imaging_training_loss.png", xlabel="round",
+    plots.plot_lines(series, out_dir / "imaging_training_loss.png", xlabel="round",
                  ylabel="mean query loss reported by the sites (after adaptation)",
                  title="Synthetic imaging: training curves" + (" [quick]" if quick else ""))
     means = {r["method"]: r["value"] for r in rows if r["metric"] == "accuracy" and r["site"] == "mean"}
-    H.plot_bars(means, out_dir / "imaging_accuracy.png", ylabel="5-way 5-shot accuracy (novel classes)",
+    plots.plot_bars(means, out_dir / "imaging_accuracy.png", ylabel="5-way 5-shot accuracy (novel classes)",
                 title="Synthetic imaging, held-out sites")
-    H.save_rows(rows, out_dir / f"{BENCH}.json")
+    R.save_rows(rows, out_dir / f"{BENCH}.json")
     return rows
 
 
-def _score_episodes(key: str, label: str, state: H.NDArrays, eval_model: torch.nn.Module,
-                    episodes: dict, *, seed: int) -> list[H.Row]:
+def _score_episodes(key: str, label: str, state: NDArrays, eval_model: torch.nn.Module,
+                    episodes: dict, *, seed: int) -> list[R.Row]:
     """One training seed's accuracy per held-out site (mean over its episodes) and their mean."""
     params = from_numpy(state)
     if key == "fedavg":
         params = _new_head(params, WAYS)
-    rows: list[H.Row] = []
+    rows: list[R.Row] = []
     for name, eps in episodes.items():
         accs = []
         for i in range(eps.n_tasks):
@@ -143,8 +145,8 @@ def _score_episodes(key: str, label: str, state: H.NDArrays, eval_model: torch.n
                 with torch.no_grad():
                     logits = torch.func.functional_call(eval_model, phi, (xq,))
             accs.append(multiclass_metrics(yq, logits.double().numpy())["accuracy"])
-        rows.append(H.row(BENCH, label, "accuracy", float(np.mean(accs)), site=name, k=SHOTS, seed=seed,
+        rows.append(R.row(BENCH, label, "accuracy", float(np.mean(accs)), site=name, k=SHOTS, seed=seed,
                           episodes=len(accs)))
     site_means = [r["value"] for r in rows]
-    rows.append(H.row(BENCH, label, "accuracy", float(np.mean(site_means)), site="mean", k=SHOTS, seed=seed))
+    rows.append(R.row(BENCH, label, "accuracy", float(np.mean(site_means)), site="mean", k=SHOTS, seed=seed))
     return rows

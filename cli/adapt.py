@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedmeta.client.task import evaluate_site
     from fedmeta.common.data.registry import data_spec, load_site
+    from fedmeta.sitecore.evaluate import evaluate_site
 
     state, meta = P.load(args.params)
     if "config" not in meta:
@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(None, [*args.overrides, f"eval.shots={args.shots}"], base=base)
     spec = data_spec(cfg.data)
     if args.site:
-        from fedmeta.client.site_config import load_local_site
+        from fedmeta.sitecore.data import load_local_site
 
         site = load_local_site(args.site, data=cfg.data)
     else:

@@ -98,7 +98,7 @@ def _synth_images(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedmeta.client.site_config import check_site
+    from fedmeta.sitecore.data import check_site
 
     if args.config is not None:
         cfg = load_config(args.config)
@@ -109,8 +109,9 @@ def _check(args: argparse.Namespace) -> int:
         k: getattr(args, k) for k in ("support", "query", "ways") if getattr(args, k) is not None
     }
     if overrides:
-        tasks = TaskConfig(**{**tasks.__dict__, **overrides})
-        tasks.validate("<command line>")
+        from fedmeta.common.yamlio import validate
+
+        tasks = validate(TaskConfig, {**tasks.model_dump(), **overrides}, source="<command line>")
     s = check_site(args.site, data=data, tasks=tasks)
     print(f"site {s.name} ({s.kind}) from {s.source}")
     print(f"  data: {s.data_path}")

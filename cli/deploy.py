@@ -6,7 +6,7 @@
 * ``fedmeta coordinator start --deployment DIR --state STATE`` runs the SuperLink (TLS, node
   authentication, state database) in the foreground and registers the active sites' keys;
   ``fedmeta coordinator revoke`` unregisters a site from the running SuperLink.
-* ``fedmeta site start --site site.yaml`` runs a hospital's SuperNode in the foreground.
+* ``fedmeta site start --node node.yaml`` runs a hospital's SuperNode in the foreground.
 * ``fedmeta run --config exp.yaml --state STATE`` submits the experiment and streams its logs.
 * ``fedmeta deploy local --sites 3 --rounds 2 --out DIR`` does all of it on 127.0.0.1.
 """
@@ -55,11 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     st = sub.add_parser("site", help="run a hospital's SuperNode")
     st_sub = st.add_subparsers(dest="site_command", required=True, metavar="ACTION")
-    ss = st_sub.add_parser("start", help="start the SuperNode of site.yaml")
-    ss.add_argument("--site", type=Path, required=True, help="site.yaml from the site bundle")
+    ss = st_sub.add_parser("start", help="start the SuperNode of a site bundle's node.yaml")
+    ss.add_argument("--node", type=Path, required=True, help="node.yaml from the site bundle")
     ss.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
     ss.add_argument("--run-dir", type=Path, default=None,
-                    help="where process logs and pids.json go (default: beside site.yaml)")
+                    help="where process logs and pids.json go (default: beside node.yaml)")
     ss.set_defaults(func=_site_start)
 
     rn = sub.add_parser("run", help="submit an experiment to the running coordinator")
@@ -226,13 +226,13 @@ def _coordinator_nodes(args: argparse.Namespace) -> int:
 
 def _site_start(args: argparse.Namespace) -> int:
     from fedmeta.deploy.local import start_site
+    from fedmeta.deploy.node import load_node_config
     from fedmeta.deploy.processes import Processes
-    from fedmeta.deploy.siteconfig import load_site_config
 
     if args.insecure:
         _warn_insecure()
-    site = load_site_config(args.site)
-    with Processes(args.run_dir or args.site.parent / "run") as procs:
+    site = load_node_config(args.node)
+    with Processes(args.run_dir or args.node.parent / "run") as procs:
         m = start_site(procs, site, insecure=args.insecure)
         print(f"site {site.site}: SuperNode (pid {m.pid}) dialing {site.superlink} over gRPC+TLS; "
               f"log {m.log_path}; Ctrl-C to stop")

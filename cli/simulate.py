@@ -161,7 +161,7 @@ def _log_to_run_folder(out_dir: Path, *, verbose: bool) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from fedmeta.server.app import default_run_dir
-    from fedmeta.server.driver import load_run_config
+    from fedmeta.server.runfolder import load_run_config
 
     if args.resume:
         if args.config:

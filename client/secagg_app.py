@@ -3,7 +3,7 @@
 The coordinator's :mod:`fedmeta.server.secagg_app` sends θ as legacy parameters (arrays in the
 order of :func:`fedmeta.common.experiment.initial_parameters`) and the experiment as JSON in the
 round config; this app computes the site's Reptile delta with the same local code as the
-plain ClientApp (:func:`fedmeta.client.task.train_update`) and hands it to ``secaggplus_mod``.
+plain ClientApp (:func:`fedmeta.sitecore.train.train_update`) and hands it to ``secaggplus_mod``.
 """
 
 from __future__ import annotations
@@ -14,30 +14,28 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Context
 
-from fedmeta.client import task
 from fedmeta.client.app import site_of
 from fedmeta.client.secagg import make_secagg_client_app
 from fedmeta.common.config import config_from_dict
 from fedmeta.common.data.registry import data_spec
 from fedmeta.common.experiment import initial_parameters, site_rng
-
-EXPERIMENT_KEY = "experiment"
-ROUND_KEY = "server-round"
+from fedmeta.protocol import keys as K
+from fedmeta.sitecore.train import train_update
 
 
 def reptile_delta(
     theta: list[np.ndarray], context: Context, config: Mapping[str, object]
 ) -> tuple[list[np.ndarray], int]:
     """This site's Reptile delta for one round, as a list in θ's parameter order."""
-    cfg = config_from_dict(json.loads(str(config[EXPERIMENT_KEY])),
+    cfg = config_from_dict(json.loads(str(config[K.EXPERIMENT])),
                            where="<experiment from coordinator>")
     spec = data_spec(cfg.data)
     names = list(initial_parameters(cfg, spec))
     if len(names) != len(theta):
         raise ValueError(f"θ has {len(theta)} arrays, the model {len(names)}")
     site = site_of(context, cfg)
-    server_round = int(config.get(ROUND_KEY, 0))  # type: ignore[call-overload]
-    update = task.train_update(cfg, spec, site, dict(zip(names, theta, strict=True)),
+    server_round = int(config.get(K.ROUND, 0))  # type: ignore[call-overload]
+    update = train_update(cfg, spec, site, dict(zip(names, theta, strict=True)),
                                rng=site_rng(cfg, site.name, server_round))
     return [np.asarray(update.arrays[n], dtype=np.float64) for n in names], update.num_examples
 

@@ -1,4 +1,4 @@
-"""Site side of the wire format: reading θ from the coordinator, encoding the reply.
+"""Site side of the wire format: reading the coordinator's state, encoding the reply.
 
 Top-k error feedback (the part of the update not sent yet) stays in the node's ``context.state``;
 it never leaves the site.
@@ -7,12 +7,14 @@ it never leaves the site.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import DeltaError
 from fedmeta.common.params import NDArrays
+from fedmeta.protocol import keys as K
+from fedmeta.protocol.records import arrays_from_record, record_from_arrays
 
 _RESIDUAL = "fedmeta.topk-residual"
 _HELD = "fedmeta.theta"
@@ -22,26 +24,18 @@ def receive_state(arrays: ArrayRecord, config: ConfigRecord, context: Context) -
     """The coordinator's state: sent in full, or as an encoded change to what this node holds
     (checked against the coordinator's checksum of it). Caches the result in the node's state."""
     incoming = arrays_from_record(arrays)
-    if str(config.get("down", "full")) == "delta":
+    if str(config.get(K.DOWN, "full")) == "delta":
         if _HELD not in context.state.array_records:
             raise DeltaError("the coordinator sent a change but this node holds no θ; it will resend θ")
         held = arrays_from_record(context.state.array_records[_HELD])
-        if checksum(held) != str(config["down-base"]):
+        if checksum(held) != str(config[K.DOWN_BASE]):
             raise DeltaError("this node's cached θ differs from the coordinator's record; it will resend θ")
-        change = decode(incoming, str(config["down-method"]), held, source="coordinator")
+        change = decode(incoming, str(config[K.DOWN_METHOD]), held, source="coordinator")
         state = {k: (held[k] + change[k]).astype(np.float32) for k in held}
     else:
         state = incoming
     context.state.array_records[_HELD] = record_from_arrays(state)
     return state
-
-
-def arrays_from_record(record: ArrayRecord) -> NDArrays:
-    return {k: a.numpy() for k, a in record.items()}
-
-
-def record_from_arrays(arrays: NDArrays) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def encode_reply(update: NDArrays, cfg: ExperimentConfig, context: Context) -> tuple[ArrayRecord, ConfigRecord]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedmeta.common.errors import DeltaError
-from fedmeta.common.params import NDArrays, l2_norm
+from fedmeta.common.params import NDArrays, clip_update, l2_norm
 
 
 def validate_update(
@@ -41,13 +41,6 @@ def validate_update(
     if norm > max_norm:
         raise DeltaError(f"{source}: update L2 norm {norm:.4g} exceeds validation.max_norm = {max_norm:g}")
     return norm
-
-
-def clip_update(update: Mapping[str, np.ndarray], max_norm: float) -> NDArrays:
-    """Scale ``update`` by ``min(1, max_norm / ||update||)`` (unchanged when the norm is 0)."""
-    norm = l2_norm(update)
-    scale = 1.0 if norm <= max_norm or norm == 0.0 else max_norm / norm
-    return {k: (v * scale).astype(v.dtype) for k, v in update.items()}
 
 
 def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> NDArrays:
@@ -95,7 +88,7 @@ def aggregate(
 ) -> NDArrays:
     """Combine validated updates by ``rule`` (mean, median, trimmed_mean), clipping first if asked."""
     if clip_norm > 0:
-        updates = [clip_update(u, clip_norm) for u in updates]
+        updates = [clip_update(u, clip_norm)[0] for u in updates]
     if rule == "mean":
         return weighted_mean(updates, weights)
     if rule == "median":

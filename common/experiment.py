@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmeta.common import algorithms
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import ConfigError
@@ -18,16 +19,13 @@ from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model
 from fedmeta.common.params import NDArrays, to_numpy
 
-#: Name prefix of Meta-SGD's learned per-parameter rates in the broadcast state (``lr::<param>``).
-LR_PREFIX = "lr::"
-
 
 def build_model_for(cfg: ExperimentConfig, spec: DataSpec) -> nn.Module:
     """The configured network for inputs of ``spec.input_shape``.
 
     Tables: ``mlp`` or ``linear`` with ``spec.n_classes`` outputs. Images: ``conv4`` with
     ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1), or one per meta-training
-    class for FedAvg's plain classifier.
+    class for an algorithm that trains a plain classifier (``head == "all_classes"``: FedAvg).
     """
     name = cfg.model.name
     if spec.kind == "tabular":
@@ -43,7 +41,8 @@ def build_model_for(cfg: ExperimentConfig, spec: DataSpec) -> nn.Module:
     width = cfg.model.hidden[0] if cfg.model.hidden else 64
     # FedAvg trains an ordinary classifier over every meta-training class, then fine-tunes it on
     # an episode's (relabelled) classes; the episodic algorithms need ``ways`` outputs.
-    outputs = max(cfg.tasks.ways, spec.n_classes) if cfg.algorithm == "fedavg" else cfg.tasks.ways
+    head = algorithms.get(cfg.algorithm).head
+    outputs = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
     return build_model("conv4", in_channels=spec.input_shape[0], hidden=width, out_features=outputs)
 
 
@@ -55,11 +54,12 @@ def initial_parameters(cfg: ExperimentConfig, spec: DataSpec) -> NDArrays:
 
 
 def inner_config(cfg: ExperimentConfig) -> InnerConfig:
+    """The inner loop of ``cfg`` (first order when the config or the algorithm says so)."""
     return InnerConfig(
         steps=cfg.inner.steps,
         lr=cfg.inner.lr,
         proximal=cfg.inner.proximal,
-        first_order=cfg.inner.first_order or cfg.algorithm == "fomaml",
+        first_order=cfg.inner.first_order or algorithms.get(cfg.algorithm).first_order,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,32 @@ def from_numpy(arrays: Mapping[str, np.ndarray], *, device: torch.device | str =
 def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
     """Global L2 norm over every entry of every array (float64 accumulation)."""
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())))
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """Norm of an update before clipping and the factor it was scaled by (1.0: untouched)."""
+
+    norm: float
+    factor: float
+
+    @property
+    def clipped(self) -> bool:
+        return self.factor < 1.0
+
+
+def clip_update(update: Mapping[str, np.ndarray], max_norm: float) -> tuple[NDArrays, ClipStats]:
+    """Scale ``update`` so its global L2 norm is at most ``max_norm``: new arrays, same dtypes.
+
+    ``factor = min(1, max_norm / ‖u‖)``; a zero update is returned unchanged (factor 1).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip must be > 0, got {max_norm}")
+    norm = l2_norm(update)
+    factor = 1.0 if norm <= max_norm else max_norm / norm
+    out = {k: (np.asarray(v) * factor).astype(np.asarray(v).dtype) if factor < 1.0
+           else np.array(v, copy=True) for k, v in update.items()}
+    return out, ClipStats(norm=norm, factor=factor)
 
 
 def add(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], scale: float = 1.0) -> NDArrays:

@@ -1,6 +1,6 @@
 """Differential privacy for site updates: L2 clipping, Gaussian noise and an RDP accountant.
 
-A site's update (a Reptile delta ``Δ = φ − θ`` or a meta-gradient) is a dict of tensors, treated
+A site's update (a Reptile delta ``Δ = φ − θ`` or a meta-gradient) is a dict of arrays, treated
 as one flat vector. Each round every participating site
 
 1. clips it to L2 norm at most ``C``:  ``Δ̃ = Δ · min(1, C / ‖Δ‖₂)``  (:func:`clip_update`), and
@@ -33,12 +33,15 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-Update = Mapping[str, torch.Tensor]
+from fedmeta.common.params import ClipStats, NDArrays, clip_update
+
+__all__ = [
+    "RDP_ORDERS", "ClipStats", "add_gaussian_noise", "clip_update", "epsilon", "epsilon_per_round",
+    "gaussian_rdp_epsilon", "privatize", "site_noise_std",
+]
 
 # Orders used by dp-accounting's default (and by this module's closed form).
 RDP_ORDERS: tuple[float, ...] = tuple(
@@ -46,52 +49,20 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 )
 
 
-@dataclass(frozen=True)
-class ClipStats:
-    """Norm of the update before clipping and the factor it was scaled by (1.0: untouched)."""
-
-    norm: float
-    factor: float
-
-    @property
-    def clipped(self) -> bool:
-        return self.factor < 1.0
-
-
-def l2_norm(update: Update) -> float:
-    """Global L2 norm ``sqrt(Σ_t ‖t‖²)`` over every tensor of the update (float64 sum)."""
-    total = 0.0
-    for t in update.values():
-        total += float(torch.sum(t.detach().to(torch.float64) ** 2))
-    return math.sqrt(total)
-
-
-def clip_update(update: Update, clip: float) -> tuple[dict[str, torch.Tensor], ClipStats]:
-    """Scale ``update`` so its global L2 norm is at most ``clip``; returns a new dict.
-
-    ``factor = min(1, clip / ‖Δ‖)``; a zero update is returned unchanged (factor 1).
-    """
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    norm = l2_norm(update)
-    factor = 1.0 if norm <= clip else clip / norm
-    out = {k: (v * factor if factor < 1.0 else v.clone()) for k, v in update.items()}
-    return out, ClipStats(norm=norm, factor=factor)
-
-
 def add_gaussian_noise(
-    update: Update, std: float, *, generator: torch.Generator | None = None
-) -> dict[str, torch.Tensor]:
-    """Return ``update + N(0, std² I)``; noise drawn on CPU from ``generator`` (reproducible)."""
+    update: Mapping[str, np.ndarray], std: float, *, rng: np.random.Generator | None = None
+) -> NDArrays:
+    """Return ``update + N(0, std² I)`` (new arrays, same dtypes), noise drawn in float64 from
+    ``rng`` (default: a generator seeded from :mod:`secrets`)."""
     if std < 0:
         raise ValueError(f"noise std must be >= 0, got {std}")
-    out: dict[str, torch.Tensor] = {}
+    if std == 0:
+        return {k: np.array(v, copy=True) for k, v in update.items()}
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    out: NDArrays = {}
     for k, v in update.items():
-        if std == 0:
-            out[k] = v.clone()
-            continue
-        noise = torch.randn(v.shape, generator=generator, dtype=torch.float64) * std
-        out[k] = v + noise.to(device=v.device, dtype=v.dtype)
+        arr = np.asarray(v)
+        out[k] = (arr + rng.standard_normal(arr.shape) * std).astype(arr.dtype)
     return out
 
 
@@ -105,40 +76,23 @@ def site_noise_std(clip: float, noise_multiplier: float, *, n_sites: int = 1,
 
 
 def privatize(
-    update: Update,
-    *,
-    clip: float,
-    noise_multiplier: float,
-    generator: torch.Generator | None = None,
-    n_sites: int = 1,
-    distributed: bool = False,
-) -> tuple[dict[str, torch.Tensor], ClipStats]:
-    """Clip then add noise: what a site does to its update before sending it."""
-    clipped, stats = clip_update(update, clip)
-    std = site_noise_std(clip, noise_multiplier, n_sites=n_sites, distributed=distributed)
-    return add_gaussian_noise(clipped, std, generator=generator), stats
-
-
-def privatize_arrays(
-    arrays: Mapping[str, np.ndarray],
+    update: Mapping[str, np.ndarray],
     *,
     clip: float,
     noise_multiplier: float,
     seed: int | None = None,
     n_sites: int = 1,
     distributed: bool = False,
-) -> tuple[dict[str, np.ndarray], ClipStats]:
-    """:func:`privatize` for a site's numpy update (what the ClientApp calls before replying).
+) -> tuple[NDArrays, ClipStats]:
+    """Clip then add noise: what a site does to its update before sending it.
 
     The noise seed comes from :mod:`secrets` unless ``seed`` is given (tests only): the
     experiment's seed is known to the coordinator, so noise drawn from it could be subtracted.
     """
-    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-    named = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
-    noised, stats = privatize(named, clip=clip, noise_multiplier=noise_multiplier, generator=gen,
-                              n_sites=n_sites, distributed=distributed)
-    return {k: noised[k].numpy().astype(np.asarray(arrays[k]).dtype, copy=False)
-            for k in arrays}, stats
+    clipped, stats = clip_update(update, clip)
+    std = site_noise_std(clip, noise_multiplier, n_sites=n_sites, distributed=distributed)
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    return add_gaussian_noise(clipped, std, rng=rng), stats
 
 
 def epsilon(

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeta.common.errors import ProvisionError
+from fedmeta.deploy.node import NodeConfig
 from fedmeta.deploy.provision import Registry
-from fedmeta.deploy.siteconfig import SiteConfig
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def superlink_argv(
 
 
 def supernode_argv(
-    site: SiteConfig,
+    site: NodeConfig,
     *,
     insecure: bool = False,
     superlink: str | None = None,

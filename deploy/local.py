@@ -37,9 +37,9 @@ from fedmeta.deploy.launch import (
     wait_run,
     write_flwr_config,
 )
+from fedmeta.deploy.node import NodeConfig, load_node_config
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.provision import provision
-from fedmeta.deploy.siteconfig import SiteConfig, load_site_config
 from fedmeta.server.audit import ENV_VAR as AUDIT_ENV
 from fedmeta.server.audit import open_log
 
@@ -128,7 +128,7 @@ def start_coordinator(
 
 def start_site(
     procs: Processes,
-    site: SiteConfig,
+    site: NodeConfig,
     *,
     insecure: bool = False,
     superlink: str | None = None,
@@ -248,7 +248,7 @@ def deploy_local(
                 insecure=insecure,
             )
             for i in range(sites):
-                site = load_site_config(deployment / "sites" / f"site-{i}" / "site.yaml")
+                site = load_node_config(deployment / "sites" / f"site-{i}" / "node.yaml")
                 start_site(procs, site, insecure=insecure, runtime_port=free_port())
             if co.node_ids:
                 wait_nodes_online(co.env, list(co.node_ids.values()), timeout=60.0)

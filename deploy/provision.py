@@ -39,7 +39,7 @@ from fedmeta.deploy.certs import (
 )
 from fedmeta.deploy.consortium import Consortium, SiteSettings
 from fedmeta.deploy.keys import make_site_keys
-from fedmeta.deploy.siteconfig import render_site_yaml
+from fedmeta.deploy.node import NODE_FILE, render_node_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ def _build_site(consortium: Consortium, out: Path, site: SiteSettings, registry:
     os.chmod(bundle, 0o700)
     keys = make_site_keys(bundle, comment=f"fedmeta-{consortium.name}-{site.name}")
     shutil.copyfile(out / "ca" / "ca.crt", bundle / "ca.crt")
-    (bundle / "site.yaml").write_text(
-        render_site_yaml(
+    (bundle / NODE_FILE).write_text(
+        render_node_yaml(
             site=site.name,
             superlink=consortium.coordinator.fleet_address,
             runtime_port=site.runtime_port,

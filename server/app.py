@@ -17,7 +17,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.config import ExperimentConfig, load_config
-from fedmeta.server.driver import Progress, run_experiment
+from fedmeta.server.driver import run_experiment
+from fedmeta.server.handshake import Progress
 
 log = logging.getLogger(__name__)
 

@@ -1,173 +1,92 @@
-"""The coordinator's run: handshake, rounds, checkpoints, final evaluation and the run folder.
+"""The coordinator's run: handshake, rounds, checkpoints and the final evaluation.
 
-``run_experiment`` drives a strategy through Flower's :class:`~flwr.serverapp.Grid` (simulation or
-deployment alike) and writes, into the run folder:
-
-- ``config.json``: the effective experiment configuration;
-- ``rounds.jsonl``: one line per round (sites sampled/accepted/rejected, losses, bytes, time);
-- ``checkpoint.safetensors``: θ, the outer optimiser's state, the round and the RNG state, after
-  every round, so ``resume=True`` continues exactly where the run stopped;
-- ``final.safetensors`` and ``summary.json`` at the end.
+``run_experiment`` drives a :class:`~fedmeta.server.strategy.FedMetaStrategy` through Flower's
+:class:`~flwr.serverapp.Grid` (simulation or deployment alike): each round's plan and result are
+values passed from one step to the next; the run folder (:mod:`fedmeta.server.runfolder`)
+receives ``config.json``, ``rounds.jsonl``, a checkpoint after every round (``resume=True``
+continues exactly where a run stopped), ``final.safetensors`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common import MessageType
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedmeta.common import params as P
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import data_spec
-from fedmeta.common.errors import ConfigError, FedmetaError
+from fedmeta.common.errors import FedmetaError
 from fedmeta.common.experiment import initial_parameters
+from fedmeta.protocol.records import payload_bytes, record_from_arrays
 from fedmeta.server import audit as audit_log
-from fedmeta.server.registry import make_strategy
-from fedmeta.server.strategy import FedMetaStrategy, read_evaluate_replies, summary_mean
-from fedmeta.server.wire import payload_bytes, record_from_arrays
+from fedmeta.server.evaluation import federated_evaluation, summary_mean
+from fedmeta.server.handshake import Progress, Sites, handshake
+from fedmeta.server.runfolder import RunFolder
+from fedmeta.server.strategy import FedMetaStrategy, RoundResult, TrainPlan
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
+__all__ = ["run_experiment"]
 
 
-def _wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= n:
-            return nodes
-        if time.monotonic() > deadline:
-            raise FedmetaError(
-                f"only {len(nodes)} site(s) connected within {timeout_s:.0f} s; need {n} "
-                "(federation.min_nodes)"
+def _epsilon(cfg: ExperimentConfig, rounds: int) -> float:
+    from fedmeta.common.privacy import epsilon
+
+    # Sites are sampled as a fixed-size subset, not by Poisson sampling, so no privacy
+    # amplification by subsampling is claimed: ε is that of every round taking part.
+    return epsilon(rounds=rounds, noise_multiplier=cfg.privacy.noise_multiplier, delta=cfg.privacy.delta)
+
+
+class _Run:
+    """One run's moving parts: the grid, the strategy, the sites, the folder and the audit log."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, folder: RunFolder, say: Progress) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.folder = folder
+        self.say = say
+        self.spec = data_spec(cfg.data)
+        self.strategy = FedMetaStrategy(cfg, self.spec, initial_parameters(cfg, self.spec))
+        self.sites = Sites()
+        self.audit: audit_log.AuditLog | None = None
+        self.run_id = 0
+        self.totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
+
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.timeout_s))
+
+    def train_round(self, server_round: int) -> RoundResult:
+        if set(self.grid.get_node_ids()) - set(self.sites.names):  # sites that connected late
+            self.sites = handshake(self.grid, self.cfg, 0, self.say, known=self.sites)
+        plan: TrainPlan = self.strategy.configure_train(server_round, self.sites.names)
+        replies = self.exchange(plan.messages)
+        result = self.strategy.aggregate_train(plan, replies, declared=self.sites.n_train)
+        if self.cfg.privacy.dp:
+            result.log.epsilon = _epsilon(self.cfg, server_round)
+        if self.audit is not None:
+            self.audit.round_outcome(
+                run_id=self.run_id, round=server_round, sampled_nodes=list(plan.nodes),
+                node_names=self.sites.names, accepted_sites=result.log.accepted,
+                rejected_sites=result.log.rejected,
             )
-        time.sleep(1.0)
+        self.totals["bytes_up"] += result.log.bytes_up
+        self.totals["bytes_down"] += result.log.bytes_down
+        return result
 
+    def evaluate(self, server_round: int) -> tuple[dict[str, dict], dict[str, dict]]:
+        messages = self.strategy.configure_evaluate(server_round, self.sites.names)
+        self.totals["bytes_down"] += payload_bytes(record_from_arrays(self.strategy.state())) * len(messages)
+        return federated_evaluation(self.exchange, messages, self.sites.names, self.cfg.data.holdout)
 
-def handshake(grid: Grid, cfg: ExperimentConfig, expected: int, progress: Progress,
-              known: dict[int, str] | None = None) -> dict[int, str]:
-    """Ask every connected site not in ``known`` for its name (a QUERY message); returns
-    ``node_id -> site`` for all of them (``known`` included). With ``known`` it does not wait."""
-    known = dict(known or {})
-    nodes = (_wait_for_nodes(grid, expected, cfg.federation.timeout_s) if not known
-             else sorted(n for n in grid.get_node_ids() if n not in known))
-    if known and not nodes:
-        return known
-    content = RecordDict({"config": ConfigRecord({"phase": "hello", "experiment": cfg.to_json()})})
-    msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    names: dict[int, str] = {}
-    for reply in grid.send_and_receive(msgs, timeout=cfg.federation.timeout_s):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("node %d failed the handshake: %s", node, reply.error.reason)
-            continue
-        names[node] = str(reply.content["site"]["name"])
-    # A site reconnecting under a new node id replaces its old one.
-    known = {n: s for n, s in known.items() if s not in set(names.values())}
-    dupes = {s for s in names.values() if list(names.values()).count(s) > 1}
-    if dupes:
-        raise FedmetaError(f"two nodes claim the same site {sorted(dupes)[0]!r}; check node configs")
-    if names:
-        progress(f"{len(names)} site(s) joined: {', '.join(sorted(names.values()))}")
-    return known | names
-
-
-class RunFolder:
-    """Paths of one run's outputs and the helpers that write them atomically."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.config = root / "config.json"
-        self.rounds = root / "rounds.jsonl"
-        self.checkpoint = root / "checkpoint.safetensors"
-        self.final = root / "final.safetensors"
-        self.summary = root / "summary.json"
-
-    def write_json(self, path: Path, data: Any) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_nan_to_none(data), indent=2, sort_keys=True, default=_json_default,
-                                  allow_nan=False) + "\n")
-        tmp.replace(path)
-
-    def read_rounds(self, upto: int) -> list[dict]:
-        if not self.rounds.exists():
-            return []
-        lines = [json.loads(line) for line in self.rounds.read_text().splitlines() if line.strip()]
-        return [r for r in lines if r["round"] <= upto]
-
-
-def _nan_to_none(o: Any) -> Any:
-    """Strict JSON: an undefined metric (e.g. AUROC of a one-class split) becomes null."""
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _nan_to_none(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_nan_to_none(v) for v in o]
-    return o
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def load_run_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
-    """The effective config saved in a run folder, with ``key=value`` overrides (e.g. rounds)."""
-    from fedmeta.common.config import load_config
-
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{run_dir}: not a fedmeta run folder (no config.json)")
-    return load_config(None, overrides, base=json.loads(path.read_text()))
-
-
-def save_checkpoint(folder: RunFolder, strategy: FedMetaStrategy, theta: P.NDArrays, server_round: int,
-                    totals: dict[str, float]) -> None:
-    arrays = {f"theta/{k}": v for k, v in theta.items()}
-    arrays.update({f"opt/{k}": v for k, v in strategy.optimizer.state_arrays().items()})
-    arrays.update({f"extra/{k}": v for k, v in strategy.state_arrays().items()})
-    meta = {
-        "round": server_round,
-        "rng": strategy.rng.bit_generator.state,
-        "totals": totals,
-        "algorithm": strategy.cfg.algorithm,
-    }
-    P.save(folder.checkpoint, arrays, meta)
-
-
-def load_checkpoint(folder: RunFolder) -> tuple[P.NDArrays, P.NDArrays, P.NDArrays, dict[str, Any]]:
-    arrays, meta = P.load(folder.checkpoint)
-    theta = {k[6:]: v for k, v in arrays.items() if k.startswith("theta/")}
-    opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
-    extra = {k[6:]: v for k, v in arrays.items() if k.startswith("extra/")}
-    return theta, opt, extra, meta
-
-
-def federated_evaluation(grid: Grid, strategy: FedMetaStrategy, cfg: ExperimentConfig, arrays: Any,
-                         server_round: int) -> tuple[dict[str, dict], dict[str, dict], int]:
-    """Every site adapts the current state and scores its test split: per-site results of the
-    training sites and of the held-out ones, and the payload bytes the broadcast sent."""
-    msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"experiment": cfg.to_json()}), grid))
-    per_site = read_evaluate_replies(grid.send_and_receive(msgs, timeout=cfg.federation.timeout_s),
-                                     strategy.node_names)
-    held_out = set(cfg.data.holdout)
-    training = {k: v for k, v in per_site.items() if k not in held_out}
-    holdout = {k: v for k, v in per_site.items() if k in held_out}
-    return training, holdout, payload_bytes(arrays) * len(msgs)
+    def checkpoint(self, server_round: int) -> None:
+        arrays, meta = self.strategy.checkpoint()
+        self.folder.save_checkpoint(arrays, {**meta, "round": server_round, "totals": self.totals})
 
 
 def run_experiment(
@@ -188,77 +107,40 @@ def run_experiment(
     say = progress or (lambda text: log.info("%s", text))
     t0 = time.monotonic()
     folder = RunFolder(out_dir)
-    spec = data_spec(cfg.data)
-    theta = initial_parameters(cfg, spec)
+    run = _Run(grid, cfg, folder, say)
     log.info("effective configuration: %s", cfg.to_json())
     folder.write_json(folder.config, cfg.to_dict())
 
-    names = handshake(grid, cfg, expected_nodes or cfg.federation.min_nodes, say)
-    audit, run_id = _start_audit(grid, cfg, names)
-    strategy = make_strategy(cfg, theta, node_names=names, rng=np.random.default_rng(cfg.seed))
-    strategy.summary()
-    theta = strategy.theta()  # θ plus any learned state (Meta-SGD's rates)
+    run.sites = handshake(grid, cfg, expected_nodes or cfg.federation.min_nodes, say)
+    run.audit, run.run_id = _start_audit(grid, cfg, run.sites.names)
+    run.strategy.describe()
     first_round = 1
-    totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
     history: list[dict] = []
     if resume and folder.checkpoint.exists():
-        saved, opt_state, extra, meta = load_checkpoint(folder)
-        if set(saved) != set(theta):
-            raise ConfigError(f"{folder.checkpoint}: parameters do not match the configured model")
-        theta = {k: saved[k] for k in theta}  # the model's order, not the file's
-        if meta.get("algorithm") != cfg.algorithm:
-            raise ConfigError(f"{folder.checkpoint}: saved by algorithm {meta.get('algorithm')}, not {cfg.algorithm}")
-        strategy.restore(theta, opt_state, extra)
-        strategy.rng.bit_generator.state = meta["rng"]
-        totals = {k: float(v) for k, v in meta["totals"].items()}
-        t0 -= totals["wall_s"]  # wall time counts the interrupted part too
+        arrays, meta = folder.load_checkpoint()
+        run.strategy.restore(arrays, meta, source=str(folder.checkpoint))
+        run.totals = {k: float(v) for k, v in meta["totals"].items()}
+        t0 -= run.totals["wall_s"]  # wall time counts the interrupted part too
         first_round = int(meta["round"]) + 1
         history = folder.read_rounds(first_round - 1)
         say(f"resuming {out_dir} after round {first_round - 1}")
-        if audit is not None:
-            audit.checkpoint_resumed(run_id=run_id, round=first_round - 1)
-    folder.rounds.write_text("".join(json.dumps(r) + "\n" for r in history))
+        if run.audit is not None:
+            run.audit.checkpoint_resumed(run_id=run.run_id, round=first_round - 1)
+    folder.reset_rounds(history)
 
-    arrays = record_from_arrays(strategy.global_arrays(theta))
-    train_config = ConfigRecord({"experiment": cfg.to_json()})
     for server_round in range(first_round, cfg.rounds + 1):
         t_round = time.monotonic()
-        if set(grid.get_node_ids()) - set(strategy.node_names):  # sites that connected late
-            strategy.node_names = handshake(grid, cfg, 0, say, known=strategy.node_names)
-        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.federation.timeout_s))
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-            theta = strategy.theta()
-        rec = strategy.last
-        assert rec is not None
-        if cfg.privacy.dp:
-            from fedmeta.common.privacy import epsilon
-
-            # Sites are sampled as a fixed-size subset, not by Poisson sampling, so no privacy
-            # amplification by subsampling is claimed: ε is that of every round taking part.
-            rec.epsilon = epsilon(rounds=server_round, noise_multiplier=cfg.privacy.noise_multiplier,
-                                  delta=cfg.privacy.delta)
-        if audit is not None:
-            audit.round_outcome(
-                run_id=run_id, round=server_round,
-                sampled_nodes=[m.metadata.dst_node_id for m in messages], node_names=strategy.node_names,
-                accepted_sites=rec.accepted, rejected_sites=rec.rejected,
-            )
-        totals["bytes_up"] += rec.bytes_up
-        totals["bytes_down"] += rec.bytes_down
-        line = asdict(rec) | {"wall_s": round(time.monotonic() - t_round, 4), "applied": new_arrays is not None}
+        result = run.train_round(server_round)
+        rec = result.log
+        line = asdict(rec) | {"wall_s": round(time.monotonic() - t_round, 4), "applied": result.applied}
         interim = None
         if cfg.eval.every and server_round % cfg.eval.every == 0 and server_round < cfg.rounds:
-            sites, _, sent = federated_evaluation(grid, strategy, cfg, arrays, server_round)
-            totals["bytes_down"] += sent
+            sites, _ = run.evaluate(server_round)
             interim = {"sites": sites, "mean": summary_mean(sites) if sites else {}}
             line["eval"] = interim
-        with folder.rounds.open("a") as f:
-            f.write(json.dumps(_nan_to_none(line), default=_json_default, allow_nan=False) + "\n")
-        totals["wall_s"] = time.monotonic() - t0
-        save_checkpoint(folder, strategy, theta, server_round, totals)
+        folder.append_round(line)
+        run.totals["wall_s"] = time.monotonic() - t0
+        run.checkpoint(server_round)
         say(
             f"round {server_round}/{cfg.rounds}: {len(rec.accepted)}/{len(rec.sampled)} sites, "
             f"query loss {rec.query_loss_before:.4f} -> {rec.query_loss_after:.4f} after adaptation"
@@ -269,16 +151,16 @@ def run_experiment(
             say(f"round {server_round}: evaluation, mean accuracy after adaptation "
                 f"{interim['mean']['after']['accuracy']:.3f}")
         if stop_after is not None and server_round >= stop_after:
-            if audit is not None:
-                audit.run_finished(run_id=run_id, status="stopped", rounds_completed=server_round)
+            if run.audit is not None:
+                run.audit.run_finished(run_id=run.run_id, status="stopped", rounds_completed=server_round)
             return {"stopped_after": server_round}
 
-    per_site, holdout, sent = federated_evaluation(grid, strategy, cfg, arrays, cfg.rounds)
-    totals["bytes_down"] += sent
+    per_site, holdout = run.evaluate(cfg.rounds)
     if not per_site:
         raise FedmetaError("no site returned an evaluation; see the log for their errors")
-    P.save(folder.final, theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed,
-                                 "config": cfg.to_json()})
+    theta = run.strategy.state()  # θ plus learned state (Meta-SGD's rates: a new site adapts with them)
+    folder.save_final(theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed,
+                              "config": cfg.to_json()})
     summary = {
         "algorithm": cfg.algorithm,
         "rounds": cfg.rounds,
@@ -287,24 +169,20 @@ def run_experiment(
         "config": cfg.to_dict(),
         "sites": dict(sorted(per_site.items())),
         "mean": summary_mean(per_site),
-        "comm": {"bytes_up": int(totals["bytes_up"]), "bytes_down": int(totals["bytes_down"])},
+        "comm": {"bytes_up": int(run.totals["bytes_up"]), "bytes_down": int(run.totals["bytes_down"])},
         "params": {"count": int(sum(v.size for v in theta.values())), "file": folder.final.name},
     }
     if cfg.privacy.dp:
-        from fedmeta.common.privacy import epsilon
-
         summary["privacy"] = {
-            "epsilon": epsilon(rounds=cfg.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
-                               delta=cfg.privacy.delta),
-            "delta": cfg.privacy.delta, "clip": cfg.privacy.clip,
+            "epsilon": _epsilon(cfg, cfg.rounds), "delta": cfg.privacy.delta, "clip": cfg.privacy.clip,
             "noise_multiplier": cfg.privacy.noise_multiplier, "adjacency": "site-level",
         }
     if holdout:
         summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": summary_mean(holdout)}
-    summary.update(strategy.summary_extra())
+    summary.update(run.strategy.summary_extra())
     folder.write_json(folder.summary, summary)
-    if audit is not None:
-        audit.run_finished(run_id=run_id, status="completed", rounds_completed=cfg.rounds)
+    if run.audit is not None:
+        run.audit.run_finished(run_id=run.run_id, status="completed", rounds_completed=cfg.rounds)
     return summary
 
 
@@ -324,4 +202,3 @@ def _start_audit(
         config_sha256=hashlib.sha256(cfg.to_json().encode()).hexdigest(), nodes=sorted(names),
     )
     return audit, run_id
-

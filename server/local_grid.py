@@ -22,6 +22,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.protocol import keys as K
+from fedmeta.protocol.records import count_in
+
 log = logging.getLogger(__name__)
 
 Tamper = Callable[[Message], Message]
@@ -68,8 +71,8 @@ class LocalGrid(Grid):
         self.tampers[node_id] = fn
 
     # -- Grid interface -----------------------------------------------------------------------------
-    def set_run(self, run_id: int) -> None:
-        self._run_id = run_id
+    def set_run(self, run: Any) -> None:
+        self._run_id = int(getattr(run, "run_id", run))
 
     @property
     def run(self) -> Any:
@@ -122,6 +125,7 @@ class LocalGrid(Grid):
 
     @staticmethod
     def _round_of(msg: Message) -> int:
-        if msg.has_content() and "config" in msg.content.config_records:
-            return int(msg.content["config"].get("server-round", 0))
+        if msg.has_content() and K.CONFIG in msg.content.config_records:
+            config = msg.content.config_records[K.CONFIG]
+            return count_in(config, K.ROUND) if K.ROUND in config else 0
         return 0

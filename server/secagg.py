@@ -14,13 +14,16 @@ and the server receives ``Δ̄ = Σ n_i Δ_i / Σ n_i`` (:class:`SecureReptile` 
   vector's L2 norm) and the largest ``Q`` whose masked sum cannot overflow the 2³² modulus.
 * The server never sees an individual delta, so per-site validation (non-finite values, norm
   bound, robust median / trimmed mean) and compression (fp16, int8, top-k) cannot run; sites must
-  clip their own deltas (``common.privacy.clip_update``), and a malformed delta is bounded by the
+  clip their own deltas (``common.params.clip_update``), and a malformed delta is bounded by the
   clipping but not detected. Secure aggregation and robust aggregation are alternatives.
 * Metrics (counts, losses) travel in clear beside the masked vector.
 
 With differential privacy the two combine: each site clips to ``C`` and adds
-``N(0, (zC)²/n)`` (``common.privacy.site_noise_std(distributed=True)``), so only the sum carries
-the full noise ``zC`` and no single site's delta is ever revealed.
+``N(0, (zC)²/t)`` (``common.privacy.site_noise_std(distributed=True)``), ``t`` the
+reconstruction threshold: the fewest sites whose masked values SecAgg+ can still sum. However
+many sites drop out, a released sum holds at least ``t`` sites' noise, so it carries noise of
+standard deviation at least ``zC`` and the ε reported for ``z`` holds; no single site's delta is
+ever revealed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from fedmeta.common.config import OuterConfig
+from fedmeta.common.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +106,10 @@ def secagg_settings(
     )
 
 
-def apply_mean_delta(
-    theta: Sequence[np.ndarray], mean_delta: Sequence[np.ndarray], lr: float
-) -> list[np.ndarray]:
-    """Reptile's outer step ``θ ← θ + β Δ̄`` on lists of arrays (new arrays; inputs untouched)."""
-    if len(theta) != len(mean_delta):
-        raise ValueError(f"θ has {len(theta)} arrays, the aggregate {len(mean_delta)}")
-    out = []
-    for t, d in zip(theta, mean_delta, strict=True):
-        if t.shape != d.shape:
-            raise ValueError(f"aggregate shape {d.shape} does not match θ's {t.shape}")
-        out.append((t + lr * d).astype(t.dtype))
-    return out
-
-
 class SecureReptile(FedAvg):
-    """Legacy strategy for SecAgg+: receives the securely averaged delta, applies ``θ + β Δ̄``.
+    """Legacy strategy for SecAgg+: receives the securely averaged delta and hands ``−Δ̄`` to the
+    experiment's outer optimiser (SGD with ``lr = β`` is Reptile's ``θ + β Δ̄``; momentum, Adam
+    and Yogi act on the same direction, as in the plain path).
 
     Under ``SecAggPlusWorkflow`` every ``FitRes`` handed to :meth:`aggregate_fit` carries the same
     aggregate (the workflow writes it into each); this class takes it once. ``on_round`` is called
@@ -126,12 +120,10 @@ class SecureReptile(FedAvg):
         self,
         *,
         theta: Sequence[np.ndarray],
-        outer_lr: float,
+        outer: OuterConfig,
         min_sites: int,
         on_round: Callable[[int, list[np.ndarray], list[np.ndarray]], None] | None = None,
     ) -> None:
-        if not outer_lr > 0:
-            raise ValueError(f"outer_lr must be > 0, got {outer_lr}")
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -140,9 +132,15 @@ class SecureReptile(FedAvg):
             min_evaluate_clients=0,
             initial_parameters=ndarrays_to_parameters([np.asarray(t) for t in theta]),
         )
-        self.theta = [np.array(t, copy=True) for t in theta]
-        self.outer_lr = outer_lr
+        self._names = [str(i) for i in range(len(theta))]
+        self._optimizer = OuterOptimizer(
+            {n: np.array(t, copy=True) for n, t in zip(self._names, theta, strict=True)}, outer)
         self.on_round = on_round
+
+    @property
+    def theta(self) -> list[np.ndarray]:
+        params = self._optimizer.params()
+        return [params[n] for n in self._names]
 
     def aggregate_fit(
         self,
@@ -155,7 +153,12 @@ class SecureReptile(FedAvg):
                         len(failures))
             return None, {}
         mean_delta = parameters_to_ndarrays(results[0][1].parameters)
-        self.theta = apply_mean_delta(self.theta, mean_delta, self.outer_lr)
+        theta = self.theta
+        if len(mean_delta) != len(theta) or any(
+                d.shape != t.shape for d, t in zip(mean_delta, theta, strict=True)):
+            raise ValueError("the secure aggregate does not match θ's arrays")
+        self._optimizer.step({n: -np.asarray(d, dtype=t.dtype)
+                              for n, d, t in zip(self._names, mean_delta, theta, strict=True)})
         if self.on_round is not None:
             self.on_round(server_round, mean_delta, self.theta)
         n = sum(r.num_examples for _, r in results)
@@ -164,28 +167,33 @@ class SecureReptile(FedAvg):
         return ndarrays_to_parameters(self.theta), {"num-sites": len(results), "num-examples": n}
 
 
+def run_secure_rounds(
+    grid: Grid, context: Context, strategy: SecureReptile, *, rounds: int, settings: SecAggSettings
+) -> None:
+    """Run ``rounds`` rounds of SecAgg+ with ``strategy`` (Flower's legacy workflow)."""
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=settings.num_shares,
+            reconstruction_threshold=settings.reconstruction_threshold,
+            max_weight=settings.max_weight,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
+            modulus_range=settings.modulus_range,
+            timeout=settings.timeout,
+        )
+    )
+    workflow(grid, legacy)
+
+
 def make_secagg_server_app(
     strategy: SecureReptile, *, rounds: int, settings: SecAggSettings
 ) -> ServerApp:
-    """A ServerApp running ``rounds`` rounds of SecAgg+ with ``strategy`` (legacy workflow)."""
+    """A ServerApp running ``rounds`` rounds of SecAgg+ with ``strategy``."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        legacy = LegacyContext(
-            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
-        )
-        workflow = DefaultWorkflow(
-            fit_workflow=SecAggPlusWorkflow(
-                num_shares=settings.num_shares,
-                reconstruction_threshold=settings.reconstruction_threshold,
-                max_weight=settings.max_weight,
-                clipping_range=settings.clipping_range,
-                quantization_range=settings.quantization_range,
-                modulus_range=settings.modulus_range,
-                timeout=settings.timeout,
-            )
-        )
-        workflow(grid, legacy)
+        run_secure_rounds(grid, context, strategy, rounds=rounds, settings=settings)
 
     return app

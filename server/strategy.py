@@ -1,33 +1,45 @@
-"""Shared glue of fedmeta's server strategies on Flower's Message API.
+"""The coordinator's side of every algorithm on Flower's Message API.
 
-A :class:`FedMetaStrategy` samples sites, sends them θ and the experiment, checks every reply
-(:func:`fedmeta.common.aggregation.validate_update`), aggregates the valid ones by their example
-counts and hands the result to the outer optimiser. Subclasses (one per algorithm, one per file)
-only say how an aggregated update becomes a pseudo-gradient for the outer optimiser.
+One :class:`FedMetaStrategy` serves every algorithm: it reads the algorithm's record
+(:mod:`fedmeta.common.algorithms`) for the direction its outer optimiser takes and for the extra
+state it learns. Each round it
+
+1. samples sites and builds their messages (:meth:`FedMetaStrategy.configure_train`, which
+   returns a :class:`TrainPlan`),
+2. checks every reply (:func:`fedmeta.common.aggregation.validate_update`; a reply may not claim
+   more examples than its algorithm allows for the site), aggregates the valid ones by their
+   example counts and applies the outer optimiser (:meth:`FedMetaStrategy.aggregate_train`, which
+   takes the plan back and returns a :class:`RoundResult`).
+
+Results are values passed on, not attributes another object reaches into. The strategy mirrors
+Flower's ``configure_*``/``aggregate_*`` split but is driven by fedmeta's own round loop
+(:mod:`fedmeta.server.driver`), which adds the handshake, audit, checkpoints and the run folder.
 
 Reply layout (train): ``update`` (ArrayRecord, parameter-shaped), ``metrics`` (MetricRecord with
-``num-examples`` and summed losses), ``site`` (ConfigRecord with the site's name).
+``num-examples`` and summed losses), ``encoding`` (ConfigRecord with the method).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
+from fedmeta.common import algorithms
 from fedmeta.common.aggregation import aggregate, validate_update
 from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import DeltaError
 from fedmeta.common.outer import OuterOptimizer
 from fedmeta.common.params import NDArrays, l2_norm
-from fedmeta.server.wire import arrays_from_record, decode_update, payload_bytes, record_from_arrays
+from fedmeta.protocol import keys as K
+from fedmeta.protocol.records import arrays_from_record, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
 
@@ -50,110 +62,140 @@ class RoundLog:
     epsilon: float | None = None
 
 
-class FedMetaStrategy(Strategy):
-    """Base strategy: the outer update ``θ ← OuterOpt(θ, pseudo_gradient(aggregate))``.
+@dataclass(frozen=True)
+class TrainPlan:
+    """A round's messages and what the coordinator expects back: ``nodes`` maps each sampled
+    node to its site name; ``log`` is filled in by :meth:`FedMetaStrategy.aggregate_train`."""
 
-    ``node_names`` maps Flower node ids to site names (learned from the handshake), so logs and
-    per-site curves name hospitals rather than random node ids.
+    round: int
+    messages: list[Message]
+    nodes: dict[int, str]
+    log: RoundLog
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """The outcome of one round: the new broadcast state (None when too few sites replied
+    validly and θ was left unchanged) and the round's log."""
+
+    state: NDArrays | None
+    log: RoundLog
+
+    @property
+    def applied(self) -> bool:
+        return self.state is not None
+
+
+def state_from_checkpoint(arrays: Mapping[str, np.ndarray]) -> NDArrays:
+    """The broadcast state held in a checkpoint written from :meth:`FedMetaStrategy.checkpoint`."""
+    return {k[len("theta/"):]: v for k, v in arrays.items() if k.startswith("theta/")}
+
+
+def decode_update(record: ArrayRecord, encoding: ConfigRecord | None, *, site: str,
+                  reference: Mapping[str, np.ndarray]) -> NDArrays:
+    """A reply's arrays decoded to float32 arrays shaped like ``reference``."""
+    try:
+        arrays = arrays_from_record(record)
+    except (ValueError, TypeError) as e:
+        raise DeltaError(f"site {site}: update arrays cannot be deserialised: {e}") from e
+    method = str(encoding["method"]) if encoding and "method" in encoding else "none"
+    return decode(arrays, method, reference, source=f"site {site}")
+
+
+class FedMetaStrategy:
+    """The outer update ``state ← OuterOpt(state, direction(aggregate))`` of one experiment.
+
+    ``state`` is θ plus the algorithm's extra state (what is broadcast). ``spec`` is the data's
+    shape; ``seed`` seeds the site sampling.
     """
 
-    #: Name shown in logs and summaries (the paper is cited in each subclass's docstring).
-    name = "base"
-    #: ``delta``: sites send ``θ_i − θ`` (pseudo-gradient ``−Δ̄``); ``gradient``: a meta-gradient.
-    update_kind = "delta"
-
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        theta: NDArrays,
-        *,
-        node_names: dict[int, str],
-        rng: np.random.Generator,
-        on_reject: Callable[[int, str, str], None] | None = None,
-    ) -> None:
+    def __init__(self, cfg: ExperimentConfig, spec: DataSpec, theta: NDArrays) -> None:
         self.cfg = cfg
-        self.node_names = dict(node_names)
-        self.rng = rng
-        self.optimizer = OuterOptimizer(theta, cfg.outer)
-        self.reference = {k: np.asarray(v) for k, v in theta.items()}
-        self.on_reject = on_reject
-        self.last: RoundLog | None = None
-        self.held: dict[int, NDArrays] = {}  # node -> the state it holds (downlink deltas)
+        self.spec = spec
+        self.algorithm = algorithms.get(cfg.algorithm)
+        state = self.algorithm.initial_state(theta, cfg)
+        self._optimizer = OuterOptimizer(state, cfg.outer)
+        self._reference = {k: np.asarray(v) for k, v in state.items()}
+        self._rng = np.random.default_rng(cfg.seed)
+        self._held: dict[int, NDArrays] = {}  # node -> the state it holds (downlink deltas)
 
-    # -- to be specialised -------------------------------------------------------------------
-    def pseudo_gradient(self, aggregated: NDArrays) -> NDArrays:
-        """Direction handed to the outer optimiser (``-Δ̄`` for deltas, ``ḡ`` for gradients)."""
-        if self.update_kind == "delta":
-            return {k: -v for k, v in aggregated.items()}
-        return dict(aggregated)
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> NDArrays:
+        """The broadcast state: θ plus the algorithm's extra state."""
+        return self._optimizer.params()
 
     def theta(self) -> NDArrays:
-        """The current global parameters."""
-        return self.optimizer.params()
+        """θ alone (what ``final.safetensors`` holds)."""
+        return self.algorithm.split(self.state())[0]
 
-    def restore(self, theta: NDArrays, opt_state: NDArrays, extra: NDArrays) -> None:
-        """Continue from a checkpoint: θ, the outer optimiser's state and :meth:`state_arrays`."""
-        self.optimizer = OuterOptimizer(theta, self.cfg.outer)
-        self.optimizer.load_state_arrays(opt_state)
+    def checkpoint(self) -> tuple[NDArrays, dict[str, Any]]:
+        """Arrays and metadata that let :meth:`restore` continue exactly from here."""
+        arrays = {f"theta/{k}": v for k, v in self.state().items()}
+        arrays.update({f"opt/{k}": v for k, v in self._optimizer.state_arrays().items()})
+        return arrays, {"rng": self._rng.bit_generator.state, "algorithm": self.cfg.algorithm}
 
-    def state_arrays(self) -> NDArrays:
-        """Strategy state beyond θ and the optimiser, saved in checkpoints (none by default)."""
-        return {}
+    def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *,
+                source: str) -> None:
+        """Continue from :meth:`checkpoint`'s output (θ, optimiser state, sampling RNG)."""
+        from fedmeta.common.errors import ConfigError
 
-    def summary_extra(self) -> dict:
-        """Algorithm-specific entries for ``summary.json`` (none by default)."""
-        return {}
+        if meta.get("algorithm") != self.cfg.algorithm:
+            raise ConfigError(f"{source}: saved by algorithm {meta.get('algorithm')}, not {self.cfg.algorithm}")
+        saved = state_from_checkpoint(arrays)
+        if set(saved) != set(self._reference):
+            raise ConfigError(f"{source}: parameters do not match the configured model")
+        state = {k: saved[k] for k in self._reference}  # the model's order, not the file's
+        self._optimizer = OuterOptimizer(state, self.cfg.outer)
+        self._optimizer.load_state_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
+        self._rng.bit_generator.state = meta["rng"]
+        self._held.clear()
 
-    def reference_update(self) -> NDArrays:
-        """Names, shapes and dtypes a valid reply must have (θ's, by default)."""
-        return self.reference
+    def summary_extra(self) -> dict[str, object]:
+        """Algorithm-specific entries for ``summary.json`` (Meta-SGD: its learned rates)."""
+        return self.algorithm.summary(self.algorithm.split(self.state())[1])
 
-    # -- Flower Strategy interface --------------------------------------------------------------
-    def summary(self) -> None:
+    def describe(self) -> None:
         log.info(
             "%s: outer %s lr=%g, sampling fraction %.2f (min %d), aggregation %s",
-            self.name, self.cfg.outer.optimizer, self.cfg.outer.lr, self.cfg.federation.fraction,
-            self.cfg.federation.min_nodes, self.cfg.validation.aggregation,
+            self.algorithm.title, self.cfg.outer.optimizer, self.cfg.outer.lr,
+            self.cfg.federation.fraction, self.cfg.federation.min_nodes,
+            self.cfg.validation.aggregation,
         )
 
-    def sample(self, node_ids: Iterable[int]) -> list[int]:
+    # -- one training round ---------------------------------------------------------------------
+    def sample(self, nodes: Mapping[int, str]) -> list[int]:
         """A seeded sample of ``fraction`` of the training nodes (at least ``min_nodes``), ordered
         by site; held-out sites (``data.holdout``) never train."""
         holdout = set(self.cfg.data.holdout)
-        nodes = sorted((n for n in node_ids if self.node_names.get(n) not in holdout),
-                       key=lambda n: (self.node_names.get(n, ""), n))
-        k = max(int(round(len(nodes) * self.cfg.federation.fraction)), self.cfg.federation.min_nodes)
-        k = min(k, len(nodes))
-        if k == len(nodes):
-            return nodes
-        picked = self.rng.choice(len(nodes), size=k, replace=False)
-        return [nodes[i] for i in sorted(picked)]
+        eligible = sorted((n for n, s in nodes.items() if s not in holdout), key=lambda n: (nodes[n], n))
+        k = max(int(round(len(eligible) * self.cfg.federation.fraction)), self.cfg.federation.min_nodes)
+        k = min(k, len(eligible))
+        if k == len(eligible):
+            return eligible
+        picked = self._rng.choice(len(eligible), size=k, replace=False)
+        return [eligible[i] for i in sorted(picked)]
 
-    def _messages(
-        self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], message_type: str
-    ) -> list[Message]:
-        content = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        node_ids = self.sample(grid.get_node_ids())
-        cfg = ConfigRecord(dict(config))
-        cfg["server-round"] = server_round
-        cfg["phase"] = "train"
-        self.last = RoundLog(round=server_round, sampled=[self.node_names.get(n, str(n)) for n in node_ids])
+    def configure_train(self, server_round: int, nodes: Mapping[int, str]) -> TrainPlan:
+        """Sample sites from ``nodes`` (node id -> site name) and build their train messages."""
+        sampled = self.sample(nodes)
+        record = RoundLog(round=server_round, sampled=[nodes[n] for n in sampled])
+        config = self._config(server_round, K.TRAIN)
         comp = self.cfg.compression
+        state = self.state()
+        messages: list[Message] = []
         if comp.downlink == "full" or comp.method == "none":
-            self.last.bytes_down = payload_bytes(arrays) * len(node_ids)
-            return self._messages(arrays, cfg, node_ids, MessageType.TRAIN)
-        state = arrays_from_record(arrays)
-        messages = []
-        for node in node_ids:
-            record, node_cfg = self._downlink(node, state, cfg)
-            self.last.bytes_down += payload_bytes(record)
-            messages.extend(self._messages(record, node_cfg, [node], MessageType.TRAIN))
-        return messages
+            arrays = record_from_arrays(state)
+            record.bytes_down = payload_bytes(arrays) * len(sampled)
+            messages = _messages(arrays, config, sampled, MessageType.TRAIN)
+        else:
+            for node in sampled:
+                arrays, node_config = self._downlink(node, state, config)
+                record.bytes_down += payload_bytes(arrays)
+                messages.extend(_messages(arrays, node_config, [node], MessageType.TRAIN))
+        return TrainPlan(server_round, messages, {n: nodes[n] for n in sampled}, record)
+
+    def _config(self, server_round: int, phase: str) -> ConfigRecord:
+        return ConfigRecord({K.EXPERIMENT: self.cfg.to_json(), K.ROUND: server_round, K.PHASE: phase})
 
     def _downlink(self, node: int, state: NDArrays, cfg: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
         """What to send ``node``: the full state the first time, afterwards the encoded change
@@ -161,54 +203,56 @@ class FedMetaStrategy(Strategy):
         error never accumulates: the next change includes it."""
         comp = self.cfg.compression
         out = ConfigRecord(dict(cfg))
-        held = self.held.get(node)
+        held = self._held.get(node)
         if held is None:
-            self.held[node] = {k: v.copy() for k, v in state.items()}
-            out["down"] = "full"
+            self._held[node] = {k: v.copy() for k, v in state.items()}
+            out[K.DOWN] = "full"
             return record_from_arrays(state), out
         change = {k: state[k] - held[k] for k in state}
         encoded, _ = encode(change, comp.method, topk_fraction=comp.topk_fraction)
         decoded = decode(encoded, comp.method, held)
-        out["down"] = "delta"
-        out["down-method"] = comp.method
-        out["down-base"] = checksum(held)
-        self.held[node] = {k: (held[k] + decoded[k]).astype(np.float32) for k in held}
+        out[K.DOWN] = "delta"
+        out[K.DOWN_METHOD] = comp.method
+        out[K.DOWN_BASE] = checksum(held)
+        self._held[node] = {k: (held[k] + decoded[k]).astype(np.float32) for k in held}
         return record_from_arrays(encoded), out
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, aggregate and apply the outer update; invalid replies are logged and skipped."""
-        record = self.last if self.last and self.last.round == server_round else RoundLog(server_round)
-        self.last = record
+    def aggregate_train(self, plan: TrainPlan, replies: Iterable[Message], *,
+                        declared: Mapping[int, int] | None = None) -> RoundResult:
+        """Validate, aggregate and apply the outer update; invalid replies are logged and skipped.
+
+        ``declared`` (node -> the training rows it declared at the handshake) bounds what a reply
+        may claim as its weight: more than its algorithm allows is rejected.
+        """
+        record = plan.log
         updates: list[NDArrays] = []
         weights: list[float] = []
-        sums = {"num-examples": 0.0, "query-loss-before": 0.0, "query-loss-after": 0.0, "n-query": 0.0}
-        reference = self.reference_update()
+        sums = {K.NUM_EXAMPLES: 0.0, K.LOSS_BEFORE: 0.0, K.LOSS_AFTER: 0.0, K.N_QUERY: 0.0}
         # A fixed order (by site) makes the float sums, and so the run, reproducible.
-        for msg in sorted(replies, key=lambda m: self.node_names.get(m.metadata.src_node_id, "")):
+        for msg in sorted(replies, key=lambda m: plan.nodes.get(m.metadata.src_node_id, "")):
             node = msg.metadata.src_node_id
-            site = self.node_names.get(node, str(node))
+            site = plan.nodes.get(node, str(node))
             try:
-                update, metrics = self._read_train_reply(msg, site)
-                record.bytes_up += payload_bytes(msg.content["update"])
-                norm = validate_update(update, reference, max_norm=self.cfg.validation.max_norm, source=f"site {site}")
+                if node not in plan.nodes:
+                    raise DeltaError(f"node {node}: replied without being sampled this round")
+                update, metrics = self._read_train_reply(msg, site, (declared or {}).get(node))
+                record.bytes_up += payload_bytes(msg.content.array_records[K.UPDATE])
+                norm = validate_update(update, self._reference, max_norm=self.cfg.validation.max_norm,
+                                       source=f"site {site}")
             except DeltaError as e:
-                self.held.pop(node, None)  # resynchronise this node with a full θ next time
+                self._held.pop(node, None)  # resynchronise this node with a full state next time
                 record.rejected[site] = str(e)
-                log.warning("round %d: rejected the reply of %s: %s", server_round, site, e)
-                if self.on_reject:
-                    self.on_reject(server_round, site, str(e))
+                log.warning("round %d: rejected the reply of %s: %s", plan.round, site, e)
                 continue
             updates.append(update)
             # Under DP every site counts once: example-count weights would let one site's data
             # move the aggregate by more than the clipping bound.
-            weights.append(1.0 if self.cfg.privacy.dp else metrics["num-examples"])
+            weights.append(1.0 if self.cfg.privacy.dp else metrics[K.NUM_EXAMPLES])
             record.accepted.append(site)
             record.site_metrics[site] = {
-                "num_examples": metrics["num-examples"],
-                "query_loss_after": (metrics["query-loss-after"] / metrics["n-query"]
-                                     if metrics.get("n-query", 0) > 0 else float("nan")),
+                "num_examples": metrics[K.NUM_EXAMPLES],
+                "query_loss_after": (metrics[K.LOSS_AFTER] / metrics[K.N_QUERY]
+                                     if metrics.get(K.N_QUERY, 0) > 0 else float("nan")),
                 "update_norm": norm,
             }
             for key in sums:
@@ -216,90 +260,49 @@ class FedMetaStrategy(Strategy):
         if len(updates) < self.cfg.federation.min_nodes:
             log.warning(
                 "round %d: %d valid replies, fewer than federation.min_nodes = %d; θ unchanged",
-                server_round, len(updates), self.cfg.federation.min_nodes,
+                plan.round, len(updates), self.cfg.federation.min_nodes,
             )
-            return None, None
+            return RoundResult(None, record)
         v = self.cfg.validation
         aggregated = aggregate(updates, weights, rule=v.aggregation, trim=v.trim, clip_norm=v.clip_norm)
-        new_theta = self.optimizer.step(self.pseudo_gradient(aggregated))
-        record.num_examples = int(sums["num-examples"])
-        if sums["n-query"] > 0:  # sites under DP send no losses
-            record.query_loss_before = sums["query-loss-before"] / sums["n-query"]
-            record.query_loss_after = sums["query-loss-after"] / sums["n-query"]
+        new_state = self._optimizer.step(self.algorithm.direction(aggregated))
+        record.num_examples = int(sums[K.NUM_EXAMPLES])
+        if sums[K.N_QUERY] > 0:  # sites under DP send no losses
+            record.query_loss_before = sums[K.LOSS_BEFORE] / sums[K.N_QUERY]
+            record.query_loss_after = sums[K.LOSS_AFTER] / sums[K.N_QUERY]
         record.update_norm = l2_norm(aggregated)
-        metrics_out = MetricRecord({
-            "num-examples": record.num_examples,
-            "query-loss-before": record.query_loss_before,
-            "query-loss-after": record.query_loss_after,
-        })
-        return record_from_arrays(self.global_arrays(new_theta)), metrics_out
+        return RoundResult(new_state, record)
 
-    def global_arrays(self, theta: NDArrays) -> NDArrays:
-        """What is broadcast to sites: θ itself (Meta-SGD adds its learned rates)."""
-        return theta
-
-    def _read_train_reply(self, msg: Message, site: str) -> tuple[NDArrays, dict[str, float]]:
+    def _read_train_reply(self, msg: Message, site: str, declared: int | None) -> tuple[NDArrays, dict[str, float]]:
         if msg.has_error():
             raise DeltaError(f"site {site}: the client failed: {msg.error.reason}")
         content = msg.content
-        if "update" not in content.array_records or "metrics" not in content.metric_records:
+        if K.UPDATE not in content.array_records or K.METRICS not in content.metric_records:
             raise DeltaError(f"site {site}: reply lacks the 'update' arrays or the 'metrics' record")
-        metrics = {k: float(v) for k, v in content["metrics"].items() if isinstance(v, int | float)}
-        if not metrics.get("num-examples", 0) > 0:
+        metrics = {k: float(v) for k, v in content[K.METRICS].items() if isinstance(v, int | float)}
+        claimed = metrics.get(K.NUM_EXAMPLES, 0)
+        if not claimed > 0:
             raise DeltaError(f"site {site}: reply has no positive 'num-examples'")
-        meta = content.config_records.get("encoding")
-        update = decode_update(content["update"], meta, site=site, reference=self.reference_update())
+        if declared is not None:
+            bound = self.algorithm.max_examples(self.cfg, self.spec, declared)
+            if claimed > bound:
+                raise DeltaError(
+                    f"site {site}: claims {claimed:g} examples, more than the {bound} its "
+                    f"{self.algorithm.name} round can use (declared {declared} training rows)"
+                )
+        encoding = content.config_records.get(K.ENCODING)
+        update = decode_update(content.array_records[K.UPDATE], encoding, site=site,
+                               reference=self._reference)
         return update, metrics
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        node_ids = sorted(grid.get_node_ids(), key=lambda n: (self.node_names.get(n, ""), n))
-        cfg = ConfigRecord(dict(config))
-        cfg["server-round"] = server_round
-        cfg["phase"] = "evaluate"
-        return self._messages(arrays, cfg, node_ids, MessageType.EVALUATE)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Unweighted mean over sites of each after-adaptation metric (sites are the unit)."""
-        per_site = read_evaluate_replies(replies, self.node_names)
-        if not per_site:
-            return None
-        return MetricRecord({f"after-{k}": v for k, v in summary_mean(per_site)["after"].items()})
+    # -- evaluation ------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, nodes: Mapping[int, str]) -> list[Message]:
+        """Every node adapts the current state and scores its own test split."""
+        order = sorted(nodes, key=lambda n: (nodes[n], n))
+        return _messages(record_from_arrays(self.state()), self._config(server_round, K.EVALUATE),
+                         order, MessageType.EVALUATE)
 
 
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def summary_mean(per_site: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Unweighted mean over sites (each hospital counts once), skipping undefined values."""
-    return {
-        phase: {m: _nanmean([s[phase][m] for s in per_site.values()]) for m in ("accuracy", "auroc", "loss")}
-        for phase in ("before", "after")
-    }
-
-
-def read_evaluate_replies(replies: Iterable[Message], node_names: dict[int, str]) -> dict[str, dict]:
-    """Per-site ``{"before": {...}, "after": {...}, "n_train", "n_test"}`` from evaluate replies."""
-    out: dict[str, dict] = {}
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        site = node_names.get(node, str(node))
-        if msg.has_error():
-            log.warning("evaluation failed at %s: %s", site, msg.error.reason)
-            continue
-        if "site" in msg.content.config_records:
-            site = str(msg.content["site"]["name"])
-        m = msg.content["metrics"]
-        entry: dict = {"before": {}, "after": {}}
-        for key, value in m.items():
-            phase, _, metric = key.partition(".")
-            if phase in ("before", "after"):
-                entry[phase][metric] = float(value)
-        entry["n_train"] = int(m["n-train"])
-        entry["n_test"] = int(m["n-test"])
-        out[site] = entry
-    return out
-
+def _messages(arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], message_type: str) -> list[Message]:
+    content = RecordDict({K.ARRAYS: arrays, K.CONFIG: config})
+    return [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]

@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 
 from fedmeta.cli.simulate import simulate
-from fedmeta.common.config import ALGORITHMS, load_config
+from fedmeta.common import algorithms
+from fedmeta.common.config import load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_there_is_a_heart_config_per_algorithm():
     algos = {load_config(p).algorithm for p in CONFIGS if p.name.startswith("heart")}
-    assert algos == set(ALGORITHMS)
+    assert algos == set(algorithms.names())
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -11,7 +11,7 @@ Example::
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> images, labels = rng.normal(size=(200, 1, 8, 8)), np.repeat(np.arange(10), 20)
-    >>> train, novel = split_classes(labels, n_novel=4, rng=rng)
+    >>> train, novel = split_classes(10, n_novel=4, seed=0)
     >>> sampler = EpisodeSampler(images, labels, classes=train, n_way=5, k_shot=1, n_query=3)
     >>> batch = sampler.sample(8, rng=rng)
     >>> tuple(batch.xs.shape), tuple(batch.yq.shape)
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fedmeta.common.errors import DataError
 from fedmeta.common.meta.types import TaskBatch
 
 
@@ -32,20 +33,19 @@ def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def split_classes(
-    labels: np.ndarray | torch.Tensor, *, n_novel: int, rng: np.random.Generator
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Split the distinct labels at random into ``(meta-train classes, novel classes)``, disjoint,
-    with ``n_novel`` novel classes, each tuple sorted."""
-    classes = np.unique(_as_numpy(labels))
-    if not 0 < n_novel < len(classes):
-        raise ValueError(
-            f"n_novel must be between 1 and {len(classes) - 1} (there are {len(classes)} classes), got {n_novel}"
+def split_classes(n_classes: int, *, n_novel: int, seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Choose ``n_novel`` of ``n_classes`` class indices as novel classes, the rest for
+    meta-training: ``(meta-train classes, novel classes)``, both sorted, disjoint, seeded (every
+    site of an experiment gets the same split)."""
+    if not 0 < n_novel < n_classes:
+        raise DataError(
+            f"novel classes = {n_novel}: n_novel must be between 1 and {n_classes - 1} "
+            f"for {n_classes} classes"
         )
-    order = rng.permutation(classes)
-    novel = tuple(sorted(int(c) for c in order[:n_novel]))
-    train = tuple(sorted(int(c) for c in order[n_novel:]))
-    return train, novel
+    perm = np.random.default_rng(seed).permutation(n_classes)
+    novel = tuple(sorted(int(c) for c in perm[:n_novel]))
+    base = tuple(sorted(int(c) for c in perm[n_novel:]))
+    return base, novel
 
 
 class EpisodeSampler:

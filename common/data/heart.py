@@ -24,6 +24,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fedmeta.common.data.base import TabularSite
+from fedmeta.common.data.schema import Preprocessor, zscore_fit
 from fedmeta.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -119,17 +120,16 @@ def load_hospital(
     x_tr, x_te, y_tr, y_te = x[tr], x[te], y[tr], y[te]
     ids = rows["id"].to_numpy() if "id" in rows.columns else np.arange(len(rows))
     id_tr, id_te = ids[tr], ids[te]
-    mean = x_tr.mean(axis=0)
-    std = x_tr.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = zscore_fit(x_tr)
+    scale = Preprocessor(tuple(range(x.shape[1])), median=mean, mean=mean, std=std)
     log.debug("%s: %d train / %d test rows", name, len(y_tr), len(y_te))
     if set(id_tr) & set(id_te):  # pragma: no cover - a broken split must never reach training
         raise DataError(f"{name}: a row is in both the training and the test split")
     return TabularSite(
         name=name,
-        x_train=((x_tr - mean) / std).astype(np.float32),
+        x_train=scale.transform(x_tr),
         y_train=y_tr.reshape(-1, 1).astype(np.int64),
-        x_test=((x_te - mean) / std).astype(np.float32),
+        x_test=scale.transform(x_te),
         y_test=y_te.reshape(-1, 1).astype(np.int64),
         feature_names=FEATURES,
         outcomes=(OUTCOME,),

@@ -23,6 +23,7 @@ import numpy as np
 from fedmeta.common.config import DataConfig
 from fedmeta.common.data.base import ImageSite
 from fedmeta.common.data.cache import cache_root, ensure_generated
+from fedmeta.common.data.episodes import split_classes
 from fedmeta.common.data.partition import stratified_split
 from fedmeta.common.data.registry import DataSpec, Source, register_source
 from fedmeta.common.data.site_config import ImageSiteConfig, find_site_configs
@@ -262,22 +263,6 @@ def load_folder_site(
         root,
     )
     return ImageSite(name, x[train], y[train], x[test], y[test], classes)
-
-
-def split_classes(
-    n_classes: int, *, n_novel: int, seed: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Choose ``n_novel`` of ``n_classes`` class indices as novel classes, the rest for
-    meta-training; both sorted, disjoint, seeded. Every site uses the same split."""
-    if not 0 < n_novel < n_classes:
-        raise DataError(
-            f"novel classes = {n_novel}: must be between 1 and {n_classes - 1} "
-            f"for {n_classes} classes"
-        )
-    perm = np.random.default_rng(seed).permutation(n_classes)
-    novel = tuple(sorted(int(c) for c in perm[:n_novel]))
-    base = tuple(sorted(int(c) for c in perm[n_novel:]))
-    return base, novel
 
 
 def restrict_classes(site: ImageSite, keep: Sequence[int], *, suffix: str = "") -> ImageSite:

@@ -296,13 +296,28 @@ class Preprocessor:
         return out.astype(np.float32)
 
 
+def zscore_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and population standard deviation (``ddof=0``) of the observed (non-NaN)
+    values of ``x``; a column with no observed value gets mean 0, and a column without spread
+    (or without value) std 1, so that ``(x − mean) / std`` is always defined."""
+    x = np.asarray(x, dtype=np.float64)
+    observed = ~np.isnan(x)
+    if observed.all():
+        mean, std = x.mean(axis=0), x.std(axis=0)
+    else:
+        mean, std = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        for j in range(x.shape[1]):
+            column = x[observed[:, j], j]
+            if column.size:
+                mean[j], std[j] = float(column.mean()), float(column.std())
+    return mean, np.where(std > 0, std, 1.0)
+
+
 def fit_preprocessor(x_train: np.ndarray, schema: Schema) -> Preprocessor:
     """Fit :class:`Preprocessor` statistics on encoded *training* rows only."""
     k = len(schema.numeric)
     idx = tuple(range(k))
     median = np.zeros(k)
-    mean = np.zeros(k)
-    std = np.ones(k)
     for j in idx:
         observed = x_train[:, j][~np.isnan(x_train[:, j])]
         if observed.size == 0:
@@ -312,9 +327,7 @@ def fit_preprocessor(x_train: np.ndarray, schema: Schema) -> Preprocessor:
             )
             continue
         median[j] = float(np.median(observed))
-        mean[j] = float(observed.mean())
-        s = float(observed.std())
-        std[j] = s if s > 0 else 1.0
+    mean, std = zscore_fit(x_train[:, list(idx)]) if k else (np.zeros(0), np.ones(0))
     return Preprocessor(idx, median, mean, std)
 
 

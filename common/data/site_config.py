@@ -1,4 +1,4 @@
-"""A site's data configuration (``site.yaml``): what data it holds and how to read it.
+"""A site's data description (``site.yaml``): what data a hospital holds and how to read it.
 
 A hospital describes its own data in one YAML file; relative paths are relative to that file.
 Tables (``kind: ehr``)::
@@ -23,69 +23,162 @@ Images (``kind: images``)::
     grayscale: true              # optional, folders
     use_val: true                # optional, .npz: val_* joins training
 
-Unknown keys are refused; every error names the file, the key and the value. This module only
-parses; :mod:`fedmeta.common.data.ehr` and :mod:`fedmeta.common.data.images` load the data.
+This file is not the site's *node file* (``node.yaml`` in the bundle ``fedmeta provision``
+writes), which says how the hospital's node reaches the coordinator and which data description
+it serves; each loader recognises the other file and says which one it wants.
+
+Read like every fedmeta YAML file (:mod:`fedmeta.common.yamlio`): unknown keys are refused and
+every error names the file, the key and the value. This module only parses;
+:mod:`fedmeta.common.data.ehr` and :mod:`fedmeta.common.data.images` load the data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from fedmeta.common.config import read_yaml
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+
 from fedmeta.common.errors import ConfigError
+from fedmeta.common.yamlio import Bool, YamlModel, fail, read_mapping, validate
 
 SITE_FILE = "site.yaml"
-_COMMON = ("kind", "name", "path", "test_fraction", "seed")
-EHR_KEYS: tuple[str, ...] = _COMMON + (
-    "schema",
-    "outcomes",
-    "unit_column",
-    "id_column",
-    "missing_indicators",
-)
-IMAGE_KEYS: tuple[str, ...] = _COMMON + ("classes", "image_size", "grayscale", "use_val")
+#: Keys that only a node file (``node.yaml``) holds: a data loader given one says so.
+NODE_FILE_KEYS = frozenset({"superlink", "auth_private_key", "root_certificates"})
 
 
-@dataclass(frozen=True)
-class EhrSiteConfig:
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise fail("expected a non-empty string")
+    return value.strip()
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str | int) and not isinstance(v, bool) and str(v).strip()
+                   for v in value)
+    ):
+        raise fail("expected a non-empty list of names")
+    out = tuple(str(v).strip() for v in value)
+    if len(set(out)) != len(out):
+        raise fail("names repeat")
+    return out
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise fail("expected a number in (0, 1)")
+    return float(value)
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise fail("expected an integer >= 0")
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_text)]
+Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
+SplitFraction = Annotated[float, BeforeValidator(_fraction)]
+Seed = Annotated[int, BeforeValidator(_seed)]
+
+
+class _SiteData(YamlModel):
+    """Keys every data description has; ``source`` is the file it was read from (not a key)."""
+
+    kind: str
+    source: Path = Field(default=Path("<memory>"), exclude=True)
+    name: Text = ""
+    path: Path
+    test_fraction: SplitFraction | None = None
+    seed: Seed | None = None
+
+    _path_keys: ClassVar[tuple[str, ...]] = ("path",)
+
+    @classmethod
+    def unknown_key_message(cls, key: str, value: Any, allowed: Sequence[str], section: str) -> str:
+        shown = [k for k in allowed if k != "source"]
+        kind = cls.model_fields["kind"].default or ""
+        return f"unknown key {key!r} for kind {kind}; allowed: {', '.join(shown)}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "source" in data:
+            raise fail(cls.unknown_key_message("source", data["source"], list(cls.model_fields), ""),
+                       key="source")
+        ctx = info.context or {}
+        source = Path(ctx.get("source", "<memory>"))
+        out = dict(data)
+        out["source"] = source
+        if not out.get("name") and "name" not in data:
+            out["name"] = source.parent.name
+        for key in cls._path_keys:
+            if key in out:
+                raw = out[key]
+                if not isinstance(raw, str) or not raw.strip():
+                    raise fail("expected a non-empty string", value=raw, key=key)
+                p = Path(raw.strip()).expanduser()
+                out[key] = p if p.is_absolute() else source.parent / p
+        return out
+
+    @field_validator("name")
+    @classmethod
+    def _no_slash(cls, value: str) -> str:
+        if "/" in value:
+            raise fail("a site name must not contain '/'")
+        return value
+
+
+class EhrSiteConfig(_SiteData):
     """A validated ``kind: ehr`` site file; paths resolved; ``None`` = use the experiment's."""
 
-    source: Path
-    name: str
-    path: Path
-    schema: Path
-    outcomes: tuple[str, ...]
-    unit_column: str | None = None
-    id_column: str | None = None
-    test_fraction: float | None = None
-    seed: int | None = None
-    missing_indicators: bool = True
+    kind: Literal["ehr"] = "ehr"
+    schema_path: Path = Field(alias="schema")
+    outcomes: Names
+    unit_column: Text | None = None
+    id_column: Text | None = None
+    missing_indicators: Bool = True
+
+    _path_keys: ClassVar[tuple[str, ...]] = ("path", "schema")
 
     @property
-    def kind(self) -> str:
-        return "ehr"
+    def schema(self) -> Path:  # type: ignore[override]
+        """The experiment's feature schema file."""
+        return self.schema_path
+
+    @model_validator(mode="after")
+    def _unit_is_not_an_outcome(self) -> EhrSiteConfig:
+        if self.unit_column and self.unit_column in self.outcomes:
+            raise fail("is also an outcome", value=self.unit_column, key="unit_column")
+        return self
 
 
-@dataclass(frozen=True)
-class ImageSiteConfig:
+def _image_size(value: Any) -> tuple[int, int]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in value)
+    ):
+        raise fail("expected [height, width], integers >= 2")
+    return (value[0], value[1])
+
+
+class ImageSiteConfig(_SiteData):
     """A validated ``kind: images`` site file (an ``.npz`` file or a class-folder tree)."""
 
-    source: Path
-    name: str
-    path: Path
-    classes: tuple[str, ...] | None = None
-    image_size: tuple[int, int] | None = None
-    grayscale: bool = True
-    use_val: bool = True
-    test_fraction: float | None = None
-    seed: int | None = None
-
-    @property
-    def kind(self) -> str:
-        return "images"
+    kind: Literal["images"] = "images"
+    classes: Names | None = None
+    image_size: Annotated[tuple[int, int], BeforeValidator(_image_size)] | None = None
+    grayscale: Bool = True
+    use_val: Bool = True
 
     @property
     def is_folder(self) -> bool:
@@ -94,145 +187,46 @@ class ImageSiteConfig:
 
 SiteConfig = EhrSiteConfig | ImageSiteConfig
 
-
-class _Reader:
-    """Typed access to one YAML mapping; every error names the file, key and value."""
-
-    def __init__(self, data: Mapping[str, Any], source: Path) -> None:
-        self.data = data
-        self.source = source
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key} = {self.data.get(key)!r}: {message}")
-
-    def string(self, key: str, *, required: bool = False) -> str | None:
-        if key not in self.data or self.data[key] is None:
-            if required:
-                raise ConfigError(f"{self.source}: key {key!r} is required")
-            return None
-        value = self.data[key]
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, "expected a non-empty string")
-        return value.strip()
-
-    def path(self, key: str) -> Path:
-        text = self.string(key, required=True)
-        assert text is not None
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else (self.source.parent / p)
-
-    def strings(self, key: str, *, required: bool = False) -> tuple[str, ...] | None:
-        if key not in self.data:
-            if required:
-                raise ConfigError(f"{self.source}: key {key!r} is required (a list of names)")
-            return None
-        value = self.data[key]
-        if isinstance(value, str):
-            value = [value]
-        if (
-            not isinstance(value, list)
-            or not value
-            or not all(isinstance(v, str | int) and str(v).strip() for v in value)
-        ):
-            raise self.fail(key, "expected a non-empty list of names")
-        names = tuple(str(v).strip() for v in value)
-        if len(set(names)) != len(names):
-            raise self.fail(key, "names repeat")
-        return names
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            raise self.fail(key, "expected true or false")
-        return value
-
-    def fraction(self, key: str) -> float | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-            raise self.fail(key, "expected a number in (0, 1)")
-        return float(value)
-
-    def seed(self, key: str) -> int | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(key, "expected an integer >= 0")
-        return value
+#: ``kind`` -> its model; a new kind of site data registers here (see :func:`register_kind`).
+KINDS: dict[str, type[_SiteData]] = {"ehr": EhrSiteConfig, "images": ImageSiteConfig}
+_KIND_HELP = {"ehr": "'ehr' (a table of stays)", "images": "'images'"}
 
 
-def parse_site_config(data: Any, *, source: str | Path) -> SiteConfig:
-    """Validate parsed YAML ``data`` read from ``source`` into a site configuration."""
+def register_kind(kind: str, model: type[YamlModel], help_text: str) -> None:
+    """Accept ``kind: <kind>`` data descriptions, validated by ``model``."""
+    KINDS[kind] = model  # type: ignore[assignment]
+    _KIND_HELP[kind] = help_text
+
+
+def parse_site_config(data: Any, *, source: str | Path) -> Any:
+    """Validate parsed YAML ``data`` read from ``source`` into a site data description."""
     src = Path(source)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{src}: a site file is a mapping of keys, got {type(data).__name__}")
     kind = data.get("kind")
-    if kind not in ("ehr", "images"):
-        raise ConfigError(f"{src}: kind = {kind!r}: expected 'ehr' (a table of stays) or 'images'")
-    allowed = EHR_KEYS if kind == "ehr" else IMAGE_KEYS
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{src}: unknown key {unknown[0]!r} for kind {kind}; allowed: {', '.join(allowed)}"
-        )
-    r = _Reader(data, src)
-    name = r.string("name") or src.parent.name
-    if "/" in name:
-        raise r.fail("name", "a site name must not contain '/'")
-    if kind == "ehr":
-        outcomes = r.strings("outcomes", required=True)
-        assert outcomes is not None
-        unit, ident = r.string("unit_column"), r.string("id_column")
-        if unit and unit in outcomes:
-            raise r.fail("unit_column", "is also an outcome")
-        return EhrSiteConfig(
-            source=src,
-            name=name,
-            path=r.path("path"),
-            schema=r.path("schema"),
-            outcomes=outcomes,
-            unit_column=unit,
-            id_column=ident,
-            test_fraction=r.fraction("test_fraction"),
-            seed=r.seed("seed"),
-            missing_indicators=r.boolean("missing_indicators", True),
-        )
-    size = data.get("image_size")
-    image_size: tuple[int, int] | None = None
-    if size is not None:
-        if (
-            not isinstance(size, list)
-            or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in size)
-        ):
-            raise r.fail("image_size", "expected [height, width], integers >= 2")
-        image_size = (size[0], size[1])
-    return ImageSiteConfig(
-        source=src,
-        name=name,
-        path=r.path("path"),
-        classes=r.strings("classes"),
-        image_size=image_size,
-        grayscale=r.boolean("grayscale", True),
-        use_val=r.boolean("use_val", True),
-        test_fraction=r.fraction("test_fraction"),
-        seed=r.seed("seed"),
-    )
+    if kind not in KINDS:
+        if "kind" not in data and NODE_FILE_KEYS & set(data):
+            raise ConfigError(
+                f"{src}: this is a site's node file (it names {sorted(NODE_FILE_KEYS & set(data))[0]}), "
+                "not a data description; pass the data description it names under 'data' "
+                "(a YAML with kind: ehr, images or meds)"
+            )
+        allowed = " or ".join(_KIND_HELP[k] for k in KINDS)
+        raise ConfigError(f"{src}: kind = {kind!r}: expected {allowed}")
+    return validate(KINDS[kind], data, source=src, context={"source": src})
 
 
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Read and validate a site YAML file (a folder means ``folder/site.yaml``)."""
+def load_site_config(path: str | Path) -> Any:
+    """Read and validate a site data description (a folder means ``folder/site.yaml``)."""
     p = Path(path)
     if p.is_dir():
         p = p / SITE_FILE
     if not p.is_file():
         raise ConfigError(f"{p}: site file not found")
-    return parse_site_config(read_yaml(p), source=p)
+    return parse_site_config(read_mapping(p, what="site file"), source=p)
 
 
-def find_site_configs(root: str | Path) -> list[SiteConfig]:
+def find_site_configs(root: str | Path) -> list[Any]:
     """Every ``root/<folder>/site.yaml``, in folder order; names must be unique."""
     r = Path(root)
     if not r.is_dir():

@@ -22,7 +22,8 @@ class BatchStatNorm2d(nn.Module):
     spatial dimensions of the current input, per channel. There are no running statistics, as in
     MAML (Finn et al. 2017) where batch norm always uses the statistics of the current batch. It is
     used instead of ``nn.BatchNorm2d`` because second-order gradients through the native kernel are
-    wrong under ``torch.func.vmap`` in torch 2.13 (see FACTS.md); mean/var compose correctly.
+    wrong under ``torch.func.vmap`` in torch 2.13 (they disagree with finite differences, while the
+    per-task loop agrees); mean/var compose correctly.
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:

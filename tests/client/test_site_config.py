@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedmeta.client.site_config import (
+from fedmeta.common.config import DataConfig, TaskConfig
+from fedmeta.common.data.schema import Feature, Schema, save_schema
+from fedmeta.common.errors import ConfigError, DataError
+from fedmeta.sitecore.data import (
     EhrSiteConfig,
     ImageSiteConfig,
     check_site,
     load_local_site,
     load_site_config,
 )
-from fedmeta.common.config import DataConfig, TaskConfig
-from fedmeta.common.data.schema import Feature, Schema, save_schema
-from fedmeta.common.errors import ConfigError, DataError
 
 EHR = {"kind": "ehr", "path": "stays.csv", "schema": "../schema.yaml", "outcomes": ["death"]}
 

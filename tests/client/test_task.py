@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from fedmeta.client.task import choose_adapt_steps
 from fedmeta.common.config import load_config
 from fedmeta.common.models import build_model
+from fedmeta.sitecore.evaluate import choose_adapt_steps
 
 
 def _linear(d):

@@ -45,7 +45,7 @@ def test_episode_shapes_labels_and_disjoint_support_query() -> None:
 
 def test_class_subsets_keep_meta_train_and_novel_apart() -> None:
     images, labels = _data()
-    train, novel = split_classes(labels, n_novel=4, rng=np.random.default_rng(1))
+    train, novel = split_classes(len(np.unique(labels)), n_novel=4, seed=1)
     assert len(train) == 6 and len(novel) == 4 and not set(train) & set(novel)
     assert set(train) | set(novel) == set(range(10))
     for classes in (train, novel):
@@ -74,6 +74,6 @@ def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="labels must be integers, got dtype float64"):
         EpisodeSampler(images, labels.astype(float), n_way=2, k_shot=1, n_query=1)
     with pytest.raises(ValueError, match="n_novel must be between 1 and 3"):
-        split_classes(labels, n_novel=4, rng=np.random.default_rng(0))
+        split_classes(len(np.unique(labels)), n_novel=4, seed=0)
     with pytest.raises(ValueError, match="n_tasks must be >= 1, got 0"):
         EpisodeSampler(images, labels, n_way=2, k_shot=1, n_query=1).sample(0, rng=np.random.default_rng(0))

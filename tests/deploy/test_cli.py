@@ -31,7 +31,7 @@ def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     doc["sites"].append({"name": "late"})
     c.write_text(yaml.safe_dump(doc))
     assert main(["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late"]) == 0
-    assert (out / "sites" / "late" / "site.yaml").is_file()
+    assert (out / "sites" / "late" / "node.yaml").is_file()
     assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 0
     assert "revoked a" in capsys.readouterr().out
 

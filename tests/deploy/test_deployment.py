@@ -38,9 +38,9 @@ from fedmeta.deploy.local import (
     wait_nodes_online,
     write_local_consortium,
 )
+from fedmeta.deploy.node import NodeConfig, load_node_config
 from fedmeta.deploy.processes import Processes, descendants
 from fedmeta.deploy.provision import provision
-from fedmeta.deploy.siteconfig import SiteConfig, load_site_config
 from fedmeta.server.audit import read_log
 
 pytestmark = pytest.mark.deployment
@@ -55,7 +55,7 @@ class Deployment:
     pki: Path
     procs: Processes
     co: CoordinatorHandle
-    sites: list[SiteConfig]
+    sites: list[NodeConfig]
     pyproject_sha256: str
 
 
@@ -78,7 +78,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             procs, deployment=pki, state=root / "coordinator",
             fleet_address=f"{LOOPBACK}:{fleet}", control_host=LOOPBACK, control_port=control,
         )
-        sites = [load_site_config(pki / "sites" / f"site-{i}" / "site.yaml")
+        sites = [load_node_config(pki / "sites" / f"site-{i}" / "node.yaml")
                  for i in range(N_SITES + 1)]
         for s in sites[:N_SITES]:
             start_site(procs, s, runtime_port=free_port())
@@ -124,7 +124,7 @@ def test_fleet_api_is_grpc_over_tls(deployment: Deployment) -> None:
 def test_unregistered_key_is_refused(deployment: Deployment) -> None:
     d = deployment
     keys = make_site_keys(d.root / "stranger", comment="stranger")
-    stranger = SiteConfig(site="stranger", superlink=d.co.fleet_address,
+    stranger = NodeConfig(site="stranger", superlink=d.co.fleet_address,
                           root_certificates=d.pki / "ca" / "ca.crt",
                           auth_private_key=keys.private, node_config={"partition-id": 0})
     before = _online(d)
@@ -221,7 +221,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
 
 
 def _restart_site_until_online(
-    d: Deployment, co: CoordinatorHandle, site: SiteConfig, *, timeout: float
+    d: Deployment, co: CoordinatorHandle, site: NodeConfig, *, timeout: float
 ) -> None:
     """Start the site's SuperNode again until the SuperLink admits it (a SuperNode that crashed is
     refused re-activation until its old session's heartbeat expires: exit code 305)."""

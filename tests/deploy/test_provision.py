@@ -19,8 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from fedmeta.common.errors import ConfigError, ProvisionError
 from fedmeta.deploy.certs import make_ca, make_server_cert, verify_chain
 from fedmeta.deploy.consortium import load_consortium, parse_consortium
+from fedmeta.deploy.node import load_node_config
 from fedmeta.deploy.provision import Registry, add_site, provision, revoke_site
-from fedmeta.deploy.siteconfig import load_site_config
 
 CONSORTIUM = {
     "consortium": "heart",
@@ -127,12 +127,12 @@ def test_site_keys_are_openssh_nist_ec_and_match(provisioned: tuple[Path, Path])
 
 def test_bundle_site_yaml_and_registry(provisioned: tuple[Path, Path]) -> None:
     _, out = provisioned
-    site = load_site_config(out / "sites" / "cleveland" / "site.yaml")
+    site = load_node_config(out / "sites" / "cleveland" / "node.yaml")
     assert site.site == "cleveland"
     assert site.superlink == "coord.example.org:9092"
     assert site.root_certificates == (out / "sites" / "cleveland" / "ca.crt").resolve()
     assert site.node_config == {"partition-id": 0, "num-partitions": 2, "site-name": "cleveland"}
-    hungary = load_site_config(out / "sites" / "hungary" / "site.yaml")
+    hungary = load_node_config(out / "sites" / "hungary" / "node.yaml")
     assert hungary.node_config["site-config"] == "/srv/data/hungary.yaml"
     assert "partition-id" not in hungary.node_config
     assert (out / "sites" / "cleveland" / "ca.crt").read_bytes() == (out / "ca" / "ca.crt").read_bytes()
@@ -146,9 +146,9 @@ def test_bundle_site_yaml_and_registry(provisioned: tuple[Path, Path]) -> None:
 
 
 def test_node_config_arg_quotes_strings() -> None:
-    from fedmeta.deploy.siteconfig import SiteConfig
+    from fedmeta.deploy.node import NodeConfig
 
-    s = SiteConfig(site="a", superlink="h:1", root_certificates=Path("/x"),
+    s = NodeConfig(site="a", superlink="h:1", root_certificates=Path("/x"),
                    auth_private_key=Path("/y"),
                    node_config={"partition-id": 1, "site-config": '/p/a "b".yaml', "dp": True})
     assert s.node_config_arg() == 'partition-id=1 site-config="/p/a \\"b\\".yaml" dp=true'
@@ -260,7 +260,7 @@ def test_site_yaml_errors(tmp_path: Path) -> None:
         (dict(base, node_config={"Bad Key": 1}), "node_config key 'Bad Key'"),
     ]
     for doc, msg in cases:
-        p = tmp_path / "site.yaml"
+        p = tmp_path / "node.yaml"
         p.write_text(yaml.safe_dump(doc))
         with pytest.raises(ConfigError, match=msg):
-            load_site_config(p)
+            load_node_config(p)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from fedmeta.server.secagg import SecAggSettings, apply_mean_delta, secagg_settings
+from fedmeta.common.config import OuterConfig
+from fedmeta.server.secagg import SecAggSettings, SecureReptile, secagg_settings
 
 SHAPES = [(13, 8), (8,), (8, 2), (2,)]
 N_SITES = 4
@@ -30,14 +32,26 @@ def test_settings_fit_the_modulus_and_bound() -> None:
         secagg_settings(n_sites=3, l2_bound=1.0, max_examples=10, dropout_tolerance=2)
 
 
-def test_apply_mean_delta_is_reptile_outer_step() -> None:
+def _fit(arrays: list[np.ndarray]) -> FitRes:
+    return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), 10, {})
+
+
+def test_sgd_outer_step_is_reptiles_and_adam_is_honoured() -> None:
     theta = [np.array([1.0, 2.0]), np.array([[0.5]])]
-    new = apply_mean_delta(theta, [np.array([0.2, -0.4]), np.array([[1.0]])], 0.5)
-    np.testing.assert_allclose(new[0], [1.1, 1.8])
-    np.testing.assert_allclose(new[1], [[1.0]])
+    mean = [np.array([0.2, -0.4]), np.array([[1.0]])]
+    sgd = SecureReptile(theta=theta, outer=OuterConfig(lr=0.5), min_sites=3)
+    params, metrics = sgd.aggregate_fit(1, [(None, _fit(mean))], [])  # type: ignore[list-item]
+    np.testing.assert_allclose(sgd.theta[0], [1.1, 1.8])  # θ + β Δ̄, β = 0.5
+    np.testing.assert_allclose(sgd.theta[1], [[1.0]])
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [1.1, 1.8])
     np.testing.assert_allclose(theta[0], [1.0, 2.0])  # untouched
+    assert metrics == {"num-sites": 1, "num-examples": 10}
+    # Adam's first step moves every coordinate by lr in the direction of Δ̄ (m̂/√v̂ = sign).
+    adam = SecureReptile(theta=theta, outer=OuterConfig(optimizer="adam", lr=0.1), min_sites=3)
+    adam.aggregate_fit(1, [(None, _fit(mean))], [])  # type: ignore[list-item]
+    np.testing.assert_allclose(adam.theta[0], [1.1, 1.9], atol=1e-6)
     with pytest.raises(ValueError, match="does not match"):
-        apply_mean_delta(theta, [np.zeros(3), np.zeros((1, 1))], 1.0)
+        sgd.aggregate_fit(2, [(None, _fit([np.zeros(3), np.zeros((1, 1))]))], [])  # type: ignore[list-item]
 
 
 @pytest.mark.ray
@@ -63,7 +77,7 @@ def test_secaggplus_mean_of_deltas_equals_plain_weighted_mean() -> None:
 
     seen: list[tuple[int, list[np.ndarray]]] = []
     theta0 = [np.zeros(s) for s in SHAPES]
-    strategy = SecureReptile(theta=theta0, outer_lr=1.0, min_sites=N_SITES,
+    strategy = SecureReptile(theta=theta0, outer=OuterConfig(lr=1.0), min_sites=N_SITES,
                              on_round=lambda r, mean, th: seen.append((r, mean)))
     settings = secagg_settings(n_sites=N_SITES, l2_bound=0.5, max_examples=100)
     run_simulation(

@@ -1,7 +1,7 @@
 """Test fixture, not product code: turns one hospital into a faulty one.
 
 Put on ``PYTHONPATH`` of a SuperNode only. In that SuperNode's ClientApp processes
-(``flwr-clientapp``) it wraps ``fedmeta.client.task.train_update`` so the delta it returns holds a
+(``flwr-clientapp``) it wraps the train_update its ClientApp calls so the delta it returns holds a
 NaN, as a buggy or hostile site would send. Every other process is left alone.
 """
 
@@ -13,7 +13,7 @@ if os.path.basename(sys.argv[0]) == "flwr-clientapp":
 
     import numpy as np
 
-    from fedmeta.client import task
+    from fedmeta.client import app as task
 
     _honest = task.train_update
 

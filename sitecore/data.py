@@ -1,24 +1,28 @@
-"""A hospital's own data, as its client sees it: one ``site.yaml`` and the files it names.
+"""A hospital's own data, as the site sees it: one ``site.yaml`` and the files it names.
 
-The file format and its parser live in :mod:`fedmeta.common.data.site_config` (the coordinator's
-data registry reads the same files in simulation). This module is the site-side entry point:
+The file format and its parser live in :mod:`fedmeta.common.data.site_config` (the data
+registry reads the same files in simulation). This module is the site-side entry point:
 :func:`load_local_site` loads and fully validates the site's data against the experiment's task
-settings before any training, and :func:`check_site` summarises it for ``fedmeta data check``:
-rows, outcome prevalence and missingness, computed on the site and never sent anywhere.
+settings before any training, :func:`check_site` summarises it for ``fedmeta data check``
+(rows, outcome prevalence and missingness, computed on the site and never sent anywhere), and
+:func:`site_for_node` finds the data a node serves and keeps it loaded between rounds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedmeta.common.config import DataConfig, TaskConfig
+from fedmeta.common.config import DataConfig, ExperimentConfig, TaskConfig
 from fedmeta.common.data.base import ImageSite, Site, TabularSite
 from fedmeta.common.data.ehr import EhrCohort, check_k_shot, load_ehr_site
 from fedmeta.common.data.images import check_n_way_k_shot, load_image_site
+from fedmeta.common.data.registry import load_site, simulation_sites
 from fedmeta.common.data.site_config import (
     EhrSiteConfig,
     ImageSiteConfig,
@@ -26,6 +30,7 @@ from fedmeta.common.data.site_config import (
     load_site_config,
     parse_site_config,
 )
+from fedmeta.common.errors import ConfigError
 
 __all__ = [
     "EhrSiteConfig",
@@ -36,6 +41,7 @@ __all__ = [
     "load_local_site",
     "load_site_config",
     "parse_site_config",
+    "site_for_node",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,3 +153,33 @@ def check_site(
         class_counts={c: int(n) for c, n in zip(site.classes, counts, strict=True)},
         image_shape=tuple(int(v) for v in site.x_train.shape[1:]),
     )
+
+
+_LOADED: dict[str, Site] = {}
+
+
+def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> Site:
+    """The rows of the site a node serves, loaded once per process and kept between rounds.
+
+    ``node_config`` names the site: ``site-config`` (path of the hospital's data description),
+    ``site`` (a site of the experiment's data source) or ``partition-id`` (simulation: the i-th
+    site, training sites first, then held-out ones). Nothing else is read.
+    """
+    key = json.dumps({"node": {k: str(v) for k, v in node_config.items()},
+                      "data": cfg.to_dict()["data"]}, sort_keys=True)
+    if key in _LOADED:
+        return _LOADED[key]
+    if "site-config" in node_config:
+        site = load_local_site(str(node_config["site-config"]), data=cfg.data, tasks=cfg.tasks)
+    elif "site" in node_config:
+        site = load_site(cfg.data, str(node_config["site"]))
+    elif "partition-id" in node_config:
+        names = simulation_sites(cfg.data)
+        pid = int(str(node_config["partition-id"]))
+        if not 0 <= pid < len(names):
+            raise ConfigError(f"partition-id {pid} out of range: the experiment has {len(names)} sites")
+        site = load_site(cfg.data, names[pid])
+    else:
+        raise ConfigError("node config names no site: set site-config=PATH, site=NAME or partition-id=N")
+    _LOADED[key] = site
+    return site

@@ -1,0 +1,48 @@
+"""Names of the records and config entries in fedmeta's messages.
+
+Coordinator -> site (every phase): ``config`` (ConfigRecord) with ``experiment`` (the experiment
+as JSON), ``phase`` and ``server-round``; ``arrays`` (ArrayRecord) with the broadcast state, sent
+in full or, with compressed downlink, as an encoded change (``down``, ``down-method``,
+``down-base``).
+
+Site -> coordinator: ``site`` (ConfigRecord with the site's ``name``), ``metrics``
+(MetricRecord: counts, summed losses, metrics over whole splits); train replies add ``update``
+(ArrayRecord, parameter-shaped) and ``encoding`` (ConfigRecord with the ``method``).
+"""
+
+from __future__ import annotations
+
+# records
+CONFIG = "config"
+ARRAYS = "arrays"
+UPDATE = "update"
+METRICS = "metrics"
+SITE = "site"
+ENCODING = "encoding"
+
+# config entries, coordinator -> site
+EXPERIMENT = "experiment"
+PHASE = "phase"
+ROUND = "server-round"
+DOWN = "down"
+DOWN_METHOD = "down-method"
+DOWN_BASE = "down-base"
+
+# phases
+HELLO = "hello"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# metrics, site -> coordinator
+NUM_EXAMPLES = "num-examples"
+N_TASKS = "n-tasks"
+N_QUERY = "n-query"
+LOSS_BEFORE = "query-loss-before"
+LOSS_AFTER = "query-loss-after"
+N_TRAIN = "n-train"
+N_TEST = "n-test"
+
+# secure aggregation: the round config's bounding settings (coordinator -> site)
+SECAGG_L2_BOUND = "secagg-l2-bound"
+SECAGG_NOISE = "secagg-noise-multiplier"
+SECAGG_N_SITES = "secagg-n-sites"
