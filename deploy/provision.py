@@ -9,7 +9,7 @@ coordinator, then one bundle per hospital, then the registry. The output folder:
       coordinator/               ca.crt, server.crt, server.key (0600), coordinator.json (ports),
                                  authorized/<site>.pub
       sites/<site>/              the bundle shipped to a hospital: ca.crt, supernode.key (0600),
-                                 supernode.pub, site.yaml
+                                 supernode.pub, node.yaml
 
 A hospital's identity is its SuperNode key pair; the coordinator admits it by registering the
 public key with the SuperLink. Adding a hospital therefore needs neither the CA key nor any change

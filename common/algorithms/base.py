@@ -88,6 +88,26 @@ def add_into(total: Params | None, part: Params) -> Params:
     return dict(part) if total is None else {k: total[k] + part[k] for k in part}
 
 
+#: One meta-batch's meta-gradients: (∂L/∂θ, ∂L/∂extra (empty if none), sums and counts).
+MetaGradient = tuple[Params, Params, MetaStats]
+
+
+def averaged_meta_gradient(work: SiteWork, step: Callable[[TaskBatch], MetaGradient]) -> StepResult:
+    """Draw ``tasks.meta_batches`` meta-batches, take ``step`` on each and return the mean of
+    their meta-gradients (θ and extra state) with the summed statistics."""
+    grads: Params | None = None
+    extra: Params | None = None
+    total: MetaStats | None = None
+    n = work.cfg.tasks.meta_batches
+    for _ in range(n):
+        g, g_extra, stats = step(work.draw_tasks())
+        grads = add_into(grads, g)
+        extra = add_into(extra, g_extra)
+        total = stats if total is None else total + stats
+    assert grads is not None and extra is not None and total is not None
+    return StepResult(mean_of(grads, n), total, extra_update=mean_of(extra, n))
+
+
 def _no_extra(theta: NDArrays, cfg: ExperimentConfig) -> NDArrays:
     return {}
 

@@ -12,21 +12,23 @@ Communication").
 
 from __future__ import annotations
 
-from fedmeta.common.algorithms.base import Algorithm, SiteWork, StepResult, add_into, mean_of
+from fedmeta.common.algorithms.base import (
+    Algorithm,
+    MetaGradient,
+    SiteWork,
+    StepResult,
+    averaged_meta_gradient,
+)
 from fedmeta.common.meta.maml import maml_step
-from fedmeta.common.meta.types import MetaStats, Params
+from fedmeta.common.meta.types import TaskBatch
 
 
 def site_step(work: SiteWork) -> StepResult:
-    grads: Params | None = None
-    total: MetaStats | None = None
-    n = work.cfg.tasks.meta_batches
-    for _ in range(n):
-        g, stats = maml_step(work.model, work.theta, work.draw_tasks(), work.inner, impl=work.impl)
-        grads = add_into(grads, g)
-        total = stats if total is None else total + stats
-    assert grads is not None and total is not None
-    return StepResult(mean_of(grads, n), total)
+    def step(tasks: TaskBatch) -> MetaGradient:
+        g, stats = maml_step(work.model, work.theta, tasks, work.inner, impl=work.impl)
+        return g, {}, stats
+
+    return averaged_meta_gradient(work, step)
 
 
 ALGORITHM = Algorithm(

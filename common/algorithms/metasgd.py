@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmeta.common.algorithms.base import Algorithm, SiteWork, StepResult, add_into, mean_of
+from fedmeta.common.algorithms.base import (
+    Algorithm,
+    MetaGradient,
+    SiteWork,
+    StepResult,
+    averaged_meta_gradient,
+)
 from fedmeta.common.meta.metasgd import metasgd_step
-from fedmeta.common.meta.types import MetaStats, Params
+from fedmeta.common.meta.types import TaskBatch
 from fedmeta.common.params import NDArrays
 
 PREFIX = "lr::"
@@ -29,18 +35,11 @@ def initial_rates(theta: NDArrays, cfg: object) -> NDArrays:
 def site_step(work: SiteWork) -> StepResult:
     if not work.extra:
         raise ValueError("metasgd: the coordinator sent no learning rates (lr:: arrays)")
-    grads: Params | None = None
-    lr_grads: Params | None = None
-    total: MetaStats | None = None
-    n = work.cfg.tasks.meta_batches
-    for _ in range(n):
-        g, g_lr, stats = metasgd_step(work.model, work.theta, work.extra, work.draw_tasks(),
-                                      work.inner, impl=work.impl)
-        grads = add_into(grads, g)
-        lr_grads = add_into(lr_grads, g_lr)
-        total = stats if total is None else total + stats
-    assert grads is not None and lr_grads is not None and total is not None
-    return StepResult(mean_of(grads, n), total, extra_update=mean_of(lr_grads, n))
+
+    def step(tasks: TaskBatch) -> MetaGradient:
+        return metasgd_step(work.model, work.theta, work.extra, tasks, work.inner, impl=work.impl)
+
+    return averaged_meta_gradient(work, step)
 
 
 def rate_summary(extra: NDArrays) -> dict[str, object]:

@@ -9,10 +9,16 @@ new site needs no weight adaptation: its own few labelled examples give the prot
 
 from __future__ import annotations
 
-from fedmeta.common.algorithms.base import Algorithm, SiteWork, StepResult, add_into, mean_of
+from fedmeta.common.algorithms.base import (
+    Algorithm,
+    MetaGradient,
+    SiteWork,
+    StepResult,
+    averaged_meta_gradient,
+)
 from fedmeta.common.errors import DataError
 from fedmeta.common.meta.protonet import protonet_step
-from fedmeta.common.meta.types import MetaStats, Params
+from fedmeta.common.meta.types import TaskBatch
 
 
 def site_step(work: SiteWork) -> StepResult:
@@ -22,16 +28,12 @@ def site_step(work: SiteWork) -> StepResult:
             f"site {work.site}: ProtoNet episodes need both classes, but the training split has "
             f"no patient with outcome {work.outcome} = {missing[0]}; this site can only be scored"
         )
-    grads: Params | None = None
-    total: MetaStats | None = None
-    n = work.cfg.tasks.meta_batches
-    for _ in range(n):
-        g, stats = protonet_step(work.model, work.theta, work.draw_tasks(), n_way=work.n_way,
-                                 impl=work.impl)
-        grads = add_into(grads, g)
-        total = stats if total is None else total + stats
-    assert grads is not None and total is not None
-    return StepResult(mean_of(grads, n), total)
+
+    def step(tasks: TaskBatch) -> MetaGradient:
+        g, stats = protonet_step(work.model, work.theta, tasks, n_way=work.n_way, impl=work.impl)
+        return g, {}, stats
+
+    return averaged_meta_gradient(work, step)
 
 
 ALGORITHM = Algorithm(

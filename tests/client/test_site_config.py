@@ -175,3 +175,19 @@ def test_image_site_summary(tmp_path) -> None:
         DataError, match=r"an episode needs 2 shots \+ 3 queries = 5 training images per class"
     ):
         check_site(path, tasks=TaskConfig(ways=3, support=2, query=3))
+
+
+def test_each_site_file_loader_names_the_other_file(tmp_path) -> None:
+    from fedmeta.deploy.node import load_node_config
+
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "key").write_text("x")
+    node = tmp_path / "node.yaml"
+    node.write_text(yaml.safe_dump({"site": "a", "superlink": "h:9092", "root_certificates": "ca.crt",
+                                    "auth_private_key": "key"}))
+    with pytest.raises(ConfigError, match=r"node\.yaml: this is a site's node file .* not a data description"):
+        load_site_config(node)
+    data = _site(tmp_path, EHR)
+    with pytest.raises(ConfigError, match=r"site\.yaml: this is a site data description \(kind: ehr\), "
+                                          r"not a node file"):
+        load_node_config(data)

@@ -233,3 +233,21 @@ def test_eval_every_records_interim_evaluations(tmp_path, local_run):
     theta, _ = P.load(tmp_path / "run" / "final.safetensors")
     full = sum(len(_npy(v)) for v in theta.values())
     assert summary["comm"]["bytes_down"] == (4 + 1 + 1) * 4 * full  # 4 rounds + interim + final eval
+
+
+def test_a_reply_claiming_more_examples_than_its_round_can_use_is_rejected(tmp_path, local_run):
+    from flwr.app import MetricRecord
+
+    def inflate(reply):
+        if reply.has_content() and "update" in reply.content.array_records:
+            m = dict(reply.content["metrics"])
+            m["num-examples"] = int(m["num-examples"]) * 1000  # "weigh me more than all others"
+            reply.content["metrics"] = MetricRecord(m)
+        return reply
+
+    summary, _ = local_run(tmp_path, grid_hook=lambda grid: grid.tamper(1001, inflate))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    for line in lines:
+        # tasks.meta_batch = 4 tasks of 10 + 10 patients: 80 examples a round at most.
+        assert "more than the 80 its reptile round can use" in line["rejected"]["Hungary"]
+        assert line["num_examples"] == 3 * 80
