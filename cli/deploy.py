@@ -1,14 +1,20 @@
 """Deployment commands: ``fedmeta provision``, ``coordinator``, ``site``, ``run``, ``deploy local``.
 
 * ``fedmeta provision --consortium consortium.yaml --out DIR`` creates the CA, the coordinator's
-  certificate and one bundle per hospital; ``--add-site NAME`` issues one more bundle later and
-  ``--revoke NAME`` withdraws one, without touching the others.
+  certificate and one bundle per hospital, every private key encrypted with the passphrase;
+  ``--add-site NAME`` issues one more bundle later (``--public-key`` when the hospital made its
+  own key pair) and ``--revoke NAME`` withdraws one, without touching the others.
 * ``fedmeta coordinator start --deployment DIR --state STATE`` runs the SuperLink (TLS, node
-  authentication, state database) in the foreground and registers the active sites' keys;
-  ``fedmeta coordinator revoke`` unregisters a site from the running SuperLink.
-* ``fedmeta site start --node node.yaml`` runs a hospital's SuperNode in the foreground.
-* ``fedmeta run --config exp.yaml --state STATE`` submits the experiment and streams its logs.
+  authentication, state database) in the foreground and reconciles its registrations with the
+  consortium registry; ``fedmeta coordinator revoke`` unregisters a site from the running one.
+* ``fedmeta site start --node node.yaml`` runs a hospital's node and worker in the foreground;
+  ``site keygen`` makes a hospital's own key pair; ``site pin`` pins the installed code.
+* ``fedmeta run --config exp.yaml --state STATE`` validates the experiment, submits it, shows its
+  progress and copies its outputs to ``--out``.
 * ``fedmeta deploy local --sites 3 --rounds 2 --out DIR`` does all of it on 127.0.0.1.
+
+Every command checks its inputs before it starts or submits anything, and imports Flower, torch
+and the rest only when it runs.
 """
 
 from __future__ import annotations
@@ -20,8 +26,35 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from fedmeta.common.errors import ProvisionError
+from fedmeta.common.errors import ConfigError, ProvisionError
+
+if TYPE_CHECKING:
+    from fedmeta.deploy.secrets import Passphrase
+
+
+def _passphrase_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("private keys (encrypted at rest)")
+    g.add_argument("--passphrase-file", type=Path, default=None,
+                   help="file whose first line is the key passphrase (mode 0600)")
+    g.add_argument("--passphrase-env", default=None, metavar="NAME",
+                   help="environment variable holding the passphrase (default FEDMETA_KEY_PASSPHRASE)")
+    g.add_argument("--plaintext-keys", action="store_true",
+                   help="write/read private keys unencrypted (test machines only)")
+
+
+def _passphrase(args: argparse.Namespace) -> Passphrase:
+    from fedmeta.deploy.secrets import Passphrase
+
+    return Passphrase.from_options(file=args.passphrase_file, env=args.passphrase_env,
+                                   plaintext=args.plaintext_keys)
+
+
+def _set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override experiment settings; values are YAML, e.g. "
+                        "--set rounds=5 'data.holdout=[\"VA Long Beach\"]'")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,19 +63,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--consortium", type=Path, help="consortium.yaml (needed to create or add)")
     p.add_argument("--out", type=Path, required=True, help="provisioning folder")
     p.add_argument("--add-site", metavar="NAME", help="issue the bundle of one new site")
+    p.add_argument("--public-key", type=Path, default=None,
+                   help="with --add-site: the hospital's own supernode.pub (its private key stays there)")
     p.add_argument("--revoke", metavar="NAME", help="revoke one site's key")
     p.add_argument("--reason", default="revoked by operator", help="why (kept in the registry)")
+    _passphrase_args(p)
     p.set_defaults(func=_provision)
 
     co = sub.add_parser("coordinator", help="run the coordinator (Flower SuperLink)")
     co_sub = co.add_subparsers(dest="coordinator_command", required=True, metavar="ACTION")
-    s = co_sub.add_parser("start", help="start the SuperLink and register the sites")
+    s = co_sub.add_parser("start", help="start the SuperLink and reconcile the registered sites")
     _coordinator_args(s)
     s.add_argument("--fleet-address", default=None,
-                   help="bind address of the gRPC Fleet API (default 0.0.0.0:<fleet_port>)")
+                   help="bind address of the gRPC Fleet API (default <coordinator host>:<fleet_port> "
+                        "from provisioning; 0.0.0.0:PORT binds every interface)")
     s.add_argument("--control-host", default="127.0.0.1",
-                   help="bind host of the HTTPS Control API (default 127.0.0.1: operators only)")
+                   help="bind host of the HTTPS Control API (default 127.0.0.1: this host only)")
     s.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
+    _passphrase_args(s)
     s.set_defaults(func=_coordinator_start)
     r = co_sub.add_parser("revoke", help="revoke a site and unregister it from the SuperLink")
     _coordinator_args(r)
@@ -53,39 +91,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     _coordinator_args(n)
     n.set_defaults(func=_coordinator_nodes)
 
-    st = sub.add_parser("site", help="run a hospital's SuperNode")
+    st = sub.add_parser("site", help="a hospital's node: start it, make its key, pin its code")
     st_sub = st.add_subparsers(dest="site_command", required=True, metavar="ACTION")
-    ss = st_sub.add_parser("start", help="start the SuperNode of a site bundle's node.yaml")
+    ss = st_sub.add_parser("start", help="start the node and worker of a bundle's node.yaml")
     ss.add_argument("--node", type=Path, required=True, help="node.yaml from the site bundle")
     ss.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
-    ss.add_argument("--run-dir", type=Path, default=None,
-                    help="where process logs and pids.json go (default: beside node.yaml)")
     ss.set_defaults(func=_site_start)
+    kg = st_sub.add_parser("keygen", help="make this hospital's own key pair (send only the .pub)")
+    kg.add_argument("--out", type=Path, required=True, help="folder for supernode.key and supernode.pub")
+    kg.add_argument("--name", default="site", help="a comment naming the key")
+    _passphrase_args(kg)
+    kg.set_defaults(func=_site_keygen)
+    pn = st_sub.add_parser("pin", help="record the installed fedmeta code's hash in node.yaml")
+    pn.add_argument("--node", type=Path, required=True, help="node.yaml to update")
+    pn.set_defaults(func=_site_pin)
 
     rn = sub.add_parser("run", help="submit an experiment to the running coordinator")
     _coordinator_args(rn)
-    rn.add_argument("--config", type=Path, default=None, help="experiment YAML")
-    rn.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    rn.add_argument("--out", type=Path, default=Path("runs/deploy"),
-                    help="folder the coordinator writes summary.json into")
-    rn.add_argument("--app", type=Path, default=None, help="fedmeta source folder (Flower app)")
-    rn.add_argument("--no-stream", action="store_true", help="do not stream the run's logs")
+    rn.add_argument("--config", type=Path, default=None,
+                    help="experiment YAML, or a bundled experiment's name (e.g. heart-maml)")
+    _set_arg(rn)
+    rn.add_argument("--name", default=None, help="run folder name under STATE/runs (default <algorithm>-<time>)")
+    rn.add_argument("--resume", default=None, metavar="NAME",
+                    help="continue the stopped run NAME from its checkpoint (--set rounds=N extends it)")
+    rn.add_argument("--out", type=Path, default=None, help="also copy the run's outputs here")
+    rn.add_argument("--no-stream", action="store_true", help="do not show the run's progress")
     rn.add_argument("--secagg", action="store_true",
                     help="Reptile with SecAgg+ secure aggregation (server sees only the mean delta)")
-    rn.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    rn.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds to wait; the run is stopped after that")
     rn.set_defaults(func=_run)
 
     dp = sub.add_parser("deploy", help="whole deployments")
     dp_sub = dp.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
-    lo = dp_sub.add_parser("local", help="provision + SuperLink + SuperNodes on 127.0.0.1 + run")
+    lo = dp_sub.add_parser("local", help="provision + SuperLink + sites on 127.0.0.1 + run")
     lo.add_argument("--sites", type=int, default=3)
     lo.add_argument("--rounds", type=int, default=2)
     lo.add_argument("--out", type=Path, required=True)
-    lo.add_argument("--config", type=Path, default=None, help="experiment YAML")
-    lo.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    lo.add_argument("--config", type=Path, default=None, help="experiment YAML or bundled name")
+    _set_arg(lo)
     lo.add_argument("--insecure", action="store_true", help="no TLS (prints a warning)")
     lo.add_argument("--timeout", type=float, default=900.0)
     lo.add_argument("--secagg", action="store_true", help="secure aggregation (SecAgg+)")
+    lo.add_argument("--no-stream", action="store_true", help="do not show the run's progress")
     lo.set_defaults(func=_deploy_local)
 
 
@@ -93,7 +141,7 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deployment", type=Path, required=True,
                    help="provisioning folder (from `fedmeta provision`)")
     p.add_argument("--state", type=Path, required=True,
-                   help="coordinator state folder (database, audit log, logs)")
+                   help="coordinator state folder (database, audit log, runs, logs)")
 
 
 def _warn_insecure() -> None:
@@ -107,19 +155,24 @@ def _provision(args: argparse.Namespace) -> int:
 
     if args.revoke:
         rec = revoke_site(args.out, args.revoke, reason=args.reason)
-        print(f"revoked {rec.name} (key {rec.fingerprint}); run `fedmeta coordinator revoke` "
-              "to unregister it from a running coordinator")
+        print(f"revoked {rec.name} (key {rec.fingerprint}); a coordinator started from now on "
+              "unregisters it; `fedmeta coordinator revoke` tells a running one")
         return 0
     if args.consortium is None:
         raise ProvisionError("--consortium FILE is required to provision or to --add-site")
     consortium = load_consortium(args.consortium)
+    passphrase = _passphrase(args)
     if args.add_site:
-        bundle = add_site(consortium, args.out, args.add_site)
+        bundle = add_site(consortium, args.out, args.add_site, passphrase=passphrase,
+                          public_key=args.public_key)
         print(f"issued bundle for {args.add_site}: {bundle}")
         return 0
-    registry = provision(consortium, args.out)
+    if args.public_key is not None:
+        raise ProvisionError("--public-key goes with --add-site NAME")
+    registry = provision(consortium, args.out, passphrase=passphrase)
     print(f"provisioned {consortium.name}: CA and coordinator certificate in {args.out}, "
-          f"{len(registry.sites)} site bundles in {args.out / 'sites'}")
+          f"{len(registry.sites)} site bundles in {args.out / 'sites'} "
+          f"({passphrase.describe()})")
     return 0
 
 
@@ -131,26 +184,6 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signum)
 
 
-def _foreground(procs: object, names: list[str]) -> int:
-    """Block until one of ``names`` exits or SIGTERM/SIGINT arrives; the caller stops all."""
-    from fedmeta.deploy.processes import Processes
-
-    assert isinstance(procs, Processes)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        while True:
-            for name in names:
-                m = procs.procs[name]
-                if not m.alive():
-                    print(f"{name} exited with code {m.popen.returncode}; see {m.log_path}",
-                          file=sys.stderr)
-                    return 1
-            procs.refresh_children()
-            time.sleep(1.0)
-    except (_Stop, KeyboardInterrupt):
-        return 0
-
-
 def _coordinator_settings(deployment: Path) -> dict[str, object]:
     path = deployment / "coordinator" / "coordinator.json"
     try:
@@ -160,31 +193,39 @@ def _coordinator_settings(deployment: Path) -> dict[str, object]:
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.local import start_coordinator
+    from fedmeta.deploy.coordinator import start_coordinator
     from fedmeta.deploy.processes import Processes
+    from fedmeta.deploy.secrets import Passphrase
 
     if args.insecure:
         _warn_insecure()
     settings = _coordinator_settings(args.deployment)
-    fleet = args.fleet_address or f"0.0.0.0:{settings['fleet_port']}"
+    fleet = args.fleet_address or f"{settings['host']}:{settings['fleet_port']}"
+    passphrase = Passphrase(none=True) if args.insecure else _passphrase(args)
     with Processes(args.state / "run") as procs:
         handle = start_coordinator(
-            procs,
-            deployment=args.deployment,
-            state=args.state,
-            fleet_address=fleet,
-            control_host=args.control_host,
-            control_port=int(str(settings["control_port"])),
-            insecure=args.insecure,
+            procs, deployment=args.deployment, state=args.state, passphrase=passphrase,
+            fleet_address=fleet, control_host=args.control_host,
+            control_port=int(str(settings["control_port"])), insecure=args.insecure,
         )
         print(f"coordinator up: Fleet API (gRPC, TLS) {handle.fleet_address}, "
-              f"Control API {handle.control_address}, {len(handle.node_ids)} sites registered; "
-              "Ctrl-C to stop")
-        return _foreground(procs, ["superlink"])
+              f"Control API {handle.control_address}, {len(handle.node_ids)} sites registered "
+              f"({', '.join(sorted(handle.node_ids))}); runs in {handle.layout.runs}; Ctrl-C to stop")
+        signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            while handle.process.alive():
+                procs.refresh_children()
+                time.sleep(1.0)
+            print(f"superlink exited with code {handle.process.popen.returncode}; see "
+                  f"{handle.process.log_path}", file=sys.stderr)
+            return 1
+        except (_Stop, KeyboardInterrupt):
+            return 0
 
 
 def _coordinator_env(args: argparse.Namespace) -> dict[str, str]:
-    from fedmeta.deploy.launch import CoordinatorLayout, base_env
+    from fedmeta.deploy.coordinator import coordinator_env
+    from fedmeta.deploy.launch import CoordinatorLayout
 
     layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
     if not (layout.flwr_home / "config.toml").is_file():
@@ -192,11 +233,12 @@ def _coordinator_env(args: argparse.Namespace) -> dict[str, str]:
             f"{layout.flwr_home / 'config.toml'}: missing; is `fedmeta coordinator start "
             f"--state {args.state}` running?"
         )
-    return base_env(layout.flwr_home)
+    return coordinator_env(layout)
 
 
 def _coordinator_revoke(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.launch import CoordinatorLayout, load_node_ids, unregister_site
+    from fedmeta.deploy.coordinator import load_node_ids, unregister_site
+    from fedmeta.deploy.launch import CoordinatorLayout
     from fedmeta.deploy.provision import Registry, revoke_site
     from fedmeta.server.audit import open_log
 
@@ -207,9 +249,13 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
     if record.status == "active":
         revoke_site(args.deployment, args.site, reason=args.reason)
     if args.site in load_node_ids(layout):
-        node_id = unregister_site(layout, _coordinator_env(args), args.site)
+        from fedmeta.deploy.control import Control
+
+        _coordinator_env(args)
+        with Control(layout.flwr_home) as control:
+            node_id = unregister_site(layout, control, args.site)
         open_log(layout.audit).record("node_unregistered", site=args.site, node_id=node_id,
-                                      reason=args.reason)
+                                      reason=args.reason, fingerprint=record.fingerprint)
         print(f"unregistered {args.site} (node {node_id})")
     else:
         print(f"{args.site} was not registered with this coordinator; marked revoked")
@@ -217,65 +263,119 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
 
 
 def _coordinator_nodes(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.launch import list_nodes
+    from fedmeta.deploy.control import Control
+    from fedmeta.deploy.keys import fingerprint_of_bytes
+    from fedmeta.deploy.launch import CoordinatorLayout
 
-    for node in list_nodes(_coordinator_env(args)):
-        print(json.dumps(node))
+    _coordinator_env(args)
+    with Control(CoordinatorLayout(args.deployment, args.state).flwr_home) as control:
+        for node in control.nodes():
+            print(json.dumps({"node-id": node.node_id, "status": node.status, "name": node.name,
+                              "fingerprint": fingerprint_of_bytes(node.public_key)}))
     return 0
 
 
 def _site_start(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.local import start_site
     from fedmeta.deploy.node import load_node_config
-    from fedmeta.deploy.processes import Processes
+    from fedmeta.deploy.site import run_site, umask_owner_only
 
+    umask_owner_only()
     if args.insecure:
         _warn_insecure()
-    site = load_node_config(args.node)
-    with Processes(args.run_dir or args.node.parent / "run") as procs:
-        m = start_site(procs, site, insecure=args.insecure)
-        print(f"site {site.site}: SuperNode (pid {m.pid}) dialing {site.superlink} over gRPC+TLS; "
-              f"log {m.log_path}; Ctrl-C to stop")
-        return _foreground(procs, [m.name])
+    node = load_node_config(args.node)
+    return run_site(node, insecure=args.insecure, say=lambda text: print(text, flush=True))
+
+
+def _site_keygen(args: argparse.Namespace) -> int:
+    from fedmeta.deploy.keys import make_site_keys
+    from fedmeta.deploy.secrets import secure_folder
+
+    passphrase = _passphrase(args)
+    folder = secure_folder(args.out)
+    keys = make_site_keys(folder, comment=f"fedmeta-{args.name}",
+                          passphrase=passphrase.read())
+    print(f"wrote {keys.private} (keep it here) and {keys.public} (send it to the consortium "
+          f"operator for `fedmeta provision --add-site NAME --public-key`); fingerprint {keys.fingerprint}")
+    return 0
+
+
+def _site_pin(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedmeta.deploy.node import load_node_config
+    from fedmeta.protocol.app import code_digest, installed_version
+
+    load_node_config(args.node)  # the file must be valid before it is changed
+    doc = yaml.safe_load(args.node.read_text(encoding="utf-8"))
+    digest = code_digest()
+    doc["app"] = {"version": installed_version(), "code_sha256": digest}
+    args.node.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    print(f"{args.node}: pinned fedmeta {installed_version()}, code {digest}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.launch import project_root, stream_logs, submit_run, wait_run
+    from fedmeta.cli.simulate import resolve_config
+    from fedmeta.common.config import load_config
+    from fedmeta.common.data.registry import data_spec
+    from fedmeta.deploy.control import Control
+    from fedmeta.deploy.launch import CoordinatorLayout, follow_run, submit_run
+    from fedmeta.server.app import check_run_name
+    from fedmeta.server.runfolder import load_run_config
+
+    layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
+    _coordinator_env(args)  # the coordinator must be running
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run's saved config; pass changes with --set")
+        name = check_run_name(args.resume)
+        folder = layout.runs / name
+        cfg = load_run_config(folder, args.overrides)
+        if not (folder / "checkpoint.safetensors").is_file():
+            raise ConfigError(f"{folder}: no checkpoint to resume from")
+    else:
+        cfg = load_config(resolve_config(args.config), args.overrides, allow_empty=False)
+        name = check_run_name(args.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (layout.runs / name).exists():
+            raise ConfigError(f"{layout.runs / name}: a run of that name exists; --resume {name} "
+                              "continues it, --name picks another")
+    data_spec(cfg.data)  # every file the experiment names must be there before submitting
+    if args.secagg and cfg.algorithm != "reptile":
+        raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}")
     from fedmeta.server.audit import open_log
 
-    env = _coordinator_env(args)
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        "config": str(args.config.resolve()) if args.config else "",
-        "overrides": " ".join(args.override),
-        "out": str(out),
-    }
-    run_id = submit_run(env, app=args.app or project_root(), run_config=run_config,
-                        secagg=args.secagg)
-    open_log(args.state / "audit.jsonl").record("run_submitted", run_id=run_id, sites=[])
-    print(f"submitted run {run_id}; results in {out}")
-    if not args.no_stream:
-        stream_logs(env, run_id)
-    status = wait_run(env, run_id, timeout=args.timeout)
+    with Control(layout.flwr_home) as control:
+        run_id = submit_run(control, layout.flwr_home,
+                            run_config={"experiment": cfg.to_json(), "run-name": name,
+                                        "resume": bool(args.resume)},
+                            secure_aggregation=args.secagg)
+        open_log(layout.audit).record("run_submitted", run_id=run_id, sites=[])
+        print(f"submitted run {run_id} ({cfg.algorithm}, {cfg.rounds} rounds); run folder "
+              f"{layout.runs / name}", flush=True)
+        status = follow_run(control, run_id, timeout=args.timeout, stream=not args.no_stream,
+                            write=lambda text: print(text, flush=True))
     print(f"run {run_id}: {status}")
+    if args.out is not None and (layout.runs / name).is_dir():
+        import shutil
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        for f in (layout.runs / name).iterdir():
+            if f.is_file():
+                shutil.copy2(f, args.out / f.name)
+        print(f"outputs copied to {args.out}")
     return 0 if status == "finished:completed" else 1
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
+    from fedmeta.cli.simulate import resolve_config
     from fedmeta.deploy.local import deploy_local
 
     if args.insecure:
         _warn_insecure()
     res = deploy_local(
-        sites=args.sites,
-        rounds=args.rounds,
-        out=args.out,
-        config=args.config,
-        overrides=args.override,
-        insecure=args.insecure,
-        run_timeout=args.timeout,
-        secagg=args.secagg,
+        sites=args.sites, rounds=args.rounds, out=args.out, config=resolve_config(args.config),
+        overrides=args.overrides, insecure=args.insecure, run_timeout=args.timeout,
+        secagg=args.secagg, stream=not args.no_stream,
     )
     print(f"run {res.run_id} {res.status}: provision {res.provision_s:.1f} s, start "
           f"{res.startup_s:.1f} s, run {res.run_s:.1f} s, total {res.total_s:.1f} s; "

@@ -25,6 +25,7 @@ from fedmeta.protocol import keys as K
 from fedmeta.protocol.records import MetricValues, arrays_from_record, count_in
 from fedmeta.sitecore.data import site_for_node
 from fedmeta.sitecore.evaluate import evaluate_site
+from fedmeta.sitecore.layout import compare_layout
 from fedmeta.sitecore.train import train_update
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,18 @@ def site_of(context: Context, cfg: ExperimentConfig) -> Site:
 
 
 def hello(msg: Message, context: Context) -> Message:
-    """Handshake: the site's name and split sizes (counts only)."""
+    """Greeting: the site's name, split sizes (counts only) and how its data compares with the
+    coordinator's layout (the coordinator's own feature names; the site's others only counted)."""
     cfg = experiment_of(msg)
     site = site_of(context, cfg)
+    config = msg.content[K.CONFIG]
+    expected = json.loads(str(config[K.LAYOUT])) if K.LAYOUT in config else {}
+    check = compare_layout(expected, site)
     content = RecordDict({
         K.SITE: ConfigRecord({"name": site.name}),
-        K.METRICS: MetricRecord({K.N_TRAIN: site.n_train, K.N_TEST: site.n_test}),
+        K.METRICS: MetricRecord({K.N_TRAIN: site.n_train, K.N_TEST: site.n_test,
+                                 K.LAYOUT_OK: int(check.ok), K.LAYOUT_EXTRA: check.extra}),
+        K.LAYOUT: ConfigRecord({"describe": check.describe()[:500]}),
     })
     return Message(content=content, reply_to=msg)
 

@@ -10,12 +10,13 @@ See :mod:`fedmeta.server.secagg` for what the protocol protects and what it rule
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
@@ -49,6 +50,7 @@ def make_secagg_client_app(
     noise_multiplier: float = 0.0,
     n_sites: int = 1,
     seed: int | None = None,
+    mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """A ClientApp answering SecAgg+ train rounds with ``local_delta``'s (bounded) delta.
 
@@ -58,7 +60,7 @@ def make_secagg_client_app(
     silently clipped coordinate-wise by the quantiser). ``seed`` (tests only) makes the noise
     reproducible; otherwise it comes from :mod:`secrets`.
     """
-    app = ClientApp(mods=[secaggplus_mod])
+    app = ClientApp(mods=[*mods, secaggplus_mod])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -9,10 +9,12 @@ plain ClientApp (:func:`fedmeta.sitecore.train.train_update`) and hands it to ``
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedmeta.client.app import site_of
 from fedmeta.client.secagg import make_secagg_client_app
@@ -40,4 +42,9 @@ def reptile_delta(
     return [np.asarray(update.arrays[n], dtype=np.float64) for n in names], update.num_examples
 
 
-app = make_secagg_client_app(reptile_delta)
+def make_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """The SecAgg+ ClientApp; ``mods`` run before the protocol's own (e.g. the site's policy)."""
+    return make_secagg_client_app(reptile_delta, mods=mods)
+
+
+app = make_app()

@@ -85,6 +85,11 @@ class DataConfig(YamlModel):
     synth_seed: NonNegative = 0
     #: images: this many classes (chosen with split_seed) are novel, kept out of meta-training.
     novel_classes: NonNegative = 0
+    #: ehr in a deployment: the consortium's shared feature schema (a file on the coordinator)
+    #: and the outcomes every site labels; the layout every site's own data must encode to.
+    feature_schema: Str = ""
+    outcomes: Names = ()
+    missing_indicators: Bool = True
 
     @model_validator(mode="after")
     def _holdout_not_trained(self) -> DataConfig:

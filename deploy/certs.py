@@ -3,7 +3,8 @@
 Every certificate uses NIST P-384 keys and SHA-384 signatures. Serial numbers come from
 :func:`cryptography.x509.random_serial_number` (the operating system's CSPRNG, as ``secrets``),
 validity windows are time-zone-aware UTC datetimes, and private keys are written with mode 0o600
-before any byte of key material reaches the disk.
+before any byte of key material reaches the disk, encrypted with the operator's passphrase
+(:mod:`fedmeta.deploy.secrets`) unless plaintext keys were asked for.
 
 The CA carries a critical ``BasicConstraints(ca=True, path_length=0)`` and a critical ``KeyUsage``
 allowing only certificate and CRL signing; the server certificate is a leaf
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmeta.common.errors import ProvisionError
+from fedmeta.deploy.secrets import Passphrase, load_private_key, private_pem
 
 logger = logging.getLogger(__name__)
 
@@ -182,31 +184,20 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """PKCS#8 PEM, unencrypted: the file mode and the host protect it (Flower reads it as is)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def write_issued(issued: Issued, cert_path: Path, key_path: Path) -> None:
-    """Write a certificate (0o644) and its private key (0o600)."""
-    write_private_bytes(key_path, key_pem(issued.key))
+def write_issued(issued: Issued, cert_path: Path, key_path: Path, *, passphrase: bytes | None) -> None:
+    """Write a certificate (0o644) and its private key (0o600, encrypted with ``passphrase``
+    unless it is None)."""
+    write_private_bytes(key_path, private_pem(issued.key, passphrase))
     write_public_bytes(cert_path, cert_pem(issued.cert))
 
 
-def load_issued(cert_path: Path, key_path: Path) -> Issued:
+def load_issued(cert_path: Path, key_path: Path, passphrase: Passphrase) -> Issued:
     """Read back a certificate and key written by :func:`write_issued`."""
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError) as e:
-        raise ProvisionError(f"cannot load {cert_path} / {key_path}: {e}") from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ProvisionError(f"{key_path}: expected an EC private key, got {type(key).__name__}")
-    return Issued(cert=cert, key=key)
+        raise ProvisionError(f"cannot load {cert_path}: {e}") from e
+    return Issued(cert=cert, key=load_private_key(key_path, passphrase))
 
 
 def verify_chain(leaf: x509.Certificate, ca: x509.Certificate, *, hostname: str) -> None:

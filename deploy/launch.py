@@ -1,18 +1,18 @@
-"""Build and run Flower's own deployment commands for a provisioned consortium (Flower 1.39).
+"""Flower's deployment commands for a provisioned consortium (Flower 1.39), built and run by
+fedmeta.
 
 * Coordinator: ``flower-superlink`` with TLS on every API (``--ssl-ca-certfile/--ssl-certfile/
-  --ssl-keyfile``), ``--enable-supernode-auth`` (only registered SuperNode keys are admitted), a
-  SQLite state database (``--database``), the gRPC request-response Fleet API
-  (``--fleet-api-type grpc-rere``) for the hospitals and the HTTPS Control API for ``flwr``.
-* Hospital: ``flower-supernode --grpc-rere`` with the consortium CA (``--root-certificates``), its
-  key (``--auth-supernode-private-key``), its ``--node-config`` and its own local ``--port`` for
-  the ClientApp runtime API.
-* Operator: ``flwr supernode register|unregister`` and ``flwr run`` against a private
-  ``FLWR_HOME`` whose ``config.toml`` names the SuperLink's Control API and the CA.
+  --ssl-keyfile``, the key decrypted into memory), ``--enable-supernode-auth`` (only registered
+  SuperNode keys are admitted), a SQLite state database, the gRPC request-response Fleet API for
+  the hospitals and the HTTPS Control API for ``flwr`` (loopback by default).
+* Operator: ``flwr supernode register|unregister|list`` and ``flwr run|log|list|stop`` against a
+  private ``FLWR_HOME`` whose ``config.toml`` names the SuperLink's Control API and the CA.
+* Runs are submitted as a bundle holding only a generated ``pyproject.toml``
+  (:func:`fedmeta.protocol.app.render_pyproject`): no code and no source folder is needed, and
+  nothing is installed at run time.
 
 TLS is on unless ``insecure=True``, which logs a warning (and cannot be combined with node
-authentication: Flower refuses). Runtime dependency installation (``uv sync``) is always
-disabled: sites and coordinator run the installed ``fedmeta``.
+authentication: Flower refuses).
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedmeta.common.errors import ProvisionError
-from fedmeta.deploy.node import NodeConfig
-from fedmeta.deploy.provision import Registry
+from fedmeta.deploy.control import Control
+from fedmeta.protocol.app import installed_version, render_pyproject
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ INSECURE_WARNING = (
 FLEET_GRPC_LOG = re.compile(r"Starting Fleet API \(gRPC-rere\) on (\S+)")
 
 
-def _bin(name: str) -> str:
+def bin_path(name: str) -> str:
     """The Flower executable next to the running interpreter (the same venv), else on PATH."""
     candidate = Path(sys.executable).parent / name
     if candidate.exists():
@@ -57,10 +59,10 @@ def _bin(name: str) -> str:
 
 @dataclass(frozen=True)
 class CoordinatorLayout:
-    """Files the coordinator reads (from provisioning) and writes (its state folder)."""
+    """Files the coordinator reads (from provisioning) and writes (its state folder, 0700)."""
 
     deployment: Path  # the provisioning output (registry.json, coordinator/)
-    state: Path  # SuperLink database, FLWR_HOME, node ids, audit log, process logs
+    state: Path  # SuperLink database, FLWR_HOME, node ids, audit log, runs, process logs
 
     @property
     def ca(self) -> Path:
@@ -73,6 +75,10 @@ class CoordinatorLayout:
     @property
     def key(self) -> Path:
         return self.deployment / "coordinator" / "server.key"
+
+    @property
+    def registry(self) -> Path:
+        return self.deployment / "registry.json"
 
     @property
     def database(self) -> Path:
@@ -90,31 +96,38 @@ class CoordinatorLayout:
     def audit(self) -> Path:
         return self.state / "audit.jsonl"
 
+    @property
+    def runs(self) -> Path:
+        return self.state / "runs"
+
 
 def base_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process: private FLWR_HOME, no runtime ``uv sync``."""
     env = dict(os.environ)
-    # Flower's processes start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by
-    # name: put this interpreter's bin folder first on PATH so they come from the same venv, also
-    # when the venv was never activated (e.g. `.venv/bin/python -m pytest` in CI).
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp) by name: put this
+    # interpreter's bin folder first on PATH so they come from the same venv, also when the venv
+    # was never activated (e.g. `.venv/bin/python -m pytest` in CI).
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([venv_bin, *(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
 def superlink_argv(
     layout: CoordinatorLayout,
     *,
+    key_path: str | None,
     fleet_address: str,
     control_host: str,
     control_port: int,
     insecure: bool = False,
 ) -> list[str]:
-    """``flower-superlink`` command line for the coordinator."""
-    argv = [_bin("flower-superlink")]
+    """``flower-superlink`` command line for the coordinator (``key_path``: the decrypted key)."""
+    argv = [bin_path("flower-superlink")]
     if insecure:
         logger.warning(INSECURE_WARNING)
         argv += ["--insecure"]
@@ -122,10 +135,11 @@ def superlink_argv(
         for p in (layout.ca, layout.cert, layout.key):
             if not p.is_file():
                 raise ProvisionError(f"{p}: missing; run `fedmeta provision` first")
+        assert key_path is not None
         argv += [
             "--ssl-ca-certfile", str(layout.ca),
             "--ssl-certfile", str(layout.cert),
-            "--ssl-keyfile", str(layout.key),
+            "--ssl-keyfile", key_path,
             "--enable-supernode-auth",
         ]
     argv += [
@@ -136,40 +150,6 @@ def superlink_argv(
         "--port", str(control_port),
         "--disable-runtime-dependency-installation",
     ]
-    return argv
-
-
-def supernode_argv(
-    site: NodeConfig,
-    *,
-    insecure: bool = False,
-    superlink: str | None = None,
-    runtime_port: int | None = None,
-    max_retries: int | None = None,
-    max_wait_time: float | None = None,
-    use_ca: bool = True,
-) -> list[str]:
-    """``flower-supernode`` command line for one hospital (gRPC-rere Fleet API).
-
-    ``use_ca=False`` omits the consortium CA (the SuperNode then trusts only the system store):
-    used by the test showing that a hospital without the CA cannot connect.
-    """
-    argv = [_bin("flower-supernode"), "--grpc-rere", "--superlink", superlink or site.superlink]
-    if insecure:
-        logger.warning(INSECURE_WARNING)
-        argv += ["--insecure"]
-    else:
-        if use_ca:
-            argv += ["--root-certificates", str(site.root_certificates)]
-        argv += ["--auth-supernode-private-key", str(site.auth_private_key)]
-    node_config = site.node_config_arg()
-    if node_config:
-        argv += ["--node-config", node_config]
-    argv += ["--port", str(runtime_port or site.runtime_port)]
-    if max_retries is not None:
-        argv += ["--max-retries", str(max_retries)]
-    if max_wait_time is not None:
-        argv += ["--max-wait-time", str(max_wait_time)]
     return argv
 
 
@@ -234,22 +214,22 @@ def superlink_uses_grpc_fleet(log_path: Path) -> str | None:
     return m.group(1) if m else None
 
 
-def _flwr(args: list[str], env: Mapping[str, str], *, timeout: float = 60.0) -> dict[str, object]:
+def flwr(args: list[str], env: Mapping[str, str], *, timeout: float = 60.0) -> dict[str, object]:
     """Run ``flwr ARGS --format json`` and return its JSON document."""
-    argv = [_bin("flwr"), *args, "--format", "json"]
+    argv = [bin_path("flwr"), *args, "--format", "json"]
     try:
         res = subprocess.run(  # noqa: S603 - fixed argv
             argv, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as e:
-        raise ProvisionError(f"`{' '.join(argv)}` timed out after {timeout:.0f} s") from e
+        raise ProvisionError(f"`flwr {' '.join(args)}` timed out after {timeout:.0f} s") from e
     out = res.stdout.strip()
     start = out.find("{")
     try:
         doc: dict[str, object] = json.loads(out[start:]) if start >= 0 else {}
     except json.JSONDecodeError as e:
         raise ProvisionError(
-            f"`{' '.join(argv)}` printed no JSON (exit {res.returncode}): {out[-400:]} "
+            f"`flwr {' '.join(args)}` printed no JSON (exit {res.returncode}): {out[-400:]} "
             f"{res.stderr[-400:]}"
         ) from e
     if not doc.get("success", False):
@@ -259,147 +239,53 @@ def _flwr(args: list[str], env: Mapping[str, str], *, timeout: float = 60.0) -> 
     return doc
 
 
-def load_node_ids(layout: CoordinatorLayout) -> dict[str, int]:
-    """Site name -> SuperLink node id, as recorded when the keys were registered."""
-    if not layout.nodes.exists():
-        return {}
-    return {k: int(v) for k, v in json.loads(layout.nodes.read_text()).items()}
-
-
-def _save_node_ids(layout: CoordinatorLayout, ids: Mapping[str, int]) -> None:
-    layout.nodes.write_text(json.dumps(dict(ids), indent=2) + "\n")
-
-
-def register_sites(layout: CoordinatorLayout, env: Mapping[str, str]) -> dict[str, int]:
-    """Register each active site's public key with the running SuperLink (idempotent).
-
-    Revoked sites are never registered. Sites registered before (same state database) are
-    kept; returns site name -> node id.
-    """
-    registry = Registry.load(layout.deployment)
-    ids = load_node_ids(layout)
-    for record in registry.active():
-        if record.name in ids:
-            continue
-        pub = layout.deployment / "coordinator" / "authorized" / f"{record.name}.pub"
-        doc = _flwr(["supernode", "register", str(pub), CONNECTION, "--name", record.name], env)
-        ids[record.name] = int(str(doc["node-id"]))
-        logger.info("registered site %s as node %d (key %s)", record.name, ids[record.name],
-                    record.fingerprint)
-        _save_node_ids(layout, ids)
-    _save_node_ids(layout, ids)
-    return ids
-
-
-def unregister_site(layout: CoordinatorLayout, env: Mapping[str, str], name: str) -> int:
-    """Unregister a (revoked) site's key from the running SuperLink; returns its node id."""
-    ids = load_node_ids(layout)
-    if name not in ids:
-        raise ProvisionError(f"{layout.nodes}: site {name!r} has no registered node id")
-    node_id = ids.pop(name)
-    _flwr(["supernode", "unregister", str(node_id), CONNECTION], env)
-    _save_node_ids(layout, ids)
-    logger.info("unregistered site %s (node %d)", name, node_id)
-    return node_id
-
-
-def list_nodes(env: Mapping[str, str]) -> list[dict[str, object]]:
-    """``flwr supernode list``: the SuperLink's view of every registered node."""
-    doc = _flwr(["supernode", "list", CONNECTION], env)
-    nodes = doc.get("nodes", [])
-    if not isinstance(nodes, list):
-        raise ProvisionError(f"flwr supernode list: unexpected answer {doc!r}")
-    return [dict(n) for n in nodes]
-
-
-def project_root() -> Path:
-    """The folder holding fedmeta's ``pyproject.toml`` (the Flower app that ``flwr run`` ships)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise ProvisionError(
-            f"{root}: no pyproject.toml; pass --app with the fedmeta source folder"
-        )
-    return root
-
-
-def run_config_arg(values: Mapping[str, str]) -> str:
-    """``flwr run --run-config`` text: TOML strings, quoted and escaped."""
-    parts = []
-    for k, v in values.items():
-        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
-        parts.append(f'{k}="{escaped}"')
-    return " ".join(parts)
-
-
-SECAGG_COMPONENTS = {
-    "serverapp": "fedmeta.server.secagg_app:app",
-    "clientapp": "fedmeta.client.secagg_app:app",
-}
-
-
-def stage_app(app: Path, dest: Path, *, secagg: bool = False) -> Path:
-    """Copy the app's ``pyproject.toml`` into ``dest`` and return ``dest``.
-
-    ``flwr run`` rewrites the ``pyproject.toml`` it is given (it comments out the legacy
-    ``[tool.flwr.federations]`` tables), so it is pointed at a copy, never at the source tree.
-    The components it names (``fedmeta.server.app:app``, ``fedmeta.client.app:app``) are imported
-    from the installed ``fedmeta`` package on both sides, so the FAB needs nothing else.
-    ``secagg=True`` points the components at the secure-aggregation pair
-    (:mod:`fedmeta.server.secagg_app`, :mod:`fedmeta.client.secagg_app`).
-    """
-    src = app / "pyproject.toml"
-    if not src.is_file():
-        raise ProvisionError(f"{src}: missing; --app must be the fedmeta source folder")
+def stage_app(dest: Path, *, secure_aggregation: bool = False) -> Path:
+    """Write the run bundle's ``pyproject.toml`` (the installed version, no code) into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    text = src.read_text(encoding="utf-8")
-    if secagg:
-        for key, target in SECAGG_COMPONENTS.items():
-            text, n = re.subn(rf'(?m)^{key}\s*=\s*"[^"]*"', f'{key} = "{target}"', text)
-            if n != 1:
-                raise ProvisionError(f"{src}: expected one `{key} = ...` component, found {n}")
-    (dest / "pyproject.toml").write_text(text, encoding="utf-8")
+    (dest / "pyproject.toml").write_text(
+        render_pyproject(version=installed_version(), secure_aggregation=secure_aggregation),
+        encoding="utf-8")
     return dest
 
 
-def submit_run(
-    env: Mapping[str, str], *, app: Path, run_config: Mapping[str, str], secagg: bool = False
-) -> int:
-    """``flwr run APP fedmeta --run-config ...`` on a staged copy of APP; returns the run id."""
-    staged = stage_app(app, Path(env["FLWR_HOME"]) / "staged-app", secagg=secagg)
-    args = ["run", str(staged), CONNECTION]
-    if run_config:
-        args += ["--run-config", run_config_arg(run_config)]
-    doc = _flwr(args, env, timeout=120.0)
-    run_id = int(str(doc["run-id"]))
-    logger.info("submitted run %d (app %s, config %s)", run_id, app, dict(run_config))
+def submit_run(control: Control, flwr_home: Path, *, run_config: Mapping[str, str | bool],
+               secure_aggregation: bool = False) -> int:
+    """Start a run of the fedmeta bundle (staged under ``flwr_home``); returns the run id."""
+    staged = stage_app(flwr_home / ("staged-secagg" if secure_aggregation else "staged-app"),
+                       secure_aggregation=secure_aggregation)
+    run_id = control.start_run(staged, run_config)
+    logger.info("submitted run %d (%s)", run_id, {k: v for k, v in run_config.items() if k != "experiment"})
     return run_id
 
 
-def run_status(env: Mapping[str, str], run_id: int) -> str:
-    """The run's status string from ``flwr list --run-id`` (e.g. ``running``, ``finished:completed``)."""
-    doc = _flwr(["list", CONNECTION, "--run-id", str(run_id)], env)
-    runs = doc.get("runs", [])
-    if not isinstance(runs, list) or not runs:
-        raise ProvisionError(f"flwr list: run {run_id} not found")
-    return str(runs[0].get("status", "unknown"))
-
-
-def wait_run(
-    env: Mapping[str, str], run_id: int, *, timeout: float, poll: float = 2.0
-) -> str:
-    """Poll until the run finishes; returns its final status or raises on timeout."""
+def wait_run(control: Control, run_id: int, *, timeout: float, poll: float = 0.5) -> str:
+    """Poll until the run finishes; returns its final status, or stops it after ``timeout``."""
     deadline = time.monotonic() + timeout
     status = "unknown"
     while time.monotonic() < deadline:
-        status = run_status(env, run_id)
+        status = control.run_status(run_id)
         if status.startswith("finished"):
             return status
         time.sleep(poll)
-    raise ProvisionError(f"run {run_id} still {status!r} after {timeout:.0f} s")
+    control.stop_run(run_id)
+    return f"stopped after {timeout:.0f} s (was {status})"
 
 
-def stream_logs(env: Mapping[str, str], run_id: int) -> int:
-    """``flwr log RUN_ID --stream``: print the run's logs until it ends (for the CLI)."""
-    return subprocess.call(  # noqa: S603 - fixed argv
-        [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=dict(env)
-    )
+def follow_run(control: Control, run_id: int, *, timeout: float, stream: bool,
+               write: Any = print) -> str:
+    """:func:`wait_run`, showing the run's log meanwhile (``stream``)."""
+    stop = threading.Event()
+    thread = None
+    if stream:
+        thread = threading.Thread(target=control.follow_logs, args=(run_id, stop, write), daemon=True)
+        thread.start()
+    try:
+        return wait_run(control, run_id, timeout=timeout)
+    except KeyboardInterrupt:
+        control.stop_run(run_id)
+        return "stopped (interrupted)"
+    finally:
+        time.sleep(1.0 if stream else 0.0)  # the last lines
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=5)

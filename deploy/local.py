@@ -1,47 +1,44 @@
-"""Run a whole consortium on one machine: ``fedmeta deploy local`` and the pieces it shares with
-``fedmeta coordinator start`` / ``fedmeta site start`` / ``fedmeta run``.
+"""A whole consortium on one machine: ``fedmeta deploy local``.
 
-:func:`start_coordinator` starts the SuperLink (TLS + node authentication), checks its Fleet API
-speaks gRPC, and registers every active site key. :func:`start_site` starts one SuperNode.
-:func:`deploy_local` provisions a fresh consortium on 127.0.0.1, starts the coordinator and the
-sites, submits the experiment, waits for it, and stops every process it started (by PID) whether
-the run passed or failed.
+Everything a real consortium does, on 127.0.0.1: the experiment is loaded and validated first
+(a bad config or override stops here, before anything starts); a fresh consortium is provisioned
+with encrypted keys (a random passphrase handed to the processes in their environment); each
+hospital gets its own bundle, its own state folder and its own copy of *its* data only; the
+coordinator (TLS SuperLink, node authentication) and one ``fedmeta site start`` process per
+hospital are started; the run is submitted and its progress shown; its outputs are copied to
+``--out``; every process is stopped by PID, pass or fail.
+
+Data: a built-in source's hospital is named in its node file (``fed-heart``: the data installed
+with fedmeta); an EHR consortium (``ehr``, ``synth-ehr``) is split into one folder per hospital
+(its table, its ``site.yaml``, a copy of the shared schema), and the coordinator's experiment
+names only the schema and the outcomes (``data.feature_schema``, ``data.outcomes``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import shutil
 import socket
+import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from fedmeta.common.errors import ProvisionError
+from fedmeta.common.config import ExperimentConfig, load_config
+from fedmeta.common.errors import ConfigError, ProvisionError
 from fedmeta.deploy.consortium import load_consortium
-from fedmeta.deploy.launch import (
-    CoordinatorLayout,
-    base_env,
-    check_fleet_is_grpc,
-    list_nodes,
-    load_node_ids,
-    project_root,
-    register_sites,
-    submit_run,
-    superlink_argv,
-    superlink_uses_grpc_fleet,
-    supernode_argv,
-    wait_for_port,
-    wait_run,
-    write_flwr_config,
-)
-from fedmeta.deploy.node import NodeConfig, load_node_config
+from fedmeta.deploy.control import Control
+from fedmeta.deploy.coordinator import start_coordinator
+from fedmeta.deploy.launch import base_env, follow_run, submit_run
+from fedmeta.deploy.node import NODE_FILE
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.provision import provision
-from fedmeta.server.audit import ENV_VAR as AUDIT_ENV
-from fedmeta.server.audit import open_log
+from fedmeta.deploy.secrets import PASSPHRASE_ENV, Passphrase
 
 logger = logging.getLogger(__name__)
 
@@ -55,140 +52,93 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass(frozen=True)
-class CoordinatorHandle:
-    """A started coordinator: its layout, environment for ``flwr``, addresses and node ids."""
-
-    layout: CoordinatorLayout
-    env: dict[str, str]
-    fleet_address: str
-    control_address: str
-    process: Managed
-    node_ids: dict[str, int] = field(default_factory=dict)
+def online_nodes(control: Control) -> set[int]:
+    """The node ids the SuperLink reports online."""
+    return {n.node_id for n in control.nodes() if n.status == "online"}
 
 
-def start_coordinator(
-    procs: Processes,
-    *,
-    deployment: Path,
-    state: Path,
-    fleet_address: str,
-    control_host: str,
-    control_port: int,
-    insecure: bool = False,
-    timeout: float = 60.0,
-) -> CoordinatorHandle:
-    """Start ``flower-superlink`` for a provisioned ``deployment`` and register the sites."""
-    layout = CoordinatorLayout(deployment=deployment, state=state)
-    state.mkdir(parents=True, exist_ok=True)
-    env = base_env(layout.flwr_home)
-    env[AUDIT_ENV] = str(layout.audit.resolve())
-    write_flwr_config(
-        layout.flwr_home,
-        control_address=f"{control_host}:{control_port}",
-        root_certificates=None if insecure else layout.ca,
-    )
-    argv = superlink_argv(
-        layout,
-        fleet_address=fleet_address,
-        control_host=control_host,
-        control_port=control_port,
-        insecure=insecure,
-    )
-    proc = procs.start("superlink", argv, env=env)
-    fleet_host, _, fleet_port = fleet_address.rpartition(":")
-    wait_for_port(control_host, control_port, timeout=timeout, proc_alive=proc.alive)
-    wait_for_port(fleet_host, int(fleet_port), timeout=timeout, proc_alive=proc.alive)
-    bound = superlink_uses_grpc_fleet(proc.log_path)
-    if bound is None:
-        raise ProvisionError(
-            f"{proc.log_path}: the SuperLink did not report a gRPC-rere Fleet API; refusing to go on"
-        )
-    check_fleet_is_grpc(fleet_address, ca=None if insecure else layout.ca)
-    logger.info("SuperLink up: Fleet API gRPC-rere on %s, Control API https://%s:%d",
-                bound, control_host, control_port)
-    ids: dict[str, int] = {}
-    if not insecure:
-        known = load_node_ids(layout)
-        ids = register_sites(layout, env)
-        log = open_log(layout.audit)
-        for name, node_id in ids.items():
-            if name not in known:
-                log.record("node_registered", site=name, node_id=node_id)
-    procs.refresh_children()
-    return CoordinatorHandle(
-        layout=layout,
-        env=env,
-        fleet_address=fleet_address,
-        control_address=f"{control_host}:{control_port}",
-        process=proc,
-        node_ids=ids,
-    )
-
-
-def start_site(
-    procs: Processes,
-    site: NodeConfig,
-    *,
-    insecure: bool = False,
-    superlink: str | None = None,
-    runtime_port: int | None = None,
-    use_ca: bool = True,
-    max_retries: int | None = None,
-    max_wait_time: float | None = None,
-    flwr_home: Path | None = None,
-    extra_env: Mapping[str, str] | None = None,
-) -> Managed:
-    """Start ``flower-supernode`` for one hospital (``extra_env`` is added to its environment)."""
-    home = flwr_home or procs.run_dir / f"flwr-home-{site.site}"
-    argv = supernode_argv(
-        site,
-        insecure=insecure,
-        superlink=superlink,
-        runtime_port=runtime_port,
-        use_ca=use_ca,
-        max_retries=max_retries,
-        max_wait_time=max_wait_time,
-    )
-    env = base_env(home)
-    env.update(extra_env or {})
-    return procs.start(f"site-{site.site}", argv, env=env)
-
-
-def wait_nodes_online(
-    env: dict[str, str], node_ids: Sequence[int], *, timeout: float
-) -> None:
+def wait_nodes_online(control: Control, node_ids: Sequence[int], *, timeout: float) -> None:
     """Wait until the SuperLink reports every node in ``node_ids`` online."""
     deadline = time.monotonic() + timeout
-    want = {str(n) for n in node_ids}
-    online: set[str] = set()
+    want = set(node_ids)
+    online: set[int] = set()
     while time.monotonic() < deadline:
-        online = {
-            str(n["node-id"]) for n in list_nodes(env) if str(n.get("status")) == "online"
-        }
+        online = online_nodes(control)
         if want <= online:
             return
-        time.sleep(0.5)
+        time.sleep(0.3)
     raise ProvisionError(
         f"nodes {sorted(want - online)} not online after {timeout:.0f} s (online: {sorted(online)})"
     )
 
 
-def write_local_consortium(path: Path, *, sites: int, fleet_port: int, control_port: int) -> Path:
+def write_local_consortium(path: Path, *, sites: Sequence[str], fleet_port: int, control_port: int) -> Path:
     """A consortium YAML for ``sites`` hospitals and a coordinator on 127.0.0.1."""
     doc = {
         "consortium": "local",
-        "coordinator": {
-            "host": LOOPBACK,
-            "sans": ["localhost", LOOPBACK],
-            "fleet_port": fleet_port,
-            "control_port": control_port,
-        },
-        "sites": [{"name": f"site-{i}", "partition_id": i} for i in range(sites)],
+        "coordinator": {"host": LOOPBACK, "sans": ["localhost", LOOPBACK],
+                        "fleet_port": fleet_port, "control_port": control_port},
+        "sites": [{"name": s} for s in sites],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
+
+
+def bundle_name(site: str) -> str:
+    """A consortium site name (``[a-z0-9-]``) for a data source's site name."""
+    name = "".join(c if c.isalnum() else "-" for c in site.lower()).strip("-")
+    return name or "site"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One hospital of a local consortium: its bundle name and what its node file says it serves."""
+
+    name: str
+    data: str | dict[str, object]
+
+
+def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[SitePlan], ExperimentConfig]:
+    """Which data each of ``n_sites`` hospitals serves, and the coordinator's experiment."""
+    from fedmeta.common.data.registry import data_spec, simulation_sites
+
+    spec = data_spec(cfg.data)
+    names = list(simulation_sites(cfg.data))
+    if n_sites > len(names):
+        raise ConfigError(f"--sites {n_sites}: the experiment's data source {cfg.data.source!r} "
+                          f"has {len(names)} sites")
+    names = names[:n_sites]
+    if cfg.data.source not in ("ehr", "synth-ehr"):
+        d = cfg.data
+        builtin: dict[str, object] = {"source": d.source, "synth_sites": d.synth_sites,
+                                      "synth_seed": d.synth_seed}
+        if d.path:
+            builtin["path"] = d.path
+        return [SitePlan(bundle_name(n), {**builtin, "site": n}) for n in names], cfg
+    from fedmeta.common.data.ehr import _ehr_root, synth_ehr_root
+    from fedmeta.common.data.site_config import find_site_configs
+
+    root = synth_ehr_root(cfg.data) if cfg.data.source == "synth-ehr" else _ehr_root(cfg.data)
+    configs = {c.name: c for c in find_site_configs(root)}
+    plans = []
+    for n in names:
+        c = configs[n]
+        own = work / "sites" / bundle_name(n) / "data"
+        own.mkdir(parents=True, exist_ok=True)
+        os.chmod(own.parent, 0o700)
+        folder = own / c.source.parent.name
+        shutil.copytree(c.source.parent, folder, dirs_exist_ok=True)
+        shutil.copyfile(c.schema, own / c.schema.name)
+        plans.append(SitePlan(bundle_name(n), str(folder / "site.yaml")))
+    coordinator_schema = work / "coordinator-schema.yaml"
+    shutil.copyfile(next(iter(configs.values())).schema, coordinator_schema)
+    experiment = load_config(None, [], base={
+        **cfg.to_dict(),
+        "data": {**cfg.to_dict()["data"], "source": "ehr", "path": "", "sites": [], "holdout": [],
+                 "feature_schema": str(coordinator_schema), "outcomes": list(spec.outcomes)},
+    })
+    return plans, experiment
 
 
 @dataclass(frozen=True)
@@ -205,6 +155,24 @@ class LocalResult:
     leftovers: list[int]
 
 
+def start_local_site(procs: Processes, bundle: Path, *, insecure: bool = False,
+                     env: dict[str, str] | None = None, name: str | None = None) -> Managed:
+    """``fedmeta site start --node BUNDLE/node.yaml`` as a process of its own."""
+    argv = [sys.executable, "-m", "fedmeta.cli.main", "site", "start", "--node", str(bundle / NODE_FILE)]
+    if insecure:
+        argv.append("--insecure")
+    return procs.start(name or f"site-{bundle.name}", argv, env=env or dict(os.environ))
+
+
+def configure_bundle(bundle: Path, *, data: str | dict[str, object], runtime_port: int,
+                     poll_interval_s: float = 0.2) -> None:
+    """Point a provisioned bundle's node file at its data, its own runtime port and state."""
+    path = bundle / NODE_FILE
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc.update({"data": data, "runtime_port": runtime_port, "poll_interval_s": poll_interval_s})
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
 def deploy_local(
     *,
     sites: int,
@@ -213,81 +181,92 @@ def deploy_local(
     config: Path | None = None,
     overrides: Sequence[str] = (),
     insecure: bool = False,
-    run_timeout: float = 600.0,
-    app: Path | None = None,
+    run_timeout: float = 900.0,
     secagg: bool = False,
+    stream: bool = True,
+    say: Callable[[str], None] = print,
 ) -> LocalResult:
-    """Provision, start a TLS SuperLink and ``sites`` SuperNodes on 127.0.0.1, run, stop all.
+    """Provision, start a TLS SuperLink and ``sites`` hospitals on 127.0.0.1, run, stop all.
 
     ``summary.json`` (and ``rounds.jsonl``, ``final.safetensors``) land in ``out`` as with
     ``fedmeta simulate``; the deployment (certificates, keys), state and logs in ``out/deploy``.
     """
     if sites < 1:
-        raise ProvisionError(f"--sites must be >= 1, got {sites}")
+        raise ConfigError(f"--sites must be >= 1, got {sites}")
     if rounds < 1:
-        raise ProvisionError(f"--rounds must be >= 1, got {rounds}")
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    cfg = load_config(config, [*overrides, f"rounds={rounds}"], allow_empty=False)
+    if cfg.federation.min_nodes > sites:
+        raise ConfigError(f"federation.min_nodes = {cfg.federation.min_nodes}: more than the "
+                          f"{sites} sites started")
     t0 = time.monotonic()
     out = out.resolve()
     work = out / "deploy"
+    if work.exists():
+        raise ProvisionError(f"{work}: already exists; give a new --out")
+    work.mkdir(parents=True)
+    os.chmod(work, 0o700)
+    plans, experiment = plan_sites(cfg, sites, work)
     fleet_port, control_port = free_port(), free_port()
-    consortium_path = write_local_consortium(
-        work / "consortium.yaml", sites=sites, fleet_port=fleet_port, control_port=control_port
-    )
+    consortium_path = write_local_consortium(work / "consortium.yaml", sites=[p.name for p in plans],
+                                             fleet_port=fleet_port, control_port=control_port)
+    env = dict(os.environ)
+    passphrase = Passphrase(none=True)
+    if not insecure:
+        env[PASSPHRASE_ENV] = secrets.token_urlsafe(24)
+        os.environ[PASSPHRASE_ENV] = env[PASSPHRASE_ENV]  # this process decrypts the TLS key
+        passphrase = Passphrase(env=PASSPHRASE_ENV)
     deployment = work / "pki"
-    provision(load_consortium(consortium_path), deployment)
+    provision(load_consortium(consortium_path), deployment, passphrase=passphrase)
+    for plan in plans:
+        configure_bundle(deployment / "sites" / plan.name, data=plan.data, runtime_port=free_port())
     t_prov = time.monotonic()
+    run_name = f"{experiment.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    state = work / "coordinator"
+    status, run_id, t_up, t_run = "not started", -1, t_prov, t_prov
     with Processes(work / "run") as procs:
         try:
             co = start_coordinator(
-                procs,
-                deployment=deployment,
-                state=work / "coordinator",
-                fleet_address=f"{LOOPBACK}:{fleet_port}",
-                control_host=LOOPBACK,
-                control_port=control_port,
-                insecure=insecure,
-            )
-            for i in range(sites):
-                site = load_node_config(deployment / "sites" / f"site-{i}" / "node.yaml")
-                start_site(procs, site, insecure=insecure, runtime_port=free_port())
+                procs, deployment=deployment, state=state, passphrase=passphrase,
+                fleet_address=f"{LOOPBACK}:{fleet_port}", control_host=LOOPBACK,
+                control_port=control_port, insecure=insecure)
+            site_env = base_env(work / "flwr-home-sites")
+            site_env.update({k: v for k, v in env.items() if k == PASSPHRASE_ENV})
+            for plan in plans:
+                start_local_site(procs, deployment / "sites" / plan.name, insecure=insecure, env=site_env)
+            assert co.control is not None
             if co.node_ids:
-                wait_nodes_online(co.env, list(co.node_ids.values()), timeout=60.0)
+                wait_nodes_online(co.control, list(co.node_ids.values()), timeout=90.0)
             else:
                 time.sleep(5.0)  # insecure: no registration, so no node list to wait on
             t_up = time.monotonic()
-            run_config = {
-                "config": str(config.resolve()) if config else "",
-                "overrides": " ".join([*overrides, f"rounds={rounds}"]),
-                "out": str(out),
-            }
-            run_id = submit_run(co.env, app=app or project_root(), run_config=run_config,
-                                secagg=secagg)
-            open_log(co.layout.audit).record("run_submitted", run_id=run_id,
-                                             sites=sorted(co.node_ids))
-            procs.refresh_children()
-            status = wait_run(co.env, run_id, timeout=run_timeout)
+            say(f"consortium up in {t_up - t0:.1f} s: coordinator 127.0.0.1:{fleet_port} (TLS), "
+                f"{len(plans)} sites; running {experiment.algorithm} for {experiment.rounds} rounds")
+            run_id = submit_run(co.control, co.layout.flwr_home,
+                                run_config={"experiment": experiment.to_json(), "run-name": run_name},
+                                secure_aggregation=secagg)
+            status = follow_run(co.control, run_id, timeout=run_timeout, stream=stream, write=say)
             t_run = time.monotonic()
-            logger.info("run %d %s in %.1f s", run_id, status, t_run - t_up)
         finally:
             procs.refresh_children()
-    # Leaving the `with` block stopped every process (pass or fail); check none survived.
     leftovers = procs.leftovers()
     if leftovers:
         logger.error("processes still running after stop: %s", leftovers)
-    summary = out / "summary.json"
     if status != "finished:completed":
-        raise ProvisionError(
-            f"run {run_id} ended {status!r}; see the logs in {work / 'run' / 'logs'}"
-        )
+        raise ProvisionError(f"run {run_id} ended {status!r}; see the logs in {work / 'run' / 'logs'} "
+                             f"and {state / 'runs' / run_name}")
+    folder = state / "runs" / run_name
+    for f in folder.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    summary = out / "summary.json"
     if not summary.is_file():
-        raise ProvisionError(f"run {run_id} completed but wrote no {summary}")
-    return LocalResult(
-        status=status,
-        run_id=run_id,
-        provision_s=t_prov - t0,
-        startup_s=t_up - t_prov,
-        run_s=t_run - t_up,
-        total_s=time.monotonic() - t0,
-        summary=summary,
-        leftovers=leftovers,
-    )
+        raise ProvisionError(f"run {run_id} completed but wrote no {folder / 'summary.json'}")
+    return LocalResult(status=status, run_id=run_id, provision_s=t_prov - t0, startup_s=t_up - t_prov,
+                       run_s=t_run - t_up, total_s=time.monotonic() - t0, summary=summary,
+                       leftovers=leftovers)
+
+
+__all__ = ["LOOPBACK", "LocalResult", "configure_bundle", "deploy_local", "free_port",
+           "online_nodes", "plan_sites", "start_local_site", "wait_nodes_online",
+           "write_local_consortium"]

@@ -96,6 +96,7 @@ class Processes:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
         self.procs: dict[str, Managed] = {}
         self._known_children: dict[str, set[int]] = {}
 
@@ -120,18 +121,24 @@ class Processes:
             }
             for name, m in self.procs.items()
         }
-        (self.run_dir / "pids.json").write_text(json.dumps(doc, indent=2) + "\n")
+        path = self.run_dir / "pids.json"
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        os.chmod(path, 0o600)
 
     def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Managed:
-        """Start ``argv`` with stdout and stderr in ``run_dir/logs/NAME.log``."""
+        """Start ``argv`` with stdout and stderr in ``run_dir/logs/NAME.log`` (0600), handing it
+        the file descriptors ``pass_fds`` (keys decrypted into memory)."""
         if name in self.procs and self.procs[name].alive():
             raise ProvisionError(f"process {name!r} is already running (pid {self.procs[name].pid})")
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(log_path.parent, 0o700)
         full_env = dict(os.environ if env is None else env)
-        with open(log_path, "ab") as log:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as log:
             try:
                 popen = subprocess.Popen(  # noqa: S603 - argv is built by this package
                     list(argv),
@@ -140,6 +147,7 @@ class Processes:
                     stdin=subprocess.DEVNULL,
                     env=full_env,
                     start_new_session=True,
+                    pass_fds=tuple(pass_fds),
                 )
             except OSError as e:
                 raise ProvisionError(f"cannot start {name}: {argv[0]}: {e}") from e

@@ -38,8 +38,10 @@ from fedmeta.deploy.certs import (
     write_public_bytes,
 )
 from fedmeta.deploy.consortium import Consortium, SiteSettings
-from fedmeta.deploy.keys import make_site_keys
+from fedmeta.deploy.keys import fingerprint, load_public_key, make_site_keys
 from fedmeta.deploy.node import NODE_FILE, render_node_yaml
+from fedmeta.deploy.secrets import Passphrase
+from fedmeta.protocol.app import installed_version
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _build_ca(consortium: Consortium, out: Path) -> None:
+def _build_ca(consortium: Consortium, out: Path, secret: bytes | None) -> None:
     ca = make_ca(
         common_name=consortium.ca.common_name,
         organization=consortium.name,
@@ -111,11 +113,11 @@ def _build_ca(consortium: Consortium, out: Path) -> None:
     )
     (out / "ca").mkdir(parents=True)
     os.chmod(out / "ca", 0o700)
-    write_issued(ca, out / "ca" / "ca.crt", out / "ca" / "ca.key")
+    write_issued(ca, out / "ca" / "ca.crt", out / "ca" / "ca.key", passphrase=secret)
 
 
-def _build_coordinator(consortium: Consortium, out: Path) -> None:
-    ca = load_issued(out / "ca" / "ca.crt", out / "ca" / "ca.key")
+def _build_coordinator(consortium: Consortium, out: Path, passphrase: Passphrase) -> None:
+    ca = load_issued(out / "ca" / "ca.crt", out / "ca" / "ca.key", passphrase)
     co = consortium.coordinator
     server = make_server_cert(
         ca,
@@ -125,7 +127,9 @@ def _build_coordinator(consortium: Consortium, out: Path) -> None:
         validity_days=co.validity_days,
     )
     folder = out / "coordinator"
-    write_issued(server, folder / "server.crt", folder / "server.key")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    write_issued(server, folder / "server.crt", folder / "server.key", passphrase=passphrase.read())
     shutil.copyfile(out / "ca" / "ca.crt", folder / "ca.crt")
     (folder / "coordinator.json").write_text(
         json.dumps(
@@ -139,19 +143,21 @@ def _build_coordinator(consortium: Consortium, out: Path) -> None:
         verify_chain(server.cert, ca.cert, hostname=name)
 
 
-def _node_config(consortium: Consortium, site: SiteSettings) -> dict[str, str | int | float | bool]:
-    cfg: dict[str, str | int | float | bool] = {}
-    index = [s.name for s in consortium.sites].index(site.name)
+#: The data a bundle's node serves when the consortium file gives only a partition number: that
+#: hospital of the bundled Fed-Heart-Disease demonstration data.
+DEMO_SOURCE = "fed-heart"
+
+
+def _node_data(site: SiteSettings) -> str | dict[str, object] | None:
     if site.site_config is not None:
-        cfg["site-config"] = site.site_config
-    if site.partition_id is not None or site.site_config is None:
-        cfg["partition-id"] = site.partition_id if site.partition_id is not None else index
-        cfg["num-partitions"] = len(consortium.sites)
-    cfg["site-name"] = site.name
-    return cfg
+        return site.site_config
+    if site.partition_id is not None:
+        return {"source": DEMO_SOURCE, "partition": site.partition_id}
+    return None
 
 
-def _build_site(consortium: Consortium, out: Path, site: SiteSettings, registry: Registry) -> Path:
+def _build_site(consortium: Consortium, out: Path, site: SiteSettings, registry: Registry, *,
+                passphrase: Passphrase, public_key: Path | None = None) -> Path:
     if site.name in registry.sites:
         raise ProvisionError(
             f"{out / REGISTRY}: site {site.name!r} already provisioned "
@@ -162,39 +168,50 @@ def _build_site(consortium: Consortium, out: Path, site: SiteSettings, registry:
         raise ProvisionError(f"{bundle}: bundle folder already exists; refusing to overwrite")
     bundle.mkdir(parents=True)
     os.chmod(bundle, 0o700)
-    keys = make_site_keys(bundle, comment=f"fedmeta-{consortium.name}-{site.name}")
+    if public_key is not None:  # the hospital made its own key pair; only the public key came
+        load_public_key(public_key)
+        public = public_key.read_text(encoding="ascii")
+        write_public_bytes(bundle / "supernode.pub", public.encode())
+        fp = fingerprint(public.encode())
+    else:
+        keys = make_site_keys(bundle, comment=f"fedmeta-{consortium.name}-{site.name}",
+                              passphrase=passphrase.read())
+        public = keys.public.read_text(encoding="ascii")
+        fp = keys.fingerprint
     shutil.copyfile(out / "ca" / "ca.crt", bundle / "ca.crt")
     (bundle / NODE_FILE).write_text(
         render_node_yaml(
             site=site.name,
             superlink=consortium.coordinator.fleet_address,
             runtime_port=site.runtime_port,
-            node_config=_node_config(consortium, site),
+            data=_node_data(site),
+            version=installed_version(),
+            plaintext_key=passphrase.none,
         ),
         encoding="utf-8",
     )
-    public = keys.public.read_text(encoding="ascii")
     write_public_bytes(out / "coordinator" / "authorized" / f"{site.name}.pub", public.encode())
     registry.sites[site.name] = SiteRecord(
-        name=site.name, fingerprint=keys.fingerprint, public_key=public.strip(),
-        issued_at=_now_iso(),
+        name=site.name, fingerprint=fp, public_key=public.strip(), issued_at=_now_iso(),
     )
-    logger.info("provisioned site %s (key %s) in %s", site.name, keys.fingerprint, bundle)
+    logger.info("provisioned site %s (key %s) in %s", site.name, fp, bundle)
     return bundle
 
 
-def provision(consortium: Consortium, out: Path) -> Registry:
+def provision(consortium: Consortium, out: Path, *, passphrase: Passphrase) -> Registry:
     """Create a new consortium in the empty (or missing) folder ``out``."""
     if (out / REGISTRY).exists() or (out / "ca").exists():
         raise ProvisionError(
             f"{out}: already provisioned; use --add-site NAME or --revoke NAME to change it"
         )
     out.mkdir(parents=True, exist_ok=True)
-    _build_ca(consortium, out)
-    _build_coordinator(consortium, out)
+    os.chmod(out, 0o700)
+    secret = passphrase.read()
+    _build_ca(consortium, out, secret)
+    _build_coordinator(consortium, out, passphrase)
     registry = Registry(consortium=consortium.name, created_at=_now_iso(), sites={})
     for site in consortium.sites:
-        _build_site(consortium, out, site, registry)
+        _build_site(consortium, out, site, registry, passphrase=passphrase)
     registry.save(out)
     logger.info(
         "provisioned consortium %s: CA, coordinator %s, %d sites in %s",
@@ -203,15 +220,18 @@ def provision(consortium: Consortium, out: Path) -> Registry:
     return registry
 
 
-def add_site(consortium: Consortium, out: Path, name: str) -> Path:
-    """Issue the bundle of one new hospital (listed in ``consortium``); others are untouched."""
+def add_site(consortium: Consortium, out: Path, name: str, *, passphrase: Passphrase,
+             public_key: Path | None = None) -> Path:
+    """Issue the bundle of one new hospital (listed in ``consortium``); others are untouched.
+    With ``public_key`` the hospital keeps its own private key: only the public key is used."""
     registry = Registry.load(out)
     if registry.consortium != consortium.name:
         raise ProvisionError(
             f"{consortium.source}: consortium {consortium.name!r} does not match "
             f"{out / REGISTRY} ({registry.consortium!r})"
         )
-    bundle = _build_site(consortium, out, consortium.site(name), registry)
+    bundle = _build_site(consortium, out, consortium.site(name), registry, passphrase=passphrase,
+                         public_key=public_key)
     registry.save(out)
     return bundle
 

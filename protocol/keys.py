@@ -46,3 +46,8 @@ N_TEST = "n-test"
 SECAGG_L2_BOUND = "secagg-l2-bound"
 SECAGG_NOISE = "secagg-noise-multiplier"
 SECAGG_N_SITES = "secagg-n-sites"
+
+# greeting: the layout θ was built for (coordinator -> site, JSON) and the site's comparison
+LAYOUT = "layout"
+LAYOUT_OK = "layout-ok"
+LAYOUT_EXTRA = "layout-extra"

@@ -1,30 +1,68 @@
 """The coordinator's Flower ServerApp.
 
-Under ``flwr run`` (deployment or Flower's own simulation) the experiment comes from the run
-config: ``config`` (path of an experiment YAML, empty for the defaults), ``overrides``
-(``"key=value key=value"``), ``out`` (run folder; default ``runs/<algorithm>-<time>``) and
-``resume`` (continue the run in ``out`` from its checkpoint). ``fedmeta simulate`` builds the same
-app around an already-loaded config with :func:`make_server_app`.
+Under ``fedmeta run`` (a deployment) the experiment arrives in the run config as ``experiment``
+(JSON, loaded and validated on the operator's side before the run was submitted), with
+``run-name`` (the run folder's name) and ``resume`` (continue that run from its checkpoint). The
+run folder is ``$FEDMETA_RUNS_DIR/<run-name>``: the coordinator's state folder (``STATE/runs``)
+under ``fedmeta coordinator start``, ``~/fedmeta-runs`` otherwise (e.g. ``flwr run .``). For
+``flwr run .`` users, ``config`` (a bundled experiment's name, or a YAML path read where the
+ServerApp runs) and ``set`` (``key=value`` overrides separated by ``;``) work too.
+
+Progress lines go to standard output, which Flower forwards to ``flwr log``. ``fedmeta simulate``
+builds the same app around an already-loaded config with :func:`make_server_app`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import sys
 import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta.common.config import ExperimentConfig, load_config
+from fedmeta.common.config import ExperimentConfig, config_from_dict, load_config
+from fedmeta.common.errors import ConfigError
+from fedmeta.protocol.environment import RUNS_DIR as RUNS_ENV
 from fedmeta.server.driver import run_experiment
 from fedmeta.server.handshake import Progress
 
 log = logging.getLogger(__name__)
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def runs_root() -> Path:
+    """Where a deployed run's folder goes: ``$FEDMETA_RUNS_DIR`` or ``~/fedmeta-runs``."""
+    value = os.environ.get(RUNS_ENV, "")
+    return Path(value) if value else Path.home() / "fedmeta-runs"
+
+
+def check_run_name(name: str) -> str:
+    """A run folder name: letters, digits, ``.``, ``_``, ``-`` (no path)."""
+    if not RUN_NAME.match(name):
+        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def experiment_from_run_config(run_config: dict) -> ExperimentConfig:
+    """The experiment of a submitted run (see the module docstring)."""
+    text = str(run_config.get("experiment", ""))
+    if text:
+        return config_from_dict(json.loads(text), where="<submitted experiment>")
+    from fedmeta.cli.simulate import resolve_config
+
+    path = str(run_config.get("config", ""))
+    overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
+    return load_config(resolve_config(Path(path)) if path else None, overrides)
 
 
 def make_server_app(
@@ -52,13 +90,26 @@ def make_server_app(
     return server_app
 
 
+def _say(text: str) -> None:
+    print(f"[fedmeta {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    rc = context.run_config
-    cfg = load_config(str(rc.get("config", "")) or None, str(rc.get("overrides", "")).split())
-    out = Path(str(rc.get("out", "")) or default_run_dir(cfg))
-    run_experiment(grid, cfg, out, resume=bool(rc.get("resume", False)))
-    log.info("run finished; outputs in %s", out)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedmeta").addHandler(handler)
+    logging.getLogger("fedmeta").setLevel(logging.INFO)
+    os.umask(0o077)
+    rc = dict(context.run_config)
+    cfg = experiment_from_run_config(rc)
+    name = check_run_name(str(rc.get("run-name", "")) or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = runs_root() / name
+    _say(f"{cfg.algorithm}, {cfg.rounds} rounds; run folder {out}")
+    summary = run_experiment(grid, cfg, out, resume=bool(rc.get("resume", False)), progress=_say)
+    mean = summary.get("mean", {}).get("after", {})
+    _say(f"finished: mean accuracy after adaptation {mean.get('accuracy', float('nan')):.3f}, "
+         f"AUROC {mean.get('auroc', float('nan')):.3f}; outputs in {out}")

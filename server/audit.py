@@ -1,15 +1,16 @@
 """Append-only audit log on the coordinator: who joined, for which run, which rounds it served.
 
-One JSON object per line (``audit.jsonl``), each with a UTC timestamp and an event name. The log
-records identities and decisions, never data: every event has a fixed set of allowed fields and
-every value must be a scalar (or a short list of scalars), so a tensor, an array or a metric dict
-cannot be written by mistake.
+One JSON object per line (``audit.jsonl``); the log records identities and decisions, never data
+(see :mod:`fedmeta.common.audit` for what a record may hold).
 
 Events and their fields:
 
 ========================  ==============================================================
-``node_registered``       site, node_id
-``node_unregistered``     site, node_id, reason
+``node_registered``       site, node_id, fingerprint
+``node_unregistered``     site, node_id, reason, fingerprint
+``node_refused``          run_id, node_id, fingerprint, reason (a key not in the registry,
+                          or revoked: never sampled)
+``site_excluded``         run_id, node_id, site, reason (e.g. its feature layout differs)
 ``run_submitted``         run_id, sites
 ``run_started``           run_id, algorithm, rounds, config_sha256, nodes
 ``round_started``         run_id, round, nodes
@@ -27,25 +28,27 @@ Site names come from ``nodes.json`` beside the log (written when keys are regist
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from fedmeta.common.audit import MAX_STR, AuditError, read_log
+from fedmeta.common.audit import AuditLog as BaseAuditLog
+from fedmeta.protocol.environment import AUDIT_LOG
+
+__all__ = ["ENV_VAR", "EVENTS", "AuditError", "AuditLog", "from_env", "open_log", "read_log"]
+
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "FEDMETA_AUDIT_LOG"
-MAX_STR = 200
-MAX_LIST = 1000
-
-Scalar = str | int | float | bool | None
-Value = Scalar | list[str] | list[int]
+ENV_VAR = AUDIT_LOG
 
 EVENTS: dict[str, frozenset[str]] = {
-    "node_registered": frozenset({"site", "node_id"}),
-    "node_unregistered": frozenset({"site", "node_id", "reason"}),
+    "node_registered": frozenset({"site", "node_id", "fingerprint"}),
+    "node_unregistered": frozenset({"site", "node_id", "reason", "fingerprint"}),
+    "node_refused": frozenset({"run_id", "node_id", "fingerprint", "reason"}),
+    "site_excluded": frozenset({"run_id", "node_id", "site", "reason"}),
     "run_submitted": frozenset({"run_id", "sites"}),
     "run_started": frozenset({"run_id", "algorithm", "rounds", "config_sha256", "nodes"}),
     "round_started": frozenset({"run_id", "round", "nodes"}),
@@ -58,61 +61,18 @@ EVENTS: dict[str, frozenset[str]] = {
 }
 
 
-class AuditError(ValueError):
-    """An audit record was refused (unknown event, field, or a non-scalar value)."""
+class AuditLog(BaseAuditLog):
+    """The coordinator's audit log (:data:`EVENTS`); ``site_names`` names node ids."""
 
-
-def _check_value(event: str, key: str, value: object) -> Value:
-    if value is None or isinstance(value, (bool, int, float)):
-        return value  # type: ignore[return-value]
-    if isinstance(value, str):
-        if len(value) > MAX_STR:
-            raise AuditError(f"audit {event}.{key}: string longer than {MAX_STR} characters")
-        return value
-    if isinstance(value, (list, tuple)):
-        if len(value) > MAX_LIST or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
-                                            for v in value):
-            raise AuditError(f"audit {event}.{key}: only short lists of ids or names are allowed")
-        return list(value)
-    raise AuditError(
-        f"audit {event}.{key}: value of type {type(value).__name__} refused (identities only)"
-    )
-
-
-class AuditLog:
-    """Appends validated events to a JSONL file (opened in append mode for each record)."""
+    events = EVENTS
 
     def __init__(self, path: Path, *, site_names: Mapping[int, str] | None = None) -> None:
-        self.path = path
+        super().__init__(path)
         self.site_names = dict(site_names or {})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def site_of(self, node_id: int) -> str | None:
         """The registered site name of ``node_id`` (``None`` if unknown)."""
         return self.site_names.get(int(node_id))
-
-    def record(self, event: str, **fields: object) -> dict[str, Value]:
-        """Append one event; returns the record written."""
-        allowed = EVENTS.get(event)
-        if allowed is None:
-            raise AuditError(f"unknown audit event {event!r}; known: {sorted(EVENTS)}")
-        unknown = set(fields) - allowed
-        if unknown:
-            raise AuditError(f"audit {event}: fields {sorted(unknown)} not allowed; allowed {sorted(allowed)}")
-        rec: dict[str, Value] = {
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "event": event,
-        }
-        for k, v in fields.items():
-            rec[k] = _check_value(event, k, v)
-        line = json.dumps(rec, sort_keys=False) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return rec
 
     # Convenience wrappers with fixed signatures (what the ServerApp calls).
 
@@ -152,6 +112,7 @@ class AuditLog:
         node_names: Mapping[int, str],
         accepted_sites: Iterable[str],
         rejected_sites: Mapping[str, str],
+        examples: Mapping[str, float] | None = None,
     ) -> None:
         """One ``contribution`` per sampled node, then ``round_completed``.
 
@@ -166,7 +127,9 @@ class AuditLog:
             name = node_names.get(int(node), str(node))
             if name in accepted_names:
                 acc.append(int(node))
-                self.contribution(run_id=run_id, round=round, node_id=node, accepted=True)
+                n = (examples or {}).get(name)
+                self.contribution(run_id=run_id, round=round, node_id=node, accepted=True,
+                                  num_examples=None if n is None else int(n))
             elif name in rejected_sites:
                 rej.append(int(node))
                 self.contribution(run_id=run_id, round=round, node_id=node, accepted=False,
@@ -206,8 +169,4 @@ def from_env() -> AuditLog | None:
     return open_log(Path(value))
 
 
-def read_log(path: Path) -> list[dict[str, Value]]:
-    """All records of an audit log, oldest first."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+

@@ -26,7 +26,9 @@ from fedmeta.common.experiment import initial_parameters
 from fedmeta.protocol.records import payload_bytes, record_from_arrays
 from fedmeta.server import audit as audit_log
 from fedmeta.server.evaluation import federated_evaluation, summary_mean
-from fedmeta.server.handshake import Progress, Sites, handshake
+from fedmeta.server.exchange import Outcome, Waiting, exchange
+from fedmeta.server.handshake import Progress, Sites, greet, wait_for_nodes
+from fedmeta.server.identity import NodeIdentity, Registry, admitted_names
 from fedmeta.server.runfolder import RunFolder
 from fedmeta.server.strategy import FedMetaStrategy, RoundResult, TrainPlan
 
@@ -54,19 +56,67 @@ class _Run:
         self.spec = data_spec(cfg.data)
         self.strategy = FedMetaStrategy(cfg, self.spec, initial_parameters(cfg, self.spec))
         self.sites = Sites()
+        self.refused: dict[int, tuple[str, str]] = {}
+        self.deployed = Registry.from_env() is not None
         self.audit: audit_log.AuditLog | None = None
         self.run_id = 0
         self.totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
 
-    def exchange(self, messages: list[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.timeout_s))
+    # -- who takes part ------------------------------------------------------------------------
+    def identity(self) -> NodeIdentity | None:
+        """The registry's naming of the online nodes (deployment), None in simulation; refusals
+        are written to the audit log once per node."""
+        identity = admitted_names(self.grid, Registry.from_env(), self.refused)
+        if identity is None:
+            return None
+        for node, (fingerprint, why) in identity.refused.items():
+            if node not in self.refused and self.audit is not None:
+                self.audit.record("node_refused", run_id=self.run_id, node_id=node,
+                                  fingerprint=fingerprint[:100], reason=why[:200])
+        self.refused.update(identity.refused)
+        return identity
+
+    def refresh(self) -> None:
+        """Greet nodes that connected since the last round; drop sites no longer admitted."""
+        identity = self.identity()
+        if identity is None:
+            online = set(self.grid.get_node_ids())
+            registered = None
+        else:
+            online = set(identity.admitted)
+            registered = identity.admitted
+            self.sites = self.sites.keep(online)
+        new = sorted(online - set(self.sites.names) - set(self.sites.excluded))
+        if new:
+            greeted = greet(self.grid, self.cfg, new, self.spec.layout(), self.say, registered)
+            for node, why in greeted.excluded.items():
+                if self.audit is not None:
+                    self.audit.record("site_excluded", run_id=self.run_id, node_id=node,
+                                      site=(registered or {}).get(node), reason=why[:200])
+            self.sites = self.sites.merged(greeted)
+
+    def start(self, expected: int) -> None:
+        wait_for_nodes(self.grid, expected, self.cfg.federation.timeout_s,
+                       admitted=self.identity if self.deployed else None)
+        self.refresh()
+        if len(self.sites.names) < self.cfg.federation.min_nodes:
+            raise FedmetaError(
+                f"{len(self.sites.names)} site(s) can take part, fewer than federation.min_nodes = "
+                f"{self.cfg.federation.min_nodes}" + (f"; excluded: {self.sites.excluded}"
+                                                      if self.sites.excluded else ""))
+
+    # -- rounds --------------------------------------------------------------------------------
+    def exchange(self, messages: list[Message], *, quorum: int) -> Outcome:
+        return exchange(self.grid, messages, Waiting(timeout_s=self.cfg.federation.timeout_s,
+                                                     quorum=max(1, quorum)))
 
     def train_round(self, server_round: int) -> RoundResult:
-        if set(self.grid.get_node_ids()) - set(self.sites.names):  # sites that connected late
-            self.sites = handshake(self.grid, self.cfg, 0, self.say, known=self.sites)
+        self.refresh()
         plan: TrainPlan = self.strategy.configure_train(server_round, self.sites.names)
-        replies = self.exchange(plan.messages)
-        result = self.strategy.aggregate_train(plan, replies, declared=self.sites.n_train)
+        if self.audit is not None:
+            self.audit.round_started(run_id=self.run_id, round=server_round, nodes=list(plan.nodes))
+        outcome = self.exchange(plan.messages, quorum=self.cfg.federation.min_nodes)
+        result = self.strategy.aggregate_train(plan, outcome.replies, declared=self.sites.n_train)
         if self.cfg.privacy.dp:
             result.log.epsilon = _epsilon(self.cfg, server_round)
         if self.audit is not None:
@@ -74,15 +124,18 @@ class _Run:
                 run_id=self.run_id, round=server_round, sampled_nodes=list(plan.nodes),
                 node_names=self.sites.names, accepted_sites=result.log.accepted,
                 rejected_sites=result.log.rejected,
+                examples={s: m["num_examples"] for s, m in result.log.site_metrics.items()},
             )
         self.totals["bytes_up"] += result.log.bytes_up
         self.totals["bytes_down"] += result.log.bytes_down
         return result
 
     def evaluate(self, server_round: int) -> tuple[dict[str, dict], dict[str, dict]]:
+        self.refresh()
         messages = self.strategy.configure_evaluate(server_round, self.sites.names)
         self.totals["bytes_down"] += payload_bytes(record_from_arrays(self.strategy.state())) * len(messages)
-        return federated_evaluation(self.exchange, messages, self.sites.names, self.cfg.data.holdout)
+        return federated_evaluation(lambda m: self.exchange(m, quorum=len(m)).replies, messages,
+                                    self.sites.names, self.cfg.data.holdout)
 
     def checkpoint(self, server_round: int) -> None:
         arrays, meta = self.strategy.checkpoint()
@@ -111,8 +164,13 @@ def run_experiment(
     log.info("effective configuration: %s", cfg.to_json())
     folder.write_json(folder.config, cfg.to_dict())
 
-    run.sites = handshake(grid, cfg, expected_nodes or cfg.federation.min_nodes, say)
-    run.audit, run.run_id = _start_audit(grid, cfg, run.sites.names)
+    run.audit, run.run_id = _open_audit(grid)
+    run.start(expected_nodes or cfg.federation.min_nodes)
+    if run.audit is not None:
+        run.audit.run_started(
+            run_id=run.run_id, algorithm=cfg.algorithm, rounds=cfg.rounds,
+            config_sha256=hashlib.sha256(cfg.to_json().encode()).hexdigest(),
+            nodes=sorted(run.sites.names))
     run.strategy.describe()
     first_round = 1
     history: list[dict] = []
@@ -186,9 +244,7 @@ def run_experiment(
     return summary
 
 
-def _start_audit(
-    grid: Grid, cfg: ExperimentConfig, names: dict[int, str]
-) -> tuple[audit_log.AuditLog | None, int]:
+def _open_audit(grid: Grid) -> tuple[audit_log.AuditLog | None, int]:
     """The coordinator's audit log (deployment only: ``$FEDMETA_AUDIT_LOG``) and the run id."""
     audit = audit_log.from_env()
     if audit is None:
@@ -197,8 +253,4 @@ def _start_audit(
         run_id = int(grid.run.run_id)
     except (AttributeError, NotImplementedError):
         run_id = 0
-    audit.run_started(
-        run_id=run_id, algorithm=cfg.algorithm, rounds=cfg.rounds,
-        config_sha256=hashlib.sha256(cfg.to_json().encode()).hexdigest(), nodes=sorted(names),
-    )
     return audit, run_id

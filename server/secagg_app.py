@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.server import Grid, ServerApp
 
-from fedmeta.common.config import ExperimentConfig, load_config
+from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.params import l2_norm
 from fedmeta.common.privacy import epsilon
@@ -113,7 +113,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    rc = context.run_config
-    cfg = load_config(str(rc.get("config", "")) or None, str(rc.get("overrides", "")).split())
-    out = Path(str(rc.get("out", "")) or f"runs/secagg-{time.strftime('%Y%m%d-%H%M%S')}")
-    secure_reptile(grid, context, cfg, out)
+    from fedmeta.server.app import check_run_name, experiment_from_run_config, runs_root
+
+    rc = dict(context.run_config)
+    cfg = experiment_from_run_config(rc)
+    name = check_run_name(str(rc.get("run-name", "")) or f"secagg-{time.strftime('%Y%m%d-%H%M%S')}")
+    secure_reptile(grid, context, cfg, runs_root() / name)

@@ -118,6 +118,7 @@ class FedMetaStrategy:
         self._reference = {k: np.asarray(v) for k, v in state.items()}
         self._rng = np.random.default_rng(cfg.seed)
         self._held: dict[int, NDArrays] = {}  # node -> the state it holds (downlink deltas)
+        self._ttl = float(cfg.federation.timeout_s)  # a round's messages expire with the round
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> NDArrays:
@@ -186,12 +187,12 @@ class FedMetaStrategy:
         if comp.downlink == "full" or comp.method == "none":
             arrays = record_from_arrays(state)
             record.bytes_down = payload_bytes(arrays) * len(sampled)
-            messages = _messages(arrays, config, sampled, MessageType.TRAIN)
+            messages = _messages(arrays, config, sampled, MessageType.TRAIN, self._ttl)
         else:
             for node in sampled:
                 arrays, node_config = self._downlink(node, state, config)
                 record.bytes_down += payload_bytes(arrays)
-                messages.extend(_messages(arrays, node_config, [node], MessageType.TRAIN))
+                messages.extend(_messages(arrays, node_config, [node], MessageType.TRAIN, self._ttl))
         return TrainPlan(server_round, messages, {n: nodes[n] for n in sampled}, record)
 
     def _config(self, server_round: int, phase: str) -> ConfigRecord:
@@ -300,9 +301,11 @@ class FedMetaStrategy:
         """Every node adapts the current state and scores its own test split."""
         order = sorted(nodes, key=lambda n: (nodes[n], n))
         return _messages(record_from_arrays(self.state()), self._config(server_round, K.EVALUATE),
-                         order, MessageType.EVALUATE)
+                         order, MessageType.EVALUATE, self._ttl)
 
 
-def _messages(arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], message_type: str) -> list[Message]:
+def _messages(arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], message_type: str,
+              ttl: float) -> list[Message]:
     content = RecordDict({K.ARRAYS: arrays, K.CONFIG: config})
-    return [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
+    return [Message(content=content, message_type=message_type, dst_node_id=n, ttl=ttl)
+            for n in node_ids]

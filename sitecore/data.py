@@ -22,7 +22,7 @@ from fedmeta.common.config import DataConfig, ExperimentConfig, TaskConfig
 from fedmeta.common.data.base import ImageSite, Site, TabularSite
 from fedmeta.common.data.ehr import EhrCohort, check_k_shot, load_ehr_site
 from fedmeta.common.data.images import check_n_way_k_shot, load_image_site
-from fedmeta.common.data.registry import load_site, simulation_sites
+from fedmeta.common.data.registry import data_spec, load_site, simulation_sites
 from fedmeta.common.data.site_config import (
     EhrSiteConfig,
     ImageSiteConfig,
@@ -161,9 +161,17 @@ _LOADED: dict[str, Site] = {}
 def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> Site:
     """The rows of the site a node serves, loaded once per process and kept between rounds.
 
-    ``node_config`` names the site: ``site-config`` (path of the hospital's data description),
-    ``site`` (a site of the experiment's data source) or ``partition-id`` (simulation: the i-th
-    site, training sites first, then held-out ones). Nothing else is read.
+    ``node_config`` names the site, and only the site decides it:
+
+    - ``site-config``: the path of the hospital's data description (a real hospital);
+    - ``source`` with ``site`` or ``partition-id``: one site of a data source installed with
+      fedmeta (``path``, ``synth-sites``, ``synth-seed`` for generated ones);
+    - ``partition-id`` alone (simulation, one machine): the i-th site of the experiment's own
+      source, training sites first, then held-out ones.
+
+    The experiment contributes only its split settings (``data.test_fraction``,
+    ``data.split_seed``), which the site's policy bounds; nothing else of the coordinator's data
+    settings, and nothing on the coordinator's file system, is read.
     """
     key = json.dumps({"node": {k: str(v) for k, v in node_config.items()},
                       "data": cfg.to_dict()["data"]}, sort_keys=True)
@@ -171,15 +179,33 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
         return _LOADED[key]
     if "site-config" in node_config:
         site = load_local_site(str(node_config["site-config"]), data=cfg.data, tasks=cfg.tasks)
-    elif "site" in node_config:
-        site = load_site(cfg.data, str(node_config["site"]))
+    elif "source" in node_config:
+        data = DataConfig(
+            source=str(node_config["source"]), path=str(node_config.get("path", "")),
+            synth_sites=int(str(node_config.get("synth-sites", 10))),
+            synth_seed=int(str(node_config.get("synth-seed", 0))),
+            test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed,
+        )
+        if "site" in node_config:
+            name = str(node_config["site"])
+        else:
+            names = data_spec(data).sites
+            pid = int(str(node_config.get("partition-id", -1)))
+            if not 0 <= pid < len(names):
+                raise ConfigError(f"partition-id {pid} out of range: source {data.source} has "
+                                  f"{len(names)} sites")
+            name = names[pid]
+        site = load_site(data, name)
     elif "partition-id" in node_config:
         names = simulation_sites(cfg.data)
         pid = int(str(node_config["partition-id"]))
         if not 0 <= pid < len(names):
             raise ConfigError(f"partition-id {pid} out of range: the experiment has {len(names)} sites")
         site = load_site(cfg.data, names[pid])
+    elif "site" in node_config:
+        site = load_site(cfg.data, str(node_config["site"]))
     else:
-        raise ConfigError("node config names no site: set site-config=PATH, site=NAME or partition-id=N")
+        raise ConfigError("node config names no site: set site-config=PATH, source and site, "
+                          "or partition-id=N")
     _LOADED[key] = site
     return site

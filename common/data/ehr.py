@@ -375,7 +375,19 @@ def ehr_spec_from(root: Path) -> DataSpec:
         if c.missing_indicators != first.missing_indicators:
             raise ConfigError(f"{c.source}: missing_indicators differs from {first.source}")
     width = schema.width(missing_indicators=first.missing_indicators)
-    return DataSpec("tabular", (width,), 2, tuple(c.name for c in configs), first.outcomes)
+    return DataSpec("tabular", (width,), 2, tuple(c.name for c in configs), first.outcomes,
+                    features=schema.encoded_names(missing_indicators=first.missing_indicators))
+
+
+def ehr_spec_from_schema(cfg: DataConfig) -> DataSpec:
+    """A deployment's shape from the consortium's schema and outcomes alone (``data.feature_schema``,
+    ``data.outcomes``): the coordinator reads no site's files; the sites are those that join."""
+    if not cfg.outcomes:
+        raise ConfigError(f"data.feature_schema = {cfg.feature_schema!r}: data.outcomes must name "
+                          "the outcomes every site labels")
+    schema = load_schema(Path(cfg.feature_schema).expanduser())
+    names = schema.encoded_names(missing_indicators=cfg.missing_indicators)
+    return DataSpec("tabular", (len(names),), 2, (), cfg.outcomes, features=names)
 
 
 def _ehr_load_from(root: Path, cfg: DataConfig, name: str) -> TabularSite:
@@ -402,7 +414,8 @@ def synth_ehr_root(cfg: DataConfig) -> Path:
 register_source(
     "ehr",
     Source(
-        lambda cfg: ehr_spec_from(_ehr_root(cfg)),
+        lambda cfg: (ehr_spec_from_schema(cfg) if cfg.feature_schema and not cfg.path
+                     else ehr_spec_from(_ehr_root(cfg))),
         lambda cfg, name: _ehr_load_from(_ehr_root(cfg), cfg, name),
     ),
 )

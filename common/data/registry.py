@@ -32,6 +32,14 @@ class DataSpec:
     n_classes: int
     sites: tuple[str, ...]
     outcomes: tuple[str, ...] = ()
+    #: Encoded feature names in model-input order (tables), when the source knows them: what
+    #: every site's own data must encode to, checked at the handshake.
+    features: tuple[str, ...] = ()
+
+    def layout(self) -> dict[str, list]:
+        """What a site compares its own data with: features, outcomes and the input shape."""
+        return {"features": list(self.features), "outcomes": list(self.outcomes),
+                "input_shape": list(self.input_shape)}
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ def data_spec(cfg: DataConfig) -> DataSpec:
     """Shape and site names of the configured source, with ``data.sites`` checked against it."""
     spec = _source(cfg).spec(cfg)
     for key in ("sites", "holdout"):
+        if not spec.sites:  # a deployment's sites are known only when they connect
+            break
         unknown = [s for s in getattr(cfg, key) if s not in spec.sites]
         if unknown:
             raise ConfigError(
@@ -93,7 +103,8 @@ def load_site(cfg: DataConfig, name: str) -> Site:
 
 
 def _heart_spec(cfg: DataConfig) -> DataSpec:
-    return DataSpec("tabular", (len(heart.FEATURES),), 2, heart.HOSPITALS, (heart.OUTCOME,))
+    return DataSpec("tabular", (len(heart.FEATURES),), 2, heart.HOSPITALS, (heart.OUTCOME,),
+                    features=heart.FEATURES)
 
 
 def _heart_load(cfg: DataConfig, name: str) -> Site:

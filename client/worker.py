@@ -1,0 +1,202 @@
+"""The hospital's site worker: the only process that computes for the federation at a site.
+
+The hospital's SuperNode runs in Flower's ``process`` isolation: it launches nothing. This worker
+(started by ``fedmeta site start`` beside it) takes each task from the SuperNode's Runtime API
+(``AcquireTask``, signed with a secret only the two share), and for each one
+
+1. checks the run's app bundle (:func:`fedmeta.protocol.app.check_bundle`): anything but the
+   fedmeta app this hospital installed and pinned is refused before any data is read, answered
+   with the code "app refused", and written to the site's own audit log;
+2. checks the request against the site's policy (:mod:`fedmeta.sitecore.policy`);
+3. answers with the *installed* fedmeta ClientApp (:mod:`fedmeta.client.app`), in this process,
+   so torch is imported once and the site's data stays loaded between rounds and runs;
+4. replies only with what the ClientApp returns, or, on any failure, a fixed code and a short
+   category (:mod:`fedmeta.protocol.errors`); the full message stays in the site's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common import MessageType
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from fedmeta.common.config import ExperimentConfig
+from fedmeta.protocol import keys as K
+from fedmeta.protocol.app import check_bundle
+from fedmeta.protocol.errors import SiteErrorCode, classify, reason
+from fedmeta.sitecore.policy import SitePolicy, check_experiment, check_sizes
+
+log = logging.getLogger(__name__)
+
+_ACQUIRE = ("/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
+            "/flwr.proto.Runtime/ClaimTask")
+
+Audit = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker needs: the Runtime API address, the shared secret, the site's node
+    config (its data), policy and pinned version, and where refusals are written."""
+
+    runtime_address: str
+    secret: bytes
+    node_config: Mapping[str, str | int]
+    policy: SitePolicy
+    version: str
+    poll_s: float = 0.1
+
+
+def _policy_mod(settings: WorkerSettings, *, secure_aggregation: bool) -> Any:
+    """A ClientApp mod that checks every request against the site's policy before the handler
+    reads any data, and the site's split sizes before it computes."""
+    from fedmeta.client.app import experiment_of, site_of
+
+    def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        if K.CONFIG in message.content.config_records and K.EXPERIMENT in message.content[K.CONFIG]:
+            cfg: ExperimentConfig = experiment_of(message)
+            check_experiment(settings.policy, cfg, secure_aggregation=secure_aggregation)
+            kind = message.metadata.message_type
+            if kind in (MessageType.TRAIN, MessageType.EVALUATE):
+                check_sizes(settings.policy, cfg, site_of(context, cfg),
+                            phase="train" if kind == MessageType.TRAIN else "evaluate")
+        return call_next(message, context)
+
+    return mod
+
+
+class SiteWorker:
+    """Serves the SuperNode's tasks with the installed fedmeta ClientApp until :meth:`stop`."""
+
+    def __init__(self, settings: WorkerSettings, audit: Audit) -> None:
+        self.settings = settings
+        self.audit = audit
+        self._stop = threading.Event()
+        self._apps: dict[bool, ClientApp] = {}
+        self.served = 0
+        self.refused = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _client(self, *interceptors: Any) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.settings.runtime_address, insecure=True, root_certificates=None,
+            interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def _app(self, secure_aggregation: bool) -> ClientApp:
+        if secure_aggregation not in self._apps:
+            if secure_aggregation:
+                from fedmeta.client.secagg_app import make_app
+            else:
+                from fedmeta.client.app import make_client_app as make_app  # type: ignore[assignment]
+            self._apps[secure_aggregation] = make_app(
+                mods=[_policy_mod(self.settings, secure_aggregation=secure_aggregation)])
+        return self._apps[secure_aggregation]
+
+    def run(self) -> None:
+        """Poll for tasks and serve them until stopped."""
+        acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                               SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
+                                                            protected_methods=_ACQUIRE))
+        try:
+            while not self._stop.is_set():
+                try:
+                    res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                except Exception as e:  # noqa: BLE001 - the SuperNode may be (re)starting
+                    log.debug("no answer from the SuperNode's Runtime API: %s", e)
+                    self._stop.wait(min(1.0, 10 * self.settings.poll_s))
+                    continue
+                if res.HasField("task") and res.token:
+                    self.serve(res.token)
+                else:
+                    self._stop.wait(self.settings.poll_s)
+        finally:
+            acquire.close()
+
+    def serve(self, token: str) -> None:
+        """Serve one task: check its app, answer with the installed ClientApp, push the reply."""
+        client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                              RuntimeTokenHttpInterceptor(token))
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        status, details = SubStatus.FAILED, "refused"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            verdict = check_bundle(fab.content, fab_id=run.fab_id, fab_version=run.fab_version,
+                                   version=self.settings.version,
+                                   allow_secure_aggregation=self.settings.policy.allow_secure_aggregation)
+            if not verdict.accepted:
+                self.refused += 1
+                log.warning("refused run %d: %s (bundle %s)", run.run_id, verdict.reason, fab.hash_str)
+                self.audit("app_refused", run_id=int(run.run_id), app=run.fab_id[:100],
+                           version=run.fab_version[:50], bundle_sha256=fab.hash_str,
+                           reason=verdict.reason[:200])
+                reply = Message(Error(code=int(SiteErrorCode.APP_REFUSED),
+                                      reason=reason(SiteErrorCode.APP_REFUSED)), reply_to=message)
+            else:
+                context.node_config = dict(self.settings.node_config)  # the site decides its data
+                reply = self._answer(message, context, run_id=int(run.run_id),
+                                     secure_aggregation=verdict.secure_aggregation)
+                status, details = SubStatus.COMPLETED, ""
+            push_message(client, reply, context)
+        except Exception as e:  # noqa: BLE001 - a broken task must never stop the worker
+            log.error("task failed outside the app: %s\n%s", e, traceback.format_exc())
+        finally:
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            heartbeat.stop()
+            client.close()
+
+    def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool) -> Message:
+        """The ClientApp's reply, or a code and category when anything goes wrong."""
+        t0 = time.monotonic()
+        kind = message.metadata.message_type
+        server_round = _round_of(message)
+        try:
+            reply = self._app(secure_aggregation)(message, context)
+        except Exception as e:  # noqa: BLE001 - classified below; the text never leaves the site
+            code = classify(e)
+            log.error("run %d, %s of round %d: %s: %s\n%s", run_id, kind, server_round,
+                      type(e).__name__, e, traceback.format_exc())
+            self.audit("request_failed", run_id=run_id, round=server_round, phase=kind,
+                       category=reason(code)[:200])
+            return Message(Error(code=int(code), reason=reason(code, e)), reply_to=message)
+        self.served += 1
+        examples = None
+        if reply.has_content() and K.METRICS in reply.content.metric_records:
+            value = reply.content[K.METRICS].get(K.NUM_EXAMPLES)
+            examples = int(value) if isinstance(value, int | float) else None
+        self.audit("request_served", run_id=run_id, round=server_round, phase=kind,
+                   num_examples=examples, seconds=round(time.monotonic() - t0, 3))
+        return reply
+
+
+def _round_of(message: Message) -> int:
+    try:
+        value = message.content[K.CONFIG].get(K.ROUND, 0) if K.CONFIG in message.content.config_records else 0
+        return int(value) if isinstance(value, int | float) else 0
+    except Exception:  # noqa: BLE001 - only for the log line
+        return 0

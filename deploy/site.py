@@ -1,0 +1,236 @@
+"""A hospital's side of a deployment: ``fedmeta site start --node node.yaml``.
+
+Before anything starts, the site checks everything it can: the node file, the installed fedmeta
+against the hospital's pin (version and, when pinned, the code's hash), its data (loaded and
+validated), and its key (decrypted with its passphrase). Then it runs two things until stopped:
+
+- Flower's SuperNode (``python -m fedmeta.deploy.supernode``, gRPC with TLS to the coordinator,
+  authenticated by the hospital's key, in ``process`` isolation: it launches nothing), restarted
+  with growing waits whenever it exits (the coordinator unreachable, or refusing a node whose
+  previous session has not expired yet), and
+- the site worker (:class:`fedmeta.client.worker.SiteWorker`) in this process, the only code
+  that computes for the federation, with the site's data loaded once.
+
+The key reaches the SuperNode decrypted in memory (``/dev/fd/N``), as does the secret the
+SuperNode and the worker share; the site's state folder is owner-only and its audit log records
+starts, refusals and what was served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.errors import ConfigError
+from fedmeta.deploy.launch import base_env
+from fedmeta.deploy.node import NodeConfig
+from fedmeta.deploy.processes import Managed, Processes
+from fedmeta.deploy.secrets import MemoryFile, decrypted_pem, secure_folder
+from fedmeta.deploy.supernode import POLL_ENV
+from fedmeta.protocol.app import code_digest, installed_version
+from fedmeta.sitecore.audit import SiteAudit
+
+logger = logging.getLogger(__name__)
+
+INSECURE_WARNING = (
+    "--insecure: TLS is OFF. Model updates and credentials cross the network unencrypted and "
+    "hospitals are not authenticated. Use only on a closed test machine."
+)
+BACKOFF_S = (2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class SitePreflight:
+    """What the checks before start found: the version and code digest that will run."""
+
+    version: str
+    code_sha256: str
+    n_train: int
+    n_test: int
+
+
+def preflight(node: NodeConfig) -> SitePreflight:
+    """Check the pin and the site's data before anything starts (errors name what is wrong)."""
+    version = installed_version()
+    digest = code_digest()
+    if node.app is None:
+        raise ConfigError(f"{node.source}: app: pins no fedmeta version; add app: {{version: "
+                          f"{version}}} to accept runs of the fedmeta installed here")
+    if node.app.version != version:
+        raise ConfigError(f"{node.source}: app.version = {node.app.version!r}, but fedmeta "
+                          f"{version} is installed; install the pinned version or change the pin")
+    if node.app.code_sha256 is not None and node.app.code_sha256 != digest:
+        raise ConfigError(f"{node.source}: app.code_sha256 does not match the installed fedmeta "
+                          f"code ({digest[:16]}…): the installation changed since it was pinned; "
+                          "re-pin with `fedmeta site pin --node` after checking it")
+    from fedmeta.sitecore.data import site_for_node
+
+    site = site_for_node(node.node_config(), ExperimentConfig())
+    return SitePreflight(version=version, code_sha256=digest, n_train=site.n_train, n_test=site.n_test)
+
+
+def supernode_argv(node: NodeConfig, *, key_path: str | None, secret_path: str, runtime_port: int,
+                   insecure: bool = False, superlink: str | None = None,
+                   use_ca: bool = True) -> list[str]:
+    """``flower-supernode`` (with fedmeta's waits) for one hospital, in process isolation."""
+    argv = [sys.executable, "-m", "fedmeta.deploy.supernode", "--grpc-rere",
+            "--superlink", superlink or node.superlink]
+    if insecure:
+        logger.warning(INSECURE_WARNING)
+        argv += ["--insecure"]
+    else:
+        if use_ca:
+            argv += ["--root-certificates", str(node.root_certificates)]
+        if key_path is not None:
+            argv += ["--auth-supernode-private-key", key_path]
+    argv += ["--isolation", "process", "--superexec-auth-secret-file", secret_path,
+             "--host", "127.0.0.1", "--port", str(runtime_port)]
+    return argv
+
+
+class SiteRunner:
+    """The hospital's SuperNode (restarted with backoff) and its worker, until :meth:`stop`."""
+
+    def __init__(self, node: NodeConfig, *, insecure: bool = False, runtime_port: int | None = None,
+                 superlink: str | None = None, use_ca: bool = True, max_restarts: int | None = None,
+                 say: object = None) -> None:
+        self.node = node
+        self.insecure = insecure
+        self.runtime_port = runtime_port or node.runtime_port
+        self.superlink = superlink
+        self.use_ca = use_ca
+        self.max_restarts = max_restarts
+        self.say = say if callable(say) else (lambda text: logger.info("%s", text))
+        self.state = secure_folder(node.state_dir())
+        self.audit = SiteAudit(self.state / "audit.jsonl")
+        self.procs = Processes(self.state / "run")
+        self._stop = threading.Event()
+        self._key: MemoryFile | None = None
+        self._secret: MemoryFile | None = None
+        self.worker: object = None
+        self.node_process: Managed | None = None
+        self.restarts = 0
+
+    def start(self) -> SitePreflight:
+        """Check everything, then start the SuperNode and the worker; returns the checks' result."""
+        from fedmeta.client.worker import SiteWorker, WorkerSettings
+
+        checked = preflight(self.node)
+        if not self.insecure:
+            self._key = decrypted_pem(self.node.auth_private_key, self.node.passphrase(), openssh=True)
+        secret = secrets.token_bytes(32)
+        self._secret = MemoryFile("superexec-secret", secret)
+        self.audit.record("site_started", site=self.node.site, version=checked.version,
+                          code_sha256=checked.code_sha256,
+                          policy_min_patients=self.node.policy.min_patients)
+        self._start_node()
+        worker = SiteWorker(
+            WorkerSettings(runtime_address=f"127.0.0.1:{self.runtime_port}", secret=secret,
+                           node_config=self.node.node_config(), policy=self.node.policy,
+                           version=checked.version, poll_s=min(0.1, self.node.poll_interval_s)),
+            audit=self.audit.record,
+        )
+        self.worker = worker
+        threading.Thread(target=worker.run, name="fedmeta-site-worker", daemon=True).start()
+        return checked
+
+    def _start_node(self) -> None:
+        assert self._secret is not None
+        argv = supernode_argv(self.node, key_path=self._key.path if self._key else None,
+                              secret_path=self._secret.path, runtime_port=self.runtime_port,
+                              insecure=self.insecure, superlink=self.superlink, use_ca=self.use_ca)
+        env = base_env(self.state / "flwr-home")
+        env[POLL_ENV] = str(self.node.poll_interval_s)
+        fds = [self._secret.fd] + ([self._key.fd] if self._key else [])
+        self.node_process = self.procs.start("supernode", argv, env=env, pass_fds=fds)
+
+    def supervise(self) -> int:
+        """Block until stopped; restart the SuperNode with growing waits whenever it exits.
+        Returns 0 when stopped, 1 when ``max_restarts`` was exhausted."""
+        while not self._stop.is_set():
+            assert self.node_process is not None
+            if self.node_process.alive():
+                self._stop.wait(0.5)
+                continue
+            code = self.node_process.popen.returncode
+            why = _exit_reason(self.node_process.log_path)
+            if self.max_restarts is not None and self.restarts >= self.max_restarts:
+                self.say(f"site {self.node.site}: the node exited ({why}); giving up after "
+                         f"{self.restarts} restarts")
+                return 1
+            wait = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
+            self.restarts += 1
+            self.audit.record("node_restarted", attempt=self.restarts, wait_s=wait, reason=why[:200])
+            self.say(f"site {self.node.site}: the node exited with code {code} ({why}); "
+                     f"retrying in {wait:.0f} s (attempt {self.restarts})")
+            if self._stop.wait(wait):
+                break
+            self._start_node()
+        return 0
+
+    def stop(self) -> None:
+        """Stop the worker and the SuperNode (by PID) and release the in-memory secrets."""
+        self._stop.set()
+        stop = getattr(self.worker, "stop", None)
+        if callable(stop):
+            stop()
+        self.procs.stop_all()
+        for mem in (self._key, self._secret):
+            if mem is not None:
+                mem.close()
+        self.audit.record("site_stopped", site=self.node.site,
+                          served=int(getattr(self.worker, "served", 0)),
+                          refused=int(getattr(self.worker, "refused", 0)))
+
+
+def _exit_reason(log_path: Path) -> str:
+    """A short reason from the end of the SuperNode's log (never data: Flower's own lines)."""
+    try:
+        tail = log_path.read_text(errors="replace")[-4000:]
+    except OSError:
+        return "no log"
+    for marker, text in (
+        ("Failed to activate", "the coordinator refused the node (its previous session may "
+                               "not have expired yet)"),
+        ("PERMISSION_DENIED", "the coordinator refused the node's key"),
+        ("UNAVAILABLE", "the coordinator is unreachable"),
+        ("certificate", "TLS verification failed"),
+    ):
+        if marker in tail:
+            return text
+    return "see " + str(log_path)
+
+
+def run_site(node: NodeConfig, *, insecure: bool = False, say: object = None) -> int:
+    """``fedmeta site start``: start, supervise until SIGTERM/Ctrl-C, stop."""
+    import signal
+
+    runner = SiteRunner(node, insecure=insecure, say=say)
+    previous = signal.signal(signal.SIGTERM, lambda *_: runner._stop.set())
+    try:
+        checked = runner.start()
+        runner.say(f"site {node.site}: fedmeta {checked.version} (code {checked.code_sha256[:12]}), "
+                   f"{checked.n_train} training / {checked.n_test} test patients; node dialing "
+                   f"{node.superlink} over gRPC+TLS; state in {runner.state}; Ctrl-C to stop")
+        return runner.supervise()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        runner.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def umask_owner_only() -> None:
+    """Files this process creates from now on are readable by their owner only."""
+    os.umask(0o077)
+
+
+__all__ = ["SiteRunner", "preflight", "run_site", "supernode_argv", "umask_owner_only"]
+_ = time  # the module's waits use threading events; time is kept for callers' monkeypatching

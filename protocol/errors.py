@@ -1,0 +1,64 @@
+"""What a site says when it does not answer a request: a fixed code and a short category.
+
+A site never sends an exception's text: a data error can quote a cell (a name, a record number),
+a file path or a column. The coordinator receives only the code, the category and, for a policy
+refusal, the rule that was broken with the counts involved (written from the policy's values, so
+it holds nothing of the data). The full message stays in the site's own log.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from fedmeta.common.errors import ConfigError, DataError
+
+
+class SiteErrorCode(IntEnum):
+    """Flower ``Error`` codes of fedmeta's site replies (outside Flower's own range)."""
+
+    POLICY_REFUSAL = 4100
+    DATA_ERROR = 4200
+    APP_REFUSED = 4300
+    OUT_OF_MEMORY = 4400
+    BAD_REQUEST = 4500
+    INTERNAL_ERROR = 4600
+
+
+CATEGORY = {
+    SiteErrorCode.POLICY_REFUSAL: "policy refusal",
+    SiteErrorCode.DATA_ERROR: "data error",
+    SiteErrorCode.APP_REFUSED: "app refused",
+    SiteErrorCode.OUT_OF_MEMORY: "out of memory",
+    SiteErrorCode.BAD_REQUEST: "bad request",
+    SiteErrorCode.INTERNAL_ERROR: "internal error",
+}
+
+
+def classify(exc: BaseException) -> SiteErrorCode:
+    """The code an exception raised while serving a request is reported under."""
+    from fedmeta.sitecore.policy import PolicyRefusal
+
+    if isinstance(exc, PolicyRefusal):
+        return SiteErrorCode.POLICY_REFUSAL
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return SiteErrorCode.OUT_OF_MEMORY
+    if isinstance(exc, DataError):
+        return SiteErrorCode.DATA_ERROR
+    if isinstance(exc, ConfigError | KeyError | ValueError | TypeError):
+        return SiteErrorCode.BAD_REQUEST
+    return SiteErrorCode.INTERNAL_ERROR
+
+
+def reason(code: SiteErrorCode, exc: BaseException | None = None) -> str:
+    """The text sent with ``code``: the category, plus the rule for a policy refusal."""
+    if code is SiteErrorCode.POLICY_REFUSAL and exc is not None:
+        return f"{CATEGORY[code]}: {exc}"
+    return CATEGORY[code]
+
+
+def describe(code: int) -> str:
+    """The category of a code received from a site (``site error N`` for an unknown one)."""
+    try:
+        return CATEGORY[SiteErrorCode(code)]
+    except ValueError:
+        return f"site error {code}"

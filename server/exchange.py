@@ -1,0 +1,103 @@
+"""Sending a round's messages and collecting the replies, without waiting for the dead.
+
+Flower's ``Grid.send_and_receive`` polls every 3 s and waits for every reply until its timeout.
+:func:`exchange` pushes the messages, polls for replies every ``poll_s`` and stops waiting when
+
+- every node replied, or
+- the nodes still owing a reply are offline (the SuperLink's view, from their heartbeats), or
+- at least ``quorum`` replied and the others have had ``straggler_factor`` times as long as the
+  quorum took (at least ``min_grace_s``), or
+- ``timeout_s`` passed.
+
+Messages are built with the round's timeout as their TTL (:mod:`fedmeta.server.strategy`), so
+a site that comes back late does not work through stale rounds. An in-process grid
+(``LocalGrid``, Ray simulation's grid) answers directly through ``send_and_receive``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """How long a round waits: the hard cap, the quorum and the straggler allowance."""
+
+    timeout_s: float
+    quorum: int
+    straggler_factor: float = 3.0
+    min_grace_s: float = 5.0
+    poll_s: float = 0.1
+
+
+@dataclass
+class Outcome:
+    """The replies, the nodes that never answered and why the wait ended."""
+
+    replies: list[Message] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    ended: str = "all replied"
+    seconds: float = 0.0
+
+
+def _push_pull(grid: Grid) -> bool:
+    """Whether ``grid`` delivers by push/pull (a deployment's grid) rather than directly."""
+    from fedmeta.server.local_grid import LocalGrid
+
+    return not isinstance(grid, LocalGrid) and type(grid).__name__ == "HttpGrid"
+
+
+def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting) -> Outcome:
+    """Send ``messages`` and collect replies as described in the module docstring."""
+    t0 = time.monotonic()
+    if not messages:
+        return Outcome()
+    if not _push_pull(grid):
+        replies = list(grid.send_and_receive(list(messages), timeout=waiting.timeout_s))
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+        return Outcome(replies, missing, "all replied" if not missing else "timeout",
+                       time.monotonic() - t0)
+    ids = list(grid.push_messages(messages))
+    pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+    out = Outcome()
+    quorum_at: float | None = None
+    last_liveness = 0.0
+    online: set[int] = set(pending.values())
+    while pending:
+        now = time.monotonic()
+        for reply in grid.pull_messages(list(pending)):
+            pending.pop(reply.metadata.reply_to_message_id, None)
+            out.replies.append(reply)
+        if not pending:
+            break
+        elapsed = time.monotonic() - t0
+        if quorum_at is None and len(out.replies) >= waiting.quorum:
+            quorum_at = elapsed
+        if now - last_liveness >= 1.0:
+            online = set(grid.get_node_ids())
+            last_liveness = now
+        if all(node not in online for node in pending.values()):
+            out.ended = "the remaining sites went offline"
+            break
+        if quorum_at is not None and elapsed >= max(waiting.min_grace_s,
+                                                   waiting.straggler_factor * quorum_at):
+            out.ended = "stragglers left behind"
+            break
+        if elapsed >= waiting.timeout_s:
+            out.ended = "timeout"
+            break
+        time.sleep(waiting.poll_s)
+    out.missing = sorted(pending.values())
+    out.seconds = time.monotonic() - t0
+    if out.missing:
+        log.warning("no reply from nodes %s (%s after %.1f s)", out.missing, out.ended, out.seconds)
+    return out

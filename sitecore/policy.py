@@ -1,0 +1,114 @@
+"""A hospital's own rules for what its node computes and sends, enforced at the site.
+
+The policy lives in the site's node file (``node.yaml``, section ``policy``), owned by the
+hospital; the coordinator can read it only by being refused. Every request is checked before any
+patient row is touched (:func:`check_experiment`), and against the site's split sizes once its data
+is loaded (:func:`check_sizes`). A breach raises :class:`PolicyRefusal`, whose message holds only
+policy values and counts, so it may travel back to the coordinator as the refusal's reason.
+
+The patient floor (``min_patients``) bounds how few patients can stand behind a number that leaves
+the site: every task of a training round draws ``support + query`` distinct patients (``ways ×
+(support + query)`` images), FedAvg trains on ``min(n_train, local_steps × batch)`` rows, and an
+evaluation scores the whole test split after adapting on the training split (or on ``eval.shots``
+patients), so each of these must reach the floor.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.data.base import Site, TabularSite
+from fedmeta.common.errors import FedmetaError
+from fedmeta.common.yamlio import Bool, YamlModel, fail, integer, number
+
+
+class PolicyRefusal(FedmetaError):
+    """A request breaks the site's policy; the message names the rule and the counts only."""
+
+
+def _algorithm_names(value: Any) -> tuple[str, ...]:
+    from fedmeta.common import algorithms
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise fail("expected a list of algorithm names")
+    unknown = [v for v in value if v not in algorithms.names()]
+    if unknown:
+        raise fail(f"unknown algorithm {unknown[0]!r}; known: {', '.join(algorithms.names())}")
+    return tuple(value)
+
+
+def _all_algorithms() -> tuple[str, ...]:
+    from fedmeta.common import algorithms
+
+    return algorithms.names()
+
+
+class SitePolicy(YamlModel):
+    """What this hospital allows (defaults: the floor of 20 patients, every built-in algorithm,
+    DP optional, at most 1000 rounds, secure aggregation allowed)."""
+
+    min_patients: Annotated[int, integer(ge=1)] = 20
+    algorithms: Annotated[tuple[str, ...], BeforeValidator(_algorithm_names)] = Field(
+        default_factory=_all_algorithms)
+    require_dp: Bool = False
+    max_epsilon: Annotated[float, number(gt=0)] | None = None
+    max_rounds: Annotated[int, integer(ge=1)] = 1000
+    allow_secure_aggregation: Bool = True
+
+
+def check_experiment(policy: SitePolicy, cfg: ExperimentConfig, *, secure_aggregation: bool = False) -> None:
+    """Refuse an experiment this site does not allow, before any of its data is read."""
+    if cfg.algorithm not in policy.algorithms:
+        raise PolicyRefusal(f"algorithm {cfg.algorithm!r} is not allowed here "
+                            f"(allowed: {', '.join(policy.algorithms)})")
+    if cfg.rounds > policy.max_rounds:
+        raise PolicyRefusal(f"rounds = {cfg.rounds} exceeds this site's max_rounds = {policy.max_rounds}")
+    if secure_aggregation and not policy.allow_secure_aggregation:
+        raise PolicyRefusal("secure aggregation runs are not allowed here")
+    if policy.require_dp:
+        if not cfg.privacy.dp:
+            raise PolicyRefusal("this site requires differential privacy (privacy.dp = true)")
+        if policy.max_epsilon is not None:
+            from fedmeta.common.privacy import epsilon
+
+            eps = epsilon(rounds=cfg.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
+                          delta=cfg.privacy.delta)
+            if eps > policy.max_epsilon:
+                raise PolicyRefusal(f"the run's ε = {eps:.3g} after {cfg.rounds} rounds exceeds "
+                                    f"this site's max_epsilon = {policy.max_epsilon:g}")
+    floor = policy.min_patients
+    if 0 < cfg.eval.shots < floor:
+        raise PolicyRefusal(f"eval.shots = {cfg.eval.shots} is below this site's min_patients = {floor}")
+
+
+def check_sizes(policy: SitePolicy, cfg: ExperimentConfig, site: Site, *, phase: str) -> None:
+    """Refuse a round whose numbers would rest on fewer patients than the floor."""
+    floor = policy.min_patients
+    t = cfg.tasks
+    if phase == "train":
+        if isinstance(site, TabularSite):
+            if cfg.algorithm == "fedavg":
+                batch = cfg.fedavg.batch_size or t.meta_batch * (t.support + t.query)
+                rows = min(site.n_train, cfg.fedavg.local_steps * batch)
+                if rows < floor:
+                    raise PolicyRefusal(f"a FedAvg round would use {rows} patients, below this "
+                                        f"site's min_patients = {floor}")
+            elif t.support + t.query < floor:
+                raise PolicyRefusal(f"a task of support + query = {t.support + t.query} patients "
+                                    f"is below this site's min_patients = {floor}")
+        else:
+            per_episode = cfg.tasks.ways * (cfg.tasks.support + cfg.tasks.query)
+            if per_episode < floor:
+                raise PolicyRefusal(f"an episode of {per_episode} images is below this site's "
+                                    f"min_patients = {floor}")
+    if site.n_train < floor:
+        raise PolicyRefusal(f"the training split has {site.n_train} patients, below this site's "
+                            f"min_patients = {floor}")
+    if phase == "evaluate" and site.n_test < floor:
+        raise PolicyRefusal(f"the test split would hold {site.n_test} patients, below this "
+                            f"site's min_patients = {floor}")
