@@ -324,7 +324,6 @@ def _run(args: argparse.Namespace) -> int:
     from fedmeta.server.runfolder import load_run_config
 
     layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
-    _coordinator_env(args)  # the coordinator must be running
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's saved config; pass changes with --set")
@@ -342,6 +341,7 @@ def _run(args: argparse.Namespace) -> int:
     data_spec(cfg.data)  # every file the experiment names must be there before submitting
     if args.secagg and cfg.algorithm != "reptile":
         raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}")
+    _coordinator_env(args)  # then the coordinator must be running
     from fedmeta.server.audit import open_log
 
     with Control(layout.flwr_home) as control:

@@ -70,16 +70,19 @@ class WorkerSettings:
 def _policy_mod(settings: WorkerSettings, *, secure_aggregation: bool) -> Any:
     """A ClientApp mod that checks every request against the site's policy before the handler
     reads any data, and the site's split sizes before it computes."""
-    from fedmeta.client.app import experiment_of, site_of
+    from fedmeta.client.app import site_of
 
     def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-        if K.CONFIG in message.content.config_records and K.EXPERIMENT in message.content[K.CONFIG]:
-            cfg: ExperimentConfig = experiment_of(message)
+        cfg = _experiment_in(message)
+        if cfg is not None:
             check_experiment(settings.policy, cfg, secure_aggregation=secure_aggregation)
             kind = message.metadata.message_type
-            if kind in (MessageType.TRAIN, MessageType.EVALUATE):
-                check_sizes(settings.policy, cfg, site_of(context, cfg),
-                            phase="train" if kind == MessageType.TRAIN else "evaluate")
+            site = site_of(context, cfg)
+            if kind == MessageType.QUERY:  # the greeting: decline the whole run up front
+                check_sizes(settings.policy, cfg, site, phase="train")
+                check_sizes(settings.policy, cfg, site, phase="evaluate")
+            elif kind in (MessageType.TRAIN, MessageType.EVALUATE):
+                check_sizes(settings.policy, cfg, site, phase="train" if kind == MessageType.TRAIN else "evaluate")
         return call_next(message, context)
 
     return mod
@@ -192,6 +195,22 @@ class SiteWorker:
         self.audit("request_served", run_id=run_id, round=server_round, phase=kind,
                    num_examples=examples, seconds=round(time.monotonic() - t0, 3))
         return reply
+
+
+def _experiment_in(message: Message) -> ExperimentConfig | None:
+    """The experiment a request carries, in fedmeta's own messages or in the round config of a
+    secure-aggregation (legacy) message; None for the protocol's other steps."""
+    import json
+
+    from fedmeta.common.config import config_from_dict
+
+    if not message.has_content():
+        return None
+    for record in message.content.config_records.values():
+        text = record.get(K.EXPERIMENT)
+        if isinstance(text, str) and text:
+            return config_from_dict(json.loads(text), where="<experiment from coordinator>")
+    return None
 
 
 def _round_of(message: Message) -> int:

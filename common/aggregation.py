@@ -78,6 +78,22 @@ def trimmed_mean(updates: Sequence[Mapping[str, np.ndarray]], trim: float) -> ND
     return out
 
 
+def lower_median(values: Sequence[float]) -> float:
+    """The lower median: a minority of sites cannot raise it (with two sites: the smaller)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def clip_outliers(updates: Sequence[Mapping[str, np.ndarray]], factor: float) -> list[NDArrays]:
+    """Updates whose norm exceeds ``factor`` times the round's lower-median norm ``m`` are scaled
+    down to norm ``m``: an outlier then weighs no more than a typical honest update, while updates
+    within the bound (every honest one, in practice) are left exactly as they are."""
+    norms = [l2_norm(u) for u in updates]
+    m = lower_median(norms)
+    return [clip_update(u, m)[0] if m > 0 and n > factor * m else dict(u)
+            for u, n in zip(updates, norms, strict=True)]
+
+
 def aggregate(
     updates: Sequence[Mapping[str, np.ndarray]],
     weights: Sequence[float],
@@ -85,8 +101,13 @@ def aggregate(
     rule: str = "mean",
     trim: float = 0.1,
     clip_norm: float = 0.0,
+    relative_clip: float = 0.0,
 ) -> NDArrays:
-    """Combine validated updates by ``rule`` (mean, median, trimmed_mean), clipping first if asked."""
+    """Combine validated updates by ``rule`` (mean, median, trimmed_mean), after clipping
+    outliers beyond ``relative_clip`` times the round's lower-median norm (:func:`clip_outliers`)
+    and every update to ``clip_norm`` (each when > 0)."""
+    if relative_clip > 0 and len(updates) > 1:
+        updates = clip_outliers(updates, relative_clip)
     if clip_norm > 0:
         updates = [clip_update(u, clip_norm)[0] for u in updates]
     if rule == "mean":

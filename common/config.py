@@ -201,12 +201,16 @@ class ValidationConfig(YamlModel):
     """Server-side checks of each reply and the aggregation rule.
 
     A reply whose update has NaN/Inf, a wrong shape or dtype, or an L2 norm above ``max_norm`` is
-    rejected. ``aggregation``: weighted ``mean``, coordinate ``median`` or ``trimmed_mean``
-    (dropping ``trim`` of the values at each end); ``clip_norm`` > 0 scales each update down to
-    that norm before aggregating.
+    rejected. By default an update whose norm exceeds ``relative_clip`` times the round's median
+    update norm (the lower median) is then scaled down to that median norm, so that one site
+    cannot move θ by more than an honest update's worth however it scales its reply, while every
+    update within the bound is used as sent (0 turns this off). ``aggregation``:
+    weighted ``mean``, coordinate ``median`` or ``trimmed_mean`` (dropping ``trim`` of the values
+    at each end); ``clip_norm`` > 0 also scales each update down to that fixed norm.
     """
 
     max_norm: Positive = 1e4
+    relative_clip: NonNegativeFloat = 4.0
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim: Annotated[float, number(ge=0, lt=0.5)] = 0.1
     clip_norm: NonNegativeFloat = 0.0

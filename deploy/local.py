@@ -224,6 +224,7 @@ def deploy_local(
     run_name = f"{experiment.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
     state = work / "coordinator"
     status, run_id, t_up, t_run = "not started", -1, t_prov, t_prov
+    co = None
     with Processes(work / "run") as procs:
         try:
             co = start_coordinator(
@@ -249,6 +250,8 @@ def deploy_local(
             t_run = time.monotonic()
         finally:
             procs.refresh_children()
+            if co is not None and co.control is not None:
+                co.control.close()  # an open connection holds the SuperLink's shutdown
     leftovers = procs.leftovers()
     if leftovers:
         logger.error("processes still running after stop: %s", leftovers)

@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.yamlio import Bool, fail, integer, number, read_mapping, validate
@@ -125,7 +132,7 @@ class NodeConfig(DeployModel):
     key_passphrase_env: Annotated[str, BeforeValidator(_text)] | None = None
     plaintext_key: Bool = False
     runtime_port: Annotated[int, BeforeValidator(_port)] = 9094
-    data: SomePath | BuiltinData | None = None
+    data: Path | BuiltinData | None = None
     state: SomePath = Path("state")
     poll_interval_s: Annotated[float, number(gt=0, le=30)] = 0.5
     app: AppPin | None = None
@@ -135,9 +142,21 @@ class NodeConfig(DeployModel):
     @field_validator("data", mode="before")
     @classmethod
     def _data(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or isinstance(value, Path | BuiltinData):
+            return value
         if isinstance(value, str):
             return _any_path(value, info)
-        return value
+        if isinstance(value, dict):
+            try:
+                return BuiltinData.model_validate(value)
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                message = str((first.get("ctx") or {}).get("fedmeta_message", first["msg"]))
+                where = ".".join(str(p) for p in first["loc"])
+                raise fail("{key}" + (f".{where}" if where else "") + ": "
+                           + message.replace("{key}", "data").replace("{value}", repr(value))) from None
+        raise fail("{key} must be the path of a data description or a mapping "
+                   "{source: NAME, site: NAME}, got {value}")
 
     @model_validator(mode="after")
     def _one_passphrase(self) -> NodeConfig:

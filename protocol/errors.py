@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from fedmeta.common.errors import ConfigError, DataError
+from fedmeta.common.errors import ConfigError, DataError, DeltaError
 
 
 class SiteErrorCode(IntEnum):
@@ -22,6 +22,7 @@ class SiteErrorCode(IntEnum):
     OUT_OF_MEMORY = 4400
     BAD_REQUEST = 4500
     INTERNAL_ERROR = 4600
+    STALE_STATE = 4700
 
 
 CATEGORY = {
@@ -31,6 +32,7 @@ CATEGORY = {
     SiteErrorCode.OUT_OF_MEMORY: "out of memory",
     SiteErrorCode.BAD_REQUEST: "bad request",
     SiteErrorCode.INTERNAL_ERROR: "internal error",
+    SiteErrorCode.STALE_STATE: "stale state: the node's cached θ differs from the coordinator's",
 }
 
 
@@ -44,6 +46,8 @@ def classify(exc: BaseException) -> SiteErrorCode:
         return SiteErrorCode.OUT_OF_MEMORY
     if isinstance(exc, DataError):
         return SiteErrorCode.DATA_ERROR
+    if isinstance(exc, DeltaError):  # the compressed downlink's base is out of step: resend θ
+        return SiteErrorCode.STALE_STATE
     if isinstance(exc, ConfigError | KeyError | ValueError | TypeError):
         return SiteErrorCode.BAD_REQUEST
     return SiteErrorCode.INTERNAL_ERROR

@@ -61,6 +61,9 @@ class _Run:
         self.audit: audit_log.AuditLog | None = None
         self.run_id = 0
         self.totals = {"bytes_up": 0.0, "bytes_down": 0.0, "wall_s": 0.0}
+        self.declined: dict[str, str] = {}
+        #: Nodes that missed a round: not sampled until they answer a greeting again.
+        self.unresponsive: set[int] = set()
 
     # -- who takes part ------------------------------------------------------------------------
     def identity(self) -> NodeIdentity | None:
@@ -87,6 +90,14 @@ class _Run:
             registered = identity.admitted
             self.sites = self.sites.keep(online)
         new = sorted(online - set(self.sites.names) - set(self.sites.excluded))
+        back = sorted(self.unresponsive & online)
+        if back:  # a short greeting: nodes that answer are back
+            quick = self.cfg.model_copy(update={"federation": self.cfg.federation.model_copy(
+                update={"timeout_s": min(5.0, self.cfg.federation.timeout_s)})})
+            answered = greet(self.grid, quick, back, self.spec.layout(), lambda _: None, registered)
+            for node in answered.names:
+                self.unresponsive.discard(node)
+                self.say(f"site {self.sites.names.get(node, node)} is back")
         if new:
             greeted = greet(self.grid, self.cfg, new, self.spec.layout(), self.say, registered)
             for node, why in greeted.excluded.items():
@@ -112,11 +123,18 @@ class _Run:
 
     def train_round(self, server_round: int) -> RoundResult:
         self.refresh()
-        plan: TrainPlan = self.strategy.configure_train(server_round, self.sites.names)
+        available = {n: s for n, s in self.sites.names.items() if n not in self.unresponsive}
+        plan: TrainPlan = self.strategy.configure_train(server_round, available)
         if self.audit is not None:
             self.audit.round_started(run_id=self.run_id, round=server_round, nodes=list(plan.nodes))
         outcome = self.exchange(plan.messages, quorum=self.cfg.federation.min_nodes)
         result = self.strategy.aggregate_train(plan, outcome.replies, declared=self.sites.n_train)
+        for node in outcome.missing:
+            self.unresponsive.add(node)
+            result.log.missing.append(plan.nodes.get(node, f"node {node}"))
+        if outcome.missing:
+            self.say(f"round {server_round}: no reply from {sorted(result.log.missing)} "
+                     f"({outcome.ended}); not sampled until they answer again")
         if self.cfg.privacy.dp:
             result.log.epsilon = _epsilon(self.cfg, server_round)
         if self.audit is not None:
@@ -135,7 +153,12 @@ class _Run:
         messages = self.strategy.configure_evaluate(server_round, self.sites.names)
         self.totals["bytes_down"] += payload_bytes(record_from_arrays(self.strategy.state())) * len(messages)
         return federated_evaluation(lambda m: self.exchange(m, quorum=len(m)).replies, messages,
-                                    self.sites.names, self.cfg.data.holdout)
+                                    self.sites.names, self.cfg.data.holdout, self.declined)
+
+    def sites_label(self, node: int) -> str:
+        """A node's registered name when it has one, else ``node N``."""
+        identity = self.identity()
+        return identity.admitted.get(node, f"node {node}") if identity else f"node {node}"
 
     def checkpoint(self, server_round: int) -> None:
         arrays, meta = self.strategy.checkpoint()
@@ -237,6 +260,9 @@ def run_experiment(
         }
     if holdout:
         summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": summary_mean(holdout)}
+    if run.declined or run.sites.excluded:
+        summary["declined"] = dict(sorted(run.declined.items()))
+        summary["excluded"] = {run.sites_label(n): why for n, why in sorted(run.sites.excluded.items())}
     summary.update(run.strategy.summary_extra())
     folder.write_json(folder.summary, summary)
     if run.audit is not None:

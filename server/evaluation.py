@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import Message
 
 from fedmeta.protocol import keys as K
+from fedmeta.protocol.errors import describe
 from fedmeta.protocol.records import count_in, number_in
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,22 @@ def summary_mean(per_site: Mapping[str, Mapping]) -> dict[str, dict[str, float]]
     }
 
 
-def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str]) -> dict[str, dict]:
+def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str],
+                          declined: dict[str, str] | None = None) -> dict[str, dict]:
     """Per-site ``{"before": {...}, "after": {...}, "n_train", "n_test"}`` from evaluate replies,
-    named by ``nodes`` (node id -> site name)."""
+    named by ``nodes`` (node id -> site name, never by the reply); sites that answered with an
+    error go into ``declined`` (site -> the category, or the rule of a policy refusal)."""
     out: dict[str, dict] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
         site = nodes.get(node, str(node))
         if msg.has_error():
-            log.warning("evaluation failed at %s: %s", site, msg.error.reason)
+            text = msg.error.reason or ""
+            why = text[:200] if text.startswith("policy refusal") else describe(msg.error.code)
+            log.warning("evaluation declined by %s: %s", site, why)
+            if declined is not None:
+                declined[site] = why
             continue
-        if K.SITE in msg.content.config_records:
-            site = str(msg.content[K.SITE]["name"])
         try:
             m = msg.content[K.METRICS]
             entry: dict = {"before": {}, "after": {}}
@@ -67,10 +72,11 @@ Exchange = Callable[[list[Message]], Iterable[Message]]
 
 
 def federated_evaluation(
-    exchange: Exchange, messages: list[Message], nodes: Mapping[int, str], holdout: Iterable[str]
+    exchange: Exchange, messages: list[Message], nodes: Mapping[int, str], holdout: Iterable[str],
+    declined: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Send the evaluation ``messages`` and split the replies into training and held-out sites."""
-    per_site = read_evaluate_replies(exchange(messages), nodes)
+    per_site = read_evaluate_replies(exchange(messages), nodes, declined)
     held_out = set(holdout)
     training = {k: v for k, v in per_site.items() if k not in held_out}
     return training, {k: v for k, v in per_site.items() if k in held_out}

@@ -92,9 +92,8 @@ def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[s
         node = reply.metadata.src_node_id
         label = (registered or {}).get(node, f"node {node}")
         if reply.has_error():
-            why = describe(reply.error.code)
-            if reply.error.reason.startswith("policy refusal"):
-                why = reply.error.reason[:200]
+            text = reply.error.reason or ""
+            why = text[:200] if text.startswith("policy refusal") else describe(reply.error.code)
             excluded[node] = why
             progress(f"{label} declined the run: {why}")
             continue

@@ -18,11 +18,11 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import serde
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.protocol import keys as K
+from fedmeta.protocol.errors import classify, reason
 from fedmeta.protocol.records import count_in
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,10 @@ class LocalGrid(Grid):
             t = time.monotonic()
             try:
                 reply = self.client_app(delivered, self.nodes[node_id])
-            except Exception as e:  # noqa: BLE001 - a failing site becomes an error reply, as in Flower
+            except Exception as e:  # noqa: BLE001 - a failing site becomes an error reply, as at a site
                 log.warning("node %d raised %s: %s", node_id, type(e).__name__, e)
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
-                                reply_to=delivered)
+                code = classify(e)  # what a deployed site's worker sends: a code, never the text
+                reply = Message(Error(code=int(code), reason=reason(code, e)), reply_to=delivered)
             finally:
                 TaskIdentity.node_id = 0
             if reply.metadata.src_node_id != node_id:  # set by Flower from reply_to; keep it honest

@@ -39,6 +39,7 @@ from fedmeta.common.errors import DeltaError
 from fedmeta.common.outer import OuterOptimizer
 from fedmeta.common.params import NDArrays, l2_norm
 from fedmeta.protocol import keys as K
+from fedmeta.protocol.errors import describe
 from fedmeta.protocol.records import arrays_from_record, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class RoundLog:
     sampled: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     num_examples: int = 0
     query_loss_before: float = float("nan")
@@ -265,7 +267,8 @@ class FedMetaStrategy:
             )
             return RoundResult(None, record)
         v = self.cfg.validation
-        aggregated = aggregate(updates, weights, rule=v.aggregation, trim=v.trim, clip_norm=v.clip_norm)
+        aggregated = aggregate(updates, weights, rule=v.aggregation, trim=v.trim, clip_norm=v.clip_norm,
+                               relative_clip=v.relative_clip)
         new_state = self._optimizer.step(self.algorithm.direction(aggregated))
         record.num_examples = int(sums[K.NUM_EXAMPLES])
         if sums[K.N_QUERY] > 0:  # sites under DP send no losses
@@ -276,7 +279,9 @@ class FedMetaStrategy:
 
     def _read_train_reply(self, msg: Message, site: str, declared: int | None) -> tuple[NDArrays, dict[str, float]]:
         if msg.has_error():
-            raise DeltaError(f"site {site}: the client failed: {msg.error.reason}")
+            text = msg.error.reason or ""
+            why = text[:200] if text.startswith("policy refusal") else describe(msg.error.code)
+            raise DeltaError(f"site {site} declined: {why}")
         content = msg.content
         if K.UPDATE not in content.array_records or K.METRICS not in content.metric_records:
             raise DeltaError(f"site {site}: reply lacks the 'update' arrays or the 'metrics' record")

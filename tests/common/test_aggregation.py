@@ -76,3 +76,17 @@ def test_validation_rejects_bad_updates(update, message):
     ref = {"w": np.zeros(2, np.float32)}
     with pytest.raises(DeltaError, match=message):
         validate_update(update, ref, max_norm=100.0, source="site X")
+
+
+def test_outliers_are_clipped_to_the_lower_median_norm_and_others_left_alone():
+    from fedmeta.common.aggregation import clip_outliers, lower_median
+
+    ups = [{"w": np.array([v, 0.0], np.float32)} for v in (1.0, 2.0, 3.0, 3e4)]
+    assert lower_median([1.0, 2.0, 3.0, 3e4]) == 2.0 and lower_median([5.0, 1e9]) == 5.0
+    out = clip_outliers(ups, 4.0)  # bound 4 × 2 = 8: only the last is an outlier
+    for u, o in zip(ups[:3], out[:3], strict=True):
+        np.testing.assert_array_equal(u["w"], o["w"])
+    np.testing.assert_allclose(out[3]["w"], [2.0, 0.0])  # scaled to the median norm, same direction
+    # Two sites: the smaller norm is the reference, so one site cannot raise the bound alone.
+    pair = clip_outliers([{"w": np.array([1.0], np.float32)}, {"w": np.array([-50.0], np.float32)}], 4.0)
+    np.testing.assert_allclose(pair[1]["w"], [-1.0])

@@ -22,15 +22,22 @@ def _consortium(tmp_path: Path, **extra: object) -> Path:
 def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     c = _consortium(tmp_path)
     out = tmp_path / "pki"
-    assert main(["provision", "--consortium", str(c), "--out", str(out)]) == 0
+    assert main(["provision", "--consortium", str(c), "--out", str(out)]) == 2
+    assert "encrypted with a passphrase: give --passphrase-file" in capsys.readouterr().err
+    assert not out.exists()  # nothing written before the passphrase is known
+    secret = tmp_path / "key.pass"
+    secret.write_text("a passphrase of some length\n")
+    secret.chmod(0o600)
+    pw = ["--passphrase-file", str(secret)]
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw]) == 0
     assert "2 site bundles" in capsys.readouterr().out
     assert stat.S_IMODE((out / "sites" / "a" / "supernode.key").stat().st_mode) == 0o600
-    assert main(["provision", "--consortium", str(c), "--out", str(out)]) == 2
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw]) == 2
     assert "already provisioned" in capsys.readouterr().err
     doc = yaml.safe_load(c.read_text())
     doc["sites"].append({"name": "late"})
     c.write_text(yaml.safe_dump(doc))
-    assert main(["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late"]) == 0
+    assert main(["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late", *pw]) == 0
     assert (out / "sites" / "late" / "node.yaml").is_file()
     assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 0
     assert "revoked a" in capsys.readouterr().out
@@ -38,7 +45,7 @@ def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_bad_consortium_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     c = _consortium(tmp_path, extra_key=1)
-    assert main(["provision", "--consortium", str(c), "--out", str(tmp_path / "pki")]) == 2
+    assert main(["provision", "--consortium", str(c), "--out", str(tmp_path / "pki"), "--plaintext-keys"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'extra_key'" in err and str(c) in err
     assert not (tmp_path / "pki").exists()

@@ -1,214 +1,169 @@
-"""End to end on 127.0.0.1: a real SuperLink (TLS, node authentication) and real SuperNodes.
+"""A real consortium on 127.0.0.1, attacked as a hostile coordinator operator or participant would.
 
-One consortium is provisioned and its coordinator and three hospitals are started once for the
-module (each start costs seconds: the SuperNodes poll every 3 s and every message starts a
-ClientApp process that imports torch). The fixture stops every process by PID at the end, pass or
-fail, and fails if any survived.
+One consortium is provisioned (keys encrypted with a passphrase) and its coordinator (TLS
+SuperLink, node authentication) and three hospitals (``fedmeta site start``: a SuperNode in
+process isolation and the site worker) are started once for the module; site-3 is provisioned
+but kept for the attacks that need a fourth node. The fixture stops every process by PID at the
+end, pass or fail, and fails if any survived. Tests run in file order: the last ones restart the
+coordinator.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import re
+import signal
+import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
+from fedmeta.common.config import load_config
+from fedmeta.common.data.schema import Feature, Schema, save_schema
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
 from fedmeta.deploy.consortium import load_consortium
-from fedmeta.deploy.keys import make_site_keys
+from fedmeta.deploy.coordinator import CoordinatorHandle, start_coordinator
+from fedmeta.deploy.keys import fingerprint, make_site_keys
 from fedmeta.deploy.launch import (
+    base_env,
+    bin_path,
     check_fleet_is_grpc,
-    list_nodes,
-    project_root,
+    flwr,
     submit_run,
     superlink_uses_grpc_fleet,
     wait_run,
 )
 from fedmeta.deploy.local import (
     LOOPBACK,
-    CoordinatorHandle,
+    configure_bundle,
     free_port,
-    start_coordinator,
-    start_site,
+    online_nodes,
+    start_local_site,
     wait_nodes_online,
     write_local_consortium,
 )
-from fedmeta.deploy.node import NodeConfig, load_node_config
 from fedmeta.deploy.processes import Processes, descendants
-from fedmeta.deploy.provision import provision
+from fedmeta.deploy.provision import provision, revoke_site
+from fedmeta.deploy.secrets import MemoryFile, Passphrase, decrypted_pem
+from fedmeta.protocol.app import PUBLISHER, installed_version
 from fedmeta.server.audit import read_log
 
 pytestmark = pytest.mark.deployment
 
-N_SITES = 3  # started; site-3 is registered but kept offline for the no-CA test
-FAST = ["eval.adapt_steps=20", "tasks.meta_batch=4"]
+SITES = ["site-0", "site-1", "site-2", "site-3"]  # Cleveland, Hungary, Switzerland, VA Long Beach
+STARTED = SITES[:3]
+SECRET = "a passphrase only this test knows"
+PASS = Passphrase(env="FEDMETA_KEY_PASSPHRASE")
+FAST = ["eval.adapt_steps=20", "tasks.meta_batch=4", "federation.timeout_s=60"]
+IDENTIFIER = "Doe, John MRN 0012345"
+MALFORMED_SITE = Path(__file__).parent / "malformed_site"
 
 
 @dataclass
-class Deployment:
+class Consortium:
     root: Path
     pki: Path
     procs: Processes
     co: CoordinatorHandle
-    sites: list[NodeConfig]
-    pyproject_sha256: str
+    site_env: dict[str, str]
+    fleet: int
+    control: int
+
+    def bundle(self, site: str) -> Path:
+        return self.pki / "sites" / site
+
+    def ids(self, sites: list[str]) -> list[int]:
+        return [self.co.node_ids[s] for s in sites]
+
+    def restart_coordinator(self) -> None:
+        if self.co.control is not None:
+            self.co.control.close()
+        self.procs.kill("superlink")
+        self.co = start_coordinator(
+            self.procs, deployment=self.pki, state=self.root / "coordinator", passphrase=PASS,
+            fleet_address=f"{LOOPBACK}:{self.fleet}", control_host=LOOPBACK, control_port=self.control)
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _policy(bundle: Path, **policy: object) -> None:
+    path = bundle / "node.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["policy"] = {**doc["policy"], **policy}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
     root = tmp_path_factory.mktemp("deploy")
-    sha = _digest(project_root() / "pyproject.toml")
+    old = os.environ.get("FEDMETA_KEY_PASSPHRASE")
+    os.environ["FEDMETA_KEY_PASSPHRASE"] = SECRET
     fleet, control = free_port(), free_port()
-    cpath = write_local_consortium(root / "consortium.yaml", sites=N_SITES + 1,
-                                   fleet_port=fleet, control_port=control)
+    path = write_local_consortium(root / "consortium.yaml", sites=SITES, fleet_port=fleet, control_port=control)
+    doc = yaml.safe_load(path.read_text())
+    for i, s in enumerate(doc["sites"]):
+        s["partition_id"] = i
+    path.write_text(yaml.safe_dump(doc))
     pki = root / "pki"
-    provision(load_consortium(cpath), pki)
+    provision(load_consortium(path), pki, passphrase=PASS)
+    for i, site in enumerate(SITES):
+        configure_bundle(pki / "sites" / site, data={"source": "fed-heart", "partition": i},
+                         runtime_port=free_port())
+        _policy(pki / "sites" / site, min_patients=15)  # Switzerland tests on 16 patients
     procs = Processes(root / "run")
+    co = None
     try:
-        co = start_coordinator(
-            procs, deployment=pki, state=root / "coordinator",
-            fleet_address=f"{LOOPBACK}:{fleet}", control_host=LOOPBACK, control_port=control,
-        )
-        sites = [load_node_config(pki / "sites" / f"site-{i}" / "node.yaml")
-                 for i in range(N_SITES + 1)]
-        for s in sites[:N_SITES]:
-            start_site(procs, s, runtime_port=free_port())
-        wait_nodes_online(co.env, [co.node_ids[s.site] for s in sites[:N_SITES]], timeout=60)
-        yield Deployment(root=root, pki=pki, procs=procs, co=co, sites=sites,
-                         pyproject_sha256=sha)
+        co = start_coordinator(procs, deployment=pki, state=root / "coordinator", passphrase=PASS,
+                               fleet_address=f"{LOOPBACK}:{fleet}", control_host=LOOPBACK,
+                               control_port=control)
+        site_env = base_env(root / "flwr-home-sites")
+        for site in STARTED:
+            start_local_site(procs, pki / "sites" / site, env=site_env)
+        assert co.control is not None
+        wait_nodes_online(co.control, [co.node_ids[s] for s in STARTED], timeout=90)
+        d = Consortium(root, pki, procs, co, site_env, fleet, control)
+        yield d
+        co = d.co
     finally:
+        if co is not None and co.control is not None:
+            co.control.close()
         procs.refresh_children()
         procs.stop_all()
-    leftovers = procs.leftovers()
-    assert leftovers == [], f"processes survived the deployment: {leftovers}"
-    recorded = json.loads((root / "run" / "pids.json").read_text())
-    assert {"superlink", "site-site-0", "site-site-1", "site-site-2"} <= set(recorded)
-    assert not any(v["alive"] for v in recorded.values())
+        if old is None:
+            os.environ.pop("FEDMETA_KEY_PASSPHRASE", None)
+        else:
+            os.environ["FEDMETA_KEY_PASSPHRASE"] = old
+    assert procs.leftovers() == [], f"processes survived the deployment: {procs.leftovers()}"
 
 
-def _wait_exit(procs: Processes, name: str, timeout: float) -> int:
-    m = procs.procs[name]
-    try:
-        return m.popen.wait(timeout=timeout)
-    finally:
-        procs.stop(name)
-
-
-def _online(d: Deployment) -> set[int]:
-    return {int(str(n["node-id"])) for n in list_nodes(d.co.env) if n.get("status") == "online"}
-
-
-def test_fleet_api_is_grpc_over_tls(deployment: Deployment) -> None:
-    d = deployment
-    assert superlink_uses_grpc_fleet(d.co.process.log_path) == d.co.fleet_address
-    check_fleet_is_grpc(d.co.fleet_address, ca=d.pki / "ca" / "ca.crt")
-    other = make_ca(common_name="not ours", organization="x", validity_days=1)
-    write_public_bytes(d.root / "other-ca.crt", cert_pem(other.cert))
-    with pytest.raises(ProvisionError, match="did not complete a gRPC\\+TLS handshake"):
-        check_fleet_is_grpc(d.co.fleet_address, ca=d.root / "other-ca.crt", timeout=3)
-    for i in range(N_SITES):
-        argv = d.procs.procs[f"site-site-{i}"].popen.args
-        assert "--grpc-rere" in argv and "--root-certificates" in argv and "--insecure" not in argv
-    assert "--enable-supernode-auth" in d.co.process.popen.args
-
-
-def test_unregistered_key_is_refused(deployment: Deployment) -> None:
-    d = deployment
-    keys = make_site_keys(d.root / "stranger", comment="stranger")
-    stranger = NodeConfig(site="stranger", superlink=d.co.fleet_address,
-                          root_certificates=d.pki / "ca" / "ca.crt",
-                          auth_private_key=keys.private, node_config={"partition-id": 0})
-    before = _online(d)
-    start_site(d.procs, stranger, runtime_port=free_port(), max_retries=1, max_wait_time=10)
-    code = _wait_exit(d.procs, "site-stranger", timeout=60)
-    assert code != 0
-    assert "Failed to activate SuperNode" in d.procs.procs["site-stranger"].log_path.read_text()
-    assert _online(d) == before
-
-
-def test_site_without_the_ca_cannot_connect(deployment: Deployment) -> None:
-    d = deployment
-    late = d.sites[N_SITES]  # registered, never started with the CA
-    before = _online(d)
-    start_site(d.procs, late, runtime_port=free_port(), use_ca=False, max_retries=1,
-               max_wait_time=10)
-    argv = d.procs.procs[f"site-{late.site}"].popen.args
-    assert "--root-certificates" not in argv
-    code = _wait_exit(d.procs, f"site-{late.site}", timeout=60)
-    assert code != 0
-    assert d.co.node_ids[late.site] not in _online(d)
-    assert _online(d) == before
-
-
-def test_federated_reptile_run_over_tls(deployment: Deployment) -> None:
-    d = deployment
-    out = d.root / "results"
-    t0 = time.monotonic()
-    run_id = submit_run(d.co.env, app=project_root(), run_config={
-        "config": "", "overrides": " ".join(["rounds=2", *FAST]), "out": str(out)})
+def _run(d: Consortium, name: str, overrides: list[str], *, timeout: float = 240,
+         resume: bool = False) -> tuple[int, str, Path]:
+    cfg = load_config(None, [*FAST, *overrides])
+    assert d.co.control is not None
+    run_id = submit_run(d.co.control, d.co.layout.flwr_home,
+                        run_config={"experiment": cfg.to_json(), "run-name": name, "resume": resume})
     d.procs.refresh_children()
-    status = wait_run(d.co.env, run_id, timeout=300)
-    elapsed = time.monotonic() - t0
-    assert status == "finished:completed", (status, elapsed)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["algorithm"] == "reptile" and summary["rounds"] == 2
-    assert len(summary["sites"]) == N_SITES
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(len(r["accepted"]) == N_SITES and not r["rejected"] for r in rounds)
-    assert (out / "final.safetensors").is_file()
-    events = [e["event"] for e in read_log(d.co.layout.audit)]
-    assert events.count("node_registered") == N_SITES + 1
-    # The audit log holds identities only: no arrays, no metrics beyond counts.
-    text = d.co.layout.audit.read_text()
-    assert "query_loss" not in text and "arrays" not in text
-    (d.root / "timing.json").write_text(json.dumps(
-        {"run_s": elapsed, "round_wall_s": [r["wall_s"] for r in rounds]}))
+    status = wait_run(d.co.control, run_id, timeout=timeout)
+    return run_id, status, d.co.layout.runs / name
 
 
-def test_secure_aggregation_run_over_tls(deployment: Deployment) -> None:
-    """``--secagg``: Reptile over SecAgg+ through the real SuperLink; sites clip to privacy.clip."""
-    d = deployment
-    out = d.root / "secagg"
-    run_id = submit_run(d.co.env, app=project_root(), secagg=True, run_config={
-        "config": "", "overrides": "rounds=1 privacy.clip=0.05 tasks.meta_batch=4",
-        "out": str(out)})
-    d.procs.refresh_children()
-    assert wait_run(d.co.env, run_id, timeout=300) == "finished:completed"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["secure_aggregation"] is True and summary["rounds_completed"] == 1
-    (r1,) = _rounds(out)
-    # Each site's delta (norm 0.05-0.3 unclipped) was clipped to 0.05 before masking, so the
-    # securely averaged delta cannot exceed it (quantisation adds at most ~1e-8 per coordinate).
-    assert 0 < r1["mean_delta_norm"] <= 0.05 + 1e-5
-    assert (out / "final.safetensors").is_file()
-    started = [e for e in _audit(d, run_id) if e["event"] == "run_started"]
-    assert started and started[0]["algorithm"] == "reptile+secagg"
+def _rounds(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
 
 
-def test_flwr_run_never_rewrites_the_source_pyproject(deployment: Deployment) -> None:
-    # `flwr run` migrates the pyproject.toml it is given; submit_run hands it a staged copy.
-    assert _digest(project_root() / "pyproject.toml") == deployment.pyproject_sha256
+def _audit(d: Consortium, run_id: int | None = None) -> list[dict]:
+    return [e for e in read_log(d.co.layout.audit) if run_id is None or e.get("run_id") == run_id]
 
 
-MALFORMED_SITE = Path(__file__).parent / "malformed_site"
-
-
-def _audit(d: Deployment, run_id: int) -> list[dict]:
-    return [e for e in read_log(d.co.layout.audit) if e.get("run_id") == run_id]
-
-
-def _rounds(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+def _site_audit(d: Consortium, site: str) -> list[dict]:
+    return read_log(d.bundle(site) / "state" / "audit.jsonl")
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -220,144 +175,291 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _restart_site_until_online(
-    d: Deployment, co: CoordinatorHandle, site: NodeConfig, *, timeout: float
-) -> None:
-    """Start the site's SuperNode again until the SuperLink admits it (a SuperNode that crashed is
-    refused re-activation until its old session's heartbeat expires: exit code 305)."""
-    deadline = time.monotonic() + timeout
-    name = f"site-{site.site}"
-    log = d.procs.run_dir / "logs" / f"{name}.log"
-    while time.monotonic() < deadline:
-        offset = log.stat().st_size if log.exists() else 0
-        m = start_site(d.procs, site, runtime_port=free_port())
-        t_end = time.monotonic() + 20
-        while time.monotonic() < t_end and m.alive():
-            with log.open("rb") as f:
-                f.seek(offset)
-                if f"SuperNode ID: {co.node_ids[site.site]}".encode() in f.read():
-                    return
-            time.sleep(0.5)
-        d.procs.stop(name)
-        time.sleep(3.0)
-    raise AssertionError(f"{site.site} was not re-admitted within {timeout:.0f} s")
+# -- the channel and who may use it -----------------------------------------------------------------
 
 
-@dataclass
-class FaultScenario:
-    out: Path
-    first_run: int
-    resumed_run: int
-    faulty_node: int
-    crashed_node: int
-    first_audit: list[dict]
-    resumed_audit: list[dict]
+def test_fleet_api_is_grpc_over_tls_and_keys_stay_in_memory(consortium: Consortium) -> None:
+    d = consortium
+    assert superlink_uses_grpc_fleet(d.co.process.log_path) == d.co.fleet_address
+    check_fleet_is_grpc(d.co.fleet_address, ca=d.pki / "ca" / "ca.crt")
+    other = make_ca(common_name="not ours", organization="x", validity_days=1)
+    write_public_bytes(d.root / "other-ca.crt", cert_pem(other.cert))
+    with pytest.raises(ProvisionError, match="did not complete a gRPC\\+TLS handshake"):
+        check_fleet_is_grpc(d.co.fleet_address, ca=d.root / "other-ca.crt", timeout=3)
+    superlink = d.co.process.popen.args
+    assert "--enable-supernode-auth" in superlink
+    assert superlink[superlink.index("--ssl-keyfile") + 1].startswith("/dev/fd/")  # decrypted in memory
+    for site in STARTED:
+        node = [a for p in descendants(d.procs.procs[f"site-{site}"].pid)
+                if b"fedmeta.deploy.supernode" in (a := Path(f"/proc/{p}/cmdline").read_bytes())]
+        assert len(node) == 1, site
+        argv = node[0].split(b"\0")
+        assert b"--root-certificates" in argv and b"--insecure" not in argv
+        assert argv[argv.index(b"--isolation") + 1] == b"process"  # the SuperNode launches nothing
+        assert argv[argv.index(b"--auth-supernode-private-key") + 1].startswith(b"/dev/fd/")
 
 
-@pytest.fixture(scope="module")
-def faults(deployment: Deployment) -> FaultScenario:
-    """One run that meets all three faults (each start-up costs tens of seconds, so they share it).
+def test_a_node_without_a_registered_key_or_the_ca_cannot_connect(consortium: Consortium) -> None:
+    d = consortium
+    before = online_nodes(d.co.control)  # type: ignore[arg-type]
+    stranger = make_site_keys(d.root / "stranger", comment="stranger", passphrase=SECRET.encode())
+    late = d.bundle("site-3")  # registered, but started without the consortium CA
+    for name, key, ca in (("stranger", stranger.private, True), ("no-ca", late / "supernode.key", False)):
+        with decrypted_pem(key, PASS, openssh=True) as mem, MemoryFile("s", b"x" * 32) as secret:
+            argv = [sys.executable, "-m", "fedmeta.deploy.supernode", "--grpc-rere", "--superlink",
+                    d.co.fleet_address, "--auth-supernode-private-key", mem.path, "--isolation", "process",
+                    "--superexec-auth-secret-file", secret.path, "--port", str(free_port()),
+                    "--max-retries", "1", "--max-wait-time", "10"]
+            if ca:
+                argv += ["--root-certificates", str(late / "ca.crt")]
+            m = d.procs.start(f"attempt-{name}", argv, env=d.site_env, pass_fds=[mem.fd, secret.fd])
+            try:
+                code = m.popen.wait(timeout=60)
+            finally:
+                d.procs.stop(m.name)
+        assert code != 0, name
+    assert "Failed to activate" in d.procs.procs["attempt-stranger"].log_path.read_text()
+    assert online_nodes(d.co.control) == before  # type: ignore[arg-type]
 
-    * site-3 is faulty: its ClientApp puts a NaN into every delta it sends;
-    * site-2 crashes (SIGKILL) while computing round 1 and restarts later;
-    * after round 1 is checkpointed the coordinator crashes (SIGKILL), restarts on the same state
-      database, and the run is resubmitted with ``resume=true``.
 
-    A crashed SuperNode is refused re-activation until the SuperLink has seen its previous session
-    expire, so site-2 is restarted until admitted, as systemd's ``Restart=`` would.
-    """
-    d = deployment
-    out = d.root / "faults"
-    faulty, crashed = d.sites[N_SITES], d.sites[2]
-    start_site(d.procs, faulty, runtime_port=free_port(),
-               extra_env={"PYTHONPATH": str(MALFORMED_SITE)})
-    wait_nodes_online(d.co.env, [d.co.node_ids[s.site] for s in d.sites], timeout=60)
-    overrides = ["rounds=2", "federation.timeout_s=40", *FAST]
-    first = submit_run(d.co.env, app=project_root(), run_config={
-        "config": "", "overrides": " ".join(overrides), "out": str(out)})
+# -- a run, and what stays where --------------------------------------------------------------------
 
-    # Round 1 starts right after the handshake (audited as run_started): kill site-2 once the
-    # ClientApp computing its round-1 update is running.
-    _wait_for(lambda: any(e["event"] == "run_started" for e in _audit(d, first)), 120,
-              "run_started in the audit log")
-    victim = f"site-{crashed.site}"
 
-    def clientapp_running() -> bool:
-        for pid in descendants(d.procs.procs[victim].pid):
-            cmdline = Path(f"/proc/{pid}/cmdline")
-            if cmdline.exists() and b"flwr-clientapp" in cmdline.read_bytes():
-                return True
-        return False
+def test_federated_run_over_tls_with_owner_only_state(consortium: Consortium) -> None:
+    d = consortium
+    run_id, status, folder = _run(d, "plain", ["rounds=2"])
+    assert status == "finished:completed", status
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["sites"]) == set(STARTED)  # named by the registry, not by the nodes
+    assert [r["round"] for r in _rounds(folder)] == [1, 2]
+    assert all(sorted(r["accepted"]) == STARTED and not r["rejected"] for r in _rounds(folder))
+    events = _audit(d, run_id)
+    contributions = [e for e in events if e["event"] == "contribution"]
+    assert len(contributions) == 6 and all(e["accepted"] and e["num_examples"] == 80 for e in contributions)
+    assert {e["site"] for e in contributions} == set(STARTED)
+    for p in [d.co.layout.state, d.co.layout.runs, folder]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
+    for p in [*folder.iterdir(), d.co.layout.database, d.co.layout.audit, d.co.layout.nodes]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    for site in STARTED:
+        served = [e for e in _site_audit(d, site) if e["event"] == "request_served"
+                  and e["run_id"] == run_id]
+        assert [e["phase"] for e in served].count("train") == 2
+        assert stat.S_IMODE((d.bundle(site) / "state").stat().st_mode) == 0o700
 
-    _wait_for(clientapp_running, 60, "site-2's round-1 ClientApp")
-    d.procs.kill(victim)
 
-    _wait_for(lambda: (out / "rounds.jsonl").exists() and len(_rounds(out)) >= 1, 120,
-              "round 1 in rounds.jsonl")
-    assert (out / "checkpoint.safetensors").is_file()
-    d.procs.kill("superlink")
-    co = start_coordinator(
-        d.procs, deployment=d.pki, state=d.co.layout.state, fleet_address=d.co.fleet_address,
-        control_host=LOOPBACK, control_port=int(d.co.control_address.rsplit(":", 1)[1]),
+def test_secure_aggregation_run_over_tls(consortium: Consortium) -> None:
+    """Reptile over SecAgg+ through the real SuperLink and the site workers; sites clip to
+    privacy.clip, so the securely averaged delta cannot exceed it."""
+    d = consortium
+    cfg = load_config(None, ["rounds=1", "privacy.clip=0.05", "tasks.meta_batch=4"])
+    assert d.co.control is not None
+    run_id = submit_run(d.co.control, d.co.layout.flwr_home, secure_aggregation=True,
+                        run_config={"experiment": cfg.to_json(), "run-name": "secagg"})
+    assert wait_run(d.co.control, run_id, timeout=300) == "finished:completed"
+    folder = d.co.layout.runs / "secagg"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["secure_aggregation"] is True and summary["rounds_completed"] == 1
+    assert summary["secagg"]["sites"] == 3 and summary["secagg"]["noise_shared_by"] == 2
+    (r1,) = _rounds(folder)
+    assert 0 < r1["mean_delta_norm"] <= 0.05 + 1e-5
+
+
+def test_foreign_app_bundles_are_refused_at_every_site(consortium: Consortium, tmp_path: Path) -> None:
+    """A hostile operator with Control API access submits an app of its own, and one that claims
+    to be fedmeta but carries code. Neither runs at any site; each site logs the refusal."""
+    d = consortium
+    marker = tmp_path / "pwned"
+    code = (
+        "from pathlib import Path\n"
+        "from flwr.app import Message, RecordDict\n"
+        "from flwr.clientapp import ClientApp\n"
+        "from flwr.serverapp import ServerApp\n"
+        "clientapp = ClientApp()\n"
+        "@clientapp.query()\n"
+        "def steal(msg, context):\n"
+        f"    Path({str(marker)!r}).write_text(repr(dict(context.node_config)))\n"
+        "    return Message(RecordDict(), reply_to=msg)\n"
+        "serverapp = ServerApp()\n"
+        "@serverapp.main()\n"
+        "def main(grid, context):\n"
+        "    ids = list(grid.get_node_ids())\n"
+        "    grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type='query') for n in ids], timeout=30)\n"
     )
-    assert co.node_ids == d.co.node_ids  # same database: same registered identities
-    _restart_site_until_online(d, co, crashed, timeout=150)
-    wait_nodes_online(co.env, [co.node_ids[s.site] for s in d.sites], timeout=90)
-    # After the restart the operator asks for three hospitals (min_nodes=3) and gives SuperNodes
-    # that still hold messages of the killed run time to drain them.
-    resume_overrides = ["rounds=2", "federation.timeout_s=90", "federation.min_nodes=3", *FAST]
-    resumed = submit_run(co.env, app=project_root(), run_config={
-        "config": "", "overrides": " ".join(resume_overrides), "out": str(out),
-        "resume": "true"})
-    try:
-        assert wait_run(co.env, resumed, timeout=300) == "finished:completed"
-    finally:
-        d.procs.stop(f"site-{faulty.site}")
-    return FaultScenario(
-        out=out, first_run=first, resumed_run=resumed,
-        faulty_node=d.co.node_ids[faulty.site], crashed_node=d.co.node_ids[crashed.site],
-        first_audit=_audit(d, first), resumed_audit=_audit(d, resumed),
-    )
+    apps = {
+        "evil": ("evil", "evil", "0.0.1"),
+        "impostor": (PUBLISHER, "fedmeta", installed_version()),  # fedmeta's identity, plus code
+    }
+    assert d.co.control is not None
+    for label, (publisher, name, version) in apps.items():
+        app = tmp_path / label
+        app.mkdir()
+        (app / "evil_app.py").write_text(code)
+        (app / "pyproject.toml").write_text(
+            f'[project]\nname = "{name}"\nversion = "{version}"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "evil_app:serverapp"\nclientapp = "evil_app:clientapp"\n')
+        run_id = d.co.control.start_run(app, {})
+
+        def refused_everywhere(run_id: int = run_id) -> bool:
+            return all(any(e["event"] == "app_refused" and e["run_id"] == run_id for e in _site_audit(d, s))
+                       for s in STARTED)
+
+        _wait_for(refused_everywhere, 90, f"{label}: app_refused at every site")
+        d.co.control.stop_run(run_id)
+        reasons = {e["reason"] for s in STARTED for e in _site_audit(d, s)
+                   if e["event"] == "app_refused" and e["run_id"] == run_id}
+        assert reasons == ({"app 'evil/evil' is not 'fedmeta/fedmeta'"} if label == "evil"
+                           else {"the bundle carries files (evil_app.py); fedmeta sites run only their installed code"})
+    assert not marker.exists()  # no foreign code ran anywhere
+    # ... and a fedmeta run still works afterwards.
+    _, status, _ = _run(d, "after-foreign", ["rounds=1"])
+    assert status == "finished:completed"
 
 
-def _contributions(events: list[dict], round_: int) -> dict[int, dict]:
-    return {e["node_id"]: e for e in events
-            if e["event"] == "contribution" and e["round"] == round_}
+def test_the_site_policy_refuses_a_one_patient_test_split(consortium: Consortium) -> None:
+    d = consortium
+    run_id, status, folder = _run(d, "tiny-test-split", ["rounds=1", "data.test_fraction=0.005"])
+    assert status == "finished:failed"  # no site would take part
+    excluded = [e for e in _audit(d, run_id) if e["event"] == "site_excluded"]
+    assert {e["site"] for e in excluded} == set(STARTED)
+    for e in excluded:  # 304, 293, 46 rows x 0.005: 2, 1 and 1 test patients
+        assert re.fullmatch(r"policy refusal: the test split would hold [12] patients, below this "
+                            r"site's min_patients = 15", e["reason"]), e
+    for site in STARTED:
+        assert any(e["event"] == "request_failed" and e["run_id"] == run_id
+                   and e["category"] == "policy refusal" for e in _site_audit(d, site))
+    assert not (folder / "summary.json").exists()
 
 
-def test_malformed_delta_is_rejected_logged_and_the_round_goes_on(faults: FaultScenario) -> None:
-    rounds = _rounds(faults.out)
-    for r in rounds:
-        assert len(r["rejected"]) == 1 and r["applied"], r
-        (reason,) = r["rejected"].values()
-        assert "NaN/Inf" in reason
-    for events, round_ in ((faults.first_audit, 1), (faults.resumed_audit, 2)):
-        bad = _contributions(events, round_)[faults.faulty_node]
-        assert bad["accepted"] is False and "NaN/Inf" in bad["reason"]
-        assert bad["site"] == f"site-{N_SITES}"
-        (done,) = [e for e in events if e["event"] == "round_completed" and e["round"] == round_]
-        assert done["rejected"] == [faults.faulty_node]
+def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> None:
+    """site-3 serves an EHR table; after it started, its nightly export brings a row with a name
+    and a record number in a numeric column. The run that meets it gets a code and a category."""
+    d = consortium
+    data = d.root / "site-3-data"
+    data.mkdir()
+    save_schema(Schema((Feature("age", "numeric"), Feature("lactate", "numeric"))), data / "schema.yaml")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"age": rng.normal(60, 10, 200).round(1), "lactate": rng.gamma(2, 1, 200).round(2),
+                          "death": rng.integers(0, 2, 200)})
+    frame.to_csv(data / "stays.csv", index=False)
+    (data / "site.yaml").write_text(yaml.safe_dump({"kind": "ehr", "name": "ward-3", "path": "stays.csv",
+                                                    "schema": "schema.yaml", "outcomes": ["death"]}))
+    configure_bundle(d.bundle("site-3"), data=str(data / "site.yaml"), runtime_port=free_port())
+    start_local_site(d.procs, d.bundle("site-3"), env=d.site_env)
+    wait_nodes_online(d.co.control, d.ids(["site-3"]), timeout=90)  # type: ignore[arg-type]
+    frame["age"] = frame["age"].astype(object)
+    frame.loc[7, "age"] = IDENTIFIER
+    frame.to_csv(data / "stays.csv", index=False)
+    run_id, status, folder = _run(d, "planted", ["rounds=1", "data.split_seed=44"])
+    assert status == "finished:completed", status  # the fed-heart sites ran; site-3 was excluded
+    (excluded,) = [e for e in _audit(d, run_id) if e["event"] == "site_excluded"]
+    assert excluded["site"] == "site-3" and excluded["reason"] == "data error"
+    # The full message is in the site's own log, and nowhere on the coordinator.
+    assert "0012345" in d.procs.procs["site-site-3"].log_path.read_text()
+    coordinator_files = [p for p in (d.root / "coordinator").rglob("*") if p.is_file()]
+    coordinator_files.append(d.co.process.log_path)  # the SuperLink's own log
+    assert d.co.layout.database in coordinator_files and folder / "summary.json" in coordinator_files
+    for p in coordinator_files:
+        content = p.read_bytes()
+        for needle in (b"0012345", b"Doe, John", b"stays.csv", str(data).encode()):
+            assert needle not in content, (p, needle)
+    d.procs.stop("site-site-3")
 
 
-def test_site_crash_mid_round_then_rejoin(faults: FaultScenario) -> None:
-    r1, r2 = _rounds(faults.out)
-    assert len(r1["sampled"]) == N_SITES + 1
-    assert len(r1["accepted"]) == N_SITES - 1 and r1["applied"]  # min_nodes = 2 was met
-    missing = _contributions(faults.first_audit, 1)[faults.crashed_node]
-    assert missing["accepted"] is False
-    assert missing["reason"] == "no reply before the round timeout"
-    (done,) = [e for e in faults.first_audit if e["event"] == "round_completed"]
-    assert done["missing"] == [faults.crashed_node]
-    assert len(r2["accepted"]) == N_SITES  # site-2 is back
-    assert _contributions(faults.resumed_audit, 2)[faults.crashed_node]["accepted"] is True
+def test_a_key_registered_outside_the_registry_never_takes_part(consortium: Consortium) -> None:
+    """An outsider with Control API access registers its own key with Flower's CLI and joins with
+    a plain Flower SuperNode (which would run any app). It is never greeted or sampled; at the
+    next coordinator start its registration is removed."""
+    d = consortium
+    outsider = make_site_keys(d.root / "outsider", comment="outsider", passphrase=None)
+    fp = fingerprint(outsider.public.read_bytes())
+    doc = flwr(["supernode", "register", str(outsider.public), "fedmeta"], d.co.env)
+    node_id = int(str(doc["node-id"]))
+    argv = [bin_path("flower-supernode"), "--grpc-rere", "--superlink", d.co.fleet_address,
+            "--root-certificates", str(d.pki / "ca" / "ca.crt"),
+            "--auth-supernode-private-key", str(outsider.private.with_suffix(".openssh")),
+            "--port", str(free_port())]
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(outsider.private.read_bytes(), None)
+    outsider.private.with_suffix(".openssh").write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    d.procs.start("outsider", argv, env=d.site_env)
+    wait_nodes_online(d.co.control, [node_id], timeout=60)  # type: ignore[arg-type]
+    run_id, status, folder = _run(d, "with-outsider", ["rounds=1"])
+    assert status == "finished:completed"
+    assert all(set(r["sampled"]) <= set(STARTED) for r in _rounds(folder))
+    refused = [e for e in _audit(d, run_id) if e["event"] == "node_refused"]
+    assert [(e["node_id"], e["fingerprint"]) for e in refused] == [(node_id, fp)]
+    assert refused[0]["reason"] == "the key is not in the consortium registry"
+    d.restart_coordinator()
+    removed = [e for e in read_log(d.co.layout.audit) if e["event"] == "node_unregistered"
+               and e["node_id"] == node_id]
+    assert removed and removed[-1]["reason"] == "registered outside the consortium registry"
+    assert node_id not in {n.node_id for n in d.co.control.nodes() if n.status != "unregistered"}  # type: ignore[union-attr]
+    d.procs.stop("outsider")
+    wait_nodes_online(d.co.control, d.ids(STARTED), timeout=90)  # type: ignore[arg-type]
 
 
-def test_coordinator_restart_resumes_from_checkpoint(faults: FaultScenario) -> None:
-    assert [r["round"] for r in _rounds(faults.out)] == [1, 2]
-    resumed = [e for e in faults.resumed_audit if e["event"] == "checkpoint_resumed"]
-    assert [e["round"] for e in resumed] == [1]
-    assert not any(e["event"] == "contribution" and e["round"] == 1
-                   for e in faults.resumed_audit)  # round 1 was not redone
-    assert not any(e["event"] == "run_finished" for e in faults.first_audit)
-    summary = json.loads((faults.out / "summary.json").read_text())
-    assert summary["rounds"] == 2 and len(summary["sites"]) >= N_SITES
+# -- faults -------------------------------------------------------------------------------------------
+
+
+def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(consortium: Consortium) -> None:
+    """site-3 (back on its fed-heart data) sends a NaN in every update; site-1's SuperNode is killed
+    during round 1 and restarted by its `fedmeta site start`; after round 1 the coordinator itself
+    crashes, restarts on its state, and the run resumes from its checkpoint."""
+    d = consortium
+    configure_bundle(d.bundle("site-3"), data={"source": "fed-heart", "partition": 3}, runtime_port=free_port())
+    start_local_site(d.procs, d.bundle("site-3"), env={**d.site_env, "PYTHONPATH": str(MALFORMED_SITE)})
+    wait_nodes_online(d.co.control, d.ids(SITES), timeout=90)  # type: ignore[arg-type]
+    cfg = load_config(None, [*FAST, "rounds=3"])
+    assert d.co.control is not None
+    run_id = submit_run(d.co.control, d.co.layout.flwr_home,
+                        run_config={"experiment": cfg.to_json(), "run-name": "faults"})
+    _wait_for(lambda: any(e["event"] == "round_started" for e in _audit(d, run_id)), 120, "round 1")
+    site = d.procs.procs["site-site-1"]
+    node = [p for p in descendants(site.pid)
+            if b"fedmeta.deploy.supernode" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    t_kill = time.monotonic()
+    os.kill(node[0], signal.SIGKILL)
+    folder = d.co.layout.runs / "faults"
+    _wait_for(lambda: (folder / "rounds.jsonl").exists() and len(_rounds(folder)) >= 1, 120, "round 1 done")
+    noticed_after = time.monotonic() - t_kill
+    d.procs.kill("superlink")  # the coordinator crashes after round 1
+    r1 = _rounds(folder)[0]
+    assert r1["missing"] == ["site-1"] and r1["applied"]
+    assert noticed_after < 40, noticed_after  # seconds, not federation.timeout_s
+    assert "NaN/Inf" in r1["rejected"]["site-3"]  # recorded under the site's registered name
+    first = _audit(d, run_id)
+    missing = [e for e in first if e["event"] == "contribution" and e["site"] == "site-1"]
+    assert missing[0]["accepted"] is False and "no reply" in missing[0]["reason"]
+    d.co = start_coordinator(d.procs, deployment=d.pki, state=d.root / "coordinator", passphrase=PASS,
+                             fleet_address=f"{LOOPBACK}:{d.fleet}", control_host=LOOPBACK,
+                             control_port=d.control)
+    wait_nodes_online(d.co.control, d.ids(SITES), timeout=150)  # type: ignore[arg-type]
+    restarts = [e for e in _site_audit(d, "site-1") if e["event"] == "node_restarted"]
+    assert restarts, "site-1's node was not restarted by fedmeta site start"
+    resumed, status, _ = _run(d, "faults", ["rounds=3"], resume=True)
+    assert status == "finished:completed", status
+    rounds = _rounds(folder)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert "site-1" in rounds[1]["accepted"] or "site-1" in rounds[2]["accepted"]  # back
+    assert all("NaN/Inf" in r["rejected"]["site-3"] for r in rounds)
+    assert [e["round"] for e in _audit(d, resumed) if e["event"] == "checkpoint_resumed"] == [1]
+    d.procs.stop("site-site-3")
+
+
+def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium) -> None:
+    d = consortium
+    revoke_site(d.pki, "site-2", reason="left the consortium")
+    revoked_node = d.co.node_ids["site-2"]
+    d.restart_coordinator()
+    assert "site-2" not in d.co.node_ids
+    removed = [e for e in read_log(d.co.layout.audit) if e["event"] == "node_unregistered"
+               and e["site"] == "site-2"]
+    assert removed and removed[-1]["reason"] == "revoked"
+    wait_nodes_online(d.co.control, d.ids(["site-0", "site-1"]), timeout=90)  # type: ignore[arg-type]
+    _, status, folder = _run(d, "after-revoke", ["rounds=1"])
+    assert status == "finished:completed"
+    assert all(set(r["sampled"]) == {"site-0", "site-1"} for r in _rounds(folder))
+    assert revoked_node not in online_nodes(d.co.control)  # type: ignore[arg-type]

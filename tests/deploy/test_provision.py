@@ -21,6 +21,7 @@ from fedmeta.deploy.certs import make_ca, make_server_cert, verify_chain
 from fedmeta.deploy.consortium import load_consortium, parse_consortium
 from fedmeta.deploy.node import load_node_config
 from fedmeta.deploy.provision import Registry, add_site, provision, revoke_site
+from fedmeta.deploy.secrets import Passphrase, is_encrypted, load_private_key
 
 CONSORTIUM = {
     "consortium": "heart",
@@ -30,6 +31,17 @@ CONSORTIUM = {
     "sites": [{"name": "cleveland", "partition_id": 0},
               {"name": "hungary", "site_config": "/srv/data/hungary.yaml"}],
 }
+
+
+SECRET = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMETA_KEY_PASSPHRASE", SECRET)
+
+
+PASS = Passphrase(env="FEDMETA_KEY_PASSPHRASE")
 
 
 def _write(tmp_path: Path, doc: object, name: str = "consortium.yaml") -> Path:
@@ -43,7 +55,12 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("prov")
     src = _write(tmp, CONSORTIUM)
     out = tmp / "out"
-    provision(load_consortium(src), out)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDMETA_KEY_PASSPHRASE", SECRET)
+    try:
+        provision(load_consortium(src), out, passphrase=PASS)
+    finally:
+        mp.undo()
     return src, out
 
 
@@ -110,19 +127,45 @@ def test_private_keys_have_mode_0600(provisioned: tuple[Path, Path]) -> None:
     assert stat.S_IMODE((out / "sites" / "cleveland").stat().st_mode) == 0o700
 
 
-def test_site_keys_are_openssh_nist_ec_and_match(provisioned: tuple[Path, Path]) -> None:
+def test_site_keys_are_encrypted_nist_ec_and_match(provisioned: tuple[Path, Path]) -> None:
     _, out = provisioned
     bundle = out / "sites" / "cleveland"
-    priv = serialization.load_ssh_private_key((bundle / "supernode.key").read_bytes(), None)
+    assert (bundle / "supernode.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY")
+    with pytest.raises(TypeError):  # no passphrase: unreadable
+        serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), None)
+    with pytest.raises(ValueError):  # a wrong one: unreadable
+        serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), b"wrong passphrase!")
+    priv = serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), SECRET.encode())
     pub = serialization.load_ssh_public_key((bundle / "supernode.pub").read_bytes())
     assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
     assert priv.curve.name == "secp384r1"
     assert priv.public_key().public_numbers() == pub.public_numbers()
-    assert (bundle / "supernode.key").read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
-    other = serialization.load_ssh_private_key(
-        (out / "sites" / "hungary" / "supernode.key").read_bytes(), None)
-    assert isinstance(other, ec.EllipticCurvePrivateKey)
+    other = load_private_key(out / "sites" / "hungary" / "supernode.key", PASS)
     assert other.private_numbers().private_value != priv.private_numbers().private_value
+    for key in (out / "ca" / "ca.key", out / "coordinator" / "server.key"):
+        assert is_encrypted(key), key
+
+
+def test_plaintext_keys_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDMETA_KEY_PASSPHRASE")
+    with pytest.raises(ProvisionError, match="private keys are encrypted with a passphrase"):
+        Passphrase.from_options(file=None, env=None, plaintext=False)
+    short = tmp_path / "short.pass"
+    short.write_text("too short\n")
+    short.chmod(0o600)
+    with pytest.raises(ProvisionError, match="at least 12 characters"):
+        Passphrase(file=short).read()
+    loose = tmp_path / "loose.pass"
+    loose.write_text(SECRET + "\n")
+    loose.chmod(0o644)
+    with pytest.raises(ProvisionError, match="readable by others"):
+        Passphrase(file=loose).read()
+    out = tmp_path / "plain"
+    provision(load_consortium(_write(tmp_path, CONSORTIUM)), out,
+              passphrase=Passphrase.from_options(file=None, env=None, plaintext=True))
+    assert not is_encrypted(out / "sites" / "cleveland" / "supernode.key")
+    node = load_node_config(out / "sites" / "cleveland" / "node.yaml")
+    assert node.plaintext_key
 
 
 def test_bundle_site_yaml_and_registry(provisioned: tuple[Path, Path]) -> None:
@@ -131,10 +174,11 @@ def test_bundle_site_yaml_and_registry(provisioned: tuple[Path, Path]) -> None:
     assert site.site == "cleveland"
     assert site.superlink == "coord.example.org:9092"
     assert site.root_certificates == (out / "sites" / "cleveland" / "ca.crt").resolve()
-    assert site.node_config == {"partition-id": 0, "num-partitions": 2, "site-name": "cleveland"}
+    assert site.node_config() == {"source": "fed-heart", "partition-id": 0, "synth-sites": 10,
+                                  "synth-seed": 0}
     hungary = load_node_config(out / "sites" / "hungary" / "node.yaml")
-    assert hungary.node_config["site-config"] == "/srv/data/hungary.yaml"
-    assert "partition-id" not in hungary.node_config
+    assert hungary.node_config() == {"site-config": "/srv/data/hungary.yaml"}
+    assert site.app is not None and site.policy.min_patients == 20
     assert (out / "sites" / "cleveland" / "ca.crt").read_bytes() == (out / "ca" / "ca.crt").read_bytes()
     assert not (out / "sites" / "cleveland" / "ca.key").exists()
     reg = Registry.load(out)
@@ -145,15 +189,6 @@ def test_bundle_site_yaml_and_registry(provisioned: tuple[Path, Path]) -> None:
     assert ports["fleet_port"] == 9092 and ports["control_port"] == 9093
 
 
-def test_node_config_arg_quotes_strings() -> None:
-    from fedmeta.deploy.node import NodeConfig
-
-    s = NodeConfig(site="a", superlink="h:1", root_certificates=Path("/x"),
-                   auth_private_key=Path("/y"),
-                   node_config={"partition-id": 1, "site-config": '/p/a "b".yaml', "dp": True})
-    assert s.node_config_arg() == 'partition-id=1 site-config="/p/a \\"b\\".yaml" dp=true'
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -161,19 +196,19 @@ def _digest(path: Path) -> str:
 def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     src = _write(tmp_path, CONSORTIUM)
     out = tmp_path / "out"
-    provision(load_consortium(src), out)
+    provision(load_consortium(src), out, passphrase=PASS)
     before = {p: _digest(p) for p in out.rglob("*") if p.is_file() and p.name != "registry.json"}
     grown = dict(CONSORTIUM, sites=[*CONSORTIUM["sites"], {"name": "zurich"}])  # type: ignore[list-item]
     src2 = _write(tmp_path, grown, "consortium2.yaml")
-    bundle = add_site(load_consortium(src2), out, "zurich")
+    bundle = add_site(load_consortium(src2), out, "zurich", passphrase=PASS)
     assert (bundle / "supernode.key").exists()
     assert stat.S_IMODE((bundle / "supernode.key").stat().st_mode) == 0o600
     for p, d in before.items():
         assert _digest(p) == d, f"{p} changed by add_site"
     with pytest.raises(ProvisionError, match="site 'zurich' already provisioned"):
-        add_site(load_consortium(src2), out, "zurich")
+        add_site(load_consortium(src2), out, "zurich", passphrase=PASS)
     with pytest.raises(ConfigError, match="no site named 'nowhere'"):
-        add_site(load_consortium(src2), out, "nowhere")
+        add_site(load_consortium(src2), out, "nowhere", passphrase=PASS)
 
     rec = revoke_site(out, "hungary", reason="left the consortium")
     assert rec.status == "revoked" and rec.reason == "left the consortium"
@@ -185,7 +220,7 @@ def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="already revoked"):
         revoke_site(out, "hungary", reason="again")
     with pytest.raises(ProvisionError, match="already provisioned"):
-        provision(load_consortium(src), out)
+        provision(load_consortium(src), out, passphrase=PASS)
 
 
 def _bad(**changes: object) -> dict[str, object]:
@@ -257,7 +292,11 @@ def test_site_yaml_errors(tmp_path: Path) -> None:
         (dict(base, superlink="nohost"), "superlink must be HOST:PORT, got 'nohost'"),
         (dict(base, auth_private_key="missing.key"), "auth_private_key points to .*missing.key"),
         (dict(base, runtime_port=0), r"runtime_port must be an integer in \[1, 65535\], got 0"),
-        (dict(base, node_config={"Bad Key": 1}), "node_config key 'Bad Key'"),
+        (dict(base, node_config={"partition-id": 1}), "unknown key 'node_config'"),
+        (dict(base, policy={"min_patients": 0}), r"policy.min_patients = 0: must be >= 1"),
+        (dict(base, policy={"algorithms": ["sgd"]}), r"policy.algorithms = \['sgd'\]: unknown algorithm 'sgd'"),
+        (dict(base, key_passphrase_env="X", plaintext_key=True), "give one of key_passphrase_file"),
+        (dict(base, data={"source": "fed-heart"}), "exactly one of site: NAME or partition: N"),
     ]
     for doc, msg in cases:
         p = tmp_path / "node.yaml"

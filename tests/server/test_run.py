@@ -174,7 +174,7 @@ def test_node_with_a_stale_cache_is_resynchronised(tmp_path, local_run):
 
     local_run(tmp_path, ["compression.method=int8", "compression.downlink=delta", "rounds=3"], grid_hook=hook)
     lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
-    assert "cached θ differs" in lines[1]["rejected"]["Cleveland"]  # round 2: stale cache detected
+    assert "stale state" in lines[1]["rejected"]["Cleveland"]  # round 2: stale cache detected
     assert "Cleveland" in lines[2]["accepted"]  # round 3: resent in full, accepted again
 
 

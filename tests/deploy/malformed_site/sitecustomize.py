@@ -1,21 +1,20 @@
 """Test fixture, not product code: turns one hospital into a faulty one.
 
-Put on ``PYTHONPATH`` of a SuperNode only. In that SuperNode's ClientApp processes
-(``flwr-clientapp``) it wraps the train_update its ClientApp calls so the delta it returns holds a
-NaN, as a buggy or hostile site would send. Every other process is left alone.
+Put on ``PYTHONPATH`` of one ``fedmeta site start`` only. In that process it wraps the
+``train_update`` the installed ClientApp calls, so the delta the site sends holds a NaN, as a
+buggy or hostile site would send. Every other process is left alone.
 """
 
-import os
 import sys
 
-if os.path.basename(sys.argv[0]) == "flwr-clientapp":
+if sys.argv[1:3] == ["site", "start"] or ("site" in sys.argv and "start" in sys.argv):
     import dataclasses
 
     import numpy as np
 
-    from fedmeta.client import app as task
+    from fedmeta.client import app
 
-    _honest = task.train_update
+    _honest = app.train_update
 
     def _malformed(*args, **kwargs):  # type: ignore[no-untyped-def]
         update = _honest(*args, **kwargs)
@@ -24,4 +23,4 @@ if os.path.basename(sys.argv[0]) == "flwr-clientapp":
         arrays[first].reshape(-1)[0] = np.nan
         return dataclasses.replace(update, arrays=arrays)
 
-    task.train_update = _malformed
+    app.train_update = _malformed
