@@ -12,10 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from fedmeta.common import params as P
-from fedmeta.common.config import config_from_dict, load_config
 from fedmeta.common.errors import ConfigError
 
 
@@ -34,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fedmeta.common import params as P
+    from fedmeta.common.config import config_from_dict, load_config
     from fedmeta.common.data.registry import data_spec, load_site
     from fedmeta.sitecore.evaluate import evaluate_site
 

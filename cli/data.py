@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmeta.common.config import DataConfig, TaskConfig, load_config
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="generate synthetic sites or check a site's data")
@@ -98,6 +96,7 @@ def _synth_images(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from fedmeta.common.config import DataConfig, TaskConfig, load_config
     from fedmeta.sitecore.data import check_site
 
     if args.config is not None:

@@ -13,11 +13,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedmeta.common.config import ExperimentConfig, load_config
-from fedmeta.common.data.registry import simulation_sites
 from fedmeta.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedmeta.common.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from fedmeta.client.app import app as default_client_app
+    from fedmeta.common.data.registry import simulation_sites
     from fedmeta.server.app import make_server_app
     from fedmeta.server.driver import run_experiment
     from fedmeta.server.local_grid import LocalGrid
@@ -94,6 +96,7 @@ def simulate(
         raise ConfigError(
             f"federation.min_nodes = {cfg.federation.min_nodes}: more than the {n_nodes} simulated sites"
         )
+    set_threads(cfg.engine.threads)
     if backend == "local":
         grid = LocalGrid(client_app, [{"partition-id": i} for i in range(n_nodes)])
         return run_experiment(grid, cfg, out_dir, expected_nodes=n_nodes, resume=resume,
@@ -109,6 +112,10 @@ def simulate(
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Each Ray actor is a new process: the thread count travels in its environment.
+    os.environ["OMP_NUM_THREADS"] = str(cfg.engine.threads)
+    say = progress or (lambda text: log.info("%s", text))
+    say(f"starting Flower's simulation engine (Ray) with {n_nodes} sites; this takes 10-30 s")
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
                    backend_config=backend_config)
     if not result and stop_after is None:
@@ -116,6 +123,15 @@ def simulate(
             f"the simulation ended without a summary; see the log above (run folder {out_dir})"
         )
     return result
+
+
+def set_threads(n: int) -> None:
+    """Give torch ``n`` intra-op threads in this process (models this size gain nothing from
+    more, and on a shared machine extra threads only contend)."""
+    import torch
+
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -141,9 +157,13 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROGRESS = logging.getLogger("fedmeta.progress")
+
+
 def _log_to_run_folder(out_dir: Path, *, verbose: bool) -> None:
-    """Full log (effective config, rejected replies, Flower's messages) to ``run.log``; the console
-    shows warnings and the progress lines only, unless ``--verbose``."""
+    """Full log (effective config, rejected replies, Flower's messages, and every line the
+    console shows) to ``run.log``; the console shows warnings and the progress lines only,
+    unless ``--verbose``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out_dir / "run.log")
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -159,7 +179,14 @@ def _log_to_run_folder(out_dir: Path, *, verbose: bool) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state-database migrations
 
 
+def _say(text: str) -> None:
+    """A line for the user: on the console and in ``run.log``."""
+    print(text, flush=True)
+    PROGRESS.info("%s", text)
+
+
 def _run(args: argparse.Namespace) -> int:
+    from fedmeta.common.config import load_config
     from fedmeta.server.app import default_run_dir
     from fedmeta.server.runfolder import load_run_config
 
@@ -175,16 +202,16 @@ def _run(args: argparse.Namespace) -> int:
     start = time.monotonic()
 
     def progress(text: str) -> None:
-        print(f"[{time.monotonic() - start:6.1f}s] {text}", flush=True)
+        _say(f"[{time.monotonic() - start:6.1f}s] {text}")
 
-    print(f"fedmeta: {cfg.algorithm} on {cfg.data.source}, {cfg.rounds} rounds -> {out_dir}", flush=True)
+    _say(f"fedmeta: {cfg.algorithm} on {cfg.data.source}, {cfg.rounds} rounds -> {out_dir}")
     summary = simulate(cfg, out_dir, resume=args.resume is not None, progress=progress, backend=args.backend)
-    print()
-    print(format_table(summary))
-    print(
+    _say("")
+    _say(format_table(summary))
+    _say(
         f"\n{summary['algorithm']}: {summary['rounds']} rounds in {summary['wall_s']:.1f} s; "
         f"{summary['comm']['bytes_up']:,} bytes up, {summary['comm']['bytes_down']:,} bytes down"
     )
-    print(f"outputs: {out_dir}/summary.json, rounds.jsonl, final.safetensors")
+    _say(f"outputs: {out_dir}/summary.json, rounds.jsonl, final.safetensors, run.log")
     sys.stdout.flush()
     return 0

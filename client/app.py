@@ -58,8 +58,16 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _threads(cfg: ExperimentConfig) -> None:
+    import torch
+
+    if torch.get_num_threads() != cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+
+
 def train(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
+    _threads(cfg)
     site = site_of(context, cfg)
     server_round = count_in(msg.content[K.CONFIG], K.ROUND)
     state = receive_state(msg.content[K.ARRAYS], msg.content[K.CONFIG], context)
@@ -90,10 +98,13 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
+    _threads(cfg)
     site = site_of(context, cfg)
     state = arrays_from_record(msg.content[K.ARRAYS])
     result = evaluate_site(cfg, data_spec(cfg.data), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
     metrics: MetricValues = {K.N_TRAIN: int(result["n_train"]), K.N_TEST: int(result["n_test"])}
+    if "adapt_steps" in result:
+        metrics[K.ADAPT_STEPS] = int(result["adapt_steps"])
     for phase in ("before", "after"):
         for key, value in result[phase].items():
             metrics[f"{phase}.{key}"] = float(value)

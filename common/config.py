@@ -236,11 +236,15 @@ def _device(value: Any) -> str:
 
 class EngineConfig(YamlModel):
     """Where and how sites compute: ``device`` auto (CUDA when present) / cpu / cuda[:N];
-    ``impl`` auto (vmap for MLPs, per-task loop for convolutions on CPU) / vmap / loop."""
+    ``impl`` auto (vmap for MLPs, per-task loop for convolutions on CPU) / vmap / loop;
+    ``threads`` torch's intra-op threads per process."""
 
     device: Annotated[str, BeforeValidator(_device)] = "auto"
     impl: Literal["auto", "vmap", "loop"] = "auto"
     compile: Bool = False
+    #: torch intra-op threads per process (simulated site, site worker, local backend): one fits
+    #: these models; more only contend on a shared machine.
+    threads: AtLeastOne = 1
 
 
 class ExperimentConfig(YamlModel):

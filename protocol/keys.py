@@ -41,6 +41,7 @@ LOSS_BEFORE = "query-loss-before"
 LOSS_AFTER = "query-loss-after"
 N_TRAIN = "n-train"
 N_TEST = "n-test"
+ADAPT_STEPS = "adapt-steps"
 
 # secure aggregation: the round config's bounding settings (coordinator -> site)
 SECAGG_L2_BOUND = "secagg-l2-bound"

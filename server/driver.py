@@ -9,13 +9,16 @@ continues exactly where a run stopped), ``final.safetensors`` and ``summary.json
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -117,9 +120,10 @@ class _Run:
                                                       if self.sites.excluded else ""))
 
     # -- rounds --------------------------------------------------------------------------------
-    def exchange(self, messages: list[Message], *, quorum: int) -> Outcome:
+    def exchange(self, messages: list[Message], *, quorum: int,
+                 on_reply: Callable[[Message], None] | None = None) -> Outcome:
         return exchange(self.grid, messages, Waiting(timeout_s=self.cfg.federation.timeout_s,
-                                                     quorum=max(1, quorum)))
+                                                     quorum=max(1, quorum)), on_reply)
 
     def train_round(self, server_round: int) -> RoundResult:
         self.refresh()
@@ -148,12 +152,23 @@ class _Run:
         self.totals["bytes_down"] += result.log.bytes_down
         return result
 
-    def evaluate(self, server_round: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    def evaluate(self, server_round: int, *, announce: bool = False) -> tuple[dict[str, dict], dict[str, dict]]:
         self.refresh()
         messages = self.strategy.configure_evaluate(server_round, self.sites.names)
         self.totals["bytes_down"] += payload_bytes(record_from_arrays(self.strategy.state())) * len(messages)
-        return federated_evaluation(lambda m: self.exchange(m, quorum=len(m)).replies, messages,
-                                    self.sites.names, self.cfg.data.holdout, self.declined)
+        t0, done = time.monotonic(), [0]
+
+        def on_reply(reply: Message) -> None:
+            done[0] += 1
+            site = self.sites.names.get(reply.metadata.src_node_id, "a site")
+            self.say(f"evaluation: {site} done ({done[0]}/{len(messages)}, {time.monotonic() - t0:.1f} s)")
+
+        if announce:
+            self.say(f"evaluating the final state at {len(messages)} sites (each adapts and scores "
+                     "its own test split)")
+        return federated_evaluation(
+            lambda m: self.exchange(m, quorum=len(m), on_reply=on_reply if announce else None).replies,
+            messages, self.sites.names, self.cfg.data.holdout, self.declined)
 
     def sites_label(self, node: int) -> str:
         """A node's registered name when it has one, else ``node N``."""
@@ -182,6 +197,7 @@ def run_experiment(
     """
     say = progress or (lambda text: log.info("%s", text))
     t0 = time.monotonic()
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     folder = RunFolder(out_dir)
     run = _Run(grid, cfg, folder, say)
     log.info("effective configuration: %s", cfg.to_json())
@@ -209,6 +225,7 @@ def run_experiment(
             run.audit.checkpoint_resumed(run_id=run.run_id, round=first_round - 1)
     folder.reset_rounds(history)
 
+    round_s: list[float] = []
     for server_round in range(first_round, cfg.rounds + 1):
         t_round = time.monotonic()
         result = run.train_round(server_round)
@@ -222,11 +239,14 @@ def run_experiment(
         folder.append_round(line)
         run.totals["wall_s"] = time.monotonic() - t0
         run.checkpoint(server_round)
+        round_s.append(time.monotonic() - t_round)
+        left = (cfg.rounds - server_round) * float(np.median(round_s))
         say(
             f"round {server_round}/{cfg.rounds}: {len(rec.accepted)}/{len(rec.sampled)} sites, "
             f"query loss {rec.query_loss_before:.4f} -> {rec.query_loss_after:.4f} after adaptation"
             + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
             + (f", DP ε = {rec.epsilon:.2f} at δ = {cfg.privacy.delta:g}" if rec.epsilon is not None else "")
+            + f" ({round_s[-1]:.1f} s" + (f"; rounds left: about {left:.0f} s)" if left > 0 else ")")
         )
         if interim is not None and interim["mean"]:
             say(f"round {server_round}: evaluation, mean accuracy after adaptation "
@@ -236,7 +256,7 @@ def run_experiment(
                 run.audit.run_finished(run_id=run.run_id, status="stopped", rounds_completed=server_round)
             return {"stopped_after": server_round}
 
-    per_site, holdout = run.evaluate(cfg.rounds)
+    per_site, holdout = run.evaluate(cfg.rounds, announce=True)
     if not per_site:
         raise FedmetaError("no site returned an evaluation; see the log for their errors")
     theta = run.strategy.state()  # θ plus learned state (Meta-SGD's rates: a new site adapts with them)
@@ -247,6 +267,7 @@ def run_experiment(
         "rounds": cfg.rounds,
         "seed": cfg.seed,
         "wall_s": round(time.monotonic() - t0, 3),
+        "provenance": provenance(started_at),
         "config": cfg.to_dict(),
         "sites": dict(sorted(per_site.items())),
         "mean": summary_mean(per_site),
@@ -268,6 +289,38 @@ def run_experiment(
     if run.audit is not None:
         run.audit.run_finished(run_id=run.run_id, status="completed", rounds_completed=cfg.rounds)
     return summary
+
+
+def provenance(started_at: str) -> dict[str, Any]:
+    """What produced a run: versions, the source commit (when run from a git checkout), the
+    coordinator's device and threads, and when it started."""
+    import subprocess
+    from importlib import metadata
+
+    import torch
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    commit = None
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False)
+        if out.returncode == 0:
+            commit = out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "fedmeta": version("fedmeta"), "flwr": version("flwr"), "torch": torch.__version__,
+        "git_commit": commit, "started_at": started_at,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _open_audit(grid: Grid) -> tuple[audit_log.AuditLog | None, int]:

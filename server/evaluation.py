@@ -61,6 +61,8 @@ def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str],
                     entry[phase][metric] = number_in(m, key)
             entry["n_train"] = count_in(m, K.N_TRAIN)
             entry["n_test"] = count_in(m, K.N_TEST)
+            if K.ADAPT_STEPS in m:
+                entry["adapt_steps"] = count_in(m, K.ADAPT_STEPS)
         except (KeyError, ValueError) as e:
             log.warning("evaluation reply of %s is malformed (%s); left out", site, e)
             continue

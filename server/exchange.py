@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -55,13 +55,30 @@ def _push_pull(grid: Grid) -> bool:
     return not isinstance(grid, LocalGrid) and type(grid).__name__ == "HttpGrid"
 
 
-def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting) -> Outcome:
-    """Send ``messages`` and collect replies as described in the module docstring."""
+def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
+             on_reply: Callable[[Message], None] | None = None) -> Outcome:
+    """Send ``messages`` and collect replies as described in the module docstring;
+    ``on_reply`` is called with each reply as it arrives (progress)."""
+    from fedmeta.server.local_grid import LocalGrid
+
     t0 = time.monotonic()
     if not messages:
         return Outcome()
+    if isinstance(grid, LocalGrid) and on_reply is not None:  # it answers one by one anyway
+        replies = []
+        for m in messages:
+            for reply in grid.send_and_receive([m], timeout=waiting.timeout_s):
+                replies.append(reply)
+                on_reply(reply)
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+        return Outcome(replies, missing, "all replied" if not missing else "timeout",
+                       time.monotonic() - t0)
     if not _push_pull(grid):
         replies = list(grid.send_and_receive(list(messages), timeout=waiting.timeout_s))
+        if on_reply is not None:
+            for reply in replies:
+                on_reply(reply)
         answered = {m.metadata.src_node_id for m in replies}
         missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
         return Outcome(replies, missing, "all replied" if not missing else "timeout",
@@ -77,6 +94,8 @@ def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting) -> Outco
         for reply in grid.pull_messages(list(pending)):
             pending.pop(reply.metadata.reply_to_message_id, None)
             out.replies.append(reply)
+            if on_reply is not None:
+                on_reply(reply)
         if not pending:
             break
         elapsed = time.monotonic() - t0

@@ -128,6 +128,7 @@ def evaluate_site(
     x_te = torch.from_numpy(site.x_test).to(device)
     y_te = site.y_test[:, 0]
     adapted = params
+    steps = 0
     if algorithm.evaluation == "prototypes":
         k = min(cfg.tasks.support, len(y_tr))
         few = torch.from_numpy(rng.choice(len(y_tr), size=k, replace=False)).to(device)
@@ -137,13 +138,15 @@ def evaluate_site(
         before = _binary_scores(_predict(model, params, x_te), y_te)
         if algorithm.evaluation == "learned_rates":
             inner = InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
+            steps = cfg.inner.steps
             adapted = adapt(model, params, x_tr, y_tr, inner, lrs=from_numpy(extra_np, device=device))
         elif cfg.eval.adapt_steps > 0:
             steps = choose_adapt_steps(cfg, model, params, x_tr, y_tr, rng=rng)
             adapted = params if steps == 0 else adapt(
                 model, params, x_tr, y_tr, InnerConfig(steps=steps, lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal))
         after = _binary_scores(_predict(model, adapted, x_te), y_te)
-    result = {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te))}
+    result = {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te)),
+              "adapt_steps": int(steps)}  # the number of steps this site chose (provenance)
     if keep_params and algorithm.evaluation != "prototypes":
         result["params"] = to_numpy(adapted)
     return result
