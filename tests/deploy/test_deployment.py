@@ -457,7 +457,7 @@ def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium)
     assert "site-2" not in d.co.node_ids
     removed = [e for e in read_log(d.co.layout.audit) if e["event"] == "node_unregistered"
                and e["site"] == "site-2"]
-    assert removed and removed[-1]["reason"] == "revoked"
+    assert removed and removed[-1]["reason"] == "the key of site site-2 is revoked"
     wait_nodes_online(d.co.control, d.ids(["site-0", "site-1"]), timeout=90)  # type: ignore[arg-type]
     _, status, folder = _run(d, "after-revoke", ["rounds=1"])
     assert status == "finished:completed"
