@@ -18,12 +18,11 @@ from flwr.clientapp.typing import Mod
 from fedmeta.client.wire import encode_reply, receive_state
 from fedmeta.common.config import ExperimentConfig, config_from_dict
 from fedmeta.common.data.base import Site
-from fedmeta.common.data.registry import data_spec
 from fedmeta.common.experiment import site_rng
 from fedmeta.common.privacy import privatize
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.records import MetricValues, arrays_from_record, count_in
-from fedmeta.sitecore.data import site_for_node
+from fedmeta.sitecore.data import site_for_node, spec_of
 from fedmeta.sitecore.evaluate import evaluate_site
 from fedmeta.sitecore.layout import compare_layout
 from fedmeta.sitecore.train import train_update
@@ -71,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     site = site_of(context, cfg)
     server_round = count_in(msg.content[K.CONFIG], K.ROUND)
     state = receive_state(msg.content[K.ARRAYS], msg.content[K.CONFIG], context)
-    update = train_update(cfg, data_spec(cfg.data), site, state, rng=site_rng(cfg, site.name, server_round))
+    update = train_update(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, server_round))
     arrays = update.arrays
     s = update.stats
     metrics: MetricValues = {K.NUM_EXAMPLES: int(update.num_examples), K.N_TASKS: int(s.n_tasks)}
@@ -101,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _threads(cfg)
     site = site_of(context, cfg)
     state = arrays_from_record(msg.content[K.ARRAYS])
-    result = evaluate_site(cfg, data_spec(cfg.data), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
+    result = evaluate_site(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
     metrics: MetricValues = {K.N_TRAIN: int(result["n_train"]), K.N_TEST: int(result["n_test"])}
     if "adapt_steps" in result:
         metrics[K.ADAPT_STEPS] = int(result["adapt_steps"])

@@ -19,9 +19,9 @@ from flwr.clientapp.typing import Mod
 from fedmeta.client.app import site_of
 from fedmeta.client.secagg import make_secagg_client_app
 from fedmeta.common.config import config_from_dict
-from fedmeta.common.data.registry import data_spec
 from fedmeta.common.experiment import initial_parameters, site_rng
 from fedmeta.protocol import keys as K
+from fedmeta.sitecore.data import spec_of
 from fedmeta.sitecore.train import train_update
 
 
@@ -31,11 +31,11 @@ def reptile_delta(
     """This site's Reptile delta for one round, as a list in θ's parameter order."""
     cfg = config_from_dict(json.loads(str(config[K.EXPERIMENT])),
                            where="<experiment from coordinator>")
-    spec = data_spec(cfg.data)
+    site = site_of(context, cfg)
+    spec = spec_of(site)
     names = list(initial_parameters(cfg, spec))
     if len(names) != len(theta):
         raise ValueError(f"θ has {len(theta)} arrays, the model {len(names)}")
-    site = site_of(context, cfg)
     server_round = int(config.get(K.ROUND, 0))  # type: ignore[call-overload]
     update = train_update(cfg, spec, site, dict(zip(names, theta, strict=True)),
                                rng=site_rng(cfg, site.name, server_round))

@@ -22,7 +22,7 @@ from fedmeta.common.config import DataConfig, ExperimentConfig, TaskConfig
 from fedmeta.common.data.base import ImageSite, Site, TabularSite
 from fedmeta.common.data.ehr import EhrCohort, check_k_shot, load_ehr_site
 from fedmeta.common.data.images import check_n_way_k_shot, load_image_site
-from fedmeta.common.data.registry import data_spec, load_site, simulation_sites
+from fedmeta.common.data.registry import DataSpec, data_spec, load_site, simulation_sites
 from fedmeta.common.data.site_config import (
     EhrSiteConfig,
     ImageSiteConfig,
@@ -156,6 +156,16 @@ def check_site(
 
 
 _LOADED: dict[str, Site] = {}
+
+
+def spec_of(site: Site) -> DataSpec:
+    """The shape of this site's own data, what the site builds its model from: its encoded
+    features (or image shape) and classes, never the coordinator's data settings (a hospital
+    reads nothing the coordinator names). The greeting checks it equals the consortium's."""
+    if isinstance(site, TabularSite):
+        return DataSpec("tabular", (site.n_features,), 2, (site.name,), site.outcomes,
+                        features=site.feature_names)
+    return DataSpec("images", tuple(int(v) for v in site.x_train.shape[1:]), site.n_classes, (site.name,))
 
 
 def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> Site:

@@ -1,11 +1,11 @@
 """A consortium across separate hosts: the coordinator and two hospitals, each in its own Linux
-network namespace with its own address on a private bridge this test creates, each running as its
-own user with its own data folder that no other host's user can read.
+network namespace with its own address on a private bridge this test creates, and each in its own
+mount namespace that sees only its own files: a hospital sees its data, bundle and state, and
+neither the other hospital's nor the coordinator's; the coordinator sees none of the hospitals'.
 
 Nothing outside these namespaces (and their loopback) is addressed: the bridge lives in a
-namespace of its own, and everything is deleted afterwards. Needs root (to create namespaces and
-switch users), as on the machines this project is tested on; elsewhere the test is skipped and
-says why.
+namespace of its own, and everything is deleted afterwards. Needs root (to create namespaces), as
+on the machines this project is tested on; elsewhere the test is skipped and says why.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from fedmeta.deploy.processes import Processes
 pytestmark = pytest.mark.deployment
 
 NET = "10.231.0"
-USERS = {"co": 61000, "a": 61001, "b": 61002}
+HOSTS = ("co", "a", "b")
 SECRET = "separate hosts, one passphrase each would also do"
 
 
 def _can_make_hosts() -> str | None:
     if os.geteuid() != 0:
         return "needs root to create network namespaces and switch users"
-    for tool in ("ip", "setpriv"):
+    for tool in ("ip", "unshare", "mount"):
         if shutil.which(tool) is None:
             return f"needs `{tool}`"
     probe = f"fmprobe{os.getpid()}"
@@ -54,16 +54,30 @@ def _ip(*args: str) -> None:
 
 @dataclass
 class Hosts:
+    """``root/private/<host>`` holds each host's files; inside a host's namespaces they appear at
+    ``root/own-<host>`` and ``root/private`` is an empty in-memory folder."""
+
     root: Path
     ns: dict[str, str]
 
+    def own(self, host: str) -> Path:
+        return self.root / f"own-{host}"
+
+    def private(self, host: str) -> Path:
+        return self.root / "private" / host
+
     def as_host(self, host: str, argv: list[str]) -> list[str]:
-        uid = USERS[host]
-        return ["ip", "netns", "exec", self.ns[host], "setpriv", f"--reuid={uid}", f"--regid={uid}",
-                "--clear-groups", *argv]
+        script = (f"mount --bind {self.private(host)} {self.own(host)} && "
+                  f"mount -t tmpfs tmpfs {self.root / 'private'} && exec \"$@\"")
+        return ["ip", "netns", "exec", self.ns[host], "unshare", "--mount", "--propagation", "private",
+                "sh", "-c", script, "sh", *argv]
 
     def address(self, host: str) -> str:
-        return f"{NET}.{list(USERS).index(host) + 1}"
+        return f"{NET}.{HOSTS.index(host) + 1}"
+
+    def can_read(self, host: str, path: Path) -> bool:
+        res = subprocess.run(self.as_host(host, ["cat", str(path)]), capture_output=True, check=False)
+        return res.returncode == 0
 
 
 @pytest.fixture
@@ -71,15 +85,17 @@ def hosts() -> Iterator[Hosts]:
     if SKIP:
         pytest.skip(SKIP)
     tag = f"fm{os.getpid() % 100000}"
-    ns = {h: f"{tag}{h}" for h in (*USERS, "br")}
+    ns = {h: f"{tag}{h}" for h in (*HOSTS, "br")}
     root = Path(tempfile.mkdtemp(prefix="fedmeta-hosts-"))
-    os.chmod(root, 0o711)
+    for host in HOSTS:
+        (root / "private" / host).mkdir(parents=True)
+        (root / f"own-{host}").mkdir()
     try:
         for name in ns.values():
             _ip("netns", "add", name)
         _ip("-n", ns["br"], "link", "add", "br0", "type", "bridge")
         _ip("-n", ns["br"], "link", "set", "br0", "up")
-        for i, host in enumerate(USERS):
+        for i, host in enumerate(HOSTS):
             _ip("link", "add", f"{tag}{host}", "netns", ns[host], "type", "veth",
                 "peer", "name", f"br{host}", "netns", ns["br"])
             _ip("-n", ns["br"], "link", "set", f"br{host}", "master", "br0", "up")
@@ -91,20 +107,6 @@ def hosts() -> Iterator[Hosts]:
         for name in ns.values():
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _own(path: Path, host: str, mode: int = 0o700) -> None:
-    uid = USERS[host]
-    for p in [path, *path.rglob("*")]:
-        os.chown(p, uid, uid)
-        os.chmod(p, mode if p.is_dir() else 0o600)
-
-
-def _readable_by(host: str, h: Hosts, path: Path) -> bool:
-    uid = USERS[host]
-    res = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "cat", str(path)],
-                         capture_output=True, check=False)
-    return res.returncode == 0
 
 
 def test_a_two_round_tls_federation_across_separate_hosts(hosts: Hosts) -> None:
@@ -131,74 +133,66 @@ def test_a_two_round_tls_federation_across_separate_hosts(hosts: Hosts) -> None:
     configs = find_site_configs(generated)
     schema = configs[0].schema
     for host, config in zip(("a", "b"), configs, strict=True):
-        site = f"hospital-{host}"
-        data = h.root / f"data-{host}"
-        shutil.copytree(config.source.parent, data / config.source.parent.name)
-        shutil.copyfile(schema, data / schema.name)
-        _own(data, host)
-        bundle = pki / "sites" / site
-        configure_bundle(bundle, data=str(data / config.source.parent.name / "site.yaml"),
+        # Each hospital's host holds its bundle, its data and its state, and nothing else.
+        shutil.copytree(pki / "sites" / f"hospital-{host}", h.private(host) / "bundle")
+        shutil.copytree(config.source.parent, h.private(host) / "data" / config.source.parent.name)
+        shutil.copyfile(schema, h.private(host) / "data" / schema.name)
+        configure_bundle(h.private(host) / "bundle",
+                         data=str(h.own(host) / "data" / config.source.parent.name / "site.yaml"),
                          runtime_port=9094)
-        node = yaml.safe_load((bundle / "node.yaml").read_text())
-        node["state"] = str(h.root / f"state-{host}")
-        (bundle / "node.yaml").write_text(yaml.safe_dump(node))
-        (h.root / f"state-{host}").mkdir()
-        _own(h.root / f"state-{host}", host)
-        _own(bundle, host)
-    coordinator_files = h.root / "coordinator-pki"
-    (coordinator_files / "coordinator").mkdir(parents=True)
-    shutil.copytree(pki / "coordinator", coordinator_files / "coordinator", dirs_exist_ok=True)
-    shutil.copyfile(pki / "registry.json", coordinator_files / "registry.json")
-    shutil.copyfile(schema, coordinator_files / "schema.yaml")
-    outcomes = list(configs[0].outcomes)
-    experiment = h.root / "experiment.yaml"
-    experiment.write_text(yaml.safe_dump({
-        "rounds": 2, "data": {"source": "ehr", "feature_schema": str(coordinator_files / "schema.yaml"),
-                              "outcomes": outcomes},
+        node = yaml.safe_load((h.private(host) / "bundle" / "node.yaml").read_text())
+        node["state"] = str(h.own(host) / "state")
+        (h.private(host) / "bundle" / "node.yaml").write_text(yaml.safe_dump(node))
+    # The coordinator's host holds the registry, its own certificate and key, and the shared
+    # feature schema: no hospital's data.
+    shutil.copytree(pki / "coordinator", h.private("co") / "pki" / "coordinator")
+    shutil.copyfile(pki / "registry.json", h.private("co") / "pki" / "registry.json")
+    shutil.copyfile(schema, h.private("co") / "schema.yaml")
+    shutil.rmtree(pki)
+    shutil.rmtree(generated)
+    (h.private("co") / "experiment.yaml").write_text(yaml.safe_dump({
+        "rounds": 2, "data": {"source": "ehr", "feature_schema": str(h.own("co") / "schema.yaml"),
+                              "outcomes": list(configs[0].outcomes)},
         "tasks": {"meta_batch": 4}, "eval": {"adapt_steps": 20}, "federation": {"timeout_s": 120}}))
-    shutil.copyfile(experiment, coordinator_files / "experiment.yaml")
-    state = h.root / "state-co"
-    state.mkdir()
-    for p in (coordinator_files, state):
-        _own(p, "co")
     python = [sys.executable, "-m", "fedmeta.cli.main"]
     env = {**os.environ, "FEDMETA_KEY_PASSPHRASE": SECRET, "OMP_NUM_THREADS": "1"}
+    co_pki, co_state = h.own("co") / "pki", h.own("co") / "state"
     procs = Processes(h.root / "procs")
     try:
         co = procs.start("coordinator", h.as_host("co", [*python, "coordinator", "start",
-                                                         "--deployment", str(coordinator_files),
-                                                         "--state", str(state)]),
-                         env={**env, "HOME": str(state)})
+                                                         "--deployment", str(co_pki), "--state", str(co_state)]),
+                         env=env)
         deadline = time.monotonic() + 120
         while "coordinator up" not in co.log_path.read_text():
             assert co.alive() and time.monotonic() < deadline, co.log_path.read_text()[-3000:]
             time.sleep(0.5)
         for host in ("a", "b"):
             procs.start(f"site-{host}", h.as_host(host, [*python, "site", "start", "--node",
-                                                         str(pki / "sites" / f"hospital-{host}" / "node.yaml")]),
-                        env={**env, "HOME": str(h.root / f"state-{host}")})
+                                                         str(h.own(host) / "bundle" / "node.yaml")]), env=env)
         run = subprocess.run(
-            h.as_host("co", [*python, "run", "--deployment", str(coordinator_files), "--state", str(state),
-                             "--config", str(coordinator_files / "experiment.yaml"), "--name", "hosts",
+            h.as_host("co", [*python, "run", "--deployment", str(co_pki), "--state", str(co_state),
+                             "--config", str(h.own("co") / "experiment.yaml"), "--name", "hosts",
                              "--timeout", "420"]),
-            env={**env, "HOME": str(state)}, capture_output=True, text=True, timeout=480, check=False)
-        assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
-        folder = state / "runs" / "hosts"
+            env=env, capture_output=True, text=True, timeout=480, check=False)
+        if run.returncode != 0:
+            logs = {m: procs.procs[m].log_path.read_text()[-3000:] for m in ("site-a", "site-b")}
+            pytest.fail(f"fedmeta run failed:\n{run.stdout[-4000:]}\n{run.stderr[-1000:]}\n{logs}")
+        folder = h.private("co") / "state" / "runs" / "hosts"
         summary = json.loads((folder / "summary.json").read_text())
         assert set(summary["sites"]) == {"hospital-a", "hospital-b"}
         rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [1, 2]
         assert all(sorted(r["accepted"]) == ["hospital-a", "hospital-b"] for r in rounds)
         assert "round 2/2" in run.stdout  # the operator saw the run's progress
-        # Each hospital's data is readable by its own user only: not by the other, not by the
-        # coordinator (so what the coordinator got, it got from the sites' replies).
+        # Each hospital's data is visible on its own host only: not on the other hospital's, not
+        # on the coordinator's (so what the coordinator got, it got from the sites' replies).
         for host, other in (("a", "b"), ("b", "a")):
-            table = next((h.root / f"data-{host}").rglob("*.csv"))
-            assert _readable_by(host, h, table)
-            assert not _readable_by(other, h, table) and not _readable_by("co", h, table)
-        # The sites reached the coordinator from their own addresses.
-        log = co.log_path.read_text()
-        assert f"{h.address('co')}:9092" in log
+            table = next((h.private(host) / "data").rglob("*.csv")).relative_to(h.private(host))
+            assert h.can_read(host, h.own(host) / table)
+            for viewer in (other, "co"):
+                assert not h.can_read(viewer, h.own(host) / table)
+                assert not h.can_read(viewer, h.private(host) / table)
+        assert f"{h.address('co')}:9092" in co.log_path.read_text()  # the Fleet API's own address
     finally:
         procs.refresh_children()
         procs.stop_all()
