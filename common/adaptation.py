@@ -16,6 +16,11 @@ always among the candidates:
   (Meta-SGD: the learned per-parameter rates), for every step count of the grid and every
   proximal strength ``λ``.
 
+With fewer than ``min_refit_events`` (10) patients in the smaller class only ``none`` and
+``intercept`` compete: re-estimating the ranking needs more events than recalibrating it (the
+updating hierarchy of Janssen et al. 2008, J Clin Epidemiol 61:76, and Vergouwe et al. 2017,
+Stat Med 36:4529: intercept, then slope, then revision as the data allow).
+
 Cross-validation: leave-one-out while the site has at most ``loo_max`` labelled rows (or a class
 has fewer rows than folds), otherwise ``repeats`` × stratified ``folds``-fold. Every candidate is
 scored by its mean held-out log-loss; with ``rule="1se"`` the simplest candidate within one
@@ -80,7 +85,10 @@ class AdaptationSettings:
     ``scopes``: candidate scopes (``none`` and ``intercept`` are always added); ``folds``,
     ``repeats``, ``loo_max``: the cross-validation (module docstring); ``rule``: ``min`` or
     ``1se``; ``calibration``: ``platt``, ``intercept`` or ``none``, Platt only with at least
-    ``min_calibration_events`` events and non-events (else intercept only); ``threshold``: a
+    ``min_calibration_events`` events and non-events (else intercept only);
+    ``min_refit_events``: ``last``/``all`` are candidates only when the smaller class has at least
+    this many patients (below it the site's rows cannot tell a real difference in ranking from
+    chance: only ``none`` and ``intercept`` compete); ``threshold``: a
     :class:`~fedmeta.common.clinical.thresholds.ThresholdPolicy` text.
     """
 
@@ -95,6 +103,7 @@ class AdaptationSettings:
     rule: Literal["min", "1se"] = "1se"
     calibration: CalibrationMethod = "platt"
     min_calibration_events: int = 10
+    min_refit_events: int = 10
     threshold: str = "prevalence"
 
     def __post_init__(self) -> None:
@@ -109,6 +118,8 @@ class AdaptationSettings:
         unknown = sorted(set(self.scopes) - set(SCOPES))
         if unknown:
             raise ValueError(f"unknown scope(s) {unknown}; choose from {SCOPES}")
+        if self.min_refit_events < 0 or self.min_calibration_events < 0:
+            raise ValueError("min_refit_events and min_calibration_events must be >= 0")
         if self.folds < 2 or self.repeats < 1 or self.loo_max < 0:
             raise ValueError(f"need folds >= 2, repeats >= 1, loo_max >= 0; got {self.folds}, "
                              f"{self.repeats}, {self.loo_max}")
@@ -355,10 +366,14 @@ def _row_losses(oof: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (-(y * np.log(p) + (1 - y) * np.log(1 - p))).mean(axis=0)
 
 
-def candidates(settings: AdaptationSettings) -> list[Candidate]:
-    """Every candidate of the settings, ``none`` and ``intercept`` always included."""
+def candidates(settings: AdaptationSettings, *, smaller_class: int | None = None) -> list[Candidate]:
+    """Every candidate of the settings, ``none`` and ``intercept`` always included; ``last`` and
+    ``all`` only when ``smaller_class`` (patients in the smaller class) reaches
+    ``settings.min_refit_events``."""
     out = [Candidate("none")]
     out += [Candidate("intercept", 0, lam) for lam in settings.proximal]
+    if smaller_class is not None and smaller_class < settings.min_refit_events:
+        return out
     for scope in ("last", "all"):
         if scope in settings.scopes:
             out += [Candidate(scope, s, lam) for s in settings.steps for lam in settings.proximal]
@@ -401,28 +416,21 @@ def adapt_with_policy(
     n = int(labels.size)
     counts = (int((labels == 0).sum()), int((labels == 1).sum()))
     if min(counts) == 0:
-        warning = (f"all {n} labelled patients have outcome {int(labels[0])}: nothing to choose "
-                   "or calibrate on; the received model is kept, uncalibrated, threshold 0.5")
-        log.warning(warning)
-        return AdaptationResult(dict(theta), Candidate("none"), Calibration("none", n=n, events=counts[1]),
-                                Threshold(0.5, "fixed:0.5", n, counts[1], note="single class"),
-                                (), "none (single class)", n, counts, st,
-                                sigmoid(predict_logit(model, theta, x)), (warning,))
+        return _single_class(model, theta, x, labels, st)
     masks, reps, scheme = cv_folds(labels, st, rng)
     fit_mask = torch.as_tensor(masks, device=x.device)
     s0 = predict_logit(model, theta, x)
     yf = labels.astype(np.float64)
     oofs: dict[Candidate, np.ndarray] = {}
-    for cand in candidates(st):
+    pool = candidates(st, smaller_class=min(counts))
+    for cand in pool:
         if cand.scope == "none":
             oofs[cand] = np.tile(s0, (int(reps.max()) + 1, 1))
         elif cand.scope == "intercept":
             fold_logits = np.stack([s0 + fit_intercept_shift(s0, yf, penalty=cand.proximal, weights=m)
                                     for m in masks])
             oofs[cand] = _oof(fold_logits, masks, reps)
-    for scope in ("last", "all"):
-        if scope not in st.scopes:
-            continue
+    for scope in sorted({c.scope for c in pool} & {"last", "all"}):
         free = _free_names(model, theta, scope)
         for lam in st.proximal:
             traj, _ = _trajectories(model, theta, free, x, y, fit_mask, lr=st.lr, proximal=lam,
@@ -460,6 +468,25 @@ def adapt_with_policy(
              threshold.value, threshold.policy)
     return AdaptationResult(params, choice, calibration, threshold, tuple(rows), scheme, n, counts,
                             st, oof_risk, tuple(warnings))
+
+
+def _single_class(model: nn.Module, theta: Params, x: torch.Tensor, labels: np.ndarray,
+                  st: AdaptationSettings) -> AdaptationResult:
+    """One class only: nothing can be cross-validated or ranked. θ is kept; its risks get an
+    intercept-only recalibration toward Platt's smoothed target ``(N + 1)/(N + 2)`` (Laplace's
+    rule of succession) unless calibration is off, and the threshold is 0.5."""
+    n = int(labels.size)
+    counts = (int((labels == 0).sum()), int((labels == 1).sum()))
+    s0 = predict_logit(model, theta, x)
+    method: CalibrationMethod = "none" if st.calibration == "none" else "intercept"
+    calibration = fit_calibration(s0, labels, method=method)
+    warning = (f"all {n} labelled patients have outcome {int(labels[0])}: the received model is "
+               f"kept ({'intercept recalibrated' if calibration.method == 'intercept' else 'uncalibrated'}"
+               "), threshold 0.5; nothing could be cross-validated")
+    log.warning("%s", warning)
+    return AdaptationResult({k: v.clone() for k, v in theta.items()}, Candidate("none"), calibration,
+                            Threshold(0.5, "fixed:0.5", n, counts[1], note="single class"),
+                            (), "none (single class)", n, counts, st, calibration.apply(s0), (warning,))
 
 
 def _refit(model: nn.Module, theta: Params, x: torch.Tensor, y: torch.Tensor, choice: Candidate,

@@ -102,7 +102,7 @@ def test_intercept_only_recovers_a_shifted_prevalence_by_hand():
 def test_the_choice_is_never_worse_than_not_adapting_on_the_cv_criterion(rule, seed):
     model, theta = _mlp(seed=seed)
     x, y = _site(24, 10 + seed, prevalence=0.3)
-    st = AdaptationSettings(max_steps=40, rule=rule)
+    st = AdaptationSettings(max_steps=40, rule=rule, min_refit_events=0)
     res = adapt_with_policy(model, theta, x, y, settings=st, rng=np.random.default_rng(seed))
     none = res.row(Candidate("none"))
     assert res.row(res.choice).log_loss <= none.log_loss
@@ -140,6 +140,8 @@ def test_policy_uses_loo_at_k10_and_thresholds_calibrated_oof_risks():
     assert res.calibration.method == "intercept"  # < 10 per class: no Platt slope
     assert res.threshold.policy == "prevalence" and res.threshold.value == int(y.sum()) / 10
     assert res.oof_risk.shape == (10,) and any("very few patients" in w for w in res.warnings)
+    # fewer than 10 in the smaller class: only "do not adapt" and "intercept only" compete
+    assert {r.candidate.scope for r in res.cv} == {"none", "intercept"}
     summary = res.summary()
     assert summary["choice"]["scope"] == res.choice.scope and len(summary["cv"]) == len(res.cv)
 
@@ -161,6 +163,7 @@ def test_a_single_class_keeps_theta_and_warns():
     x, _ = _site(8, 6)
     res = adapt_with_policy(model, theta, x, torch.ones(8, dtype=torch.long), rng=np.random.default_rng(0))
     assert res.choice.scope == "none" and res.threshold.value == 0.5 and "all 8" in res.warnings[0]
+    assert res.calibration.method == "intercept" and abs(res.oof_risk.mean() - 9 / 10) < 1e-8  # (8+1)/(8+2)
     assert all(torch.equal(res.params[k], theta[k]) for k in theta)
 
 
@@ -173,6 +176,7 @@ def test_a_single_class_keeps_theta_and_warns():
     ({"threshold": "median"}, "unknown threshold policy"),
     ({"folds": 1}, "folds >= 2"),
     ({"step_fractions": (0.0,)}, "step_fractions"),
+    ({"min_refit_events": -1}, "min_refit_events"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
