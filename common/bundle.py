@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -406,7 +405,3 @@ class SiteModel:
 def load_site_model(path: str | Path) -> SiteModel:
     """Load a site-model bundle written by ``fedmeta adapt`` (or :meth:`SiteModelBundle.save`)."""
     return SiteModel(SiteModelBundle.load(path))
-
-
-def finite(v: float | None) -> bool:
-    return v is not None and math.isfinite(v)

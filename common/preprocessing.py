@@ -33,7 +33,7 @@ from fedmeta.common.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def _shown(names: Sequence[str], limit: int = 8) -> str:
+def _shown(names: Sequence[str], limit: int = 20) -> str:
     items = [repr(n) for n in names[:limit]]
     return ", ".join(items) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
