@@ -44,7 +44,7 @@ def test_heart_reordered_and_extra_columns_are_fine_and_noted():
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda f: f.drop(columns=["chol", "cp"]), r"column\(s\) 'chol', 'cp' that the model needs are missing"),
+    (lambda f: f.drop(columns=["chol", "cp"]), r"column\(s\) 'cp', 'chol' that the model needs are missing"),
     (lambda f: f.rename(columns={"age": "Age"}), r"'age' looks like 'Age'"),
     (lambda f: f.assign(cp="angina"), r"column 'cp' holds 'angina', not among the levels"),
     (lambda f: f.assign(sex="M"), r"column 'sex' holds 'M'.*'Male', 'Female'"),
