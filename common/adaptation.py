@@ -62,7 +62,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta.common.clinical.calibration import DIVERGED, Calibration, CalibrationMethod, fit_calibration, sigmoid
+from fedmeta.common.clinical.calibration import (
+    DIVERGED,
+    Calibration,
+    CalibrationMethod,
+    fit_calibration,
+    sigmoid,
+)
 from fedmeta.common.clinical.thresholds import Threshold, ThresholdPolicy, choose_threshold
 from fedmeta.common.errors import DataError
 from fedmeta.common.meta.inner import adapt

@@ -44,7 +44,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta.common.adaptation import AdaptationResult, PrototypeHead, positive_logit, prototype_logits
+from fedmeta.common.adaptation import (
+    AdaptationResult,
+    PrototypeHead,
+    positive_logit,
+    prototype_logits,
+)
 from fedmeta.common.clinical.calibration import Calibration
 from fedmeta.common.clinical.thresholds import Threshold
 from fedmeta.common.errors import DataError, FedmetaError
@@ -323,6 +328,12 @@ class SiteModel:
         if names != set(bundle.params):
             raise BundleError(f"the bundle's weights do not fit model {bundle.model.name!r}: missing "
                               f"{sorted(names - set(bundle.params))}, extra {sorted(set(bundle.params) - names)}")
+        shapes = {k: tuple(v.shape) for k, v in self.network.named_parameters()}
+        wrong = {k: (tuple(np.shape(bundle.params[k])), shapes[k]) for k in shapes
+                 if tuple(np.shape(bundle.params[k])) != shapes[k]}
+        if wrong:
+            raise BundleError(f"the bundle's weights do not fit model {bundle.model.name!r} "
+                              f"{dict(bundle.model.kwargs)}: (stored, expected) shapes {wrong}")
         self.params = {k: torch.as_tensor(v) for k, v in bundle.params.items()}
         self.prototypes = torch.as_tensor(bundle.prototypes) if bundle.prototypes is not None else None
         self.network.eval()

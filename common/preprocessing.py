@@ -27,7 +27,13 @@ import numpy as np
 import pandas as pd
 
 from fedmeta.common.data import heart
-from fedmeta.common.data.schema import Preprocessor, Schema, _category_strings, encode, schema_from_dict
+from fedmeta.common.data.schema import (
+    Preprocessor,
+    Schema,
+    _category_strings,
+    encode,
+    schema_from_dict,
+)
 from fedmeta.common.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -206,9 +207,12 @@ class Calibration:
                 "events": self.events, "note": self.note}
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> Calibration:
-        return cls(str(d["method"]), float(d["a"]), float(d["b"]),  # type: ignore[arg-type]
-                   int(d.get("n", 0)), int(d.get("events", 0)), str(d.get("note", "")))  # type: ignore[call-overload]
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
+        method = str(d["method"])
+        if method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method {method!r} is not one of {CALIBRATION_METHODS}")
+        return cls(cast(CalibrationMethod, method), float(d["a"]), float(d["b"]), int(d.get("n", 0)),
+                   int(d.get("events", 0)), str(d.get("note", "")))
 
 
 def platt_targets(y: np.ndarray) -> np.ndarray:

@@ -24,8 +24,8 @@ class it needs, and single-class splits.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np

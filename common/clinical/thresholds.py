@@ -19,7 +19,9 @@ A patient is flagged when ``risk ≥ t``. Policies, each stated in the bundle an
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -81,14 +83,13 @@ class Threshold:
                 "specificity": _json_float(self.specificity), "note": self.note}
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> Threshold:
+    def from_dict(cls, d: Mapping[str, Any]) -> Threshold:
         def num(k: str) -> float:
             v = d.get(k)
-            return math.nan if v is None else float(v)  # type: ignore[arg-type]
+            return math.nan if v is None else float(v)
 
-        return cls(float(d["value"]), str(d["policy"]), int(d.get("n", 0)),  # type: ignore[arg-type,call-overload]
-                   int(d.get("events", 0)), num("sensitivity"), num("specificity"),  # type: ignore[call-overload]
-                   str(d.get("note", "")))
+        return cls(float(d["value"]), str(d["policy"]), int(d.get("n", 0)), int(d.get("events", 0)),
+                   num("sensitivity"), num("specificity"), str(d.get("note", "")))
 
 
 def _json_float(v: float) -> float | None:
