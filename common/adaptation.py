@@ -557,6 +557,15 @@ def stratified_shots(y: np.ndarray, k: int, rng: np.random.Generator, *,
     return rng.permutation(idx)
 
 
+def repeated_shots(y: np.ndarray, k: int, n_draws: int, rng: np.random.Generator, *,
+                   classes: Sequence[int] = (0, 1), outcome: str = "the outcome") -> list[np.ndarray]:
+    """``n_draws`` independent :func:`stratified_shots` draws, so that a K-shot evaluation
+    reports the mean and spread over draws rather than one lucky (or unlucky) draw."""
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    return [stratified_shots(y, k, rng, classes=classes, outcome=outcome) for _ in range(n_draws)]
+
+
 def labelled(labels: np.ndarray, classes: Sequence[int]) -> int:
     return int(np.isin(labels, classes).sum())
 

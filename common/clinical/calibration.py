@@ -55,61 +55,91 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def _loglik(z: np.ndarray, t: np.ndarray, a: float, b: float) -> float:
-    """``Σ t log σ(η) + (1 − t) log(1 − σ(η))`` with ``η = a + b z``, computed stably."""
-    eta = a + b * z
-    return float(np.sum(t * eta - np.logaddexp(0.0, eta)))
+def _loglik(z: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per row of ``w``: ``Σ w (t log σ(η) + (1 − t) log(1 − σ(η)))``, ``η = a + b z``, stably."""
+    eta = a[:, None] + b[:, None] * z[None, :]
+    return np.sum(w * (t[None, :] * eta - np.logaddexp(0.0, eta)), axis=1)
+
+
+def newton_fits(z: np.ndarray, t: np.ndarray, weights: np.ndarray, *, slope: bool,
+                a0: float = 0.0, b0: float = 1.0, max_iter: int = 100, tol: float = 1e-10
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One logistic fit per row of case weights ``(B, n)``: maximise
+    ``Σ w (t log σ(a + b z) + (1 − t) log(1 − σ(a + b z)))`` over ``a`` (and ``b`` when
+    ``slope``; else ``b = b0`` fixed) by Newton's method with step halving, so that each fit's
+    log-likelihood never decreases; ``t`` may be soft targets in [0, 1]. Returns ``(a, b,
+    converged)`` arrays; a fit whose parameters pass ``±DIVERGED`` (no finite maximum) or whose
+    Hessian is singular is not converged."""
+    w_case = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    n_fits = w_case.shape[0]
+    a = np.full(n_fits, float(a0))
+    b = np.full(n_fits, float(b0))
+    ok = np.zeros(n_fits, dtype=bool)
+    active = np.ones(n_fits, dtype=bool)
+    ll = _loglik(z, t, a, b, w_case)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        wc = w_case[idx]
+        prob = sigmoid(a[idx, None] + b[idx, None] * z[None, :])
+        r = wc * (t[None, :] - prob)
+        h = wc * prob * (1 - prob)
+        g0, h00 = r.sum(axis=1), h.sum(axis=1)
+        if slope:
+            g1, h01, h11 = (r * z).sum(axis=1), (h * z).sum(axis=1), (h * z * z).sum(axis=1)
+            det = h00 * h11 - h01 * h01
+            singular = ~(det > 1e-12 * np.maximum(h00 * h11, 1e-300))
+            safe = np.where(singular, 1.0, det)
+            da, db = (h11 * g0 - h01 * g1) / safe, (h00 * g1 - h01 * g0) / safe
+        else:
+            singular = ~(h00 > 1e-300)
+            da, db = g0 / np.where(singular, 1.0, h00), np.zeros_like(g0)
+        if singular.any():
+            active[idx[singular]] = False
+        keep = ~singular
+        idx, da, db = idx[keep], da[keep], db[keep]
+        scale = np.ones(idx.size)
+        for _ in range(40):  # step halving until the log-likelihood does not decrease
+            new_ll = _loglik(z, t, a[idx] + scale * da, b[idx] + scale * db, w_case[idx])
+            worse = new_ll < ll[idx] - 1e-12
+            if not worse.any():
+                break
+            scale = np.where(worse, scale / 2, scale)
+        a[idx] += scale * da
+        b[idx] += scale * db
+        ll[idx] = new_ll
+        step = scale * np.maximum(np.abs(da), np.abs(db))
+        diverged = np.maximum(np.abs(a[idx]), np.abs(b[idx])) > DIVERGED
+        done = (step < tol) & ~diverged
+        ok[idx[done]] = True
+        active[idx[done | diverged]] = False
+    return a, b, ok
 
 
 def _newton(z: np.ndarray, t: np.ndarray, *, slope: bool, a0: float = 0.0, b0: float = 1.0,
-            max_iter: int = 100, tol: float = 1e-10) -> tuple[float, float, bool]:
-    """Maximise ``Σ t log σ(a + b z) + (1 − t) log(1 − σ(a + b z))`` over ``a`` (and ``b`` when
-    ``slope``) by Newton's method with step halving (the log-likelihood never decreases); ``t``
-    may be soft targets in [0, 1]. Returns ``(a, b, converged)``."""
-    a, b = a0, b0
-    ll = _loglik(z, t, a, b)
-    for _ in range(max_iter):
-        p = sigmoid(a + b * z)
-        r = t - p
-        w = p * (1 - p)
-        if slope:
-            g = np.array([r.sum(), (r * z).sum()])
-            h = np.array([[w.sum(), (w * z).sum()], [(w * z).sum(), (w * z * z).sum()]])
-            if not np.isfinite(h).all() or np.linalg.cond(h) > 1e12:
-                return a, b, False
-            da, db = np.linalg.solve(h, g)
-        else:
-            if w.sum() <= 1e-300:
-                return a, b, False
-            da, db = r.sum() / w.sum(), 0.0
-        scale = 1.0
-        while True:
-            na, nb = a + scale * da, b + scale * db
-            nll = _loglik(z, t, na, nb)
-            if nll >= ll - 1e-12 or scale < 1e-10:
-                break
-            scale /= 2
-        step = scale * max(abs(da), abs(db))
-        a, b, ll = na, nb, nll
-        if max(abs(a), abs(b)) > DIVERGED:
-            return a, b, False
-        if step < tol:
-            return a, b, True
-    return a, b, False
+            weights: np.ndarray | None = None) -> tuple[float, float, bool]:
+    """A single :func:`newton_fits` fit (case weights default to 1)."""
+    w = np.ones((1, z.size)) if weights is None else np.asarray(weights, dtype=np.float64)[None, :]
+    a, b, ok = newton_fits(z, t, w, slope=slope, a0=a0, b0=b0)
+    return float(a[0]), float(b[0]), bool(ok[0])
 
 
-def calibration_intercept_slope(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+def calibration_intercept_slope(y: np.ndarray, p: np.ndarray, *, weights: np.ndarray | None = None,
+                                start: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
     """``(a', b)``: calibration intercept (slope fixed at 1) and calibration slope of risks ``p``.
 
-    NaN where undefined: a single class, or a likelihood without finite maximum (the risks
-    separate the classes perfectly, common on tiny test sets).
+    ``weights`` are case weights (a bootstrap resample as multiplicities); ``start`` the initial
+    ``(a', b)`` of Newton's method. NaN where undefined: a single class, or a likelihood without
+    finite maximum (the risks separate the classes perfectly, common on tiny test sets).
     """
     labels = np.asarray(y, dtype=np.float64).reshape(-1)
     z = logit(p).reshape(-1)
-    if labels.size == 0 or labels.min() == labels.max():
+    present = labels if weights is None else labels[np.asarray(weights) > 0]
+    if present.size == 0 or present.min() == present.max():
         return math.nan, math.nan
-    a_ci, _, ok_a = _newton(z, labels, slope=False)  # b stays 1: z is an offset
-    _, b, ok_b = _newton(z, labels, slope=True)
+    a_ci, _, ok_a = _newton(z, labels, slope=False, a0=start[0], weights=weights)  # b stays 1: z is an offset
+    _, b, ok_b = _newton(z, labels, slope=True, b0=start[1], weights=weights)
     return (a_ci if ok_a else math.nan), (b if ok_b else math.nan)
 
 

@@ -34,9 +34,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from fedmeta.common.clinical.calibration import (
     calibration_intercept_slope,
     expected_calibration_error,
+    logit,
+    newton_fits,
     reliability_curve,
 )
-from fedmeta.common.metrics import BinaryCounts
+from fedmeta.common.metrics import EPS, BinaryCounts
 
 MIN_EVENTS = 10
 #: Metrics in the order reports print them.
@@ -78,6 +80,87 @@ def point_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float, n_bins: int
         "npv": c.npv,
         "accuracy": c.accuracy,
     }
+
+
+def stratified_resample_counts(y: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_boot, n)`` multiplicities of a stratified bootstrap: in each resample the events are
+    drawn with replacement from the events and the non-events from the non-events."""
+    labels = np.asarray(y).reshape(-1)
+    counts = np.zeros((n_boot, labels.size), dtype=np.float64)
+    for c in (0, 1):
+        g = np.flatnonzero(labels == c)
+        if g.size and n_boot:
+            idx = g[rng.integers(0, g.size, size=(n_boot, g.size))]
+            np.add.at(counts, (np.repeat(np.arange(n_boot), g.size), idx.ravel()), 1.0)
+    return counts
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+
+
+def bootstrap_metrics(y: np.ndarray, p: np.ndarray, counts: np.ndarray, *, threshold: float,
+                      n_bins: int = 10, start: tuple[float, float] = (0.0, 1.0)) -> dict[str, np.ndarray]:
+    """Every metric of :data:`METRICS` on each resample given as multiplicities ``counts``
+    ``(B, n)`` — the same values :func:`point_metrics` gives on the materialised resample, but
+    as weighted sums, so a thousand resamples cost a few matrix products:
+
+    - threshold counts, Brier, log-loss and the reliability bins: ``counts @ indicator``;
+    - AUROC: ``Σ_i c_i (#{neg < s_i} + ½ #{neg = s_i}) / (n₊ n₋)`` from cumulative
+      multiplicities of the sorted negatives (Mann–Whitney);
+    - AUPRC: average precision ``Σ_k (R_k − R_{k−1}) P_k`` over distinct thresholds, descending,
+      from cumulative multiplicities (scikit-learn's definition);
+    - calibration intercept and slope: weighted Newton fits started at ``start``.
+    """
+    labels = np.asarray(y).reshape(-1).astype(np.int64)
+    risk = np.asarray(p, dtype=np.float64).reshape(-1)
+    w = np.asarray(counts, dtype=np.float64)
+    yb = labels.astype(bool)
+    pred = risk >= threshold
+    n = w.sum(axis=1)
+    tp, fp = w @ (pred & yb), w @ (pred & ~yb)
+    tn, fn = w @ (~pred & ~yb), w @ (~pred & yb)
+    events, non_events = tp + fn, tn + fp
+    clipped = np.clip(risk, EPS, 1 - EPS)
+    row_ll = -np.where(yb, np.log(clipped), np.log(1 - clipped))
+    out: dict[str, np.ndarray] = {
+        "brier": _ratio(w @ (risk - labels) ** 2, n), "log_loss": _ratio(w @ row_ll, n),
+        "sensitivity": _ratio(tp, events), "specificity": _ratio(tn, non_events),
+        "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn), "accuracy": _ratio(tp + tn, n),
+    }
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, risk, side="right") - 1, 0, n_bins - 1)
+    onehot = np.eye(n_bins)[bins]
+    gaps = np.abs(w @ (onehot * labels[:, None]) - w @ (onehot * risk[:, None])).sum(axis=1)
+    out["ece"] = _ratio(gaps, n)
+    both = (events > 0) & (non_events > 0)
+    pos, neg = np.flatnonzero(yb), np.flatnonzero(~yb)
+    auroc = np.full(len(w), np.nan)
+    if pos.size and neg.size:
+        order = np.argsort(risk[neg], kind="stable")
+        sorted_neg = risk[neg][order]
+        cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w[:, neg][:, order], axis=1)], axis=1)
+        lo = np.searchsorted(sorted_neg, risk[pos], side="left")
+        hi = np.searchsorted(sorted_neg, risk[pos], side="right")
+        wins = (w[:, pos] * (cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo]))).sum(axis=1)
+        auroc = np.where(both, _ratio(wins, events * non_events), np.nan)
+    out["auroc"] = auroc
+    desc = np.argsort(-risk, kind="stable")
+    ends = np.flatnonzero(np.append(np.diff(risk[desc]) != 0, True))
+    tps = np.cumsum(w[:, desc] * yb[desc], axis=1)[:, ends]
+    fps = np.cumsum(w[:, desc] * ~yb[desc], axis=1)[:, ends]
+    recall = _ratio(tps, events[:, None])
+    precision = np.where(tps + fps > 0, _ratio(tps, tps + fps), 0.0)
+    gain = np.diff(np.concatenate([np.zeros((len(w), 1)), recall], axis=1), axis=1)
+    out["auprc"] = np.where(both, (gain * precision).sum(axis=1), np.nan)
+    z = logit(risk)
+    yf = labels.astype(np.float64)
+    a_ci, _, ok_a = newton_fits(z, yf, w, slope=False, a0=start[0])
+    _, slope, ok_b = newton_fits(z, yf, w, slope=True, b0=start[1])
+    out["calibration_intercept"] = np.where(both & ok_a, a_ci, np.nan)
+    out["calibration_slope"] = np.where(both & ok_b, slope, np.nan)
+    return out
 
 
 def _basis(c: BinaryCounts) -> dict[str, int]:
@@ -127,13 +210,10 @@ def clinical_metrics(
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     counts = BinaryCounts.from_predictions(labels, risk, threshold=threshold)
     point = point_metrics(labels, risk, threshold=threshold, n_bins=n_bins)
-    boots = {m: np.full(n_boot, np.nan) for m in METRICS}
-    groups = [np.flatnonzero(labels == c) for c in (0, 1)]
-    groups = [g for g in groups if g.size]
-    for b in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups])
-        for m, v in point_metrics(labels[idx], risk[idx], threshold=threshold, n_bins=n_bins).items():
-            boots[m][b] = v
+    counts_b = stratified_resample_counts(labels, n_boot, rng)
+    start = (point["calibration_intercept"], point["calibration_slope"])
+    boots = bootstrap_metrics(labels, risk, counts_b, threshold=threshold, n_bins=n_bins,
+                              start=tuple(v if math.isfinite(v) else d for v, d in zip(start, (0.0, 1.0), strict=True)))
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     basis = _basis(counts)
     out: dict[str, Any] = {

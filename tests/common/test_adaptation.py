@@ -16,6 +16,7 @@ from fedmeta.common.adaptation import (
     positive_logit,
     predict_logit,
     prototype_head,
+    repeated_shots,
     stratified_shots,
 )
 from fedmeta.common.errors import DataError
@@ -231,3 +232,12 @@ def test_prototype_head_means_and_leave_one_out_scores():
 
 def test_docstring_example_runs():
     assert doctest.testmod(A, raise_on_error=False).failed == 0
+
+
+def test_repeated_shots_are_independent_stratified_draws():
+    y = np.array([1] * 12 + [0] * 88)
+    draws = repeated_shots(y, 10, 5, np.random.default_rng(0))
+    assert len(draws) == 5 and all(int(y[d].sum()) == 1 and len(d) == 10 for d in draws)
+    assert len({tuple(sorted(d.tolist())) for d in draws}) == 5
+    with pytest.raises(ValueError, match="n_draws must be >= 1"):
+        repeated_shots(y, 10, 0, np.random.default_rng(0))

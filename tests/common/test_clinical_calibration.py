@@ -120,3 +120,12 @@ def test_calibration_rejects_reversing_or_unknown_settings():
     with pytest.raises(ValueError, match="is not one of"):
         Calibration("isotonic", 0.0, 1.0)  # type: ignore[arg-type]
     assert Calibration.from_dict(Calibration("platt", 0.3, 0.8, 20, 5).to_dict()) == Calibration("platt", 0.3, 0.8, 20, 5)
+
+
+def test_reliability_diagram_writes_a_png(tmp_path):
+    from fedmeta.common.clinical.plots import reliability_diagram
+
+    y, p = _miscalibrated(300, 6)
+    out = reliability_diagram({"site A": reliability_curve(y, p), "site B": reliability_curve(y[:100], p[:100])},
+                              tmp_path / "r" / "reliability.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -123,3 +123,22 @@ def test_outcome_metrics_shape_check_and_json_ready():
         outcome_metrics(np.zeros((3, 2)), np.zeros((3, 1)), ("a", "b"), thresholds=0.5,
                         rng=np.random.default_rng(0))
     assert json_ready({"a": float("nan"), "b": [np.float64(1.5)]}) == {"a": None, "b": [1.5]}
+
+
+def test_vectorised_bootstrap_equals_scikit_learn_on_materialised_resamples():
+    from fedmeta.common.clinical.metrics import bootstrap_metrics, point_metrics, stratified_resample_counts
+
+    rng = np.random.default_rng(11)
+    y = (rng.random(60) < 0.35).astype(int)
+    p = np.round(np.clip(0.3 * y + rng.random(60) * 0.7, 0, 1), 1)  # rounded: many ties
+    counts = stratified_resample_counts(y, 25, np.random.default_rng(3))
+    assert (counts[:, y == 1].sum(axis=1) == y.sum()).all() and (counts.sum(axis=1) == 60).all()
+    boots = bootstrap_metrics(y, p, counts, threshold=0.45)
+    for b in range(25):
+        idx = np.repeat(np.arange(60), counts[b].astype(int))
+        ref = point_metrics(y[idx], p[idx], threshold=0.45)
+        for k in METRICS:
+            if np.isnan(ref[k]):
+                assert np.isnan(boots[k][b]), (k, b)
+            else:
+                assert abs(boots[k][b] - ref[k]) < 1e-7, (k, b, boots[k][b], ref[k])
