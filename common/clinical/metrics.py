@@ -211,9 +211,9 @@ def clinical_metrics(
     counts = BinaryCounts.from_predictions(labels, risk, threshold=threshold)
     point = point_metrics(labels, risk, threshold=threshold, n_bins=n_bins)
     counts_b = stratified_resample_counts(labels, n_boot, rng)
-    start = (point["calibration_intercept"], point["calibration_slope"])
-    boots = bootstrap_metrics(labels, risk, counts_b, threshold=threshold, n_bins=n_bins,
-                              start=tuple(v if math.isfinite(v) else d for v, d in zip(start, (0.0, 1.0), strict=True)))
+    a0, b0 = point["calibration_intercept"], point["calibration_slope"]
+    start = (a0 if math.isfinite(a0) else 0.0, b0 if math.isfinite(b0) else 1.0)
+    boots = bootstrap_metrics(labels, risk, counts_b, threshold=threshold, n_bins=n_bins, start=start)
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     basis = _basis(counts)
     out: dict[str, Any] = {

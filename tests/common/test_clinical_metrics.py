@@ -126,7 +126,11 @@ def test_outcome_metrics_shape_check_and_json_ready():
 
 
 def test_vectorised_bootstrap_equals_scikit_learn_on_materialised_resamples():
-    from fedmeta.common.clinical.metrics import bootstrap_metrics, point_metrics, stratified_resample_counts
+    from fedmeta.common.clinical.metrics import (
+        bootstrap_metrics,
+        point_metrics,
+        stratified_resample_counts,
+    )
 
     rng = np.random.default_rng(11)
     y = (rng.random(60) < 0.35).astype(int)
