@@ -21,20 +21,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from fedmeta.common.data import heart
+from fedmeta.common.data.base import ImageSite, TabularSite
 from fedmeta.common.data.schema import (
     Preprocessor,
     Schema,
     _category_strings,
     encode,
+    load_schema,
     schema_from_dict,
 )
 from fedmeta.common.errors import DataError
+
+if TYPE_CHECKING:
+    from fedmeta.common.data.ehr import EhrCohort
+    from fedmeta.common.data.site_config import EhrSiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,16 @@ class EhrPreprocessing:
             raise ValueError("the preprocessor's numeric columns do not match the schema's")
         return cls(schema, missing_indicators, tuple(map(float, pre.median)),
                    tuple(map(float, pre.mean)), tuple(map(float, pre.std)))
+
+    @classmethod
+    def from_site_config(cls, config: EhrSiteConfig, cohort: EhrCohort) -> EhrPreprocessing:
+        """From a site file and the cohort :func:`~fedmeta.common.data.ehr.load_ehr_site` loaded
+        from it; checks that the encoding gives the cohort's feature names."""
+        pre = cls.from_preprocessor(load_schema(config.schema), cohort.preprocessor,
+                                    missing_indicators=config.missing_indicators)
+        if pre.feature_names != cohort.site.feature_names:
+            raise ValueError(f"{config.source}: the schema's encoding does not give the cohort's features")
+        return pre
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -205,6 +222,18 @@ class HeartPreprocessing:
         return np.stack([out[f] for f in heart.FEATURES], axis=1)
 
     @classmethod
+    def for_site(cls, site: TabularSite, *, path: str | Path | None = None) -> HeartPreprocessing:
+        """Refit on the raw training rows of a hospital loaded by
+        :func:`~fedmeta.common.data.heart.load_hospital` (found by ``site.row_ids_train``)."""
+        frame = heart.load_frame(path)
+        rows = frame[frame["dataset"] == site.name].set_index("id", drop=False)
+        missing = sorted(set(site.row_ids_train) - set(rows.index))
+        if missing:
+            raise DataError(f"{path or heart.default_csv()}: training rows {missing[:5]} of "
+                            f"{site.name} are not in the table")
+        return cls.fit(rows.loc[list(site.row_ids_train)], source=f"{site.name} training rows")
+
+    @classmethod
     def fit(cls, train: pd.DataFrame, *, source: str = "training rows") -> HeartPreprocessing:
         """Training mean and population standard deviation of the encoded features."""
         x = cls.encode(train, source=source)
@@ -259,6 +288,12 @@ class ImagePreprocessing:
             raise ValueError("image channels, height and width must be >= 1")
         if len(self.mean) != len(self.std) or (self.mean and len(self.mean) != self.channels):
             raise ValueError(f"per-channel mean/std need {self.channels} values each")
+
+    @classmethod
+    def for_site(cls, site: ImageSite) -> ImagePreprocessing:
+        """Channels and size of a site's training images (values already in [0, 1])."""
+        _, c, h, w = site.x_train.shape
+        return cls(int(c), int(h), int(w))
 
     @property
     def columns(self) -> tuple[str, ...]:

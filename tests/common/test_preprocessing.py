@@ -117,3 +117,23 @@ def test_unknown_kind_and_bad_statistics_are_refused():
         preprocessing_from_dict({"kind": "fed-heart", "mean": [0.0], "std": [1.0]})
     with pytest.raises(ValueError, match="per-channel mean/std"):
         ImagePreprocessing(3, 8, 8, (0.5,), (0.2,))
+
+
+def test_constructors_from_what_a_site_has_loaded(tmp_path):
+    from fedmeta.common.data.base import ImageSite
+    from fedmeta.common.data.ehr import load_ehr_site
+    from fedmeta.common.data.site_config import load_site_config
+
+    site = heart.load_hospital("VA Long Beach")
+    pre = HeartPreprocessing.for_site(site)
+    _, test, _ = _hospital_rows("VA Long Beach")
+    assert np.array_equal(pre.transform(test), site.x_test)
+    paths = write_synth_ehr(tmp_path, sites=1, seed=4, mean_stays=80)
+    config = load_site_config(paths[0])
+    cohort = load_ehr_site(config)
+    ehr = EhrPreprocessing.from_site_config(config, cohort)
+    frame, _ = read_table(config.path)
+    assert np.array_equal(ehr.transform(frame.iloc[cohort.test_rows]), cohort.site.x_test)
+    images = ImageSite("s", np.zeros((4, 3, 16, 20), np.float32), np.zeros(4, np.int64),
+                       np.zeros((1, 3, 16, 20), np.float32), np.zeros(1, np.int64), ("a",))
+    assert ImagePreprocessing.for_site(images) == ImagePreprocessing(3, 16, 20)
