@@ -386,7 +386,7 @@ def candidates(settings: AdaptationSettings, *, smaller_class: int | None = None
     return out
 
 
-def _select(rows: list[CVRow], losses: dict[Candidate, np.ndarray], rule: str) -> Candidate:
+def _select(rows: list[CVRow], rule: str) -> Candidate:
     best = min(rows, key=lambda r: (r.log_loss, r.candidate.complexity))
     if rule == "min":
         return best.candidate
@@ -453,7 +453,7 @@ def adapt_with_policy(
         risk = sigmoid(o)
         rows.append(CVRow(c, float(losses[c].mean()), se,
                           float(((risk - yf) ** 2).mean()), auroc(np.tile(labels, len(o)), risk.ravel())))
-    choice = _select(rows, losses, st.rule)
+    choice = _select(rows, st.rule)
     params = _refit(model, theta, x, y, choice, st, lrs, s0, yf)
     oof_choice = oofs[choice].ravel()
     y_rep = np.tile(labels, len(oofs[choice]))
