@@ -318,22 +318,46 @@ def _json_ready(obj: Any) -> Any:
     return json_ready(obj)
 
 
+def check_params(model: nn.Module, params: Mapping[str, Any], *, source: str) -> None:
+    """Raise :class:`DataError` unless ``params`` has exactly ``model``'s parameter names and
+    shapes, naming each difference — instead of PyTorch's "mat1 and mat2 shapes cannot be
+    multiplied" deep inside a forward pass (e.g. a site whose table encodes to another number of
+    features than the run's model expects)."""
+    shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+    if missing or extra:
+        raise DataError(f"{source} do not fit the model: missing {missing}, extra {extra}")
+    wrong = {k: (tuple(np.shape(params[k])), shapes[k]) for k in shapes
+             if tuple(np.shape(params[k])) != shapes[k]}
+    if wrong:
+        first = next(iter(model.modules()))
+        width = getattr(first, "in_features", None)
+        hint = f"; the model takes {width} input features" if width else ""
+        raise DataError(f"{source} do not fit the model: (given, expected) shapes {wrong}{hint}")
+
+
+def check_input_width(model: nn.Module, n_features: int, *, source: str,
+                      feature_names: Sequence[str] = ()) -> None:
+    """Raise :class:`DataError` when a table encodes to another number of features than the
+    model's input layer takes (``fedmeta adapt`` on a site with another schema)."""
+    width = getattr(model, "in_features", None)
+    if width is not None and width != n_features:
+        shown = f" ({', '.join(feature_names[:12])}{', …' if len(feature_names) > 12 else ''})" if feature_names else ""
+        raise DataError(f"{source}: the data encode to {n_features} features{shown}, but the model "
+                        f"takes {width}. Hint: use the experiment's schema (same columns, categories "
+                        "and missing-indicator setting) for this site")
+
+
 class SiteModel:
     """A loaded bundle, ready to score new patients (``predict_proba``)."""
 
     def __init__(self, bundle: SiteModelBundle) -> None:
         self.bundle = bundle
         self.network = bundle.model.build()
-        names = {k for k, _ in self.network.named_parameters()}
-        if names != set(bundle.params):
-            raise BundleError(f"the bundle's weights do not fit model {bundle.model.name!r}: missing "
-                              f"{sorted(names - set(bundle.params))}, extra {sorted(set(bundle.params) - names)}")
-        shapes = {k: tuple(v.shape) for k, v in self.network.named_parameters()}
-        wrong = {k: (tuple(np.shape(bundle.params[k])), shapes[k]) for k in shapes
-                 if tuple(np.shape(bundle.params[k])) != shapes[k]}
-        if wrong:
-            raise BundleError(f"the bundle's weights do not fit model {bundle.model.name!r} "
-                              f"{dict(bundle.model.kwargs)}: (stored, expected) shapes {wrong}")
+        try:
+            check_params(self.network, bundle.params, source="the bundle's weights")
+        except DataError as e:
+            raise BundleError(f"{e} (model {bundle.model.name!r} {dict(bundle.model.kwargs)})") from e
         self.params = {k: torch.as_tensor(v) for k, v in bundle.params.items()}
         self.prototypes = torch.as_tensor(bundle.prototypes) if bundle.prototypes is not None else None
         self.network.eval()

@@ -161,8 +161,22 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(cleveland):
     wrong = SiteModelBundle(ModelSpec("mlp", {"in_features": 13, "hidden": [8], "out_features": 2}),
                             b.params, b.preprocessing, b.outcome, b.classes, b.provenance,
                             threshold=b.threshold)
-    with pytest.raises(BundleError, match="do not fit model 'mlp'"):
+    with pytest.raises(BundleError, match=r"do not fit the model: \(given, expected\) shapes .*'net.0.weight': \(\(16, 13\), \(8, 13\)\)"):
         SiteModel(wrong)
+
+
+def test_a_site_with_another_width_is_named_not_a_shape_error():
+    from fedmeta.common.bundle import check_input_width, check_params
+
+    net = SPEC.build()
+    with pytest.raises(DataError, match=r"site.csv: the data encode to 22 features \(a, b, c, .*, …\), but the model takes 13"):
+        check_input_width(net, 22, source="site.csv", feature_names=["a", "b"] + ["c"] * 20)
+    check_input_width(net, 13, source="site.csv")
+    other = {k: v for k, v in init_params(ModelSpec("mlp", {"in_features": 22, "hidden": [16], "out_features": 2}).build()).items()}
+    with pytest.raises(DataError, match="the model takes 13 input features"):
+        check_params(net, other, source="final.safetensors")
+    with pytest.raises(DataError, match=r"missing \['net.2.bias'\]"):
+        check_params(net, {k: v for k, v in init_params(net).items() if k != "net.2.bias"}, source="x")
 
 
 def test_model_spec_builds_what_the_experiment_builds():
