@@ -16,7 +16,7 @@ always among the candidates:
   (Meta-SGD: the learned per-parameter rates), for every step count of the grid and every
   proximal strength ``λ``.
 
-With fewer than ``min_refit_events`` (10) patients in the smaller class only ``none`` and
+With fewer than ``min_refit_events`` (20) patients in the smaller class only ``none`` and
 ``intercept`` compete: re-estimating the ranking needs more events than recalibrating it (the
 updating hierarchy of Janssen et al. 2008, J Clin Epidemiol 61:76, and Vergouwe et al. 2017,
 Stat Med 36:4529: intercept, then slope, then revision as the data allow).
@@ -109,7 +109,7 @@ class AdaptationSettings:
     rule: Literal["min", "1se"] = "1se"
     calibration: CalibrationMethod = "platt"
     min_calibration_events: int = 10
-    min_refit_events: int = 10
+    min_refit_events: int = 20
     threshold: str = "prevalence"
 
     def __post_init__(self) -> None:
