@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         data, _ = read_table(args.data)
     for note in model.check(data, source=source):
         print(f"note: {note}")
-    out = model.predict_proba(data, source=source)
+    out = model.predict_proba(data, source=source, log_notes=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, index=False)
     if b.binary:

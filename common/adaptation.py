@@ -25,7 +25,7 @@ Cross-validation: leave-one-out while the site has at most ``loo_max`` labelled 
 has fewer rows than folds), otherwise ``repeats`` × stratified ``folds``-fold. Every candidate is
 scored by its mean held-out log-loss; with ``rule="1se"`` the simplest candidate within one
 standard error of the best is taken (Breiman et al. 1984, "Classification and Regression
-Trees" §3.4.3; Hastie, Tibshirani & Friedman 2009 §7.10), the standard error being that of the
+Trees", ch. 3; Hastie, Tibshirani & Friedman 2009 §7.10), the standard error being that of the
 per-patient loss difference to the best candidate (paired). The choice never has a higher
 cross-validated log-loss than ``none``. The chosen candidate is refitted on all rows; its
 out-of-fold scores then fit a recalibration (Platt 1999, or intercept only; see
@@ -69,6 +69,7 @@ from fedmeta.common.clinical.calibration import (
     fit_calibration,
     sigmoid,
 )
+from fedmeta.common.clinical.metrics import MIN_EVENTS
 from fedmeta.common.clinical.thresholds import Threshold, ThresholdPolicy, choose_threshold
 from fedmeta.common.errors import DataError
 from fedmeta.common.meta.inner import adapt
@@ -466,7 +467,7 @@ def adapt_with_policy(
     calibration = fit_calibration(oof_choice, y_rep, method=method)
     oof_risk = calibration.apply(oof_choice)
     threshold = choose_threshold(y_rep, oof_risk, st.threshold)
-    if min(counts) < 10:
+    if min(counts) < MIN_EVENTS:
         warnings.append(f"{counts[1]} patients with and {counts[0]} without the outcome: the "
                         "choice, calibration and threshold rest on very few patients")
     log.info("adaptation policy (%s, %d patients, %d with the outcome): %s; calibration %s; "

@@ -411,7 +411,8 @@ class SiteModel:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
-    def predict_proba(self, table: pd.DataFrame | np.ndarray, *, source: str = "table") -> pd.DataFrame:
+    def predict_proba(self, table: pd.DataFrame | np.ndarray, *, source: str = "table",
+                      log_notes: bool = True) -> pd.DataFrame:
         """Risks and decisions per patient.
 
         Binary: columns ``[id_column,] risk, decision`` (``decision = 1`` when
@@ -419,7 +420,8 @@ class SiteModel:
         probable class). A table that differs from the model's raises :class:`DataError`.
         """
         for note in self.check(table, source=source):
-            log.info("%s", note)
+            if log_notes:
+                log.info("%s", note)
         x = self.inputs(table, source=source)
         out = pd.DataFrame(index=range(len(x)))
         if self.bundle.id_column and isinstance(table, pd.DataFrame):

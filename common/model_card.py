@@ -123,8 +123,8 @@ def render_model_card(bundle: SiteModelBundle, metrics: Mapping[str, Any] | None
     lines += ["## Adaptation", ""]
     if choice:
         lines.append(f"- Chosen: **{choice.get('text', choice.get('scope'))}**"
-                     + (f", by {adapt.get('scheme')} cross-validation on log-loss (rule "
-                        f"`{adapt.get('rule')}`)" if adapt.get("scheme") else ""))
+                     + (f", by cross-validation ({adapt.get('scheme')}) on log-loss, rule "
+                        f"`{adapt.get('rule')}`" if adapt.get("scheme") else ""))
     cv = adapt.get("cv") or []
     if cv:
         best = sorted(cv, key=lambda r: (r.get("log_loss") is None, r.get("log_loss") or 0.0))[:3]
@@ -133,8 +133,9 @@ def render_model_card(bundle: SiteModelBundle, metrics: Mapping[str, Any] | None
         lines += ["", "| candidate | held-out log-loss | ± SE | held-out AUROC |", "|---|---|---|---|"]
         for r in cv:
             if (r["scope"], r["steps"], r["proximal"]) in keep:
-                name = r["scope"] if r["scope"] in ("none", "intercept") else f"{r['scope']}, {r['steps']} steps"
-                lines.append(f"| {name} (λ = {r['proximal']:g}) | {fmt(r.get('log_loss'))} | "
+                name = {"none": "do not adapt", "intercept": f"intercept only (λ = {r['proximal']:g})"}.get(
+                    r["scope"], f"{r['scope']}, {r['steps']} steps (λ = {r['proximal']:g})")
+                lines.append(f"| {name} | {fmt(r.get('log_loss'))} | "
                              f"{fmt(r.get('se'))} | {fmt(r.get('auroc'))} |")
     lines.append("")
     cal = bundle.calibration
