@@ -513,6 +513,31 @@ def _refit(model: nn.Module, theta: Params, x: torch.Tensor, y: torch.Tensor, ch
     return {**{k: v.clone() for k, v in theta.items()}, **{k: v[0] for k, v in phi.items()}}
 
 
+def score_adaptation(model: nn.Module, theta: Params, result: AdaptationResult, x_test: torch.Tensor,
+                     y_test: np.ndarray, *, rng: np.random.Generator, n_boot: int = 1000) -> dict[str, Any]:
+    """Before/after scores of one site's held-out rows: aggregate numbers only (safe to report).
+
+    ``before``: θ's risks ``σ(s)`` at 0.5; ``after``: the adapted, calibrated risks at 0.5 — the
+    three summary keys of :func:`~fedmeta.common.metrics.binary_metrics` each; ``clinical``:
+    :func:`~fedmeta.common.clinical.metrics.clinical_metrics` of both (before at 0.5, after at
+    the chosen threshold); ``adaptation``: :meth:`AdaptationResult.summary`.
+    """
+    from fedmeta.common.clinical.metrics import clinical_metrics
+    from fedmeta.common.metrics import binary_metrics
+
+    labels = np.asarray(y_test).reshape(-1).astype(np.int64)
+    p_before = sigmoid(predict_logit(model, theta, x_test))
+    p_after = result.calibration.apply(predict_logit(model, result.params, x_test))
+    return {
+        "before": binary_metrics(labels, p_before), "after": binary_metrics(labels, p_after),
+        "clinical": {
+            "before": clinical_metrics(labels, p_before, threshold=0.5, rng=rng, n_boot=n_boot),
+            "after": clinical_metrics(labels, p_after, threshold=result.threshold.value, rng=rng, n_boot=n_boot),
+        },
+        "adaptation": result.summary(), "n_train": result.n, "n_test": int(labels.size),
+    }
+
+
 # --- few-shot draws ---------------------------------------------------------------------------
 
 

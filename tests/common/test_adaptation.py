@@ -241,3 +241,17 @@ def test_repeated_shots_are_independent_stratified_draws():
     assert len({tuple(sorted(d.tolist())) for d in draws}) == 5
     with pytest.raises(ValueError, match="n_draws must be >= 1"):
         repeated_shots(y, 10, 0, np.random.default_rng(0))
+
+
+def test_score_adaptation_reports_before_and_after_with_the_summary_keys():
+    from sklearn.metrics import roc_auc_score
+
+    model, theta = _mlp()
+    x, y = _site(40, 8, prevalence=0.4)
+    res = adapt_with_policy(model, theta, x[:20], y[:20], rng=np.random.default_rng(0),
+                            settings=AdaptationSettings(max_steps=10))
+    out = A.score_adaptation(model, theta, res, x[20:], y[20:].numpy(), rng=np.random.default_rng(1), n_boot=20)
+    assert set(out["before"]) == set(out["after"]) == {"accuracy", "auroc", "loss"}
+    p_after = res.calibration.apply(predict_logit(model, res.params, x[20:]))
+    assert abs(out["after"]["auroc"] - roc_auc_score(y[20:].numpy(), p_after)) < 1e-12
+    assert out["clinical"]["after"]["threshold"] == res.threshold.value and out["n_test"] == 20
