@@ -146,3 +146,11 @@ def test_vectorised_bootstrap_equals_scikit_learn_on_materialised_resamples():
                 assert np.isnan(boots[k][b]), (k, b)
             else:
                 assert abs(boots[k][b] - ref[k]) < 1e-7, (k, b, boots[k][b], ref[k])
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import fedmeta.common.clinical.metrics as M
+
+    assert doctest.testmod(M).failed == 0
