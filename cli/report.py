@@ -1,8 +1,12 @@
 """``fedmeta report RUN_DIR``: learning curves and before/after bars as PNG, and a Markdown report.
 
 Reads only the run folder (``summary.json``, ``rounds.jsonl``); writes ``curves.png`` (query loss
-after adaptation per round, per site and overall), ``adaptation.png`` (each site's test accuracy
-and AUROC before and after adaptation) and ``report.md`` into the same folder (or ``--out``).
+after adaptation per round, per site and overall; sites sampled in some rounds only are drawn
+with markers at the rounds they took part in), ``adaptation.png`` (each site's test accuracy and
+AUROC before and after adaptation), ``reliability.png`` (each site's calibration after
+adaptation, from the risk bins the sites released) and ``report.md`` (per-site clinical metrics
+with 95 % intervals and n, every outcome of multi-outcome sites, the adaptation each site chose)
+into the same folder (or ``--out``).
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
     xs = [r["round"] for r in rounds]
     for site in sorted({s for r in rounds for s in r.get("site_metrics", {})}):
         ys = [_num(r.get("site_metrics", {}).get(site, {}).get("query_loss_after")) for r in rounds]
-        ax.plot(xs, ys, lw=1, alpha=0.6, label=site if len(sites) <= 12 else None)
+        taken = sum(not math.isnan(y) for y in ys)
+        partial = taken < len(rounds)
+        label = (f"{site} (sampled in {taken}/{len(rounds)} rounds)" if partial else site) \
+            if len(sites) <= 12 else None
+        ax.plot(xs, ys, "o-" if partial else "-", ms=3, lw=1, alpha=0.6, label=label)
     ax.plot(xs, [_num(r.get("query_loss_after")) for r in rounds], "k-", lw=2.5, label="all sites")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -116,12 +124,86 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
         for s, d in summary["holdout"]["sites"].items():
             lines.append(f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before']['accuracy'])} | "
                          f"{fmt(d['after']['accuracy'])} | {fmt(d['before']['auroc'])} | {fmt(d['after']['auroc'])} |")
+    written = [curves, bars]
+    diagram = _reliability(summary, out_dir)
+    if diagram is not None:
+        written.append(diagram)
+    lines += _clinical_tables(summary)
     rejected = sum(len(r.get("rejected", {})) for r in rounds)
     lines += ["", f"Rejected replies over the run: {rejected}.", "", "![learning curves](curves.png)", "",
               "![before/after adaptation](adaptation.png)", ""]
+    if diagram is not None:
+        lines += ["![calibration after adaptation](reliability.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
-    return [curves, bars, report]
+    return [*written, report]
+
+
+def _ci(d: dict[str, Any], metric: str) -> str:
+    v, lo, hi = _num(d.get(metric)), _num(d.get(f"{metric}.lo")), _num(d.get(f"{metric}.hi"))
+    if math.isnan(v):
+        return "n/a"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if not (math.isnan(lo) or math.isnan(hi)) else f"{v:.3f}"
+
+
+_CLINICAL = ("auroc", "auprc", "brier", "calibration_intercept", "calibration_slope", "sensitivity",
+             "specificity", "ppv", "npv")
+
+
+def _clinical_rows(name: str, d: dict[str, Any]) -> str:
+    a = d.get("after", {})
+    events, n = d.get("events"), d.get("n_test")
+    flag = " ⚠" if isinstance(events, int) and isinstance(n, int) and min(events, n - events) < 10 else ""
+    choice = d.get("adapt_scope", "?") + (f" {d['adapt_steps']}" if d.get("adapt_steps") else "")
+    return (f"| {name}{flag} | {n} | {events} | {choice} | {_num(a.get('threshold')):.3f} | "
+            + " | ".join(_ci(a, m) for m in _CLINICAL) + " |")
+
+
+def _clinical_tables(summary: dict[str, Any]) -> list[str]:
+    """Per-site clinical metrics after adaptation (95 % bootstrap intervals), per outcome."""
+    sites = summary["sites"]
+    if not any("brier" in d.get("after", {}) for d in sites.values()):
+        return []  # images: accuracy and AUROC only
+    head = ("| site | n test | events | adaptation | threshold | AUROC | AUPRC | Brier | cal. intercept | "
+            "cal. slope | sensitivity | specificity | PPV | NPV |")
+    rule = "|" + "---|" * 14
+    outcomes = list(dict.fromkeys(o for d in sites.values() for o in d.get("outcomes", {})))
+    out = ["", "## Clinical metrics after adaptation", "",
+           "Risks after the site's adaptation and recalibration; sensitivity to NPV at the site's "
+           "threshold (`eval.threshold`); 95 % stratified bootstrap intervals in brackets (none "
+           "with `eval.shots`: means over draws). ⚠: fewer than 10 events or non-events behind the "
+           "numbers. A metric a site's policy withheld (too few patients behind it) shows n/a.", ""]
+    groups = [(o, {s: d["outcomes"][o] for s, d in sites.items() if o in d.get("outcomes", {})})
+              for o in outcomes] or [("", sites)]
+    for outcome, per_site in groups:
+        if outcome:
+            out += [f"### {outcome}", ""]
+        out += [head, rule] + [_clinical_rows(s, d) for s, d in sorted(per_site.items())] + [""]
+    return out
+
+
+def _reliability(summary: dict[str, Any], out_dir: Path) -> Path | None:
+    """``reliability.png`` from the sites' released risk bins (after adaptation)."""
+    import numpy as np
+
+    from fedmeta.common.clinical.calibration import ReliabilityCurve
+    from fedmeta.common.clinical.plots import reliability_diagram
+
+    curves = {}
+    for site, d in sorted(summary["sites"].items()):
+        bins = d.get("reliability", {}).get("after")
+        if not bins:
+            continue
+        n_bins = 10
+        count, risk, events = np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
+        for b in bins:
+            k = int(b["bin"])
+            if 0 <= k < n_bins:
+                count[k], risk[k], events[k] = b["n"], b["risk"] * b["n"], b["observed"] * b["n"]
+        curves[site] = ReliabilityCurve(np.linspace(0, 1, n_bins + 1), count, risk, events)
+    if not curves:
+        return None
+    return reliability_diagram(curves, out_dir / "reliability.png", title="Calibration after adaptation")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -17,13 +17,13 @@ from flwr.clientapp.typing import Mod
 
 from fedmeta.client.wire import encode_reply, receive_state
 from fedmeta.common.config import ExperimentConfig, config_from_dict
-from fedmeta.common.data.base import Site
+from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.experiment import site_rng
 from fedmeta.common.privacy import privatize
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.records import MetricValues, arrays_from_record, count_in
 from fedmeta.sitecore.data import site_for_node, spec_of
-from fedmeta.sitecore.evaluate import evaluate_site
+from fedmeta.sitecore.evaluate import evaluate_site, is_count, released_metrics
 from fedmeta.sitecore.layout import compare_layout
 from fedmeta.sitecore.train import train_update
 
@@ -101,12 +101,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = site_of(context, cfg)
     state = arrays_from_record(msg.content[K.ARRAYS])
     result = evaluate_site(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
-    metrics: MetricValues = {K.N_TRAIN: int(result["n_train"]), K.N_TEST: int(result["n_test"])}
-    if "adapt_steps" in result:
-        metrics[K.ADAPT_STEPS] = int(result["adapt_steps"])
-    for phase in ("before", "after"):
-        for key, value in result[phase].items():
-            metrics[f"{phase}.{key}"] = float(value)
+    # the site's patient floor (deployment: node.yaml's policy); a simulation has none
+    floor = int(str(context.node_config.get("min-patients", 1)))
+    outcomes = site.outcomes if isinstance(site, TabularSite) else ()
+    released, _ = released_metrics(result, outcomes, floor=floor)
+    metrics: MetricValues = {k: (int(v) if is_count(k) else float(v)) for k, v in released.items()}
     content = RecordDict({K.SITE: ConfigRecord({"name": site.name}), K.METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

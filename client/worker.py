@@ -161,7 +161,9 @@ class SiteWorker:
                 reply = Message(Error(code=int(SiteErrorCode.APP_REFUSED),
                                       reason=reason(SiteErrorCode.APP_REFUSED)), reply_to=message)
             else:
-                context.node_config = dict(self.settings.node_config)  # the site decides its data
+                # the site decides its data and the floor under every number it releases
+                context.node_config = {**self.settings.node_config,
+                                       "min-patients": self.settings.policy.min_patients}
                 reply = self._answer(message, context, run_id=int(run.run_id),
                                      secure_aggregation=verdict.secure_aggregation)
                 status, details = SubStatus.COMPLETED, ""

@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -170,7 +170,9 @@ class Candidate:
 @dataclass(frozen=True)
 class CVRow:
     """A candidate's cross-validated scores: mean held-out log-loss and its standard error
-    (paired with the best candidate), Brier score and AUROC of the out-of-fold predictions."""
+    (paired with the best candidate), Brier score and AUROC of the out-of-fold predictions (AUROC
+    only for the rows a report shows: the choice, the three lowest log-losses and "do not adapt";
+    NaN elsewhere)."""
 
     candidate: Candidate
     log_loss: float
@@ -452,9 +454,13 @@ def adapt_with_policy(
         diff = losses[c] - losses[best]
         se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
         risk = sigmoid(o)
-        rows.append(CVRow(c, float(losses[c].mean()), se,
-                          float(((risk - yf) ** 2).mean()), auroc(np.tile(labels, len(o)), risk.ravel())))
+        rows.append(CVRow(c, float(losses[c].mean()), se, float(((risk - yf) ** 2).mean()), math.nan))
     choice = _select(rows, st.rule)
+    # held-out AUROC (a diagnostic, not a criterion) of the rows a report shows: the choice, the
+    # three lowest log-losses and "do not adapt"
+    shown = {choice, Candidate("none"), *(r.candidate for r in sorted(rows, key=lambda r: r.log_loss)[:3])}
+    rows = [replace(r, auroc=auroc(np.tile(labels, len(oofs[r.candidate])), sigmoid(oofs[r.candidate]).ravel()))
+            if r.candidate in shown else r for r in rows]
     params = _refit(model, theta, x, y, choice, st, lrs, s0, yf)
     oof_choice = oofs[choice].ravel()
     y_rep = np.tile(labels, len(oofs[choice]))

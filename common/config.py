@@ -39,6 +39,8 @@ from fedmeta.common.yamlio import (
 
 #: Keys that were renamed; a file using the old name is told the new one.
 RENAMED = {
+    "eval.validation_fraction": "the adaptation policy (eval.adaptation: policy, eval.folds, "
+                                "eval.repeats): how far to adapt is chosen by cross-validated log-loss",
     "tasks.meta_steps": "tasks.meta_batches (meta-batches a site draws per round); FedAvg's "
                         "local steps are fedavg.local_steps",
 }
@@ -171,18 +173,58 @@ class FederationConfig(YamlModel):
     num_supernodes: NonNegative = 0  # simulation only; 0 = one per site of the data source
 
 
+def _threshold_policy(value: Any) -> str:
+    from fedmeta.common.clinical.thresholds import ThresholdPolicy
+
+    if not isinstance(value, str):
+        raise fail("expected a threshold policy such as 'prevalence', 'youden', "
+                   "'sensitivity:0.9' or 'fixed:0.5'")
+    try:
+        ThresholdPolicy.parse(value)
+    except ValueError as e:
+        raise fail(str(e)) from e
+    return value
+
+
+def _scopes(value: Any) -> tuple[str, ...]:
+    from fedmeta.common.adaptation import SCOPES
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise fail(f"expected a list of scopes from {list(SCOPES)}")
+    unknown = [v for v in value if v not in SCOPES]
+    if unknown:
+        raise fail(f"unknown scope {unknown[0]!r}; choose from {list(SCOPES)}")
+    return tuple(value)
+
+
 class EvalConfig(YamlModel):
-    """Adaptation used to score θ at a site: up to ``adapt_steps`` full-batch steps of
-    ``adapt_lr`` on the site's training split (``shots`` > 0: on that many labelled patients)."""
+    """How a site adapts θ and scores it on its own test split (:mod:`fedmeta.sitecore.evaluate`).
+
+    ``adaptation: policy`` (default) chooses on the site's own labelled rows, by cross-validated
+    log-loss, among "do not adapt", "intercept only" and gradient adaptation of ``scopes`` for up
+    to ``adapt_steps`` steps of ``adapt_lr`` with pulls toward θ of 0, 0.1, 1 and ``proximal``;
+    then recalibrates (``calibration``) and sets the decision threshold (``threshold``).
+    ``adaptation: fixed`` takes exactly ``adapt_steps`` steps on every parameter (a reference).
+    ``shots`` > 0: adapt on that many labelled patients, drawn stratified ``draws`` times (mean and
+    spread reported). ``bootstrap``: resamples for the 95 % intervals (0: none).
+    """
 
     adapt_steps: NonNegative = 100
     adapt_lr: Positive = 0.05
     proximal: NonNegativeFloat = 0.0
     shots: NonNegative = 0
+    draws: AtLeastOne = 10
     every: NonNegative = 0  # also evaluate every N rounds, into rounds.jsonl's "eval" (0: only at the end)
-    #: > 0: hold out this fraction of the site's adaptation rows, choose the number of steps
-    #: (up to ``adapt_steps``) with the lowest loss on them, then adapt on all rows that long.
-    validation_fraction: UnitInterval = 0.25
+    adaptation: Literal["policy", "fixed"] = "policy"
+    scopes: Annotated[tuple[str, ...], BeforeValidator(_scopes)] = ("none", "intercept", "last", "all")
+    folds: Annotated[int, integer(ge=2)] = 5
+    repeats: AtLeastOne = 3
+    rule: Literal["min", "1se"] = "1se"
+    calibration: Literal["platt", "intercept", "none"] = "platt"
+    threshold: Annotated[str, BeforeValidator(_threshold_policy)] = "prevalence"
+    bootstrap: NonNegative = 1000
 
 
 class CompressionConfig(YamlModel):

@@ -119,11 +119,15 @@ def check_bundle(content: bytes, *, fab_id: str, fab_version: str, version: str,
 
 
 def code_digest() -> str:
-    """SHA-256 over the installed fedmeta source (every ``.py`` file of :data:`PACKAGES`, by
-    relative path and content): what ``fedmeta site pin`` records and a site checks at start."""
+    """SHA-256 over the installed fedmeta source (the top-level ``fedmeta/__init__.py`` and every
+    ``.py`` file of :data:`PACKAGES`, by relative path and content): what ``fedmeta site pin`` records and a site checks at start."""
     import importlib
 
+    import fedmeta
+
     h = hashlib.sha256()
+    top = Path(str(fedmeta.__file__))  # `import fedmeta.<anything>` runs it first
+    h.update(b"__init__.py\0" + top.read_bytes() + b"\0")
     for package in PACKAGES:
         module = importlib.import_module(f"fedmeta.{package}")
         root = Path(next(iter(module.__path__)))

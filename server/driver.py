@@ -168,7 +168,7 @@ class _Run:
                      "its own test split)")
         return federated_evaluation(
             lambda m: self.exchange(m, quorum=len(m), on_reply=on_reply if announce else None).replies,
-            messages, self.sites.names, self.cfg.data.holdout, self.declined)
+            messages, self.sites.names, self.cfg.data.holdout, self.declined, self.spec.outcomes)
 
     def sites_label(self, node: int) -> str:
         """A node's registered name when it has one, else ``node N``."""
@@ -261,7 +261,7 @@ def run_experiment(
         raise FedmetaError("no site returned an evaluation; see the log for their errors")
     theta = run.strategy.state()  # θ plus learned state (Meta-SGD's rates: a new site adapts with them)
     folder.save_final(theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "seed": cfg.seed,
-                              "config": cfg.to_json()})
+                              "config": cfg.to_json(), "sites": sorted(per_site)})
     summary = {
         "algorithm": cfg.algorithm,
         "rounds": cfg.rounds,

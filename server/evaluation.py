@@ -8,10 +8,11 @@ could not define (e.g. AUROC on a one-class test split).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.errors import describe
@@ -21,26 +22,88 @@ log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "auroc", "loss")
 PHASES = ("before", "after")
+#: ``adapt_scope`` codes of the replies (:data:`fedmeta.sitecore.evaluate.SCOPE_CODES`).
+SCOPES = {0: "none", 1: "intercept", 2: "last", 3: "all", 4: "fixed", 5: "prototypes"}
+_COUNTS = ("n_train", "n_test", "events", "adapt_steps", "draws", "withheld")
 
 
 def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if np.isfinite(v)]
+    finite = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def summary_mean(per_site: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
-    """Unweighted mean over sites (each hospital counts once), skipping undefined values."""
-    return {
-        phase: {m: _nanmean([s[phase][m] for s in per_site.values()]) for m in METRICS}
-        for phase in PHASES
-    }
+def _phase_means(entries: list[Mapping]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for phase in PHASES:
+        keys = [k for k in dict.fromkeys(k for e in entries for k in e.get(phase, {})) if "." not in k]
+        # the three headline metrics first, in a fixed order
+        keys = [m for m in METRICS if m in keys] + [k for k in keys if k not in METRICS]
+        out[phase] = {m: _nanmean([e.get(phase, {}).get(m, float("nan")) for e in entries]) for m in keys}
+    return out
+
+
+def summary_mean(per_site: Mapping[str, Mapping]) -> dict[str, Any]:
+    """Unweighted mean over sites (each hospital counts once) of every metric, skipping
+    undefined values; ``outcomes``: the same per outcome for multi-outcome sites."""
+    out: dict[str, Any] = _phase_means(list(per_site.values()))
+    names = list(dict.fromkeys(o for s in per_site.values() for o in s.get("outcomes", {})))
+    if names:
+        out["outcomes"] = {o: _phase_means([s["outcomes"][o] for s in per_site.values()
+                                            if o in s.get("outcomes", {})]) for o in names}
+    return out
+
+
+def parse_evaluation(m: MetricRecord, outcomes: Sequence[str] = ()) -> dict[str, Any]:
+    """One site's evaluation from its flat reply (the keys of
+    :func:`fedmeta.sitecore.evaluate.released_metrics`): ``before``/``after`` metrics, counts,
+    ``adapt_scope``, ``spread`` over draws, ``reliability`` bins the site released, and
+    ``outcomes`` (named by the experiment's outcomes, never by the reply). Unknown keys are
+    ignored; a malformed value raises ``ValueError``."""
+    entries: dict[str, dict[str, Any]] = {}
+
+    def entry(prefix: str) -> dict[str, Any]:
+        return entries.setdefault(prefix, {"before": {}, "after": {}})
+
+    for key in m:
+        prefix, rest = "", key
+        head, _, tail = key.partition(".")
+        if len(head) > 1 and head[0] == "o" and head[1:].isdigit():
+            prefix, rest = head, tail
+        e = entry(prefix)
+        parts = rest.split(".")
+        if parts[0] in PHASES and len(parts) >= 2:
+            e[parts[0]][".".join(parts[1:])] = number_in(m, key)
+        elif parts[0] == "spread" and len(parts) >= 3 and parts[1] in PHASES:
+            e.setdefault("spread", {}).setdefault(parts[1], {})[".".join(parts[2:])] = number_in(m, key)
+        elif parts[0] == "rel" and len(parts) == 4 and parts[1] in PHASES and parts[2].isdigit():
+            bins = e.setdefault("reliability", {}).setdefault(parts[1], {})
+            bins.setdefault(int(parts[2]), {})[parts[3]] = number_in(m, key)
+        elif rest in _COUNTS:
+            e[rest] = count_in(m, key)
+        elif rest == "adapt_scope":
+            e[rest] = SCOPES.get(count_in(m, key), "unknown")
+    for e in entries.values():
+        for phase, bins in e.get("reliability", {}).items():
+            e["reliability"][phase] = [{"bin": b, **v} for b, v in sorted(bins.items())]
+    out = entries.get("", {"before": {}, "after": {}})
+    if not out["before"] or "n_test" not in out:
+        raise ValueError("the reply holds no evaluation")
+    named = {}
+    for prefix, e in entries.items():
+        if prefix:
+            j = int(prefix[1:])
+            if j < len(outcomes):
+                named[outcomes[j]] = e
+    if named and outcomes:
+        out["outcomes"] = {outcomes[0]: {k: v for k, v in out.items() if k != "reliability"}, **named}
+    return out
 
 
 def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str],
-                          declined: dict[str, str] | None = None) -> dict[str, dict]:
-    """Per-site ``{"before": {...}, "after": {...}, "n_train", "n_test"}`` from evaluate replies,
-    named by ``nodes`` (node id -> site name, never by the reply); sites that answered with an
-    error go into ``declined`` (site -> the category, or the rule of a policy refusal)."""
+                          declined: dict[str, str] | None = None, outcomes: Sequence[str] = ()) -> dict[str, dict]:
+    """Per-site evaluations (:func:`parse_evaluation`) from evaluate replies, named by ``nodes``
+    (node id -> site name, never by the reply); sites that answered with an error go into
+    ``declined`` (site -> the category, or the rule of a policy refusal)."""
     out: dict[str, dict] = {}
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -53,20 +116,10 @@ def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str],
                 declined[site] = why
             continue
         try:
-            m = msg.content[K.METRICS]
-            entry: dict = {"before": {}, "after": {}}
-            for key in m:
-                phase, _, metric = key.partition(".")
-                if phase in PHASES:
-                    entry[phase][metric] = number_in(m, key)
-            entry["n_train"] = count_in(m, K.N_TRAIN)
-            entry["n_test"] = count_in(m, K.N_TEST)
-            if K.ADAPT_STEPS in m:
-                entry["adapt_steps"] = count_in(m, K.ADAPT_STEPS)
-        except (KeyError, ValueError) as e:
+            out[site] = parse_evaluation(msg.content[K.METRICS], outcomes)
+        except (KeyError, ValueError, TypeError) as e:
             log.warning("evaluation reply of %s is malformed (%s); left out", site, e)
             continue
-        out[site] = entry
     return out
 
 
@@ -75,10 +128,10 @@ Exchange = Callable[[list[Message]], Iterable[Message]]
 
 def federated_evaluation(
     exchange: Exchange, messages: list[Message], nodes: Mapping[int, str], holdout: Iterable[str],
-    declined: dict[str, str] | None = None,
+    declined: dict[str, str] | None = None, outcomes: Sequence[str] = (),
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Send the evaluation ``messages`` and split the replies into training and held-out sites."""
-    per_site = read_evaluate_replies(exchange(messages), nodes, declined)
+    per_site = read_evaluate_replies(exchange(messages), nodes, declined, outcomes)
     held_out = set(holdout)
     training = {k: v for k, v in per_site.items() if k not in held_out}
     return training, {k: v for k, v in per_site.items() if k in held_out}

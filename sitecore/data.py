@@ -27,6 +27,7 @@ from fedmeta.common.data.site_config import (
     EhrSiteConfig,
     ImageSiteConfig,
     SiteConfig,
+    find_site_configs,
     load_site_config,
     parse_site_config,
 )
@@ -219,3 +220,52 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
                           "or partition-id=N")
     _LOADED[key] = site
     return site
+
+
+@dataclass(frozen=True)
+class AdaptationSite:
+    """A new hospital's site with what a bundle needs to score its future patients: the fitted
+    ``preprocessing`` (:mod:`fedmeta.common.preprocessing`) and the ``id_column`` of its table."""
+
+    site: Site
+    preprocessing: object
+    id_column: str | None = None
+
+
+def load_adaptation_site(cfg: ExperimentConfig, *, site_yaml: str | Path | None = None,
+                         site_name: str | None = None) -> AdaptationSite:
+    """Load the site a new hospital adapts on — its own site file, or a site of the run's data
+    source (e.g. a held-out hospital) — with the preprocessing fitted on its training rows."""
+    from fedmeta.common.preprocessing import (
+        EhrPreprocessing,
+        HeartPreprocessing,
+        ImagePreprocessing,
+    )
+
+    if site_yaml is not None:
+        config = load_site_config(site_yaml)
+        site, cohort = _load(config, cfg.data)
+        if isinstance(config, EhrSiteConfig):
+            assert cohort is not None
+            return AdaptationSite(site, EhrPreprocessing.from_site_config(config, cohort), config.id_column)
+        if isinstance(site, ImageSite):
+            return AdaptationSite(site, ImagePreprocessing.for_site(site))
+        raise ConfigError(f"{site_yaml}: kind {config.kind!r} sites cannot be adapted into a bundle yet")
+    if site_name is None:
+        raise ConfigError("name the site: a site file or a site of the run's data source")
+    site = load_site(cfg.data, site_name)
+    if isinstance(site, ImageSite):
+        return AdaptationSite(site, ImagePreprocessing.for_site(site))
+    assert isinstance(site, TabularSite)
+    if cfg.data.source == "fed-heart":
+        return AdaptationSite(site, HeartPreprocessing.for_site(site, path=cfg.data.path or None), "id")
+    if cfg.data.source in ("ehr", "synth-ehr"):
+        from fedmeta.common.data.ehr import ehr_root, synth_ehr_root
+
+        root = synth_ehr_root(cfg.data) if cfg.data.source == "synth-ehr" else ehr_root(cfg.data)
+        by_name = {c.name: c for c in find_site_configs(root)}
+        config = by_name[site_name]
+        cohort = load_ehr_site(config, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+        return AdaptationSite(cohort.site, EhrPreprocessing.from_site_config(config, cohort), config.id_column)
+    raise ConfigError(f"data.source {cfg.data.source!r}: a bundle needs the site's own file; use "
+                      "--site site.yaml")

@@ -1,36 +1,67 @@
 """How a hospital scores the coordinator's state on its own test split, before and after local
 adaptation, in plain PyTorch (no Flower import).
 
-How a site adapts depends on the algorithm's ``evaluation`` (:mod:`fedmeta.common.algorithms`):
-``finetune`` takes full-batch gradient steps (their number chosen on the site's own training
-rows), ``learned_rates`` adapts with Meta-SGD's learned per-parameter rates, ``prototypes``
-classifies by class prototypes of the site's labelled examples. Results are metrics over whole
-splits and counts: never rows, labels or per-example values.
+Tables: for **every outcome** the site labels, θ is adapted to that outcome's labelled training
+rows by the adaptation policy (:func:`fedmeta.common.adaptation.adapt_with_policy`: how far to
+adapt — not at all, the intercept only, the last layer or every parameter, how many steps and how
+strong a pull toward θ — chosen by cross-validated log-loss on the site's own rows; then
+recalibrated and given a decision threshold), unless ``eval.adaptation: fixed``. Meta-SGD adapts
+with its learned per-parameter rates, ProtoNets classify by the prototypes of the site's labelled
+patients (recalibrated on leave-one-out scores). With ``eval.shots`` = K the site adapts on K
+patients drawn stratified ``eval.draws`` times and reports the mean and the spread over draws.
+
+"before" is θ's risk at 0.5; "after" the adapted, calibrated risk — accuracy at 0.5 (comparable
+with "before"), sensitivity, specificity, PPV and NPV at the chosen threshold. Every number is
+computed over a whole split (:func:`fedmeta.common.clinical.metrics.clinical_metrics`, with
+bootstrap intervals): never rows, labels or per-patient values. :func:`released_metrics` keeps
+only the numbers that rest on at least the site's ``min_patients``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedmeta.common import algorithms
+from fedmeta.common.adaptation import (
+    AdaptationResult,
+    AdaptationSettings,
+    PrototypeHead,
+    adapt_with_policy,
+    positive_logit,
+    predict_logit,
+    prototype_head,
+    prototype_logits,
+    stratified_shots,
+)
+from fedmeta.common.clinical.calibration import ReliabilityCurve, reliability_curve, sigmoid
+from fedmeta.common.clinical.metrics import METRICS, clinical_metrics
 from fedmeta.common.config import ExperimentConfig
-from fedmeta.common.data.base import ImageSite, Site
+from fedmeta.common.data.base import ImageSite, Site, TabularSite
 from fedmeta.common.data.episodes import EpisodeSampler
 from fedmeta.common.data.registry import DataSpec
+from fedmeta.common.errors import DataError
 from fedmeta.common.experiment import build_model_for
 from fedmeta.common.meta.engine import resolve_device
 from fedmeta.common.meta.inner import adapt
 from fedmeta.common.meta.protonet import protonet_logits
 from fedmeta.common.meta.types import InnerConfig, Params
-from fedmeta.common.metrics import binary_metrics, multiclass_metrics
+from fedmeta.common.metrics import BinaryCounts, multiclass_metrics
 from fedmeta.common.params import NDArrays, from_numpy, to_numpy
-from fedmeta.sitecore.train import training_rows
+from fedmeta.sitecore.train import labelled_rows
 
 log = logging.getLogger(__name__)
+
+#: What a scope is called in replies (a number: replies carry numbers only).
+SCOPE_CODES = {"none": 0, "intercept": 1, "last": 2, "all": 3, "fixed": 4, "prototypes": 5}
+#: Metrics computed over the whole test split; the others rest on a part of it.
+_BASIS_PART = {"sensitivity": "events", "specificity": "non_events", "ppv": "flagged", "npv": "unflagged"}
 
 
 def _predict(model: nn.Module, params: Params, x: torch.Tensor) -> np.ndarray:
@@ -39,63 +70,196 @@ def _predict(model: nn.Module, params: Params, x: torch.Tensor) -> np.ndarray:
     return logits.detach().to("cpu", torch.float64).numpy()
 
 
-def _binary_scores(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    return binary_metrics(y, p[:, 1])
-
-
-def choose_adapt_steps(
-    cfg: ExperimentConfig, model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *,
-    rng: np.random.Generator,
-) -> int:
-    """How many adaptation steps to take, chosen on the site's own rows only.
-
-    With ``eval.validation_fraction`` = f > 0 and enough rows of each class, the adaptation rows
-    are split into ``k = round(1/f)`` stratified folds; for each candidate step count (0 and a
-    geometric grid up to ``eval.adapt_steps``) θ is adapted on k−1 folds and scored on the held-out
-    one, and the count with the lowest summed held-out log-loss is returned (ties: fewer steps).
-    Otherwise ``eval.adapt_steps``.
-    """
+def adaptation_settings(cfg: ExperimentConfig, *, learned_rates: bool = False) -> AdaptationSettings:
+    """The policy's settings from ``eval`` (Meta-SGD: up to ``inner.steps`` steps, its own rates)."""
     e = cfg.eval
-    labels = y.cpu().numpy()
-    classes, counts = np.unique(labels, return_counts=True)
-    k = max(2, int(round(1 / e.validation_fraction))) if e.validation_fraction > 0 else 0
-    if k == 0 or len(classes) < 2 or counts.min() < k:
-        return e.adapt_steps
-    fold = np.empty(len(labels), dtype=np.int64)
-    for c in classes:  # stratified fold assignment
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        fold[idx] = np.arange(len(idx)) % k
-    grid = sorted({0, *(int(round(e.adapt_steps * f)) for f in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0))})
-    losses = np.zeros(len(grid))
-    for f in range(k):
-        fit_idx = torch.from_numpy(np.flatnonzero(fold != f)).to(x.device)
-        val_idx = torch.from_numpy(np.flatnonzero(fold == f)).to(x.device)
-        for g, steps in enumerate(grid):
-            fitted = params if steps == 0 else adapt(
-                model, params, x[fit_idx], y[fit_idx], InnerConfig(steps=steps, lr=e.adapt_lr, proximal=e.proximal))
-            with torch.no_grad():
-                logits = torch.func.functional_call(model, fitted, (x[val_idx],))
-                losses[g] += float(torch.nn.functional.cross_entropy(logits, y[val_idx], reduction="sum"))
-    return grid[int(np.argmin(losses))]  # argmin takes the first (fewest steps) on ties
+    max_steps = cfg.inner.steps if learned_rates else e.adapt_steps
+    scopes = e.scopes if max_steps > 0 else tuple(s for s in e.scopes if s in ("none", "intercept"))
+    return AdaptationSettings(
+        max_steps=max(1, max_steps), lr=e.adapt_lr, proximal=tuple(sorted({0.0, 0.1, 1.0, float(e.proximal)})),
+        scopes=scopes, folds=e.folds, repeats=e.repeats, rule=e.rule, calibration=e.calibration,
+        threshold=e.threshold,
+    )
 
 
-def _present_class_logits(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor,
-                          xq: torch.Tensor, n_way: int = 2) -> np.ndarray:
-    """ProtoNet logits where a class with no support example gets probability 0 (a site whose
-    training split holds one class can still be scored)."""
-    present = [c for c in range(n_way) if bool((ys == c).any())]
-    remap = torch.full((n_way,), -1, dtype=torch.long, device=ys.device)
-    remap[present] = torch.arange(len(present), device=ys.device)
-    with torch.no_grad():
-        if len(present) == 1:
-            sub = torch.zeros(len(xq), 1, dtype=torch.float64)
+@dataclass
+class PhaseScores:
+    """One phase's metrics over a test split: ``values`` (metric -> number, ``<metric>.lo`` /
+    ``.hi`` for intervals), ``basis`` (metric -> patients it rests on) and the reliability curve."""
+
+    values: dict[str, float]
+    basis: dict[str, int]
+    curve: ReliabilityCurve
+    warnings: list[str] = field(default_factory=list)
+    #: :func:`clinical_metrics`' own result (one draw; the model card's input)
+    clinical: dict[str, Any] = field(default_factory=dict)
+
+
+def score_risks(y: np.ndarray, risk: np.ndarray, *, threshold: float, rng: np.random.Generator,
+                n_boot: int) -> PhaseScores:
+    """Clinical metrics of one outcome (:func:`clinical_metrics`) flattened for a summary, plus
+    ``accuracy`` at 0.5 (whatever the decision threshold) and ``loss`` (log-loss)."""
+    m = clinical_metrics(y, risk, threshold=threshold, rng=rng, n_boot=n_boot)
+    values: dict[str, float] = {"prevalence": float(m["prevalence"]["value"]), "threshold": float(threshold)}
+    basis: dict[str, int] = {}
+    for name in METRICS:
+        key = {"log_loss": "loss", "accuracy": "accuracy_at_threshold"}.get(name, name)
+        values[key] = float(m[name]["value"])
+        if n_boot:
+            values[f"{key}.lo"], values[f"{key}.hi"] = float(m[name]["lo"]), float(m[name]["hi"])
+        basis[key] = int(m[name]["basis"])
+    values["accuracy"] = BinaryCounts.from_predictions(y, risk, threshold=0.5).accuracy
+    basis.update({"accuracy": int(m["n"]), "prevalence": int(m["n"]), "threshold": int(m["n"])})
+    c = BinaryCounts.from_predictions(y, risk, threshold=threshold)
+    basis.update({"sensitivity": c.events, "specificity": c.n - c.events, "ppv": c.tp + c.fp,
+                  "npv": c.tn + c.fn})
+    curve = reliability_curve(y, risk)
+    return PhaseScores(values, basis, curve, list(m["warnings"]), m)
+
+
+@dataclass
+class OutcomeResult:
+    """One outcome at one site: scores before and after, their spread over draws (shots), the
+    counts, and (local only) the adaptation of the last draw."""
+
+    before: PhaseScores
+    after: PhaseScores
+    spread: dict[str, dict[str, float]]
+    n_train: int
+    n_test: int
+    events: int
+    draws: int
+    adapt_steps: int
+    scope: str
+    adaptation: AdaptationResult | PrototypeHead | None = None
+    params: Params | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "before": dict(self.before.values), "after": dict(self.after.values),
+            "n_train": self.n_train, "n_test": self.n_test, "events": self.events,
+            "adapt_steps": self.adapt_steps, "adapt_scope": self.scope,
+        }
+        if self.draws > 1:
+            out["draws"] = self.draws
+            out["spread"] = self.spread
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
+
+
+def _shots(y: np.ndarray, k: int, rng: np.random.Generator, outcome: str) -> tuple[np.ndarray, str | None]:
+    """K stratified patients; when the site's rows hold one class, K at random with a warning."""
+    try:
+        return stratified_shots(y, k, rng, outcome=outcome), None
+    except DataError as e:
+        idx = rng.choice(len(y), size=min(k, len(y)), replace=False)
+        return idx, str(e).split(". Hint")[0]
+
+
+def _mean_scores(parts: list[PhaseScores]) -> tuple[PhaseScores, dict[str, float]]:
+    """Mean (NaN-skipping) and standard deviation over draws of each metric."""
+    keys = [k for k in parts[0].values if "." not in k]
+    mean: dict[str, float] = {}
+    sd: dict[str, float] = {}
+    for k in keys:
+        vals = np.array([p.values[k] for p in parts], dtype=np.float64)
+        ok = vals[np.isfinite(vals)]
+        mean[k] = float(ok.mean()) if ok.size else math.nan
+        sd[k] = float(ok.std(ddof=1)) if ok.size > 1 else math.nan
+    basis = {k: min(p.basis[k] for p in parts) for k in parts[0].basis}
+    curve = parts[0].curve
+    for p in parts[1:]:
+        curve = curve + p.curve
+    d = len(parts)
+    curve = ReliabilityCurve(curve.edges, curve.count / d, curve.risk_sum / d, curve.event_sum / d)
+    warnings = sorted({w for p in parts for w in p.warnings})
+    return PhaseScores(mean, basis, curve, warnings), sd
+
+
+def evaluate_outcome(
+    cfg: ExperimentConfig, model: nn.Module, params: Params, extra: Params | None, *, evaluation: str,
+    x_tr: torch.Tensor, y_tr: np.ndarray, x_te: torch.Tensor, y_te: np.ndarray, outcome: str,
+    rng: np.random.Generator,
+) -> OutcomeResult:
+    """Adapt θ to one outcome's labelled training rows and score that outcome's test rows."""
+    e = cfg.eval
+    device = x_tr.device
+    k = e.shots
+    n_draws = e.draws if 0 < k < len(y_tr) else 1
+    n_boot = e.bootstrap if n_draws == 1 else 0
+    settings = adaptation_settings(cfg, learned_rates=evaluation == "learned_rates")
+    warnings: list[str] = []
+    befores: list[PhaseScores] = []
+    afters: list[PhaseScores] = []
+    last: AdaptationResult | PrototypeHead | None = None
+    adapted: Params | None = None
+    steps, scope, n_used = 0, "none", len(y_tr)
+    for _ in range(n_draws):
+        if 0 < k < len(y_tr):
+            idx, note = _shots(y_tr, k, rng, outcome)
+            if note:
+                warnings.append(note)
         else:
-            sub = protonet_logits(model, params, xs, remap[ys], xq, n_way=len(present)).to("cpu", torch.float64)
-    out = np.full((len(xq), n_way), -1e9)
-    out[:, present] = sub.numpy()
-    return out
+            idx = np.arange(len(y_tr))
+        xs = x_tr[torch.from_numpy(idx).to(device)]
+        ys_np = y_tr[idx]
+        ys = torch.from_numpy(ys_np).to(device)
+        n_used = len(idx)
+        if evaluation == "prototypes":
+            few = rng.choice(len(idx), size=min(cfg.tasks.support, len(idx)), replace=False)
+            s_before = _proto_score(model, params, xs[torch.from_numpy(few).to(device)], ys[torch.from_numpy(few).to(device)], x_te)
+            p_before = sigmoid(s_before)
+            head = prototype_head(model, params, xs, ys, threshold=e.threshold, calibration="intercept") \
+                if len(set(ys_np.tolist())) == 2 else None
+            if head is None:
+                p_after, t_after = p_before, 0.5
+                warnings.append(f"{outcome}: the labelled patients hold one class; no prototypes")
+            else:
+                with torch.no_grad():
+                    z = torch.func.functional_call(model, params, (x_te,)).flatten(start_dim=1).double()
+                    lg = prototype_logits(z, head.prototypes.to(z.device))
+                p_after = head.calibration.apply(positive_logit(lg).cpu().numpy())
+                t_after = head.threshold.value if head.threshold else 0.5
+                warnings += list(head.warnings)
+            last, scope = head, "prototypes"
+        else:
+            s_before = predict_logit(model, params, x_te)
+            p_before = sigmoid(s_before)
+            if e.adaptation == "fixed":
+                steps = cfg.inner.steps if evaluation == "learned_rates" else e.adapt_steps
+                inner = InnerConfig(steps=steps, lr=cfg.inner.lr if extra is not None else e.adapt_lr,
+                                    proximal=0.0 if extra is not None else e.proximal)
+                adapted = params if steps == 0 else adapt(model, params, xs, ys, inner, lrs=extra)
+                p_after, t_after, scope = sigmoid(predict_logit(model, adapted, x_te)), 0.5, "fixed"
+            else:
+                res = adapt_with_policy(model, params, xs, ys, settings=settings, rng=rng, lrs=extra)
+                adapted, last = res.params, res
+                steps, scope = res.choice.steps, res.choice.scope
+                p_after = res.calibration.apply(predict_logit(model, res.params, x_te))
+                t_after = res.threshold.value
+                warnings += list(res.warnings)
+        befores.append(score_risks(y_te, p_before, threshold=0.5, rng=rng, n_boot=n_boot))
+        afters.append(score_risks(y_te, p_after, threshold=t_after, rng=rng, n_boot=n_boot))
+    spread: dict[str, dict[str, float]] = {}
+    if n_draws > 1:
+        before, spread["before"] = _mean_scores(befores)
+        after, spread["after"] = _mean_scores(afters)
+    else:
+        before, after = befores[0], afters[0]
+    return OutcomeResult(before, after, spread, n_used, len(y_te), int((y_te == 1).sum()), n_draws,
+                         int(steps), scope, last, adapted, sorted(set(warnings)))
+
+
+def _proto_score(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor) -> np.ndarray:
+    """Positive-class logit of ProtoNet prototypes from ``(xs, ys)``; 0 where a class is absent."""
+    present = sorted(set(ys.cpu().tolist()))
+    if present != [0, 1]:
+        return np.zeros(len(xq))
+    with torch.no_grad():
+        lg = protonet_logits(model, params, xs, ys, xq, n_way=2)
+    return positive_logit(lg).to("cpu", torch.float64).numpy()
 
 
 def evaluate_site(
@@ -104,52 +268,101 @@ def evaluate_site(
 ) -> dict:
     """Score the global state on the site's test split before and after local adaptation.
 
-    Tables: adaptation is up to ``eval.adapt_steps`` full-batch steps of ``eval.adapt_lr`` on the
-    training split (or on ``eval.shots`` patients of it), pulled toward θ by ``eval.proximal``,
-    the number of steps chosen on held-out training rows (:func:`choose_adapt_steps`);
-    Meta-SGD adapts with its learned rates instead (``inner.steps`` steps). ProtoNets compute class
-    prototypes: "before" from ``tasks.support`` labelled patients, "after" from the whole training
-    split. Images: few-shot episodes drawn from the site's test split (see
-    :func:`evaluate_episodes`). ``keep_params`` adds the adapted parameters under ``"params"``
-    (for a new hospital to keep; the ClientApp never sends them).
+    Returns ``before``/``after`` (the first outcome: the one the consortium trains on),
+    ``n_train``, ``n_test``, ``events``, ``adapt_steps``, ``adapt_scope``, with ``eval.shots``
+    also ``draws`` and ``spread`` (standard deviation over draws), and ``outcomes`` (every
+    outcome's :meth:`OutcomeResult.summary`) when the site labels more than one. ``keep_params``
+    adds, for local use only, ``"result"`` (the first outcome's :class:`OutcomeResult`, with the
+    adapted parameters and the policy's choice); nothing of it is ever sent.
     """
     if isinstance(site, ImageSite):
         return evaluate_episodes(cfg, spec, site, state, rng=rng)
+    assert isinstance(site, TabularSite)
     algorithm = algorithms.get(cfg.algorithm)
     device = resolve_device(cfg.engine.device)
     model = build_model_for(cfg, spec).to(device)
     theta_np, extra_np = algorithm.split(state)
     params = from_numpy(theta_np, device=device)
-    x_tr, y_tr = training_rows(site)
-    if cfg.eval.shots:
-        idx = torch.from_numpy(rng.choice(len(y_tr), size=min(cfg.eval.shots, len(y_tr)), replace=False))
-        x_tr, y_tr = x_tr[idx], y_tr[idx]
-    x_tr, y_tr = x_tr.to(device), y_tr.to(device)
-    x_te = torch.from_numpy(site.x_test).to(device)
-    y_te = site.y_test[:, 0]
-    adapted = params
-    steps = 0
-    if algorithm.evaluation == "prototypes":
-        k = min(cfg.tasks.support, len(y_tr))
-        few = torch.from_numpy(rng.choice(len(y_tr), size=k, replace=False)).to(device)
-        before = _binary_scores(_present_class_logits(model, params, x_tr[few], y_tr[few], x_te), y_te)
-        after = _binary_scores(_present_class_logits(model, params, x_tr, y_tr, x_te), y_te)
-    else:
-        before = _binary_scores(_predict(model, params, x_te), y_te)
-        if algorithm.evaluation == "learned_rates":
-            inner = InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
-            steps = cfg.inner.steps
-            adapted = adapt(model, params, x_tr, y_tr, inner, lrs=from_numpy(extra_np, device=device))
-        elif cfg.eval.adapt_steps > 0:
-            steps = choose_adapt_steps(cfg, model, params, x_tr, y_tr, rng=rng)
-            adapted = params if steps == 0 else adapt(
-                model, params, x_tr, y_tr, InnerConfig(steps=steps, lr=cfg.eval.adapt_lr, proximal=cfg.eval.proximal))
-        after = _binary_scores(_predict(model, adapted, x_te), y_te)
-    result = {"before": before, "after": after, "n_train": int(len(y_tr)), "n_test": int(len(y_te)),
-              "adapt_steps": int(steps)}  # the number of steps this site chose (provenance)
-    if keep_params and algorithm.evaluation != "prototypes":
-        result["params"] = to_numpy(adapted)
-    return result
+    extra = from_numpy(extra_np, device=device) if algorithm.evaluation == "learned_rates" else None
+    results: dict[str, OutcomeResult] = {}
+    for j, outcome in enumerate(site.outcomes):
+        x_tr, y_tr = labelled_rows(site, "train", j)
+        x_te, y_te = labelled_rows(site, "test", j)
+        if len(y_te) == 0 or len(y_tr) == 0:
+            continue
+        results[outcome] = evaluate_outcome(
+            cfg, model, params, extra, evaluation=algorithm.evaluation,
+            x_tr=torch.from_numpy(x_tr).to(device), y_tr=y_tr, x_te=torch.from_numpy(x_te).to(device),
+            y_te=y_te, outcome=outcome, rng=rng)
+    if not results:
+        raise DataError(f"site {site.name}: no outcome has labelled training and test patients")
+    first = results.get(site.outcomes[0]) or next(iter(results.values()))
+    out: dict[str, Any] = first.summary()
+    out["reliability"] = {"before": first.before.curve, "after": first.after.curve}
+    out["basis"] = {"before": first.before.basis, "after": first.after.basis}
+    if len(site.outcomes) > 1:
+        out["outcomes"] = {name: r.summary() for name, r in results.items()}
+        out["outcome_basis"] = {name: {"before": r.before.basis, "after": r.after.basis} for name, r in results.items()}
+    if keep_params:
+        out["result"] = first
+        if first.params is not None:
+            out["params"] = to_numpy(first.params)
+    return out
+
+
+#: Released keys that are counts (sent as integers).
+COUNT_KEYS = frozenset({"n_train", "n_test", "events", "adapt_steps", "adapt_scope", "draws", "withheld", "n"})
+
+
+def is_count(key: str) -> bool:
+    """Whether a released key (:func:`released_metrics`) is a count."""
+    return key.rsplit(".", 1)[-1] in COUNT_KEYS
+
+
+def released_metrics(result: dict, outcomes: tuple[str, ...], *, floor: int) -> tuple[dict[str, float], int]:
+    """The numbers of :func:`evaluate_site`'s result that may leave the site, flat
+    (``before.auroc``, ``after.sensitivity.lo``, ``spread.after.auroc``, ``o1.after.auroc`` for
+    the second outcome, …), and how many were withheld: a metric resting on fewer than ``floor``
+    patients (sensitivity on the events, PPV on the flagged patients, …) is not sent, nor is a
+    reliability bin holding fewer than ``floor`` patients."""
+    flat: dict[str, float] = {}
+    withheld = 0
+
+    def phase(prefix: str, entry: dict, basis: dict) -> None:
+        nonlocal withheld
+        for ph in ("before", "after"):
+            for key, value in entry[ph].items():
+                metric = key.split(".")[0]
+                rests_on = basis.get(ph, {}).get(metric, floor)
+                if rests_on < floor:
+                    withheld += 1 if rests_on > 0 and not key.endswith((".lo", ".hi")) else 0
+                    continue
+                if value is not None and math.isfinite(value):
+                    flat[f"{prefix}{ph}.{key}"] = float(value)
+            for key, value in entry.get("spread", {}).get(ph, {}).items():
+                if basis.get(ph, {}).get(key, floor) >= floor and math.isfinite(value):
+                    flat[f"{prefix}spread.{ph}.{key}"] = float(value)
+        for key in ("n_train", "n_test", "events", "adapt_steps", "draws"):
+            if key in entry:
+                flat[f"{prefix}{key}"] = float(entry[key])
+        if "adapt_scope" in entry:
+            flat[f"{prefix}adapt_scope"] = float(SCOPE_CODES.get(entry["adapt_scope"], -1))
+
+    phase("", result, result.get("basis", {}))
+    for ph, curve in result.get("reliability", {}).items():
+        for b in range(len(curve.count)):
+            if curve.count[b] >= floor and curve.count[b] > 0:
+                flat[f"rel.{ph}.{b}.n"] = float(round(float(curve.count[b])))
+                flat[f"rel.{ph}.{b}.risk"] = float(curve.risk_sum[b] / curve.count[b])
+                flat[f"rel.{ph}.{b}.observed"] = float(curve.event_sum[b] / curve.count[b])
+            elif curve.count[b] > 0:
+                withheld += 1
+    for j, name in enumerate(outcomes):
+        entry = result.get("outcomes", {}).get(name)
+        if entry is not None and j > 0:
+            phase(f"o{j}.", entry, result.get("outcome_basis", {}).get(name, {}))
+    flat["withheld"] = float(withheld)
+    return flat, withheld
 
 
 def evaluate_episodes(

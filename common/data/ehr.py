@@ -346,7 +346,7 @@ def _ehr_configs(root: Path) -> list[EhrSiteConfig]:
     return [c for c in configs if isinstance(c, EhrSiteConfig)]
 
 
-def _ehr_root(cfg: DataConfig) -> Path:
+def ehr_root(cfg: DataConfig) -> Path:
     if not cfg.path:
         raise ConfigError(
             "data.path is empty: data.source 'ehr' needs the folder holding one "
@@ -415,8 +415,8 @@ register_source(
     "ehr",
     Source(
         lambda cfg: (ehr_spec_from_schema(cfg) if cfg.feature_schema and not cfg.path
-                     else ehr_spec_from(_ehr_root(cfg))),
-        lambda cfg, name: _ehr_load_from(_ehr_root(cfg), cfg, name),
+                     else ehr_spec_from(ehr_root(cfg))),
+        lambda cfg, name: _ehr_load_from(ehr_root(cfg), cfg, name),
     ),
 )
 register_source(
