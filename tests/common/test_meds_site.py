@@ -138,3 +138,14 @@ def test_check_summary_against_pandas(site_dir: Path) -> None:
     assert s["events_of_unlabelled_subjects"] == 0
     assert s["split_source"].startswith("seeded by subject")
     assert s["dataset"]["meds_version"] == "0.4.1"
+
+
+def test_check_summary_as_text(site_dir: Path) -> None:
+    from fedmeta.common.data.meds.check import summary_lines
+
+    s = check_meds_site(_cfg(site_dir))
+    text = "\n".join(summary_lines(s))
+    assert f"subjects: {s['subjects']:,}, events: {s['events']:,}" in text
+    assert "mortality" in text and "readmission_30d" in text
+    n = s["dropped_after_prediction_time"]["all_outcomes"]
+    assert f"events at or after the prediction time (never used): {n:,}" in text

@@ -115,3 +115,34 @@ def check_meds_site(
         cfg.name, info.n_events, dropped_all,
     )
     return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary of :func:`check_meds_site` as lines of text for ``fedmeta data check``."""
+    lines = [
+        f"site {summary['name']} (meds) from {summary['path']}",
+        f"  dataset: {summary['dataset'].get('dataset_name') or '(no dataset.json)'}, "
+        f"MEDS {summary['dataset'].get('meds_version') or '?'}",
+        f"  shards: {summary['shards']}, subjects: {summary['subjects']:,}, events: "
+        f"{summary['events']:,} ({summary['static_events']:,} static), codes: {summary['codes']:,}",
+        f"  samples (subject, prediction time): {summary['samples']:,}; split: "
+        f"{summary['split_source']}: "
+        + ", ".join(f"{s} {n:,} subjects" for s, n in summary["split_subjects"].items()),
+        "  outcomes (prevalence among labelled rows, per split):",
+    ]
+    for o, lab in summary["labels"].items():
+        per = ", ".join(
+            f"{s} {v['prevalence']:.1%} of {v['rows']:,}" if v["prevalence"] is not None else f"{s} -"
+            for s, v in lab["by_split"].items()
+        )
+        lines.append(f"    {o:<24} {lab['prevalence']:6.1%} of {lab['rows']:,}  ({per})")
+    dropped = summary["dropped_after_prediction_time"]
+    lines.append(
+        f"  events at or after the prediction time (never used): {dropped['all_outcomes']:,} "
+        f"of {summary['events']:,}"
+    )
+    for o, n in dropped["by_outcome"].items():
+        lines.append(f"    for {o:<20} {n:,}")
+    if summary["events_of_unlabelled_subjects"]:
+        lines.append(f"  events of subjects without any label: {summary['events_of_unlabelled_subjects']:,}")
+    return lines

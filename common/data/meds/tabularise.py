@@ -227,7 +227,6 @@ def tabularise_batch(
         base = cum[a - 1] if a else 0
         b = min(max(int(np.searchsorted(cum, base + max_elements, side="right")), a + 1), n)
         lens = seg[a:b]
-        local = np.repeat(np.arange(b - a), lens)
         runs = run_of_sample[a:b]
         if runs[-1] - runs[0] == b - a - 1 and (b - a == 1 or (np.diff(runs) == 1).all()):
             # one sample per subject here: the chunk's events are one contiguous slice
@@ -235,8 +234,8 @@ def tabularise_batch(
             ev: slice | np.ndarray = slice(e0, e0 + int(lens.sum()))
         else:
             ev = _ranges(run_start[runs], lens)
-        t, st, pt = time[ev], static[ev], p[a:b][local]
-        g = local * n_slots + slot[ev]
+        t, st, pt = time[ev], static[ev], np.repeat(p[a:b], lens)
+        g = np.repeat(np.arange(0, (b - a) * n_slots, n_slots, dtype=np.int64), lens) + slot[ev]
         vals, k = value[ev], key[ev]
         before = st | (t < pt)
         xc = x[a:b]
