@@ -60,8 +60,12 @@ def test_scaling_uses_training_rows_only(site_dir: Path) -> None:
         test_fraction=0.34, seed=43,
     )
     x = feats.x.astype(np.float64)
-    want_train, want_test = np.empty_like(x[train]), np.empty_like(x[test])
+    want_train, want_test = x[train].copy(), x[test].copy()
+    present = [n.endswith("/present") for n in feats.feature_names]
+    assert any(present) and not all(present)
     for j in range(x.shape[1]):  # median-impute, then z-score, with training statistics
+        if present[j]:
+            continue  # 0/1 columns pass through, like one-hot columns
         seen = x[train, j][~np.isnan(x[train, j])]
         med, mu, sd = (np.median(seen), seen.mean(), seen.std()) if seen.size else (0.0, 0.0, 1.0)
         sd = sd if sd > 0 else 1.0

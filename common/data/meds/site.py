@@ -6,12 +6,13 @@ into samples, tabularises them to the consortium's :class:`Vocabulary` (one row 
 file, -1 where a label file has no row for the sample), splits by subject (:mod:`.splits`) and fits
 imputation and scaling on the training rows only.
 
-Preprocessing reuses :func:`fedmeta.common.data.schema.fit_preprocessor` with every column treated
-as numeric: a missing value (a window holding no value of a code) is imputed with the training
-median, then every column is z-scored with training statistics. No separate missing indicators
-are added: each value aggregation sits beside its code's ``count`` (or ``present``) column in the
-same window, which already says whether the value was observed, and the vocabulary, not the data,
-fixes the width.
+Preprocessing reuses :func:`fedmeta.common.data.schema.fit_preprocessor` and its
+:class:`~fedmeta.common.data.schema.Preprocessor`: a missing value (a window holding no value of a
+code) is imputed with the training median, then each column is z-scored with training statistics,
+except the 0/1 ``present`` columns, kept as they are like the one-hot columns of table sites.
+No separate missing indicators are added: each value aggregation sits beside its code's ``count``
+(or ``present``) column in the same window, which already says whether the value was observed,
+and the vocabulary, not the data, fixes the width.
 """
 
 from __future__ import annotations
@@ -75,22 +76,27 @@ def tabularise_site(
 
 
 def fit_scaling(x_train: np.ndarray, names: tuple[str, ...]) -> Preprocessor:
-    """Median imputation and z-scoring of every column, fitted on training rows.
+    """Median imputation and z-scoring fitted on training rows, of every column except the 0/1
+    ``present`` columns, which pass through unchanged as the one-hot and missing-indicator columns
+    of table sites do (z-scoring them would change how strongly an L2 penalty or a learning rate
+    treats them, and nothing else).
 
     A column with no training value (typically a vocabulary code this hospital records under
     another code) gets median 0, mean 0, std 1, as in :func:`fit_preprocessor`; it is reported
     in one warning naming the codes rather than one line per column."""
-    x = x_train.astype(np.float64)
+    scaled = [j for j, n in enumerate(names) if not n.endswith("/present")]
+    x = x_train[:, scaled].astype(np.float64)
     empty = np.isnan(x).all(axis=0) if x.shape[0] else np.ones(x.shape[1], dtype=bool)
     if empty.any():
-        codes = sorted({n.split("/", 1)[-1].rsplit("/", 1)[0] for n in np.asarray(names)[empty]})
+        cols = np.asarray([names[j] for j in scaled])[empty]
+        codes = sorted({n.split("/", 1)[-1].rsplit("/", 1)[0] for n in cols})
         log.warning(
             "%d feature column(s) have no training value at this site (codes %s): imputed as 0",
             int(empty.sum()), codes[:10] + (["..."] if len(codes) > 10 else []),
         )
         x[:, empty] = 0.0
-    schema = Schema(tuple(Feature(n, "numeric") for n in names))
-    return fit_preprocessor(x, schema)
+    fitted = fit_preprocessor(x, Schema(tuple(Feature(names[j], "numeric") for j in scaled)))
+    return Preprocessor(tuple(scaled), fitted.median, fitted.mean, fitted.std)
 
 
 def load_meds_site(
