@@ -237,3 +237,24 @@ def test_not_a_parquet_file(tmp_path: Path) -> None:
     _shard(cfg).write_bytes(b"this is not parquet")
     with pytest.raises(DataError, match=r"0\.parquet: not a readable Parquet file"):
         validate_meds_dataset(cfg)
+
+
+def test_lossless_variants_are_accepted(tmp_path: Path) -> None:
+    """``code`` as large_string or dictionary, ``text_value`` as string, no ``numeric_value``."""
+    cfg = _site(tmp_path)
+    t = pq.read_table(_shard(cfg))
+    t = t.append_column("text_value", pa.array(["x"] * t.num_rows, pa.string()))
+    pq.write_table(t.set_column(2, "code", t.column("code").cast(pa.large_string())), _shard(cfg))
+    t1 = pq.read_table(_shard(cfg, 1)).drop(["numeric_value"])
+    pq.write_table(t1.set_column(2, "code", t1.column("code").dictionary_encode()), _shard(cfg, 1))
+    info = validate_meds_dataset(cfg)
+    assert (info.n_events, info.n_codes) == (8, 5)
+
+
+def test_time_zone_aware_times_are_refused(tmp_path: Path) -> None:
+    cfg = _site(tmp_path)
+    t = pq.read_table(_shard(cfg))
+    pq.write_table(t.set_column(1, "time", t.column("time").cast(pa.timestamp("us", tz="UTC"))), _shard(cfg))
+    with pytest.raises(DataError, match=r"column 'time' has type timestamp\[us, tz=UTC\]; a MEDS data shard "
+                                        r"needs timestamp\[us\]"):
+        validate_meds_dataset(cfg)
