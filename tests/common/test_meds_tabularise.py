@@ -14,9 +14,9 @@ from fedmeta.common.data.meds.config import Aggregations, parse_meds_site
 from fedmeta.common.data.meds.labels import build_samples, read_label_file
 from fedmeta.common.data.meds.schema import data_shards
 from fedmeta.common.data.meds.site import tabularise_site
-from fedmeta.common.data.meds.synth import write_labels, write_meds_dataset
 from fedmeta.common.data.meds.tabularise import tabularise_shards
 from fedmeta.common.data.meds.vocabulary import Vocabulary, local_code_counts
+from fedmeta.common.data.meds.writer import write_labels, write_meds_dataset
 from fedmeta.common.errors import DataError
 
 ALL_NUMERIC = ("count", "present", "first", "last", "mean", "min", "max")

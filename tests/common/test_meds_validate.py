@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedmeta.common.data.meds.config import MedsSiteConfig, parse_meds_site
-from fedmeta.common.data.meds.synth import write_labels, write_meds_dataset
 from fedmeta.common.data.meds.validate import validate_meds_dataset
+from fedmeta.common.data.meds.writer import write_labels, write_meds_dataset
 from fedmeta.common.errors import DataError
 
 T0 = np.datetime64("2020-01-01T00:00", "us")

@@ -13,7 +13,6 @@ import pytest
 
 from fedmeta.common.data.meds import vocabulary as V
 from fedmeta.common.data.meds.config import Aggregations, MedsSiteConfig, parse_meds_site
-from fedmeta.common.data.meds.synth import write_labels, write_meds_dataset
 from fedmeta.common.data.meds.vocabulary import (
     Vocabulary,
     choose_vocabulary,
@@ -22,6 +21,7 @@ from fedmeta.common.data.meds.vocabulary import (
     local_numeric_counts,
     site_vocabulary,
 )
+from fedmeta.common.data.meds.writer import write_labels, write_meds_dataset
 from fedmeta.common.errors import ConfigError, DataError
 
 T0 = np.datetime64("2020-01-01T00:00", "us")

@@ -14,7 +14,8 @@ fedmeta algorithm uses, without a hand-written flat export:
 - :mod:`.tabularise`: window aggregations before each prediction time, never after it;
 - :mod:`.splits`: ``subject_splits.parquet`` or a seeded split, always by subject;
 - :mod:`.site`: :func:`load_meds_site`; :mod:`.check`: :func:`check_meds_site`;
-- :mod:`.synth`: the synthetic EHR consortium written as MEDS (:func:`write_synth_meds`).
+- :mod:`.synth`: the synthetic EHR consortium written as MEDS (:func:`write_synth_meds`);
+  :mod:`.writer`: writing MEDS datasets and label files.
 
 Nothing here imports Flower: the federated layer carries the count messages and the vocabulary.
 """
