@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -69,6 +70,23 @@ MIN_SUBJECTS = 20
 TARGET_EVENTS_PER_S_PER_CORE = 1_000_000
 TARGET_PEAK_MB = 2048
 _MEDS_TAB_AGGS = "[static/present,code/count,value/count,value/sum,value/min,value/max]"
+
+
+# -- rows, table, plot (the row contract of ``fedmeta bench``; kept here so that this benchmark
+# depends on no other benchmark module) ------------------------------------------------------------
+def row(benchmark: str, method: str, metric: str, value: float | None, **extra: Any) -> dict[str, Any]:
+    """One result row; an undefined value (NaN, inf) is stored as ``None`` (strict JSON)."""
+    v = None if value is None or not math.isfinite(float(value)) else float(value)
+    return {"benchmark": benchmark, "method": method, "metric": metric, "value": v, **extra}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -268,8 +286,6 @@ def _meds_tab(bin_dir: Path, site_root: Path, work: Path) -> dict[str, Any]:
 # -- the benchmark --------------------------------------------------------------------------------
 def _rows(method: str, site: str, res: dict[str, Any], *, cores: int, n_events: int,
           **extra: Any) -> list[dict[str, Any]]:
-    from fedmeta.bench.harness import row
-
     rate = n_events / res.get("compute_s", res["wall_s"])
     info = {"site": site, "cores": cores, "n_events": n_events, "load_avg_1min": os.getloadavg()[0],
             **extra}
@@ -328,8 +344,6 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from fedmeta.bench.harness import _pyplot
-
     plt = _pyplot()
     data = [(f"{r['method']}\n[{r['site']}]", r["value"]) for r in rows
             if r["metric"] == "events_per_s_per_core" and r["value"]]
@@ -349,8 +363,6 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def run(*, quick: bool, out_dir: Path) -> list[dict[str, Any]]:
     """Measure (module docstring); writes ``meds.md`` and ``meds_events_per_s.png``."""
-    from fedmeta.bench.harness import emit, row
-
     out_dir.mkdir(parents=True, exist_ok=True)
     stays = QUICK_STAYS if quick else FULL_STAYS
     data = out_dir / "data"
@@ -391,8 +403,8 @@ def run(*, quick: bool, out_dir: Path) -> list[dict[str, Any]]:
                       steps_s={k: mt[k] for k in ("describe_s", "static_s", "time_series_s")},
                       note="polars allowed both cores (POLARS_MAX_THREADS=2)")
     text = "## MEDS tabularisation\n\n" + _table(rows)
-    (out_dir / f"{BENCH}.md").unlink(missing_ok=True)
-    emit(text, out_dir, BENCH)
+    print(text, flush=True)
+    (out_dir / f"{BENCH}.md").write_text(text + "\n")
     _plot(rows, out_dir / f"{BENCH}_events_per_s.png")
     return rows
 

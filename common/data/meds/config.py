@@ -42,6 +42,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from fedmeta.common.config import read_yaml
@@ -138,22 +139,24 @@ class Aggregations(BaseModel):
 
 
 def _resolve(p: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base")
+    source = (info.context or {}).get("source")
     p = p.expanduser()
-    return p if p.is_absolute() or base is None else Path(base) / p
+    return p if p.is_absolute() or source is None else Path(source).parent / p
 
 
 class MedsSiteConfig(BaseModel):
     """A validated ``kind: meds`` site file; paths resolved against the file's folder.
 
     ``labels`` maps each outcome (task) to its MEDS label file, in the file's order; that order is
-    the order of the outcome columns of the loaded site. ``source`` is the YAML file itself.
+    the order of the outcome columns of the loaded site. ``source`` is the YAML file itself, taken
+    from the validation context ``{"source": path}`` (not a key of the file): relative paths are
+    resolved against its folder and ``name`` defaults to that folder's name.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["meds"]
-    source: Path
+    source: Path = Field(default=Path("<memory>"), exclude=True)
     name: str = Field(min_length=1)
     path: Path
     labels: dict[str, Path]
@@ -162,6 +165,20 @@ class MedsSiteConfig(BaseModel):
     min_subjects: Annotated[int, Strict(), Field(ge=1)] = DEFAULT_MIN_SUBJECTS
     test_fraction: Annotated[float, Strict(), Field(gt=0.0, lt=1.0)] | None = None
     seed: Annotated[int, Strict(), Field(ge=0)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "source" in data:
+            raise ValueError("'source' is not a key of a site file")
+        source = Path((info.context or {}).get("source", "<memory>"))
+        out = dict(data)
+        out["source"] = source
+        if "name" not in out:
+            out["name"] = source.parent.name or "site"
+        return out
 
     @field_validator("name")
     @classmethod
@@ -246,10 +263,8 @@ def parse_meds_site(data: Mapping[str, Any], *, source: str | Path) -> MedsSiteC
         raise ConfigError(
             f"{src}: unknown key {unknown[0]!r} for kind meds; allowed: {', '.join(MEDS_KEYS)}"
         )
-    values = {**data, "source": src}
-    values.setdefault("name", src.parent.name or "site")
     try:
-        return MedsSiteConfig.model_validate(values, context={"base": src.parent})
+        return MedsSiteConfig.model_validate(data, context={"source": src})
     except ValidationError as e:
         raise ConfigError(f"{src}: {_message(dict(e.errors()[0]), data)}") from e
 
