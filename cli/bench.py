@@ -16,6 +16,7 @@ BENCHMARKS = {
     "imaging": "imaging",
     "comm": "comm",
     "ceiling": "ceiling",
+    "meds": "meds",
 }
 
 

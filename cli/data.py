@@ -2,6 +2,8 @@
 
 - ``fedmeta data synth-ehr --sites N --out DIR``: N MIMIC-style hospitals (CSV + site.yaml each,
   one shared schema.yaml), the layout a real consortium uses.
+- ``fedmeta data synth-meds --sites N --out DIR``: the same hospitals' stays as MEDS event
+  streams and label files (``kind: meds`` site.yaml each), with the flat tables in ``DIR/flat``.
 - ``fedmeta data synth-images --sites N --out DIR``: N imaging sites (MedMNIST .npz + site.yaml).
 - ``fedmeta data check --site site.yaml``: validate a site's data and print rows, outcome
   prevalence and missingness (or images per class), without training.
@@ -30,6 +32,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--format", choices=("csv", "parquet"), default="csv")
     e.set_defaults(func=_synth_ehr)
+
+    m = data_sub.add_parser(
+        "synth-meds", help="write N synthetic hospitals as MEDS event streams and label files"
+    )
+    m.add_argument("--sites", type=int, required=True, help="number of hospitals")
+    m.add_argument("--out", type=Path, required=True, help="output folder")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--stays", type=int, default=400, help="mean stays per hospital (default 400)")
+    m.add_argument(
+        "--shift",
+        type=float,
+        default=1.0,
+        help="scale of between-hospital differences (0: identical hospitals)",
+    )
+    m.add_argument(
+        "--recode-rate",
+        type=float,
+        default=0.3,
+        help="chance a hospital reports glucose/lactate/potassium under the whole-blood code",
+    )
+    m.add_argument(
+        "--vitals-every", type=int, default=60, help="minutes between vital signs (default 60)"
+    )
+    m.add_argument("--shard-subjects", type=int, default=250, help="subjects per shard")
+    m.add_argument(
+        "--subject-splits",
+        action="store_true",
+        help="also write metadata/subject_splits.parquet (train/tuning/held_out)",
+    )
+    m.set_defaults(func=_synth_meds)
 
     i = data_sub.add_parser("synth-images", help="write N synthetic imaging sites (MedMNIST .npz)")
     i.add_argument("--sites", type=int, required=True, help="number of sites")
@@ -74,6 +106,25 @@ def _synth_ehr(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(paths)} hospitals to {args.out} (schema: {args.out / 'schema.yaml'})")
     print(f"check one: fedmeta data check --site {paths[0]}")
+    return 0
+
+
+def _synth_meds(args: argparse.Namespace) -> int:
+    from fedmeta.common.data.meds.synth import write_synth_meds
+
+    paths = write_synth_meds(
+        args.out,
+        sites=args.sites,
+        seed=args.seed,
+        stays=args.stays,
+        shift=args.shift,
+        recode_rate=args.recode_rate,
+        vitals_every_min=args.vitals_every,
+        shard_subjects=args.shard_subjects,
+        subject_splits=args.subject_splits,
+    )
+    print(f"wrote {len(paths)} MEDS hospitals to {args.out} (flat tables: {args.out / 'flat'})")
+    print(f"site files: {paths[0]} ...")
     return 0
 
 
