@@ -95,6 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     st_sub = st.add_subparsers(dest="site_command", required=True, metavar="ACTION")
     ss = st_sub.add_parser("start", help="start the node and worker of a bundle's node.yaml")
     ss.add_argument("--node", type=Path, required=True, help="node.yaml from the site bundle")
+    ss.add_argument("--state", type=Path, default=None,
+                    help="writable folder for logs and the audit log (instead of node.yaml's state:)")
+    ss.add_argument("--passphrase-file", type=Path, default=None,
+                    help="the key's passphrase file (instead of node.yaml's key_passphrase_*)")
     ss.add_argument("--insecure", action="store_true", help="no TLS (test machines only)")
     ss.set_defaults(func=_site_start)
     kg = st_sub.add_parser("keygen", help="make this hospital's own key pair (send only the .pub)")
@@ -283,6 +287,14 @@ def _site_start(args: argparse.Namespace) -> int:
     if args.insecure:
         _warn_insecure()
     node = load_node_config(args.node)
+    changes: dict[str, object] = {}
+    if args.state is not None:
+        changes["state"] = args.state.expanduser().resolve()
+    if args.passphrase_file is not None:
+        changes.update(key_passphrase_file=args.passphrase_file.expanduser().resolve(),
+                       key_passphrase_env=None, plaintext_key=False)
+    if changes:
+        node = node.model_copy(update=changes)
     return run_site(node, insecure=args.insecure, say=lambda text: print(text, flush=True))
 
 

@@ -100,7 +100,20 @@ def reconcile(layout: CoordinatorLayout, control: Control) -> dict[str, int]:
         if record.name in ids:
             continue
         pub = layout.deployment / "coordinator" / "authorized" / f"{record.name}.pub"
-        ids[record.name] = control.register(pub.read_bytes(), record.name)
+        try:
+            key = pub.read_bytes()
+        except OSError as e:
+            why = f"its public key {pub} cannot be read ({e.strerror or e}); copy it from the provisioning folder"
+            audit.record("node_refused", fingerprint=record.fingerprint, reason=why[:200])
+            logger.error("site %s not registered: %s", record.name, why)
+            continue
+        if fingerprint_of_bytes(key) != record.fingerprint:
+            why = (f"{pub} holds key {fingerprint_of_bytes(key)}, not the registry's {record.fingerprint} "
+                   "(replaced or corrupted)")
+            audit.record("node_refused", fingerprint=record.fingerprint, reason=why[:200])
+            logger.error("site %s not registered: %s", record.name, why)
+            continue
+        ids[record.name] = control.register(key, record.name)
         audit.record("node_registered", site=record.name, node_id=ids[record.name],
                      fingerprint=record.fingerprint)
         logger.info("registered site %s as node %d (key %s)", record.name, ids[record.name],

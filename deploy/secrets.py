@@ -68,7 +68,7 @@ class Passphrase:
                 text = self.file.read_text(encoding="utf-8")
             except OSError as e:
                 raise ProvisionError(f"{self.file}: cannot read the passphrase file: {e}") from e
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            if mode & (stat.S_IRWXG | stat.S_IRWXO) and not _systemd_credential(self.file):
                 raise ProvisionError(
                     f"{self.file}: the passphrase file is readable by others (mode "
                     f"{stat.S_IMODE(mode):o}); chmod 600 it"
@@ -89,6 +89,19 @@ class Passphrase:
         if self.none:
             return "plaintext keys"
         return f"passphrase from {self.file}" if self.file is not None else f"passphrase from ${self.env}"
+
+
+def _systemd_credential(path: Path) -> bool:
+    """Whether ``path`` is a systemd credential of this service: a file in
+    ``$CREDENTIALS_DIRECTORY``, which systemd makes readable by the service's user only (on file
+    systems with ACLs it grants that user an ACL entry, so the mode shows group bits)."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return False
+    try:
+        return path.resolve().parent == Path(folder).resolve()
+    except OSError:
+        return False
 
 
 def private_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:

@@ -117,6 +117,7 @@ class SiteRunner:
         self.worker: object = None
         self.node_process: Managed | None = None
         self.restarts = 0
+        self.refusals = 0
 
     def start(self) -> SitePreflight:
         """Check everything, then start the SuperNode and the worker; returns the checks' result."""
@@ -131,6 +132,7 @@ class SiteRunner:
                           code_sha256=checked.code_sha256,
                           policy_min_patients=self.node.policy.min_patients)
         self._start_node()
+        self._write_status("started", "the node was started", 0)
         worker = SiteWorker(
             WorkerSettings(runtime_address=f"127.0.0.1:{self.runtime_port}", secret=secret,
                            node_config=self.node.node_config(), policy=self.node.policy,
@@ -151,6 +153,20 @@ class SiteRunner:
         fds = [self._secret.fd] + ([self._key.fd] if self._key else [])
         self.node_process = self.procs.start("supernode", argv, env=env, pass_fds=fds)
 
+    def _write_status(self, status: str, reason: str, wait: float) -> None:
+        """``STATE/status.json`` for operators and health checks: ``started``, ``retrying`` or
+        ``refused`` (the coordinator turned the node away), why, and when (owner-only)."""
+        import json
+
+        doc = {"status": status, "reason": reason, "restarts": self.restarts, "retry_in_s": wait,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = self.state / "status.json"
+        tmp = path.with_name("status.json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        tmp.replace(path)
+
     def supervise(self) -> int:
         """Block until stopped; restart the SuperNode with growing waits whenever it exits.
         Returns 0 when stopped, 1 when ``max_restarts`` was exhausted."""
@@ -167,9 +183,15 @@ class SiteRunner:
                 return 1
             wait = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
             self.restarts += 1
+            self.refusals = self.refusals + 1 if why == REFUSED else 0
             self.audit.record("node_restarted", attempt=self.restarts, wait_s=wait, reason=why[:200])
             self.say(f"site {self.node.site}: the node exited with code {code} ({why}); "
                      f"retrying in {wait:.0f} s (attempt {self.restarts})")
+            if self.refusals >= 3:  # a session expires within ~20 s: by now the key is the problem
+                self.say(f"site {self.node.site}: refused {self.refusals} times in a row: its key is "
+                         "most likely not registered or was revoked; ask the consortium operator "
+                         "(fedmeta coordinator nodes lists the registered keys)")
+            self._write_status("refused" if self.refusals else "retrying", why, wait)
             if self._stop.wait(wait):
                 break
             self._start_node()
@@ -190,6 +212,10 @@ class SiteRunner:
                           refused=int(getattr(self.worker, "refused", 0)))
 
 
+REFUSED = ("the coordinator refused the node: its key is not registered (never added, or revoked), "
+           "or its previous session has not expired yet")
+
+
 def _exit_reason(log_path: Path) -> str:
     """A short reason from the end of the SuperNode's log (never data: Flower's own lines)."""
     try:
@@ -197,8 +223,7 @@ def _exit_reason(log_path: Path) -> str:
     except OSError:
         return "no log"
     for marker, text in (
-        ("Failed to activate", "the coordinator refused the node (its previous session may "
-                               "not have expired yet)"),
+        ("Failed to activate", REFUSED),
         ("PERMISSION_DENIED", "the coordinator refused the node's key"),
         ("UNAVAILABLE", "the coordinator is unreachable"),
         ("certificate", "TLS verification failed"),

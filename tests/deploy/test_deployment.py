@@ -246,6 +246,9 @@ def test_federated_run_over_tls_with_owner_only_state(consortium: Consortium) ->
                   and e["run_id"] == run_id]
         assert [e["phase"] for e in served].count("train") == 2
         assert stat.S_IMODE((d.bundle(site) / "state").stat().st_mode) == 0o700
+        status = d.bundle(site) / "state" / "status.json"  # what a health check reads
+        assert json.loads(status.read_text())["status"] == "started"
+        assert stat.S_IMODE(status.stat().st_mode) == 0o600
 
 
 def test_secure_aggregation_run_over_tls(consortium: Consortium) -> None:

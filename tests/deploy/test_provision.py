@@ -303,3 +303,69 @@ def test_site_yaml_errors(tmp_path: Path) -> None:
         p.write_text(yaml.safe_dump(doc))
         with pytest.raises(ConfigError, match=msg):
             load_node_config(p)
+
+
+class _FakeControl:
+    """The Control API calls reconcile makes, recorded."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, bytes] = {}
+
+    def nodes(self) -> list[object]:
+        return []
+
+    def register(self, key: bytes, name: str) -> int:
+        self.registered[name] = key
+        return 100 + len(self.registered)
+
+    def unregister(self, node_id: int) -> None:
+        raise AssertionError("nothing to unregister")
+
+
+def test_reconcile_registers_only_keys_that_match_the_registry(provisioned, tmp_path):
+    """A missing or replaced authorized key is refused with a clear audit record, not a crash
+    (an operator copied registry.json without the key, or someone swapped a key file)."""
+    import shutil
+
+    from fedmeta.deploy.coordinator import reconcile
+    from fedmeta.deploy.launch import CoordinatorLayout
+    from fedmeta.server.audit import read_log
+
+    _, out = provisioned
+    deployment = tmp_path / "deployment"
+    shutil.copytree(out, deployment)
+    authorized = deployment / "coordinator" / "authorized"
+    control = _FakeControl()
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    layout = CoordinatorLayout(deployment, state)
+    (authorized / "hungary.pub").unlink()
+    ids = reconcile(layout, control)  # type: ignore[arg-type]
+    assert set(ids) == {"cleveland"} and set(control.registered) == {"cleveland"}
+    refused = [e for e in read_log(layout.audit) if e["event"] == "node_refused"]
+    assert len(refused) == 1 and "hungary.pub cannot be read" in str(refused[0]["reason"])
+    # a key file replaced by another key is refused too
+    from fedmeta.deploy.keys import make_site_keys
+
+    other = make_site_keys(tmp_path / "other", comment="other", passphrase=None)
+    shutil.copy(other.public, authorized / "hungary.pub")
+    control2 = _FakeControl()
+    assert set(reconcile(layout, control2)) == {"cleveland"}  # type: ignore[arg-type]
+    refused = [e for e in read_log(layout.audit) if e["event"] == "node_refused"]
+    assert "not the registry's" in str(refused[-1]["reason"])
+
+
+def test_a_passphrase_file_readable_by_others_is_refused_unless_it_is_a_systemd_credential(tmp_path, monkeypatch):
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o500 | 0o200)
+    for folder in (tmp_path, creds):
+        f = folder / "key-passphrase"
+        f.write_text(SECRET + "\n")
+        f.chmod(0o640)  # what a systemd credential with a user ACL looks like
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    with pytest.raises(ProvisionError, match="readable by others"):
+        Passphrase(file=tmp_path / "key-passphrase").read()
+    assert Passphrase(file=creds / "key-passphrase").read() == SECRET.encode()
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ProvisionError, match="readable by others"):
+        Passphrase(file=creds / "key-passphrase").read()
