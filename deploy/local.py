@@ -116,10 +116,10 @@ def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[Si
         if d.path:
             builtin["path"] = d.path
         return [SitePlan(bundle_name(n), {**builtin, "site": n}) for n in names], cfg
-    from fedmeta.common.data.ehr import ehr_root, synthehr_root
+    from fedmeta.common.data.ehr import ehr_root, synth_ehr_root
     from fedmeta.common.data.site_config import find_site_configs
 
-    root = synthehr_root(cfg.data) if cfg.data.source == "synth-ehr" else ehr_root(cfg.data)
+    root = synth_ehr_root(cfg.data) if cfg.data.source == "synth-ehr" else ehr_root(cfg.data)
     configs = {c.name: c for c in find_site_configs(root)}
     plans = []
     for n in names:
