@@ -56,11 +56,11 @@ BASE: tuple[str, ...] = (
     "data.source=fed-heart", "model.name=linear", "federation.min_nodes=4", "eval.adapt_steps=100",
     "eval.adapt_lr=0.05",
 )
-#: Benchmark 1 adapts as the product does by default: up to ``eval.adapt_steps`` steps, the count
-#: chosen per hospital by k-fold cross-validation on its own training rows
-#: (``eval.validation_fraction``, :func:`fedmeta.sitecore.evaluate.choose_adapt_steps`). The first
-#: published table used exactly 100 steps (``eval.validation_fraction=0``); add that override to
-#: reproduce it.
+#: Benchmark 1 adapts as the product does by default: the adaptation policy
+#: (:func:`fedmeta.common.adaptation.adapt_with_policy`: none, intercept, last layer or every
+#: parameter for up to ``eval.adapt_steps`` steps, chosen by cross-validated log-loss on the
+#: hospital's own training rows, then recalibrated). The first published table used exactly 100
+#: steps: add ``eval.adaptation=fixed`` to reproduce it.
 FIXED_STEPS: tuple[str, ...] = ()
 #: Candidates chosen on validation: the network (logistic regression, or an MLP 13-64-64-2) and,
 #: for the meta-learners, the adaptation's pull λ toward the global model.

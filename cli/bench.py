@@ -17,6 +17,7 @@ BENCHMARKS = {
     "comm": "comm",
     "ceiling": "ceiling",
     "meds": "meds",
+    "deploy": "deploy",
 }
 
 
