@@ -13,7 +13,7 @@ import torch
 
 from fedmeta.common import algorithms
 from fedmeta.common.config import ExperimentConfig
-from fedmeta.common.data.base import TabularSite
+from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.experiment import build_model_for, initial_parameters
 from fedmeta.common.meta.inner import adapt, forward
@@ -76,11 +76,13 @@ def adapt_state(model: torch.nn.Module, state: NDArrays, x: np.ndarray, y: np.nd
     return adapt(model, theta, xt, yt, InnerConfig(steps=steps, lr=lr, proximal=proximal))
 
 
-def training_rows(site: TabularSite, outcome: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The site's labelled training rows for ``outcome``."""
+def training_rows(site: Site, outcome: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The site's labelled training rows for ``outcome`` (a table site)."""
+    assert isinstance(site, TabularSite), f"{site.name} is not a table site"
     return labelled_rows(site, "train", outcome)
 
 
-def test_rows(site: TabularSite, outcome: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The site's labelled test rows for ``outcome``."""
+def test_rows(site: Site, outcome: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The site's labelled test rows for ``outcome`` (a table site)."""
+    assert isinstance(site, TabularSite), f"{site.name} is not a table site"
     return labelled_rows(site, "test", outcome)

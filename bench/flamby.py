@@ -19,7 +19,7 @@ FLamby's published figures (one global model, mean of 5 seeds) are added as refe
 ``flamby-published:*`` (they were measured on FLamby's own pipeline, not re-run here).
 
 Hyperparameters: the settings in :data:`BASE` and each method's ``overrides`` are fixed a priori;
-where a method lists ``candidates``, :func:`fedmeta.bench.harness.select` picks one on a validation
+where a method lists ``candidates``, :func:`fedmeta.bench.runner.select` picks one on a validation
 split carved from the hospitals' *training* splits (seed 0), before any test split is scored.
 """
 

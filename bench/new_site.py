@@ -158,8 +158,10 @@ def select_few_shot(method: runner.FedMethod, *, rounds: int, ks: tuple[int, ...
 
 def draws(y: np.ndarray, k: int, n_draws: int, *, hospital: int, seed: int) -> list[np.ndarray]:
     """The K-patient index sets of one hospital, stratified (both classes present; shared by
-    every method: a paired comparison)."""
+    every method: a paired comparison); plain random draws when the rows hold one class."""
     rng = np.random.default_rng([seed, hospital, k, 7919])
+    if len(np.unique(y)) < 2:  # a split holding one class (Switzerland's carved training rows)
+        return [rng.choice(len(y), size=min(k, len(y)), replace=False) for _ in range(n_draws)]
     return [stratified_shots(y, k, rng) for _ in range(n_draws)]
 
 
@@ -256,8 +258,9 @@ def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
         where = {"patients": ALL} if key[2] is None else {"k": key[2]}
         means.append(R.row(BENCH, key[0], key[1], float(np.mean(vals)) if vals else None, site="mean",
                            std=float(np.mean(draw_std)) if draw_std else None, n=len(vals), **where))
-    for k, (alone, others, refit) in SKLEARN_REFERENCE.items():
-        for name, v in (("alone", alone), ("others' model", others), ("others' model + intercept", refit)):
+    for k, (alone_acc, others_acc, refit_acc) in SKLEARN_REFERENCE.items():
+        for name, v in (("alone", alone_acc), ("others' model", others_acc),
+                        ("others' model + intercept", refit_acc)):
             means.append(R.row(BENCH, f"facts-sklearn:{name}", "accuracy", v, k=k, site="mean"))
     result = per_site + means + [r for r in rows if r["metric"] in ("val_accuracy", "val_loss")]
     result.append(R.row(BENCH, "all", "runtime_s", timer(), site="mean", rounds=rounds, draws=n_draws))

@@ -106,7 +106,7 @@ def simulate(
         cfg, out_dir, expected_nodes=n_nodes, resume=resume, progress=progress,
         stop_after=stop_after, result=result,
     )
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": gpu_share(n_nodes)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False},
     }

@@ -68,8 +68,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
     _threads(cfg)
     site = site_of(context, cfg)
-    server_round = count_in(msg.content[K.CONFIG], K.ROUND)
-    state = receive_state(msg.content[K.ARRAYS], msg.content[K.CONFIG], context)
+    server_round = count_in(msg.content.config_records[K.CONFIG], K.ROUND)
+    state = receive_state(msg.content.array_records[K.ARRAYS], msg.content.config_records[K.CONFIG], context)
     update = train_update(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, server_round))
     arrays = update.arrays
     s = update.stats
@@ -99,7 +99,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = experiment_of(msg)
     _threads(cfg)
     site = site_of(context, cfg)
-    state = arrays_from_record(msg.content[K.ARRAYS])
+    state = arrays_from_record(msg.content.array_records[K.ARRAYS])
     result = evaluate_site(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
     # the site's patient floor (deployment: node.yaml's policy); a simulation has none
     floor = int(str(context.node_config.get("min-patients", 1)))

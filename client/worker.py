@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 _ACQUIRE = ("/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
             "/flwr.proto.Runtime/ClaimTask")
 
-Audit = Callable[..., None]
+Audit = Callable[..., object]
 
 
 @dataclass(frozen=True)

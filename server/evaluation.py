@@ -116,7 +116,7 @@ def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str],
                 declined[site] = why
             continue
         try:
-            out[site] = parse_evaluation(msg.content[K.METRICS], outcomes)
+            out[site] = parse_evaluation(msg.content.metric_records[K.METRICS], outcomes)
         except (KeyError, ValueError, TypeError) as e:
             log.warning("evaluation reply of %s is malformed (%s); left out", site, e)
             continue

@@ -99,8 +99,8 @@ def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[s
             continue
         try:
             answered = str(reply.content[K.SITE]["name"])
-            n_train[node] = count_in(reply.content[K.METRICS], K.N_TRAIN)
-            layout_ok = count_in(reply.content[K.METRICS], K.LAYOUT_OK) == 1
+            n_train[node] = count_in(reply.content.metric_records[K.METRICS], K.N_TRAIN)
+            layout_ok = count_in(reply.content.metric_records[K.METRICS], K.LAYOUT_OK) == 1
             details = reply.content.config_records.get(K.LAYOUT)
         except (KeyError, ValueError) as e:
             excluded[node] = f"malformed greeting ({e})"

@@ -63,6 +63,10 @@ def training_rows(site: Site) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(site.x_train), torch.from_numpy(site.y_train)
 
 
+def _on(device: torch.device, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.to(device), y.to(device)
+
+
 def class_counts(site: Site) -> dict[int, int]:
     """Training labels per class (first outcome for tables; unknown labels left out)."""
     labels = site.y_train[:, 0] if isinstance(site, TabularSite) else site.y_train
@@ -91,7 +95,7 @@ def train_update(
         extra=from_numpy(extra_np, device=device),
         inner=inner_config(cfg),
         draw_tasks=lambda: sample_tasks(cfg, site, rng).to(device),
-        training_rows=lambda: tuple(t.to(device) for t in training_rows(site)),  # type: ignore[return-value]
+        training_rows=lambda: _on(device, *training_rows(site)),
         impl=choose_impl(model, device, cfg.engine.impl),
         kind="tabular" if isinstance(site, TabularSite) else "images",
         n_way=n_way(cfg, site),

@@ -99,7 +99,7 @@ def test_bytes_to_reach_counts_up_and_down_until_the_first_round_at_target() -> 
 
 
 def test_aggregate_seeds_mean_and_std_by_hand() -> None:
-    from fedmeta.bench.harness import aggregate_seeds, row
+    from fedmeta.bench.rows import aggregate_seeds, row
 
     rows = [row("b", "m", "accuracy", v, site="mean", seed=i) for i, v in enumerate((0.6, 0.8, None))]
     (agg,) = aggregate_seeds(rows, by=("method", "metric", "site"))
@@ -109,11 +109,11 @@ def test_aggregate_seeds_mean_and_std_by_hand() -> None:
 
 
 def test_validation_source_never_uses_the_test_split() -> None:
-    from fedmeta.bench import harness as H
+    from fedmeta.bench import runner, sources
 
-    H.register_validation_sources("fed-heart")
-    full = H.load_sites(H.config(["data.source=fed-heart"]), ["Hungary"])["Hungary"]
-    val = H.load_sites(H.config(["data.source=fed-heart-val"]), ["Hungary"])["Hungary"]
+    sources.register_validation_sources("fed-heart")
+    full = runner.load_sites(runner.config(["data.source=fed-heart"]), ["Hungary"])["Hungary"]
+    val = runner.load_sites(runner.config(["data.source=fed-heart-val"]), ["Hungary"])["Hungary"]
     assert val.n_train + val.n_test == full.n_train
     train_rows = {tuple(r) for r in full.x_train.round(5)}
     test_rows = {tuple(r) for r in full.x_test.round(5)}
