@@ -71,7 +71,7 @@ def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     t0 = time.monotonic()
     simulate(cfg, out_dir / "local", backend="local", progress=lambda _: None)
     local_total = time.monotonic() - t0
-    result = deploy_local(sites=len(SITES), rounds=rounds, out=out_dir / "deployed",
+    result = deploy_local(sites=len(SITES), rounds=None, out=out_dir / "deployed",
                           overrides=overrides(rounds), stream=False, say=lambda _: None)
     local, deployed = round_times(out_dir / "local"), round_times(out_dir / "deployed")
     c = compare(local, deployed)

@@ -130,7 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dp_sub = dp.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
     lo = dp_sub.add_parser("local", help="provision + SuperLink + sites on 127.0.0.1 + run")
     lo.add_argument("--sites", type=int, default=3)
-    lo.add_argument("--rounds", type=int, default=2)
+    lo.add_argument("--rounds", type=int, default=None,
+                    help="rounds (default: the experiment's, or 2 with the default experiment)")
     lo.add_argument("--out", type=Path, required=True)
     lo.add_argument("--config", type=Path, default=None, help="experiment YAML or bundled name")
     _set_arg(lo)

@@ -165,11 +165,18 @@ class FedAvgConfig(YamlModel):
 
 
 class FederationConfig(YamlModel):
-    """Which sites take part each round and how long the server waits for them."""
+    """Which sites take part each round and how long the server waits for them.
+
+    A site that stops answering is noticed by its heartbeat within seconds and a slow one is left
+    behind once the others have answered (at most three times as long as the quorum took);
+    ``timeout_s`` is only the hard cap on a training round (and on waiting for ``min_nodes`` at
+    the start), ``eval_timeout_s`` the cap on an evaluation, where every site adapts and scores
+    its whole test split."""
 
     fraction: Annotated[float, number(gt=0, le=1)] = 1.0
     min_nodes: AtLeastOne = 2
-    timeout_s: Positive = 600.0
+    timeout_s: Positive = 120.0
+    eval_timeout_s: Positive = 900.0
     num_supernodes: NonNegative = 0  # simulation only; 0 = one per site of the data source
 
 

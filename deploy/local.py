@@ -99,16 +99,24 @@ class SitePlan:
     data: str | dict[str, object]
 
 
-def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[SitePlan], ExperimentConfig]:
-    """Which data each of ``n_sites`` hospitals serves, and the coordinator's experiment."""
+def site_names(cfg: ExperimentConfig, n_sites: int) -> list[str]:
+    """The data source's first ``n_sites`` sites (checks the source, its sites and the holdout)."""
     from fedmeta.common.data.registry import data_spec, simulation_sites
 
-    spec = data_spec(cfg.data)
+    data_spec(cfg.data)
     names = list(simulation_sites(cfg.data))
     if n_sites > len(names):
         raise ConfigError(f"--sites {n_sites}: the experiment's data source {cfg.data.source!r} "
                           f"has {len(names)} sites")
-    names = names[:n_sites]
+    return names[:n_sites]
+
+
+def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[SitePlan], ExperimentConfig]:
+    """Which data each of ``n_sites`` hospitals serves, and the coordinator's experiment."""
+    from fedmeta.common.data.registry import data_spec
+
+    spec = data_spec(cfg.data)
+    names = site_names(cfg, n_sites)
     if cfg.data.source not in ("ehr", "synth-ehr"):
         d = cfg.data
         builtin: dict[str, object] = {"source": d.source, "synth_sites": d.synth_sites,
@@ -176,7 +184,7 @@ def configure_bundle(bundle: Path, *, data: str | dict[str, object], runtime_por
 def deploy_local(
     *,
     sites: int,
-    rounds: int,
+    rounds: int | None,
     out: Path,
     config: Path | None = None,
     overrides: Sequence[str] = (),
@@ -193,12 +201,18 @@ def deploy_local(
     """
     if sites < 1:
         raise ConfigError(f"--sites must be >= 1, got {sites}")
-    if rounds < 1:
+    if rounds is not None and rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
-    cfg = load_config(config, [*overrides, f"rounds={rounds}"], allow_empty=False)
+    cfg = load_config(config, list(overrides), allow_empty=False)  # every override checked as given
+    if rounds is not None and any(o.split("=", 1)[0].strip() == "rounds" for o in overrides):
+        raise ConfigError(f"--rounds {rounds} and --set rounds=…: give one of them")
+    if rounds is not None or (config is None and not any(o.split("=", 1)[0].strip() == "rounds"
+                                                             for o in overrides)):
+        cfg = load_config(None, ["rounds=" + str(rounds or 2)], base=cfg.to_dict())
     if cfg.federation.min_nodes > sites:
         raise ConfigError(f"federation.min_nodes = {cfg.federation.min_nodes}: more than the "
                           f"{sites} sites started")
+    site_names(cfg, sites)  # the data source and its sites, before anything is written
     t0 = time.monotonic()
     out = out.resolve()
     work = out / "deploy"

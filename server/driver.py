@@ -121,9 +121,9 @@ class _Run:
 
     # -- rounds --------------------------------------------------------------------------------
     def exchange(self, messages: list[Message], *, quorum: int,
-                 on_reply: Callable[[Message], None] | None = None) -> Outcome:
-        return exchange(self.grid, messages, Waiting(timeout_s=self.cfg.federation.timeout_s,
-                                                     quorum=max(1, quorum)), on_reply)
+                 on_reply: Callable[[Message], None] | None = None, timeout_s: float | None = None) -> Outcome:
+        limit = self.cfg.federation.timeout_s if timeout_s is None else timeout_s
+        return exchange(self.grid, messages, Waiting(timeout_s=limit, quorum=max(1, quorum)), on_reply)
 
     def train_round(self, server_round: int) -> RoundResult:
         self.refresh()
@@ -167,7 +167,8 @@ class _Run:
             self.say(f"evaluating the final state at {len(messages)} sites (each adapts and scores "
                      "its own test split)")
         return federated_evaluation(
-            lambda m: self.exchange(m, quorum=len(m), on_reply=on_reply if announce else None).replies,
+            lambda m: self.exchange(m, quorum=len(m), on_reply=on_reply if announce else None,
+                                    timeout_s=self.cfg.federation.eval_timeout_s).replies,
             messages, self.sites.names, self.cfg.data.holdout, self.declined, self.spec.outcomes)
 
     def sites_label(self, node: int) -> str:

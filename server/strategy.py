@@ -306,7 +306,7 @@ class FedMetaStrategy:
         """Every node adapts the current state and scores its own test split."""
         order = sorted(nodes, key=lambda n: (nodes[n], n))
         return _messages(record_from_arrays(self.state()), self._config(server_round, K.EVALUATE),
-                         order, MessageType.EVALUATE, self._ttl)
+                         order, MessageType.EVALUATE, float(self.cfg.federation.eval_timeout_s))
 
 
 def _messages(arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int], message_type: str,

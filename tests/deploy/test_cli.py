@@ -57,3 +57,31 @@ def test_run_without_a_running_coordinator_says_so(
     code = main(["run", "--deployment", str(tmp_path), "--state", str(tmp_path / "state")])
     assert code == 2
     assert "is `fedmeta coordinator start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "rounds=abc"], "rounds = 'abc': expected int"),
+    (["--rounds", "1", "--set", "rounds=3"], "--rounds 1 and --set rounds=…: give one of them"),
+    (["--config", "EMPTY"], "the experiment file holds no settings"),
+    (["--set", "data.holdout=['Nowhere General']"], "Nowhere General"),
+    (["--set", "federation.min_nodes=5"], "more than the 2 sites started"),
+])
+def test_deploy_local_checks_the_experiment_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    out = tmp_path / "out"
+    argv = ["deploy", "local", "--sites", "2", "--out", str(out), *[str(empty) if a == "EMPTY" else a for a in args]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # nothing provisioned, started or written
+
+
+def test_run_checks_the_experiment_before_submitting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--deployment", str(tmp_path), "--state", str(tmp_path / "state"),
+                 "--set", "data.holdout=[\"VA Long Beach\"]", "inner.steps=-1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "inner.steps" in err and "Traceback" not in err
