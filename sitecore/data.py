@@ -195,14 +195,16 @@ def _check_meds(config: MedsSiteConfig, data: DataConfig, tasks: TaskConfig | No
     from fedmeta.common.data.meds.check import check_meds_site
     from fedmeta.common.data.meds.site import load_meds_site
     from fedmeta.common.data.meds.source import shared_counts, vocabulary_of
-    from fedmeta.common.data.meds.vocabulary import site_vocabulary
+    from fedmeta.common.data.meds.vocabulary import choose_vocabulary
 
     summary = check_meds_site(config, test_fraction=data.test_fraction, seed=data.split_seed)
-    vocab = vocabulary_of(data) or site_vocabulary(config, top_n=data.meds.top_n)
+    shared = shared_counts(config, validate=False)  # validated just above
+    vocab = vocabulary_of(data) or choose_vocabulary(  # this site's own, as when working alone
+        [shared.codes], min_sites=1, top_n=data.meds.top_n, numeric_counts=[shared.numeric],
+        windows=config.windows, aggregations=config.aggregations)
     site = load_meds_site(config, vocab, test_fraction=data.test_fraction, seed=data.split_seed)
     if tasks is not None:
         _check_tasks(config, site, tasks)  # type: ignore[arg-type]
-    shared = shared_counts(config)
     return SiteSummary(
         name=site.name, kind="meds", source=config.source, data_path=config.path,
         n_rows=site.n_train + site.n_test, n_train=site.n_train, n_test=site.n_test,

@@ -182,10 +182,11 @@ def agreement_floor(site: MedsSiteConfig, policy_floor: int = 1) -> int:
     return max(site.min_subjects, int(policy_floor))
 
 
-def shared_counts(site: MedsSiteConfig, *, policy_floor: int = 1) -> SharedCounts:
-    """Validate the site's dataset, count its codes once and keep only those seen in at least
-    k = :func:`agreement_floor` patients."""
-    validate_meds_dataset(site)
+def shared_counts(site: MedsSiteConfig, *, policy_floor: int = 1, validate: bool = True) -> SharedCounts:
+    """Validate the site's dataset (unless ``validate`` is false: done already), count its codes
+    once and keep only those seen in at least k = :func:`agreement_floor` patients."""
+    if validate:
+        validate_meds_dataset(site)
     k = agreement_floor(site, policy_floor)
     counts = count_codes(site)
     shared = SharedCounts(site.name, k, threshold(counts.subjects, min_subjects=k),
