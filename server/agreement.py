@@ -90,7 +90,7 @@ def _read_reply(reply: Message) -> tuple[str, int, dict[str, int], dict[str, int
     """(name, k, code counts, numeric counts) of a counts reply; ValueError if malformed."""
     try:
         name = str(reply.content[K.SITE]["name"])
-        k = count_in(reply.content[K.METRICS], K.MIN_SUBJECTS)
+        k = count_in(reply.content.metric_records[K.METRICS], K.MIN_SUBJECTS)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"no site name or k ({e})") from None
     if k < 1:
