@@ -120,9 +120,10 @@ def agree_vocabulary(grid: Grid, cfg: ExperimentConfig, nodes: list[int], progre
     codes: list[dict[str, int]] = []
     numeric: list[dict[str, int]] = []
     seen: dict[str, int] = {}
+    labels = {n: f"site {name}" for n, name in (registered or {}).items()}
     for reply in sorted(outcome.replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
-        label = (registered or {}).get(node, f"node {node}")
+        label = labels.get(node, f"node {node}")
         if reply.has_error():
             text = reply.error.reason or ""
             why = text[:200] if text.startswith("policy refusal") else describe(reply.error.code)
@@ -139,6 +140,7 @@ def agree_vocabulary(grid: Grid, cfg: ExperimentConfig, nodes: list[int], progre
         if name in seen:
             raise FedmetaError(f"two nodes claim the same site {name!r}; check node configs")
         seen[name] = node
+        labels[node] = f"site {name}"
         if not site_codes:
             excluded[node] = f"no code is seen in at least its k = {k} patients"
             progress(f"site {name}: no code is seen in at least its k = {k} patients, so it shares "
@@ -149,13 +151,12 @@ def agree_vocabulary(grid: Grid, cfg: ExperimentConfig, nodes: list[int], progre
         numeric.append(site_numeric)
         progress(f"site {name}: counts of {len(site_codes)} codes (k = {k})")
     for node in outcome.missing:
-        label = (registered or {}).get(node, f"node {node}")
+        label = labels.get(node, f"node {node}")
         progress(f"{label} did not answer the count request ({outcome.ended}); it may still "
                  "join with the agreed vocabulary")
     need = cfg.federation.min_nodes
     if len(codes) < need:
-        left_out = "; ".join(f"{(registered or {}).get(n, f'node {n}')}: {why}"
-                             for n, why in sorted(excluded.items()))
+        left_out = "; ".join(f"{labels.get(n, f'node {n}')}: {why}" for n, why in sorted(excluded.items()))
         raise FedmetaError(
             f"feature agreement: {len(codes)} site(s) shared code counts, fewer than "
             f"federation.min_nodes = {need}" + (f" (left out: {left_out})" if left_out else ""))
