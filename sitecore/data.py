@@ -92,11 +92,15 @@ def _is_meds(config: object) -> bool:
 
 def _load_meds(config: MedsSiteConfig, data: DataConfig) -> TabularSite:
     """A MEDS site tabularised to the experiment's agreed vocabulary, its outcome columns in the
-    experiment's order (``data.outcomes``) when the experiment names them."""
+    experiment's order (``data.outcomes``) when the experiment names them. Without a vocabulary
+    (a site checking its data on its own, e.g. ``fedmeta site start``'s preflight) it is
+    tabularised to its own codes; a run always carries the agreed one, and a site whose layout
+    differs is excluded at the greeting."""
     from fedmeta.common.data.meds.site import load_meds_site
-    from fedmeta.common.data.meds.source import in_outcome_order, require_vocabulary
+    from fedmeta.common.data.meds.source import in_outcome_order, own_vocabulary, vocabulary_of
 
-    return load_meds_site(in_outcome_order(config, data.outcomes), require_vocabulary(data),
+    vocab = vocabulary_of(data) or own_vocabulary(config, top_n=data.meds.top_n)
+    return load_meds_site(in_outcome_order(config, data.outcomes), vocab,
                           test_fraction=data.test_fraction, seed=data.split_seed)
 
 
@@ -194,14 +198,11 @@ def check_site(
 def _check_meds(config: MedsSiteConfig, data: DataConfig, tasks: TaskConfig | None) -> SiteSummary:
     from fedmeta.common.data.meds.check import check_meds_site
     from fedmeta.common.data.meds.site import load_meds_site
-    from fedmeta.common.data.meds.source import shared_counts, vocabulary_of
-    from fedmeta.common.data.meds.vocabulary import choose_vocabulary
+    from fedmeta.common.data.meds.source import own_vocabulary, shared_counts, vocabulary_of
 
     summary = check_meds_site(config, test_fraction=data.test_fraction, seed=data.split_seed)
     shared = shared_counts(config, validate=False)  # validated just above
-    vocab = vocabulary_of(data) or choose_vocabulary(  # this site's own, as when working alone
-        [shared.codes], min_sites=1, top_n=data.meds.top_n, numeric_counts=[shared.numeric],
-        windows=config.windows, aggregations=config.aggregations)
+    vocab = vocabulary_of(data) or own_vocabulary(config, top_n=data.meds.top_n, shared=shared)
     site = load_meds_site(config, vocab, test_fraction=data.test_fraction, seed=data.split_seed)
     if tasks is not None:
         _check_tasks(config, site, tasks)  # type: ignore[arg-type]

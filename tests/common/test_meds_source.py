@@ -14,6 +14,7 @@ from fedmeta.common.config import load_config
 from fedmeta.common.data.meds.config import MedsSiteConfig
 from fedmeta.common.data.meds.source import (
     agreement_floor,
+    own_vocabulary,
     shared_counts,
     synth_meds_root,
     with_vocabulary,
@@ -63,6 +64,13 @@ def test_spec_before_and_after_the_agreement(consortium: Path) -> None:
     assert site.feature_names == vocab.feature_names() and site.outcomes == OUTCOMES
     with pytest.raises(ConfigError, match="data.meds.vocabulary is empty"):
         load_site(cfg.data, "hospital-02")
+    # a site on its own (fedmeta site start's preflight: no experiment yet) uses its own codes
+    from fedmeta.sitecore.data import load_local_site
+
+    site_file = consortium / "hospital-02" / "site.yaml"
+    own = own_vocabulary(load_site_config(site_file))
+    assert load_local_site(site_file).feature_names == own.feature_names()
+    assert load_local_site(site_file, data=agreed.data).feature_names == vocab.feature_names()
     # the experiment's outcomes pick and order the columns
     two = with_vocabulary(load_config(None, ["data.source=meds", f"data.path={consortium}",
                                              "data.outcomes=[aki, mortality]"]), vocab)

@@ -33,7 +33,13 @@ from fedmeta.common.data.cache import cache_root, ensure_generated
 from fedmeta.common.data.meds.config import MedsSiteConfig, parse_meds_site
 from fedmeta.common.data.meds.site import load_meds_site
 from fedmeta.common.data.meds.validate import validate_meds_dataset
-from fedmeta.common.data.meds.vocabulary import Aggregations, Vocabulary, count_codes, threshold
+from fedmeta.common.data.meds.vocabulary import (
+    Aggregations,
+    Vocabulary,
+    choose_vocabulary,
+    count_codes,
+    threshold,
+)
 from fedmeta.common.data.meds.writer import GENERATOR_VERSION
 from fedmeta.common.data.registry import DataSpec, Source, register_source
 from fedmeta.common.data.site_config import find_site_configs, register_kind
@@ -194,6 +200,16 @@ def shared_counts(site: MedsSiteConfig, *, policy_floor: int = 1, validate: bool
     log.info("meds site %s: sharing counts of %d of %d codes (k = %d), %d with numeric values",
              site.name, len(shared.codes), len(counts.subjects), k, len(shared.numeric))
     return shared
+
+
+def own_vocabulary(site: MedsSiteConfig, *, top_n: int = 256,
+                   shared: SharedCounts | None = None) -> Vocabulary:
+    """The vocabulary of this site's own shareable codes, with its site file's windows and
+    aggregations: what it tabularises to when working alone (checking its data)."""
+    shared = shared or shared_counts(site)
+    return choose_vocabulary([shared.codes], min_sites=1, top_n=top_n,
+                             numeric_counts=[shared.numeric], windows=site.windows,
+                             aggregations=site.aggregations)
 
 
 # -- the sources ------------------------------------------------------------------------------------
