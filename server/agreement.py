@@ -6,7 +6,8 @@ with its k and, for each code seen in at least k of its labelled patients, how m
 it and how many have it with a numeric value (:func:`fedmeta.common.data.meds.source.shared_counts`);
 nothing else. The coordinator checks every reply (counts are integers >= the site's k, numeric
 counts within the code counts), leaves out a site that answered with an error, a malformed reply
-or no code at all, and chooses the vocabulary with
+or no code at all, sets aside the counts of sites held out of training (``data.holdout``: new
+hospitals adopt the consortium's layout), and chooses the vocabulary with
 :func:`~fedmeta.common.data.meds.vocabulary.choose_vocabulary` (``data.meds``: ``min_sites``,
 ``top_n``, ``windows``, ``aggregations``). The driver then puts the vocabulary into the experiment
 (``data.meds.vocabulary`` and ``fingerprint``), which every later message carries, and records
@@ -145,6 +146,9 @@ def agree_vocabulary(grid: Grid, cfg: ExperimentConfig, nodes: list[int], progre
             excluded[node] = f"no code is seen in at least its k = {k} patients"
             progress(f"site {name}: no code is seen in at least its k = {k} patients, so it shares "
                      "no counts; left out of the run")
+            continue
+        if name in cfg.data.holdout:  # a new hospital: it joins the agreed layout, not the agreement
+            progress(f"site {name} is held out of training: its counts are not used")
             continue
         shares[name] = SiteShare(k, len(site_codes), len(site_numeric))
         codes.append(site_codes)

@@ -212,3 +212,20 @@ def test_experiment_whose_vocabulary_does_not_match_its_fingerprint_is_refused(c
     values["data"]["meds"]["vocabulary"]["codes"] = ["A", "C"]  # changed on its way
     with pytest.raises(ConfigError, match="data.meds.fingerprint = .*does not match the vocabulary's"):
         config_from_dict(values, where="<experiment from coordinator>")
+
+
+def test_held_out_sites_counts_are_not_used(consortium):
+    from fedmeta.server.agreement import agree_vocabulary
+
+    cfg = _cfg(consortium, "data.holdout=[hospital-03]")
+    grid = LocalGrid(client_app, [{"partition-id": i} for i in range(4)])  # training sites, then 03
+    said: list[str] = []
+    agreement = agree_vocabulary(grid, cfg, list(grid.nodes), said.append)
+    training = ("hospital-01", "hospital-02", "hospital-04")
+    assert set(agreement.shares) == set(training) and not agreement.excluded
+    refs = [reference_counts(consortium / s) for s in training]
+    aggs = cfg.data.meds.aggregations
+    assert agreement.vocabulary == choose_vocabulary(
+        [_at_least(c, 20) for c, _ in refs], min_sites=2, numeric_counts=[_at_least(n, 20) for _, n in refs],
+        windows=cfg.data.meds.windows, aggregations=Aggregations(numeric=aggs.numeric, other=aggs.other))
+    assert "site hospital-03 is held out of training: its counts are not used" in said
