@@ -6,13 +6,20 @@
   streams and label files (``kind: meds`` site.yaml each), with the flat tables in ``DIR/flat``.
 - ``fedmeta data synth-images --sites N --out DIR``: N imaging sites (MedMNIST .npz + site.yaml).
 - ``fedmeta data check --site site.yaml``: validate a site's data and print rows, outcome
-  prevalence and missingness (or images per class), without training.
+  prevalence and missingness (or images per class; for a MEDS site its shards, events, label
+  prevalence per split, events past the prediction time, and what it would share for the
+  feature agreement), without training.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedmeta.common.config import TaskConfig
+    from fedmeta.sitecore.data import SiteSummary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -163,6 +170,8 @@ def _check(args: argparse.Namespace) -> int:
 
         tasks = validate(TaskConfig, {**tasks.model_dump(), **overrides}, source="<command line>")
     s = check_site(args.site, data=data, tasks=tasks)
+    if s.kind == "meds":
+        return _print_meds(s, tasks)
     print(f"site {s.name} ({s.kind}) from {s.source}")
     print(f"  data: {s.data_path}")
     unit = "rows" if s.kind == "ehr" else "images"
@@ -188,5 +197,21 @@ def _check(args: argparse.Namespace) -> int:
             + ", ".join(f"{c} {n}" for c, n in s.class_counts.items())
         )
         print(f"  tasks: {tasks.ways}-way, {tasks.support} shots + {tasks.query} queries: ok")
+    print("ok: the site's data is valid")
+    return 0
+
+
+
+def _print_meds(s: SiteSummary, tasks: TaskConfig) -> int:
+    from fedmeta.common.data.meds.check import summary_lines
+
+    for line in summary_lines(s.meds):
+        print(line)
+    print(f"  tabularised: {s.n_train:,} training and {s.n_test:,} test rows, {s.n_features:,} "
+          "features (from this site's own codes; a consortium agrees on its own)")
+    print(f"  feature agreement: this site would share patient counts of {s.shared_codes:,} codes, "
+          f"those seen in at least k = {s.min_subjects} patients (min_subjects; a deployed site's "
+          "policy min_patients raises k); no other code, no id, time or value leaves the site")
+    print(f"  tasks: support {tasks.support} + query {tasks.query} patients per outcome: ok")
     print("ok: the site's data is valid")
     return 0

@@ -351,9 +351,13 @@ def _run(args: argparse.Namespace) -> int:
         if (layout.runs / name).exists():
             raise ConfigError(f"{layout.runs / name}: a run of that name exists; --resume {name} "
                               "continues it, --name picks another")
-    data_spec(cfg.data)  # every file the experiment names must be there before submitting
+    spec = data_spec(cfg.data)  # every file the experiment names must be there before submitting
     if args.secagg and cfg.algorithm != "reptile":
         raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}")
+    if args.secagg and spec.needs_agreement:
+        raise ConfigError(f"--secagg: data.source {cfg.data.source!r} needs the sites' feature "
+                          "agreement first, which secure aggregation runs do not hold; run without "
+                          "--secagg")
     _coordinator_env(args)  # then the coordinator must be running
     from fedmeta.server.audit import open_log
 

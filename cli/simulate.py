@@ -77,25 +77,13 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from fedmeta.client.app import app as default_client_app
-    from fedmeta.common.data.registry import simulation_sites
     from fedmeta.server.app import make_server_app
     from fedmeta.server.driver import run_experiment
     from fedmeta.server.local_grid import LocalGrid
 
     client_app = client_app or default_client_app
 
-    sites = simulation_sites(cfg.data)
-    n_nodes = cfg.federation.num_supernodes or len(sites)
-    if n_nodes > len(sites):
-        raise ConfigError(
-            f"federation.num_supernodes = {n_nodes}: the data source has only {len(sites)} sites"
-        )
-    if cfg.data.holdout and n_nodes < len(sites):
-        raise ConfigError("federation.num_supernodes must cover every site when data.holdout is set")
-    if cfg.federation.min_nodes > n_nodes:
-        raise ConfigError(
-            f"federation.min_nodes = {cfg.federation.min_nodes}: more than the {n_nodes} simulated sites"
-        )
+    n_nodes = simulated_nodes(cfg)
     set_threads(cfg.engine.threads)
     if backend == "local":
         grid = LocalGrid(client_app, [{"partition-id": i} for i in range(n_nodes)])
@@ -123,6 +111,29 @@ def simulate(
             f"the simulation ended without a summary; see the log above (run folder {out_dir})"
         )
     return result
+
+
+def simulated_nodes(cfg: ExperimentConfig) -> int:
+    """How many sites a simulation of ``cfg`` starts, once its data settings are checked (every
+    file they name, the site counts); a ConfigError before anything starts otherwise."""
+    from fedmeta.common.data.registry import simulation_sites
+
+    sites = simulation_sites(cfg.data)
+    if not sites:
+        raise ConfigError(f"data.source {cfg.data.source!r} names no sites to simulate (data.path "
+                          "is empty: a deployment's experiment?); set data.path to the sites' folder")
+    n_nodes = cfg.federation.num_supernodes or len(sites)
+    if n_nodes > len(sites):
+        raise ConfigError(
+            f"federation.num_supernodes = {n_nodes}: the data source has only {len(sites)} sites"
+        )
+    if cfg.data.holdout and n_nodes < len(sites):
+        raise ConfigError("federation.num_supernodes must cover every site when data.holdout is set")
+    if cfg.federation.min_nodes > n_nodes:
+        raise ConfigError(
+            f"federation.min_nodes = {cfg.federation.min_nodes}: more than the {n_nodes} simulated sites"
+        )
+    return n_nodes
 
 
 def set_threads(n: int) -> None:
@@ -198,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(resolve_config(args.config), args.overrides)
         out_dir = args.out or default_run_dir(cfg)
+    simulated_nodes(cfg)  # the data settings hold before the run folder is made
     _log_to_run_folder(out_dir, verbose=args.verbose)
     start = time.monotonic()
 

@@ -57,6 +57,34 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def code_counts(msg: Message, context: Context) -> Message:
+    """Feature agreement (MEDS sites): patients per code, and per code with a numeric value, only
+    for codes seen in at least k of this site's patients; k is the site file's ``min_subjects``
+    raised to the site's patient floor (``min-patients``, set by the deployed site's policy). No
+    other number, no code below k, no patient's id, time or value is sent."""
+    from fedmeta.common.data.meds.source import shared_counts
+    from fedmeta.sitecore.data import meds_site_for_node
+
+    cfg = experiment_of(msg)
+    site = meds_site_for_node(context.node_config, cfg)
+    shared = shared_counts(site, policy_floor=int(str(context.node_config.get("min-patients", 1))))
+    content = RecordDict({
+        K.SITE: ConfigRecord({"name": shared.name}),
+        K.METRICS: MetricRecord({K.MIN_SUBJECTS: shared.min_subjects}),
+        K.CODE_COUNTS: MetricRecord(dict(shared.codes)),
+        K.NUMERIC_COUNTS: MetricRecord(dict(shared.numeric)),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def query(msg: Message, context: Context) -> Message:
+    """A QUERY is the feature agreement's count request (phase ``counts``) or the greeting."""
+    config = msg.content[K.CONFIG]
+    if str(config.get(K.PHASE, K.HELLO)) == K.COUNTS:
+        return code_counts(msg, context)
+    return hello(msg, context)
+
+
 def _threads(cfg: ExperimentConfig) -> None:
     import torch
 
@@ -113,7 +141,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp with fedmeta's handlers; ``mods`` wrap every message (e.g. DP, auditing)."""
     client_app = ClientApp(mods=list(mods))
-    client_app.query()(hello)
+    client_app.query()(query)
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     return client_app

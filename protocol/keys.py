@@ -8,6 +8,12 @@ in full or, with compressed downlink, as an encoded change (``down``, ``down-met
 Site -> coordinator: ``site`` (ConfigRecord with the site's ``name``), ``metrics``
 (MetricRecord: counts, summed losses, metrics over whole splits); train replies add ``update``
 (ArrayRecord, parameter-shaped) and ``encoding`` (ConfigRecord with the ``method``).
+
+Feature agreement (MEDS sites, before the greeting): a QUERY with phase ``counts`` carrying the
+experiment; the site answers with ``site``, ``metrics`` holding only ``min-subjects`` (its k), and
+two MetricRecords keyed by code: ``code-counts`` (patients having the code) and
+``numeric-counts`` (patients having it with a numeric value), each holding only codes seen in at
+least k of its patients.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ DOWN_BASE = "down-base"
 
 # phases
 HELLO = "hello"
+COUNTS = "counts"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
@@ -52,3 +59,8 @@ SECAGG_N_SITES = "secagg-n-sites"
 LAYOUT = "layout"
 LAYOUT_OK = "layout-ok"
 LAYOUT_EXTRA = "layout-extra"
+
+# feature agreement: the site's thresholded counts (site -> coordinator), code -> patients
+CODE_COUNTS = "code-counts"
+NUMERIC_COUNTS = "numeric-counts"
+MIN_SUBJECTS = "min-subjects"

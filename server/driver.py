@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import data_spec
-from fedmeta.common.errors import FedmetaError
+from fedmeta.common.errors import ConfigError, FedmetaError
 from fedmeta.common.experiment import initial_parameters
 from fedmeta.protocol.records import payload_bytes, record_from_arrays
 from fedmeta.server import audit as audit_log
@@ -49,7 +50,10 @@ def _epsilon(cfg: ExperimentConfig, rounds: int) -> float:
 
 
 class _Run:
-    """One run's moving parts: the grid, the strategy, the sites, the folder and the audit log."""
+    """One run's moving parts: the grid, the strategy, the sites, the folder and the audit log.
+
+    On MEDS sites without an agreed vocabulary the strategy (θ's width) exists only once the
+    sites agreed on their features (:meth:`agree`, at :meth:`start`)."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, folder: RunFolder, say: Progress) -> None:
         self.grid = grid
@@ -57,7 +61,10 @@ class _Run:
         self.folder = folder
         self.say = say
         self.spec = data_spec(cfg.data)
-        self.strategy = FedMetaStrategy(cfg, self.spec, initial_parameters(cfg, self.spec))
+        self._strategy: FedMetaStrategy | None = None
+        if not self.spec.needs_agreement:
+            self._strategy = FedMetaStrategy(cfg, self.spec, initial_parameters(cfg, self.spec))
+        self.agreement: dict[str, Any] | None = None
         self.sites = Sites()
         self.refused: dict[int, tuple[str, str]] = {}
         self.deployed = Registry.from_env() is not None
@@ -67,6 +74,40 @@ class _Run:
         self.declined: dict[str, str] = {}
         #: Nodes that missed a round: not sampled until they answer a greeting again.
         self.unresponsive: set[int] = set()
+
+    @property
+    def strategy(self) -> FedMetaStrategy:
+        if self._strategy is None:
+            raise FedmetaError("the sites have not agreed on their features yet")
+        return self._strategy
+
+    # -- feature agreement (MEDS sites) --------------------------------------------------------
+    def agree(self, nodes: list[int]) -> None:
+        """Agree on the MEDS sites' vocabulary over ``nodes``; the experiment (which every later
+        message carries), the data spec and θ follow from it; it is recorded in the run folder."""
+        from fedmeta.common.data.meds.source import with_vocabulary
+        from fedmeta.server.agreement import agree_vocabulary
+
+        identity = self.identity()
+        registered = identity.admitted if identity is not None else None
+        usable = [n for n in nodes if registered is None or n in registered]
+        agreement = agree_vocabulary(self.grid, self.cfg, usable, self.say, registered)
+        for node, why in agreement.excluded.items():
+            if self.audit is not None:
+                self.audit.record("site_excluded", run_id=self.run_id, node_id=node,
+                                  site=(registered or {}).get(node), reason=why[:200])
+        self.sites = self.sites.merged(Sites(excluded=agreement.excluded))
+        self.agreement = {**agreement.record(), "reused": False}
+        self.use_vocabulary(with_vocabulary(self.cfg, agreement.vocabulary))
+        self.folder.write_json(self.folder.vocabulary, {
+            **self.agreement, "vocabulary": json.loads(agreement.vocabulary.to_json())})
+
+    def use_vocabulary(self, cfg: ExperimentConfig) -> None:
+        """Run ``cfg`` (the experiment carrying the vocabulary) from here on."""
+        self.cfg = cfg
+        self.spec = data_spec(cfg.data)
+        self._strategy = FedMetaStrategy(cfg, self.spec, initial_parameters(cfg, self.spec))
+        self.folder.write_json(self.folder.config, cfg.to_dict())
 
     # -- who takes part ------------------------------------------------------------------------
     def identity(self) -> NodeIdentity | None:
@@ -110,8 +151,10 @@ class _Run:
             self.sites = self.sites.merged(greeted)
 
     def start(self, expected: int) -> None:
-        wait_for_nodes(self.grid, expected, self.cfg.federation.timeout_s,
-                       admitted=self.identity if self.deployed else None)
+        nodes = wait_for_nodes(self.grid, expected, self.cfg.federation.timeout_s,
+                               admitted=self.identity if self.deployed else None)
+        if self.spec.needs_agreement:
+            self.agree(nodes)
         self.refresh()
         if len(self.sites.names) < self.cfg.federation.min_nodes:
             raise FedmetaError(
@@ -200,12 +243,23 @@ def run_experiment(
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     folder = RunFolder(out_dir)
+    recorded = _recorded_vocabulary(folder, cfg) if resume else None
+    if recorded is not None:
+        cfg = recorded[0]
     run = _Run(grid, cfg, folder, say)
     log.info("effective configuration: %s", cfg.to_json())
     folder.write_json(folder.config, cfg.to_dict())
+    if recorded is not None:
+        run.agreement = {**recorded[1], "reused": True}
+        say(f"reusing the run's vocabulary {cfg.data.meds.fingerprint[:12]} "
+            f"({run.spec.input_shape[0]} features)")
+    elif resume and run.spec.needs_agreement and folder.checkpoint.exists():
+        raise FedmetaError(f"{folder.vocabulary}: missing; a resumed run on MEDS sites needs the "
+                           "vocabulary its checkpoint was trained on")
 
     run.audit, run.run_id = _open_audit(grid)
     run.start(expected_nodes or cfg.federation.min_nodes)
+    cfg = run.cfg  # on MEDS sites: now carrying the agreed vocabulary
     if run.audit is not None:
         run.audit.run_started(
             run_id=run.run_id, algorithm=cfg.algorithm, rounds=cfg.rounds,
@@ -282,6 +336,8 @@ def run_experiment(
         }
     if holdout:
         summary["holdout"] = {"sites": dict(sorted(holdout.items())), "mean": summary_mean(holdout)}
+    if run.agreement is not None:
+        summary["vocabulary"] = {**run.agreement, "file": folder.vocabulary.name}
     if run.declined or run.sites.excluded:
         summary["declined"] = dict(sorted(run.declined.items()))
         summary["excluded"] = {run.sites_label(n): why for n, why in sorted(run.sites.excluded.items())}
@@ -290,6 +346,26 @@ def run_experiment(
     if run.audit is not None:
         run.audit.run_finished(run_id=run.run_id, status="completed", rounds_completed=cfg.rounds)
     return summary
+
+
+def _recorded_vocabulary(folder: RunFolder, cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any]] | None:
+    """A resumed run's experiment with the vocabulary its folder recorded, and the record (None
+    when the folder holds none). An experiment carrying another vocabulary is refused."""
+    from fedmeta.common.data.meds.source import with_vocabulary
+    from fedmeta.common.data.meds.vocabulary import Vocabulary
+
+    if not folder.vocabulary.exists():
+        return None
+    try:
+        record = json.loads(folder.vocabulary.read_text())
+        vocab = Vocabulary.model_validate(record["vocabulary"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder.vocabulary}: not a vocabulary record ({e})") from None
+    if cfg.data.meds.fingerprint and cfg.data.meds.fingerprint != vocab.fingerprint():
+        raise ConfigError(
+            f"data.meds.fingerprint = {cfg.data.meds.fingerprint[:12]}…: the run being resumed was "
+            f"trained on vocabulary {vocab.fingerprint()[:12]}… ({folder.vocabulary})")
+    return with_vocabulary(cfg, vocab), {k: v for k, v in record.items() if k not in ("vocabulary", "reused")}
 
 
 def provenance(started_at: str) -> dict[str, Any]:

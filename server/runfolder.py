@@ -4,6 +4,7 @@
 
     RUN/
       config.json              the effective experiment configuration
+      vocabulary.json          (MEDS sites) the agreed vocabulary and who shared counts
       rounds.jsonl             one line per round (sites sampled/accepted/rejected, losses, bytes)
       checkpoint.safetensors   the strategy's state after the last completed round
       final.safetensors        θ at the end, with the experiment config in its metadata
@@ -61,6 +62,7 @@ class RunFolder:
         self.checkpoint = root / "checkpoint.safetensors"
         self.final = root / "final.safetensors"
         self.summary = root / "summary.json"
+        self.vocabulary = root / "vocabulary.json"
 
     def write_json(self, path: Path, data: Any) -> None:
         tmp = path.with_suffix(".tmp")

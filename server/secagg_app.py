@@ -52,7 +52,11 @@ def secure_reptile(grid: Grid, context: Context, cfg: ExperimentConfig, out: Pat
     if cfg.algorithm != "reptile":
         raise ConfigError(f"secure aggregation carries Reptile deltas; algorithm is {cfg.algorithm!r}")
     folder = RunFolder(out)
-    theta0 = initial_parameters(cfg, data_spec(cfg.data))
+    spec = data_spec(cfg.data)
+    if spec.needs_agreement:
+        raise ConfigError(f"data.source {cfg.data.source!r}: the sites' feature agreement is not "
+                          "held in secure aggregation runs; run without secure aggregation")
+    theta0 = initial_parameters(cfg, spec)
     names = list(theta0)
     n_sites = len(wait_for_nodes(grid, max(cfg.federation.min_nodes, 3), cfg.federation.timeout_s))
     settings = settings_for(cfg, n_sites)

@@ -6,6 +6,10 @@ registry reads the same files in simulation). This module is the site-side entry
 settings before any training, :func:`check_site` summarises it for ``fedmeta data check``
 (rows, outcome prevalence and missingness, computed on the site and never sent anywhere), and
 :func:`site_for_node` finds the data a node serves and keeps it loaded between rounds.
+
+A MEDS site (``kind: meds``) is tabularised to the vocabulary the experiment carries
+(``data.meds.vocabulary``, agreed at the start of the run); :func:`meds_site_for_node` finds the
+MEDS site file a node serves, whose thresholded code counts it shares for that agreement.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +38,9 @@ from fedmeta.common.data.site_config import (
 )
 from fedmeta.common.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedmeta.common.data.meds.config import MedsSiteConfig
+
 __all__ = [
     "EhrSiteConfig",
     "ImageSiteConfig",
@@ -41,6 +49,7 @@ __all__ = [
     "check_site",
     "load_local_site",
     "load_site_config",
+    "meds_site_for_node",
     "parse_site_config",
     "site_for_node",
 ]
@@ -70,12 +79,37 @@ class SiteSummary:
     units: dict[str, int] = field(default_factory=dict)
     class_counts: dict[str, int] = field(default_factory=dict)
     image_shape: tuple[int, ...] = ()
+    #: MEDS: :func:`fedmeta.common.data.meds.check.check_meds_site`'s summary, and for the
+    #: feature agreement the codes this site would share (seen in >= ``min_subjects`` patients).
+    meds: dict[str, Any] = field(default_factory=dict)
+    shared_codes: int = 0
+    min_subjects: int = 0
+
+
+def _is_meds(config: object) -> bool:
+    return getattr(config, "kind", None) == "meds"
+
+
+def _load_meds(config: MedsSiteConfig, data: DataConfig) -> TabularSite:
+    """A MEDS site tabularised to the experiment's agreed vocabulary, its outcome columns in the
+    experiment's order (``data.outcomes``) when the experiment names them. Without a vocabulary
+    (a site checking its data on its own, e.g. ``fedmeta site start``'s preflight) it is
+    tabularised to its own codes; a run always carries the agreed one, and a site whose layout
+    differs is excluded at the greeting."""
+    from fedmeta.common.data.meds.site import load_meds_site
+    from fedmeta.common.data.meds.source import in_outcome_order, own_vocabulary, vocabulary_of
+
+    vocab = vocabulary_of(data) or own_vocabulary(config, top_n=data.meds.top_n)
+    return load_meds_site(in_outcome_order(config, data.outcomes), vocab,
+                          test_fraction=data.test_fraction, seed=data.split_seed)
 
 
 def _load(config: SiteConfig, data: DataConfig) -> tuple[Site, EhrCohort | None]:
     if isinstance(config, EhrSiteConfig):
         cohort = load_ehr_site(config, test_fraction=data.test_fraction, seed=data.split_seed)
         return cohort.site, cohort
+    if _is_meds(config):
+        return _load_meds(config, data), None  # type: ignore[arg-type]
     return load_image_site(config, test_fraction=data.test_fraction, seed=data.split_seed), None
 
 
@@ -113,8 +147,13 @@ def check_site(
     data: DataConfig | None = None,
     tasks: TaskConfig | None = None,
 ) -> SiteSummary:
-    """Validate a site's data as :func:`load_local_site` does and summarise it."""
+    """Validate a site's data as :func:`load_local_site` does and summarise it.
+
+    A MEDS site is tabularised to ``data.meds.vocabulary`` when given (e.g. a run's
+    ``config.json``), else to a vocabulary of its own codes, as it would be when working alone."""
     config = load_site_config(site_yaml)
+    if _is_meds(config):
+        return _check_meds(config, data or DataConfig(), tasks)
     site, cohort = _load(config, data or DataConfig())
     if tasks is not None:
         _check_tasks(config, site, tasks)
@@ -156,7 +195,93 @@ def check_site(
     )
 
 
+def _check_meds(config: MedsSiteConfig, data: DataConfig, tasks: TaskConfig | None) -> SiteSummary:
+    from fedmeta.common.data.meds.check import check_meds_site
+    from fedmeta.common.data.meds.site import load_meds_site
+    from fedmeta.common.data.meds.source import own_vocabulary, shared_counts, vocabulary_of
+
+    summary = check_meds_site(config, test_fraction=data.test_fraction, seed=data.split_seed)
+    shared = shared_counts(config, validate=False)  # validated just above
+    vocab = vocabulary_of(data) or own_vocabulary(config, top_n=data.meds.top_n, shared=shared)
+    site = load_meds_site(config, vocab, test_fraction=data.test_fraction, seed=data.split_seed)
+    if tasks is not None:
+        _check_tasks(config, site, tasks)  # type: ignore[arg-type]
+    return SiteSummary(
+        name=site.name, kind="meds", source=config.source, data_path=config.path,
+        n_rows=site.n_train + site.n_test, n_train=site.n_train, n_test=site.n_test,
+        n_features=site.n_features, meds=summary, shared_codes=len(shared.codes),
+        min_subjects=shared.min_subjects,
+    )
+
+
 _LOADED: dict[str, Site] = {}
+
+
+def _cache_key(node_config: Mapping[str, object], cfg: ExperimentConfig) -> str:
+    """What a loaded site depends on: the node's config and the experiment's data settings, the
+    agreed vocabulary by its fingerprint."""
+    data = cfg.to_dict()["data"]
+    data["meds"].pop("vocabulary", None)  # the fingerprint stands for it
+    return json.dumps({"node": {k: str(v) for k, v in node_config.items()}, "data": data},
+                      sort_keys=True)
+
+
+def _node_data(node_config: Mapping[str, object], cfg: ExperimentConfig) -> DataConfig:
+    """The data source a node config names (``source``, ``path``, ``synth-*``), with the
+    experiment's split settings and agreed vocabulary only."""
+    return DataConfig(
+        source=str(node_config["source"]), path=str(node_config.get("path", "")),
+        synth_sites=int(str(node_config.get("synth-sites", 10))),
+        synth_seed=int(str(node_config.get("synth-seed", 0))),
+        test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed,
+        outcomes=cfg.data.outcomes, meds=cfg.data.meds,
+    )
+
+
+def _source_site(node_config: Mapping[str, object], cfg: ExperimentConfig) -> tuple[DataConfig, str] | None:
+    """The (data source, site name) a node config names, or ``None`` when it names a site file."""
+    if "site-config" in node_config:
+        return None
+    if "source" in node_config:
+        data = _node_data(node_config, cfg)
+        if "site" in node_config:
+            return data, str(node_config["site"])
+        names = data_spec(data).sites
+        pid = int(str(node_config.get("partition-id", -1)))
+        if not 0 <= pid < len(names):
+            raise ConfigError(f"partition-id {pid} out of range: source {data.source} has "
+                              f"{len(names)} sites")
+        return data, names[pid]
+    if "partition-id" in node_config:
+        names = simulation_sites(cfg.data)
+        pid = int(str(node_config["partition-id"]))
+        if not 0 <= pid < len(names):
+            raise ConfigError(f"partition-id {pid} out of range: the experiment has {len(names)} sites")
+        return cfg.data, names[pid]
+    if "site" in node_config:
+        return cfg.data, str(node_config["site"])
+    raise ConfigError("node config names no site: set site-config=PATH, source and site, "
+                      "or partition-id=N")
+
+
+def meds_site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> MedsSiteConfig:
+    """The MEDS site file of the site a node serves (see :func:`site_for_node` for how a node
+    config names it), for the feature agreement; :class:`ConfigError` for any other kind."""
+    from fedmeta.common.data.meds.config import MedsSiteConfig
+    from fedmeta.common.data.meds.source import MEDS_SOURCES, site_config_named
+
+    named = _source_site(node_config, cfg)
+    if named is None:
+        config = load_site_config(str(node_config["site-config"]))
+        if not isinstance(config, MedsSiteConfig):
+            raise ConfigError(f"{config.source}: kind {config.kind!r}: only kind: meds sites take "
+                              "part in the feature agreement")
+        return config
+    data, name = named
+    if data.source not in MEDS_SOURCES:
+        raise ConfigError(f"data.source {data.source!r}: only MEDS sources ({', '.join(MEDS_SOURCES)}) "
+                          "take part in the feature agreement")
+    return site_config_named(data, name)
 
 
 def spec_of(site: Site) -> DataSpec:
@@ -181,43 +306,19 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
       source, training sites first, then held-out ones.
 
     The experiment contributes only its split settings (``data.test_fraction``,
-    ``data.split_seed``), which the site's policy bounds; nothing else of the coordinator's data
-    settings, and nothing on the coordinator's file system, is read.
+    ``data.split_seed``), which the site's policy bounds, and for a MEDS site the agreed
+    vocabulary (whose fingerprint was checked when the experiment was read) and the outcome
+    order; nothing else of the coordinator's data settings, and nothing on the coordinator's file
+    system, is read. A MEDS site is kept once per vocabulary fingerprint.
     """
-    key = json.dumps({"node": {k: str(v) for k, v in node_config.items()},
-                      "data": cfg.to_dict()["data"]}, sort_keys=True)
+    key = _cache_key(node_config, cfg)
     if key in _LOADED:
         return _LOADED[key]
-    if "site-config" in node_config:
+    named = _source_site(node_config, cfg)
+    if named is None:
         site = load_local_site(str(node_config["site-config"]), data=cfg.data, tasks=cfg.tasks)
-    elif "source" in node_config:
-        data = DataConfig(
-            source=str(node_config["source"]), path=str(node_config.get("path", "")),
-            synth_sites=int(str(node_config.get("synth-sites", 10))),
-            synth_seed=int(str(node_config.get("synth-seed", 0))),
-            test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed,
-        )
-        if "site" in node_config:
-            name = str(node_config["site"])
-        else:
-            names = data_spec(data).sites
-            pid = int(str(node_config.get("partition-id", -1)))
-            if not 0 <= pid < len(names):
-                raise ConfigError(f"partition-id {pid} out of range: source {data.source} has "
-                                  f"{len(names)} sites")
-            name = names[pid]
-        site = load_site(data, name)
-    elif "partition-id" in node_config:
-        names = simulation_sites(cfg.data)
-        pid = int(str(node_config["partition-id"]))
-        if not 0 <= pid < len(names):
-            raise ConfigError(f"partition-id {pid} out of range: the experiment has {len(names)} sites")
-        site = load_site(cfg.data, names[pid])
-    elif "site" in node_config:
-        site = load_site(cfg.data, str(node_config["site"]))
     else:
-        raise ConfigError("node config names no site: set site-config=PATH, source and site, "
-                          "or partition-id=N")
+        site = load_site(*named)
     _LOADED[key] = site
     return site
 

@@ -112,3 +112,19 @@ def check_sizes(policy: SitePolicy, cfg: ExperimentConfig, site: Site, *, phase:
     if phase == "evaluate" and site.n_test < floor:
         raise PolicyRefusal(f"the test split would hold {site.n_test} patients, below this "
                             f"site's min_patients = {floor}")
+
+
+def check_agreement(policy: SitePolicy, cfg: ExperimentConfig) -> None:
+    """Refuse, before the feature agreement reads any data, a run whose training rounds this site
+    would refuse anyway (tables: the sizes :func:`check_sizes` checks that need no data). The
+    counts themselves are thresholded at k >= ``min_patients`` by the site (its node config)."""
+    floor = policy.min_patients
+    t = cfg.tasks
+    if cfg.algorithm == "fedavg":
+        batch = cfg.fedavg.batch_size or t.meta_batch * (t.support + t.query)
+        if cfg.fedavg.local_steps * batch < floor:
+            raise PolicyRefusal(f"a FedAvg round would use at most {cfg.fedavg.local_steps * batch} "
+                                f"patients, below this site's min_patients = {floor}")
+    elif t.support + t.query < floor:
+        raise PolicyRefusal(f"a task of support + query = {t.support + t.query} patients "
+                            f"is below this site's min_patients = {floor}")

@@ -2,12 +2,13 @@
 
 One run of ``fedmeta simulate`` with a capturing client mod proves three things at once: the
 command writes the documented outputs; what each hospital sent was parameter-shaped arrays and
-aggregate numbers only; and the Ray run equals the same experiment over the in-process grid.
+aggregate numbers only (the rule, :func:`conftest.assert_only_aggregates`, also covers the MEDS
+feature agreement's count replies, checked on a MEDS run in ``tests/server/test_meds_agreement.py``);
+and the Ray run equals the same experiment over the in-process grid.
 """
 
 import json
 import pickle
-import re
 
 import numpy as np
 import pytest
@@ -21,13 +22,6 @@ from fedmeta.common.data.heart import HOSPITALS, load_hospital
 pytestmark = pytest.mark.ray
 
 OVERRIDES = ["rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4"]
-ALLOWED_METRICS = {"num-examples", "n-tasks", "n-query", "query-loss-before", "query-loss-after",
-                   "n-train", "n-test", "layout-ok", "layout-extra"}
-#: An evaluation reply: metrics over the test split (and their intervals), their spread over
-#: draws, released risk bins, counts — per outcome (``o<j>.``); nothing else.
-EVAL_KEY = re.compile(r"^(o\d+\.)?((before|after)\.[a-z_]+(\.(lo|hi))?|spread\.(before|after)\.[a-z_]+"
-                      r"|rel\.(before|after)\.\d\.(n|risk|observed)"
-                      r"|n_train|n_test|events|adapt_steps|adapt_scope|draws|withheld)$")
 
 
 def capture_mod(folder):
@@ -82,7 +76,7 @@ def test_ray_run_equals_in_process_run(ray_run, tmp_path):
     assert summary["comm"] == local["comm"]
 
 
-def test_only_parameter_shaped_arrays_and_aggregates_leave_a_site(ray_run):
+def test_only_parameter_shaped_arrays_and_aggregates_leave_a_site(ray_run, only_aggregates):
     root, _ = ray_run
     theta, _ = P.load(root / "run" / "final.safetensors")
     shapes = {k: v.shape for k, v in theta.items()}
@@ -91,21 +85,4 @@ def test_only_parameter_shaped_arrays_and_aggregates_leave_a_site(ray_run):
     replies = [pickle.loads(p.read_bytes()) for p in sorted((root / "captured").iterdir())]
     types = [r["type"] for r in replies]
     assert types.count("train") == 2 * 4 and types.count("evaluate") == 4 and types.count("query") == 4
-    for r in replies:
-        for rec_name, arrays in r["arrays"].items():
-            assert rec_name == "update" and r["type"] == "train"
-            assert {k: v.shape for k, v in arrays.items()} == shapes  # exactly θ's names and shapes
-            for v in arrays.values():
-                assert v.dtype == np.float32
-                if v.ndim == 2 and v.shape[1] == patient_rows.shape[1]:
-                    # no row of a weight matrix is a patient's feature vector
-                    d = np.abs(v[:, None, :] - patient_rows[None, :, :]).max(axis=2)
-                    assert d.min() > 1e-4
-        for rec in r["metrics"].values():
-            assert all(k in ALLOWED_METRICS or EVAL_KEY.match(k) for k in rec), sorted(rec)
-            for value in rec.values():
-                assert isinstance(value, int | float)  # scalars only: no per-example lists
-        for rec in r["configs"].values():
-            assert set(rec) <= {"name", "method", "describe"}
-            # names are short; "describe" is the greeting's layout check (feature names, not values)
-            assert all(isinstance(v, str) and len(v) < (501 if k == "describe" else 64) for k, v in rec.items())
+    only_aggregates(replies, shapes, patient_rows)

@@ -35,6 +35,9 @@ class DataSpec:
     #: Encoded feature names in model-input order (tables), when the source knows them: what
     #: every site's own data must encode to, checked at the handshake.
     features: tuple[str, ...] = ()
+    #: The features are not known yet: the sites agree on them at the start of a run (MEDS
+    #: sources without ``data.meds.vocabulary``); ``input_shape`` is ``(0,)`` until then.
+    needs_agreement: bool = False
 
     def layout(self) -> dict[str, list]:
         """What a site compares its own data with: features, outcomes and the input shape."""
@@ -117,8 +120,9 @@ register_source("fed-heart", Source(_heart_spec, _heart_load))
 
 
 def _load_builtin_sources() -> None:
-    """Import the modules that register the other built-in sources (EHR folders, images)."""
+    """Import the modules that register the other built-in sources (EHR folders, images, MEDS)."""
     import importlib
 
-    for module in ("fedmeta.common.data.ehr", "fedmeta.common.data.images"):
+    for module in ("fedmeta.common.data.ehr", "fedmeta.common.data.images",
+                   "fedmeta.common.data.meds.source"):
         importlib.import_module(module)

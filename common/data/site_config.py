@@ -23,6 +23,8 @@ Images (``kind: images``)::
     grayscale: true              # optional, folders
     use_val: true                # optional, .npz: val_* joins training
 
+MEDS exports (``kind: meds``): see :mod:`fedmeta.common.data.meds.config`.
+
 This file is not the site's *node file* (``node.yaml`` in the bundle ``fedmeta provision``
 writes), which says how the hospital's node reaches the coordinator and which data description
 it serves; each loader recognises the other file and says which one it wants.
@@ -34,11 +36,18 @@ every error names the file, the key and the value. This module only parses;
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.yamlio import Bool, YamlModel, fail, read_mapping, validate
@@ -189,13 +198,23 @@ SiteConfig = EhrSiteConfig | ImageSiteConfig
 
 #: ``kind`` -> its model; a new kind of site data registers here (see :func:`register_kind`).
 KINDS: dict[str, type[_SiteData]] = {"ehr": EhrSiteConfig, "images": ImageSiteConfig}
-_KIND_HELP = {"ehr": "'ehr' (a table of stays)", "images": "'images'"}
+_KIND_HELP = {"ehr": "'ehr' (a table of stays)", "images": "'images'",
+              "meds": "'meds' (a MEDS dataset and its label files)"}
+#: ``kind`` -> a parser of its own (``parse(data, source=...)``), for kinds whose model words
+#: its own errors rather than through :func:`fedmeta.common.yamlio.validate`.
+_PARSERS: dict[str, Callable[..., Any]] = {}
+#: Modules that register the other built-in kinds, imported when such a file is first read.
+_BUILTIN_KINDS = {"meds": "fedmeta.common.data.meds.source"}
 
 
-def register_kind(kind: str, model: type[YamlModel], help_text: str) -> None:
-    """Accept ``kind: <kind>`` data descriptions, validated by ``model``."""
+def register_kind(kind: str, model: type[BaseModel], help_text: str,
+                  parse: Callable[..., Any] | None = None) -> None:
+    """Accept ``kind: <kind>`` data descriptions, validated by ``model`` (a
+    :class:`~fedmeta.common.yamlio.YamlModel`), or by ``parse(data, source=path)`` when given."""
     KINDS[kind] = model  # type: ignore[assignment]
     _KIND_HELP[kind] = help_text
+    if parse is not None:
+        _PARSERS[kind] = parse
 
 
 def parse_site_config(data: Any, *, source: str | Path) -> Any:
@@ -204,6 +223,10 @@ def parse_site_config(data: Any, *, source: str | Path) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{src}: a site file is a mapping of keys, got {type(data).__name__}")
     kind = data.get("kind")
+    if kind not in KINDS and isinstance(kind, str) and kind in _BUILTIN_KINDS:
+        import importlib
+
+        importlib.import_module(_BUILTIN_KINDS[kind])
     if kind not in KINDS:
         if "kind" not in data and NODE_FILE_KEYS & set(data):
             raise ConfigError(
@@ -211,8 +234,10 @@ def parse_site_config(data: Any, *, source: str | Path) -> Any:
                 "not a data description; pass the data description it names under 'data' "
                 "(a YAML with kind: ehr, images or meds)"
             )
-        allowed = " or ".join(_KIND_HELP[k] for k in KINDS)
+        allowed = " or ".join(_KIND_HELP[k] for k in dict.fromkeys([*KINDS, *_BUILTIN_KINDS]))
         raise ConfigError(f"{src}: kind = {kind!r}: expected {allowed}")
+    if kind in _PARSERS:
+        return _PARSERS[kind](data, source=src)
     return validate(KINDS[kind], data, source=src, context={"source": src})
 
 
