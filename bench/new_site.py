@@ -295,8 +295,11 @@ def _report(rows: list[R.Row], out_dir: Path, chosen: dict[str, tuple[str, ...]]
         auc, acc = cell.get((best, "auroc", TARGET_K)), cell.get((best, "accuracy", TARGET_K))
         slope = cell.get((best, "calibration_slope", TARGET_K))
         met = auc is not None and acc is not None and auc >= TARGET_AUROC and acc >= TARGET_ACCURACY
-        R.emit(f"K = {TARGET_K}: best fedmeta method by AUROC {best}: AUROC {auc:.3f}, accuracy {acc:.3f}, "
-               f"calibration slope {slope:.2f} (target AUROC >= {TARGET_AUROC} with accuracy >= "
+        def fmt(v: float | None, digits: int = 3) -> str:
+            return "n/a" if v is None else f"{v:.{digits}f}"
+
+        R.emit(f"K = {TARGET_K}: best fedmeta method by AUROC {best}: AUROC {fmt(auc)}, accuracy {fmt(acc)}, "
+               f"calibration slope {fmt(slope, 2)} (target AUROC >= {TARGET_AUROC} with accuracy >= "
                f"{TARGET_ACCURACY}: {'met' if met else 'NOT met'})", out_dir, BENCH)
         worse = [f"{m} K={k}" for m in fm for k in ks
                  if (cell.get((m, "auroc", k)) or 0) < (cell.get((m, "auroc_before", k)) or 0) - 1e-9
