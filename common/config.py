@@ -363,17 +363,37 @@ class CompressionConfig(YamlModel):
 class ValidationConfig(YamlModel):
     """Server-side checks of each reply and the aggregation rule.
 
-    A reply whose update has NaN/Inf, a wrong shape or dtype, or an L2 norm above ``max_norm`` is
-    rejected. By default an update whose norm exceeds ``relative_clip`` times the round's median
-    update norm (the lower median) is then scaled down to that median norm, so that one site
-    cannot move θ by more than an honest update's worth however it scales its reply, while every
-    update within the bound is used as sent (0 turns this off). ``aggregation``:
-    weighted ``mean``, coordinate ``median`` or ``trimmed_mean`` (dropping ``trim`` of the values
-    at each end); ``clip_norm`` > 0 also scales each update down to that fixed norm.
+    - ``max_norm``: a reply whose update has NaN/Inf, a wrong shape or dtype, or an L2 norm above
+      this is rejected.
+    - ``relative_clip``: an update whose norm exceeds this many times the round's median update
+      norm (the lower median) is scaled down to that median norm, so that however a site scales
+      its reply it moves θ no further than an honest update does; updates within the bound are
+      used as sent (0 turns this off).
+    - ``response_check``: leave out of the aggregate a site whose updates, round after round,
+      react to θ's movement the opposite way to the other sites' (an honest site's update pushes
+      back when θ moves away from what its data favour; a sign-flipped one goes along), as
+      :class:`fedmeta.common.aggregation.ResponseCheck` describes. Norms cannot see such a reply.
+      At most ``(n − 1) // 2`` of a round's ``n`` sites are left out (none of two); a round in
+      which nobody is left out aggregates exactly as without the check. Sites left out are named
+      in ``rounds.jsonl`` (``excluded``). It needs each site's own update, so under secure
+      aggregation (``fedmeta run --secagg``, where the server sees only the sum) it does not
+      apply, nor does ``relative_clip``: there each site clips its own update to
+      ``privacy.clip``, which bounds a hostile update's effect without detecting it.
+    - ``response_allowance``: the shortfall below the other sites' median response that a round
+      may show without counting against a site (the CUSUM's allowance).
+    - ``response_threshold``: the accumulated shortfall at which a site is left out; its score is
+      floored at twice this, so a site that reacts like the others again is readmitted within
+      ``response_threshold / response_allowance`` rounds.
+    - ``aggregation``: weighted ``mean``, coordinate ``median`` or ``trimmed_mean`` (dropping
+      ``trim`` of the values at each end) of the updates kept.
+    - ``clip_norm``: > 0 also scales each update down to that fixed norm.
     """
 
     max_norm: Positive = 1e4
     relative_clip: NonNegativeFloat = 4.0
+    response_check: Bool = True
+    response_allowance: NonNegativeFloat = 0.3
+    response_threshold: Positive = 2.0
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim: Annotated[float, number(ge=0, lt=0.5)] = 0.1
     clip_norm: NonNegativeFloat = 0.0

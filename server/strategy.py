@@ -7,8 +7,9 @@ state it learns. Each round it
 1. samples sites and builds their messages (:meth:`FedMetaStrategy.configure_train`, which
    returns a :class:`TrainPlan`),
 2. checks every reply (:func:`fedmeta.common.aggregation.validate_update`; a reply may not claim
-   more examples than its algorithm allows for the site), aggregates the valid ones by their
-   example counts and applies the outer optimiser (:meth:`FedMetaStrategy.aggregate_train`, which
+   more examples than its algorithm allows for the site), leaves out a site the response check
+   flags (:class:`fedmeta.common.aggregation.ResponseCheck`, whose state the checkpoint carries),
+   aggregates the others by their example counts and applies the outer optimiser (:meth:`FedMetaStrategy.aggregate_train`, which
    takes the plan back and returns a :class:`RoundResult`).
 
 Results are values passed on, not attributes another object reaches into. The strategy mirrors
@@ -31,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
 
 from fedmeta.common import algorithms
-from fedmeta.common.aggregation import aggregate, validate_update
+from fedmeta.common.aggregation import ResponseCheck, aggregate, validate_update
 from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import DataSpec
@@ -53,6 +54,8 @@ class RoundLog:
     sampled: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: accepted sites whose update the response check left out of this round's aggregate
+    excluded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     num_examples: int = 0
@@ -121,6 +124,8 @@ class FedMetaStrategy:
         self._rng = np.random.default_rng(cfg.seed)
         self._held: dict[int, NDArrays] = {}  # node -> the state it holds (downlink deltas)
         self._ttl = float(cfg.federation.timeout_s)  # a round's messages expire with the round
+        self._response = ResponseCheck(allowance=cfg.validation.response_allowance,
+                                       threshold=cfg.validation.response_threshold)
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> NDArrays:
@@ -135,11 +140,14 @@ class FedMetaStrategy:
         """Arrays and metadata that let :meth:`restore` continue exactly from here."""
         arrays = {f"theta/{k}": v for k, v in self.state().items()}
         arrays.update({f"opt/{k}": v for k, v in self._optimizer.state_arrays().items()})
-        return arrays, {"rng": self._rng.bit_generator.state, "algorithm": self.cfg.algorithm}
+        arrays.update(self._response.arrays("response/"))
+        return arrays, {"rng": self._rng.bit_generator.state, "algorithm": self.cfg.algorithm,
+                        "response": self._response.meta()}
 
     def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *,
                 source: str) -> None:
-        """Continue from :meth:`checkpoint`'s output (θ, optimiser state, sampling RNG)."""
+        """Continue from :meth:`checkpoint`'s output (θ, optimiser state, sampling RNG, the
+        response check's history)."""
         from fedmeta.common.errors import ConfigError
 
         if meta.get("algorithm") != self.cfg.algorithm:
@@ -151,6 +159,7 @@ class FedMetaStrategy:
         self._optimizer = OuterOptimizer(state, self.cfg.outer)
         self._optimizer.load_state_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
         self._rng.bit_generator.state = meta["rng"]
+        self._response.load(arrays, meta.get("response", []), "response/")
         self._held.clear()
 
     def summary_extra(self) -> dict[str, object]:
@@ -267,6 +276,16 @@ class FedMetaStrategy:
             )
             return RoundResult(None, record)
         v = self.cfg.validation
+        if v.response_check:
+            self._response.observe(self.state(), {
+                site: self.algorithm.direction(u) for site, u in zip(record.accepted, updates, strict=True)})
+            record.excluded = self._response.excluded(record.accepted)
+            if record.excluded:
+                log.warning("round %d: left %s out of the aggregate: their updates react to θ's "
+                            "movement unlike the other sites' (validation.response_check)",
+                            plan.round, record.excluded)
+                keep = [i for i, s in enumerate(record.accepted) if s not in record.excluded]
+                updates, weights = [updates[i] for i in keep], [weights[i] for i in keep]
         aggregated = aggregate(updates, weights, rule=v.aggregation, trim=v.trim, clip_norm=v.clip_norm,
                                relative_clip=v.relative_clip)
         new_state = self._optimizer.step(self.algorithm.direction(aggregated))
