@@ -80,6 +80,7 @@ SAFE_MODULE_TYPES: frozenset[type[nn.Module]] = frozenset(
         nn.Sigmoid,
         nn.Softplus,
         nn.Flatten,
+        nn.Unflatten,
         nn.MaxPool1d,
         nn.MaxPool2d,
         nn.AvgPool1d,
@@ -319,10 +320,26 @@ def params_device(params: dict[str, torch.Tensor]) -> torch.device:
     return devices.pop()
 
 
+#: The ``torch.compile`` backend of :func:`compiled` (the tests use ``"aot_eager"``, which traces the
+#: same graphs in seconds instead of minutes but generates no code).
+COMPILE_BACKEND = "inductor"
+
 # torch.compile'd functions per model (weakly held) and settings; see :func:`compiled`.
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], Callable[..., Any]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def compile_applies(model: nn.Module, impl: Impl, buffers: dict[str, torch.Tensor] | None) -> bool:
+    """Whether ``compile=True`` applies: to the vmap implementation of a model without buffers
+    (False, with a log line, otherwise: the per-task loop runs uncompiled)."""
+    if impl == "vmap" and buffers is None:
+        return True
+    logger.info(
+        "compile=True ignored for %s: it applies to the vmap implementation of a model without "
+        "buffers (here impl=%r, buffers: %s)", type(model).__name__, impl, sorted(buffers) if buffers else "none",
+    )
+    return False
 
 
 def compiled(model: nn.Module, key: tuple[object, ...], build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
@@ -333,6 +350,6 @@ def compiled(model: nn.Module, key: tuple[object, ...], build: Callable[[], Call
     """
     cache = _COMPILED.setdefault(model, {})
     if key not in cache:
-        logger.info("compiling %s for %s", key[0], type(model).__name__)
-        cache[key] = torch.compile(build())
+        logger.info("compiling %s for %s (backend %s)", key[0], type(model).__name__, COMPILE_BACKEND)
+        cache[key] = torch.compile(build(), backend=COMPILE_BACKEND)
     return cache[key]

@@ -14,7 +14,6 @@ episodic training (Snell et al. 2017; Finn et al. 2017).
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmeta.common.meta.engine import choose_impl, compiled, params_device
+from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import batched_buffers, buffer_copies
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
-
-logger = logging.getLogger(__name__)
 
 # (model, params, xs, ys_onehot (S, N), xq) -> scores (Q, N)
 ScoreFn = Callable[[nn.Module, Params, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -120,12 +117,7 @@ def metric_step(
     ) -> torch.Tensor:
         return per_query_loss(score(model, with_buffers(p, b), xs, s1, xq), yq, q1).sum()
 
-    if compile and (which != "vmap" or buffers is not None):
-        logger.info(
-            "compile=True ignored for %s: it applies to the vmap implementation of a model "
-            "without buffers (here impl=%r)", type(model).__name__, which,
-        )
-        compile = False
+    compile = compile and compile_applies(model, which, buffers)
     inputs = list(theta.values())
     total_loss = 0.0
     if compile:

@@ -35,14 +35,13 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedmeta.common.meta.engine import choose_impl, compiled, params_device
+from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import (
     adapt_autograd,
     adapt_functional,
@@ -55,8 +54,6 @@ from fedmeta.common.meta.inner import (
     task_loss,
 )
 from fedmeta.common.meta.types import InnerConfig, MetaStats, Params, TaskBatch
-
-logger = logging.getLogger(__name__)
 
 
 def maml_step(
@@ -127,13 +124,7 @@ def meta_gradient(
         for total, g in zip(totals, grads, strict=True):
             total += g
 
-    if compile and (which != "vmap" or buffers is not None):
-        logger.info(
-            "compile=True ignored for %s: it applies to the vmap implementation of a model "
-            "without buffers (here impl=%r, buffers: %s)", type(model).__name__, which,
-            sorted(buffers) if buffers else "none",
-        )
-        compile = False
+    compile = compile and compile_applies(model, which, buffers)
     if compile:
         fn = _compiled_objective_grad(model, inner, loss=loss, with_lrs=alpha is not None)
         for start in range(0, n_tasks, step):

@@ -30,14 +30,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedmeta.common.meta.engine import choose_impl, compiled, params_device
+from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import (
     adapt_autograd,
     adapt_functional,
@@ -49,8 +48,6 @@ from fedmeta.common.meta.inner import (
     task_loss,
 )
 from fedmeta.common.meta.types import InnerConfig, MetaStats, Params, TaskBatch
-
-logger = logging.getLogger(__name__)
 
 
 def reptile_step(
@@ -96,12 +93,7 @@ def reptile_step(
             after = task_loss(forward(model, phi, xq, b), yq, loss, reduction="sum")
         return {k: (phi[k] - p[k]).detach() for k in p}, after
 
-    if compile and (which != "vmap" or buffers is not None):
-        logger.info(
-            "compile=True ignored for %s: it applies to the vmap implementation of a model "
-            "without buffers (here impl=%r)", type(model).__name__, which,
-        )
-        compile = False
+    compile = compile and compile_applies(model, which, buffers)
     if which == "vmap":
         if compile:
             key = ("the Reptile adaptation", inner, loss, use_query)

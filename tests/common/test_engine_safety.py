@@ -13,9 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmeta.common.meta import engine
-from fedmeta.common.meta.engine import SAFE_MODULE_TYPES, choose_impl, is_known_safe, vmap_matches_loop
+from fedmeta.common.meta.engine import (
+    SAFE_MODULE_TYPES,
+    choose_impl,
+    is_known_safe,
+    vmap_matches_loop,
+)
 from fedmeta.common.meta.maml import maml_step
-from fedmeta.common.meta.reference import directional_fd, dot, leaf, random_like, ref_meta_loss, single_thread
+from fedmeta.common.meta.reference import (
+    directional_fd,
+    dot,
+    leaf,
+    random_like,
+    ref_meta_loss,
+    single_thread,
+)
 from fedmeta.common.meta.types import InnerConfig, TaskBatch
 from fedmeta.common.models import build_model
 
