@@ -347,10 +347,10 @@ def _timing_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return [r for r in rows if "median_ms" in r]
 
 
-def _print_table(rows: list[dict[str, object]]) -> None:
+def _table(rows: list[dict[str, object]]) -> list[str]:
     rows = _timing_rows(rows)
-    print(f"\n{'section':<8} {'workload':<7} {'algorithm':<9} {'T':>4} {'k':>3} {'implementation':<13} "
-          f"{'median ms':>10} {'cpu ms':>9} {'peak MB':>8}  vs l2l  vs loop")
+    lines = [f"{'section':<8} {'workload':<7} {'algorithm':<9} {'T':>4} {'k':>3} {'implementation':<13} "
+             f"{'median ms':>10} {'cpu ms':>9} {'peak MB':>8}  vs l2l  vs loop"]
     ref: dict[tuple[object, ...], dict[str, float]] = {}
     for r in rows:
         key = (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
@@ -362,12 +362,13 @@ def _print_table(rows: list[dict[str, object]]) -> None:
         loop = ref[key].get("loop")
         impl = f"{r['implementation']}{'*' if r['auto'] else ''}"
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(
+        lines.append(
             f"{r['section']:<8} {r['workload']:<7} {r['algorithm']:<9} {r['meta_batch']:>4} {r['inner_steps']:>3} "
             f"{impl:<13} {ms:>10.1f} {float(r['cpu_ms']):>9.1f} {peak:>8}  "  # type: ignore[arg-type]
             f"{f'{l2l / ms:.2f}x' if l2l else '-':>6}  {f'{loop / ms:.2f}x' if loop else '-':>6}"
         )
-    print("* = the implementation the engine chooses with impl='auto'")
+    lines.append("* = the implementation the engine chooses with impl='auto'; ratios from median wall times")
+    return lines
 
 
 THREADS_ENV = "FEDMETA_BENCH_THREADS"
@@ -429,8 +430,8 @@ def run(*, quick: bool, out_dir: Path, threads: int | None = None) -> list[dict[
     its rows to ``out_dir/engine.json`` as they are measured, print its table and return the rows.
 
     ``quick`` (about a minute of CPU time): 3 repetitions (Conv-4: 2), no peak memory, no compiled,
-    scaling or sine-regression rows, and Conv-4 at 2 tasks with MAML, FOMAML, Reptile and ProtoNet
-    only (on the CPU without vmap, which the engine does not choose there); its figures are
+    scaling or sine-regression rows, and Conv-4 at 2 tasks and 2 inner steps with MAML, FOMAML,
+    Reptile and ProtoNet only (on the CPU without vmap, which the engine does not choose there); its figures are
     indicative only.
     """
     n_threads = resolve_threads(threads)
@@ -457,7 +458,7 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
         for algorithm in ALGORITHMS:
             out.extend(_measure(MLP, algorithm, impls, device, l2l, reps=3, section="main", memory=False))
         for algorithm in ("maml", "fomaml", "reptile", "protonet"):
-            out.extend(_measure(replace(CONV4, meta_batch=2), algorithm, conv_impls, device, l2l,
+            out.extend(_measure(replace(CONV4, meta_batch=2, inner_steps=2), algorithm, conv_impls, device, l2l,
                                 reps=2, section="main", memory=False))
     else:
         reps_mlp, reps_conv = 15, (7 if cuda else 5)
@@ -470,9 +471,10 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
             # On the CPU vmapped Conv-4 is 2.6-3.8x slower than the loop (batched convolution
             # weights): timed apart, with fewer repetitions.
             main = impls if cuda else ("loop", "learn2learn")
-            out.extend(_measure(CONV4, algorithm, (*main, *extra), device, l2l, reps=reps_conv,
+            reps = reps_conv if cuda or algorithm != "maml" else 9  # the headline figure on the CPU
+            out.extend(_measure(CONV4, algorithm, (*main, *extra), device, l2l, reps=reps,
                                 section="main", memory=memory))
-            if not cuda:
+            if not cuda and algorithm not in ("fomaml", "metasgd"):  # (they behave like maml)
                 out.extend(_measure(CONV4, algorithm, ("vmap",), device, l2l, reps=2,
                                     section="main", memory=memory))
         for t in (8, 32, 128):
@@ -485,11 +487,13 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
         conv_impls = impls if cuda else ("loop", "learn2learn")
         for t in (2, 32) if not cuda else (2, 32, 128):
             out.extend(_measure(replace(CONV4, meta_batch=t), "maml", conv_impls, device, l2l,
-                                reps=reps_conv if t <= 8 else 3, section="scaling", memory=memory))
+                                reps=reps_conv if t <= 8 or cuda else 2, section="scaling", memory=memory))
         for k in (1, 10):
             out.extend(_measure(replace(CONV4, inner_steps=k), "maml", conv_impls, device, l2l,
-                                reps=reps_conv, section="scaling", memory=memory))
-    _print_table(out.rows)
+                                reps=reps_conv if cuda else 3, section="scaling", memory=memory))
+    table = _table(out.rows)
+    print("\n" + "\n".join(table))
+    (out_dir / "engine.txt").write_text("\n".join(table) + "\n")
     if l2l is not None:
         agreement = _agreement_with_learn2learn(l2l, device)
         for r in agreement:
@@ -501,5 +505,5 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
         out.extend([{"section": "sine", **r} for r in sine.run(quick=quick, out_dir=out_dir)])
     wall_s = time.perf_counter() - started
     out.extend([{"section": "done", "wall_s": round(wall_s, 1)}])
-    print(f"engine benchmark: {wall_s:.0f} s, rows in {out.path}")
+    print(f"engine benchmark: {wall_s:.0f} s, rows in {out.path}, table in {out_dir / 'engine.txt'}")
     return out.rows

@@ -76,6 +76,7 @@ def test_quick_run_saves_rows_as_it_goes_with_fixed_threads(
     assert saved_before_each == sorted(saved_before_each) and saved_before_each[-1] > saved_before_each[0]
     assert set(threads_seen) == {1}
     assert json.loads((tmp_path / "engine.json").read_text()) == rows
+    assert "conv4   maml" in (tmp_path / "engine.txt").read_text()
     env = rows[0]
     assert env["section"] == "environment" and env["threads"] == 1 and env["torch"] == torch.__version__
     assert rows[-1]["section"] == "done" and float(rows[-1]["wall_s"]) > 0  # type: ignore[arg-type]
