@@ -257,7 +257,7 @@ def _release_free_memory() -> None:
         pass
 
 
-def _measure(
+def measure(
     workload: Workload,
     algorithm: str,
     impls: tuple[str, ...],
@@ -269,7 +269,8 @@ def _measure(
     memory: bool,
 ) -> list[dict[str, object]]:
     """Time every implementation round-robin (so load changes hit all alike), then, with
-    ``memory``, measure each one's peak memory in one more call of its own."""
+    ``memory``, measure each one's peak memory in one more call of its own; one row per
+    implementation. ``impls``: ``vmap``, ``loop``, ``learn2learn``, ``vmap+compile``, ``auto+before``."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = workload.model(algorithm).to(device)
@@ -456,15 +457,15 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
     if quick:
         conv_impls = impls if cuda else ("loop", "learn2learn")
         for algorithm in ALGORITHMS:
-            out.extend(_measure(MLP, algorithm, impls, device, l2l, reps=3, section="main", memory=False))
+            out.extend(measure(MLP, algorithm, impls, device, l2l, reps=3, section="main", memory=False))
         for algorithm in ("maml", "fomaml", "reptile", "protonet"):
-            out.extend(_measure(replace(CONV4, meta_batch=2, inner_steps=2), algorithm, conv_impls, device, l2l,
+            out.extend(measure(replace(CONV4, meta_batch=2, inner_steps=2), algorithm, conv_impls, device, l2l,
                                 reps=2, section="main", memory=False))
     else:
         reps_mlp, reps_conv = 15, (7 if cuda else 5)
         for algorithm in ALGORITHMS:
             extra: tuple[str, ...] = ("auto+before", "vmap+compile") if algorithm == "maml" else ()
-            out.extend(_measure(MLP, algorithm, (*impls, *extra), device, l2l, reps=reps_mlp,
+            out.extend(measure(MLP, algorithm, (*impls, *extra), device, l2l, reps=reps_mlp,
                                 section="main", memory=memory))
         for algorithm in ALGORITHMS:
             extra = ("auto+before",) if algorithm == "maml" else ()
@@ -472,24 +473,24 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
             # weights): timed apart, with fewer repetitions.
             main = impls if cuda else ("loop", "learn2learn")
             reps = reps_conv if cuda or algorithm != "maml" else 9  # the headline figure on the CPU
-            out.extend(_measure(CONV4, algorithm, (*main, *extra), device, l2l, reps=reps,
+            out.extend(measure(CONV4, algorithm, (*main, *extra), device, l2l, reps=reps,
                                 section="main", memory=memory))
             if not cuda and algorithm not in ("fomaml", "metasgd"):  # (they behave like maml)
-                out.extend(_measure(CONV4, algorithm, ("vmap",), device, l2l, reps=2,
+                out.extend(measure(CONV4, algorithm, ("vmap",), device, l2l, reps=2,
                                     section="main", memory=memory))
         for t in (8, 32, 128):
-            out.extend(_measure(replace(MLP, meta_batch=t), "maml", impls, device, l2l, reps=reps_mlp,
+            out.extend(measure(replace(MLP, meta_batch=t), "maml", impls, device, l2l, reps=reps_mlp,
                                 section="scaling", memory=memory))
         for k in (1, 10):
-            out.extend(_measure(replace(MLP, inner_steps=k), "maml", impls, device, l2l, reps=reps_mlp,
+            out.extend(measure(replace(MLP, inner_steps=k), "maml", impls, device, l2l, reps=reps_mlp,
                                 section="scaling", memory=memory))
         # vmapped second-order Conv-4 on the CPU needs ~0.5 GB per task: loop and learn2learn there.
         conv_impls = impls if cuda else ("loop", "learn2learn")
         for t in (2, 32) if not cuda else (2, 32, 128):
-            out.extend(_measure(replace(CONV4, meta_batch=t), "maml", conv_impls, device, l2l,
+            out.extend(measure(replace(CONV4, meta_batch=t), "maml", conv_impls, device, l2l,
                                 reps=reps_conv if t <= 8 or cuda else 2, section="scaling", memory=memory))
         for k in (1, 10):
-            out.extend(_measure(replace(CONV4, inner_steps=k), "maml", conv_impls, device, l2l,
+            out.extend(measure(replace(CONV4, inner_steps=k), "maml", conv_impls, device, l2l,
                                 reps=reps_conv if cuda else 3, section="scaling", memory=memory))
     table = _table(out.rows)
     print("\n" + "\n".join(table))
@@ -507,3 +508,29 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
     out.extend([{"section": "done", "wall_s": round(wall_s, 1)}])
     print(f"engine benchmark: {wall_s:.0f} s, rows in {out.path}, table in {out_dir / 'engine.txt'}")
     return out.rows
+
+
+def headline(out_dir: Path, *, reps: int = 15, threads: int | None = None) -> list[dict[str, object]]:
+    """The two headline ratios alone, with more repetitions than the full run: second-order MAML on
+    Conv-4 at 8 tasks (the engine's loop with and without the "before" statistic, learn2learn) and
+    on the MLP at 32 tasks (vmap, loop, learn2learn), round-robin. Rows go to
+    ``out_dir/headline.json`` as they are measured."""
+    n_threads = resolve_threads(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        device = resolve_device("auto")
+        l2l = _learn2learn()
+        out = RowWriter(out_dir / "headline.json")
+        out.extend([_environment(device, n_threads, quick=False)])
+        out.extend(measure(CONV4, "maml", ("loop", "learn2learn", "auto+before"), device, l2l, reps=reps,
+                           section="headline", memory=False))
+        out.extend(measure(MLP, "maml", ("vmap", "loop", "learn2learn"), device, l2l, reps=reps,
+                           section="headline", memory=False))
+        table = _table(out.rows)
+        print("\n" + "\n".join(table))
+        (out_dir / "headline.txt").write_text("\n".join(table) + "\n")
+        return out.rows
+    finally:
+        torch.set_num_threads(previous)
+

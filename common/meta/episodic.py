@@ -160,6 +160,7 @@ def metric_step(
                 for k, g in zip(theta, grads, strict=True):
                     totals[k] += g
                 total_loss += float(value.detach())
+                del value  # free this episode's graph before the next one is built
     stats = MetaStats(
         n_tasks=n_tasks,
         n_examples=episodes.n_examples,

@@ -176,6 +176,7 @@ def meta_gradient(
                     after = task_loss(forward(model, phi, tasks.xq[t], buffers), tasks.yq[t], loss, reduction="sum")
                     accumulate(after * scale)
                     loss_after += float(after.detach())
+                    del phi, after  # free this task's graph before the next task builds its own
 
     # After the gradient, so that a random forward (dropout) draws the same numbers either way.
     loss_before = float("nan")

@@ -55,7 +55,7 @@ def test_quick_run_saves_rows_as_it_goes_with_fixed_threads(
         pytest.skip("learn2learn is not installed (see README: comparing with learn2learn)")
     saved_before_each: list[int] = []
     threads_seen: list[int] = []
-    measure = bench._measure
+    measure = bench.measure
 
     def spy(*args: object, **kwargs: object) -> list[dict[str, object]]:
         path = tmp_path / "engine.json"
@@ -63,7 +63,7 @@ def test_quick_run_saves_rows_as_it_goes_with_fixed_threads(
         threads_seen.append(torch.get_num_threads())
         return measure(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bench, "_measure", spy)
+    monkeypatch.setattr(bench, "measure", spy)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -95,3 +95,11 @@ def test_quick_run_saves_rows_as_it_goes_with_fixed_threads(
     for r in rows:
         if r["section"] == "agreement":
             assert float(r["max_abs_diff"]) < 1e-10  # type: ignore[arg-type]
+
+
+def test_headline_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "_learn2learn", lambda: None)
+    rows = bench.headline(tmp_path, reps=1, threads=1)
+    assert json.loads((tmp_path / "headline.json").read_text()) == rows
+    got = [(r["workload"], r["implementation"]) for r in rows if r["section"] == "headline"]
+    assert got == [("conv4", "loop"), ("conv4", "loop+before"), ("mlp", "vmap"), ("mlp", "loop")]
