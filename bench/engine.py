@@ -349,26 +349,39 @@ def _timing_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 
 def _table(rows: list[dict[str, object]]) -> list[str]:
+    """The timing rows as a text table with speed-ups against learn2learn and the loop, from median
+    wall times and from median CPU times."""
     rows = _timing_rows(rows)
     lines = [f"{'section':<8} {'workload':<7} {'algorithm':<9} {'T':>4} {'k':>3} {'implementation':<13} "
-             f"{'median ms':>10} {'cpu ms':>9} {'peak MB':>8}  vs l2l  vs loop"]
-    ref: dict[tuple[object, ...], dict[str, float]] = {}
+             f"{'median ms':>10} {'cpu ms':>9} {'peak MB':>8}  {'vs l2l':>11}  {'vs loop':>11}",
+             f"{'':>80}{'wall   cpu':>11}  {'wall   cpu':>11}"]
+    ref: dict[tuple[object, ...], dict[str, tuple[float, float]]] = {}
+
+    def key(r: dict[str, object]) -> tuple[object, ...]:
+        return (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
+
+    def times(r: dict[str, object]) -> tuple[float, float]:
+        return float(r["median_ms"]), float(r["cpu_ms"])  # type: ignore[arg-type]
+
     for r in rows:
-        key = (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
-        ref.setdefault(key, {})[str(r["implementation"])] = float(r["median_ms"])  # type: ignore[arg-type]
+        ref.setdefault(key(r), {})[str(r["implementation"])] = times(r)
+
+    def ratio(other: tuple[float, float] | None, mine: tuple[float, float]) -> str:
+        if other is None:
+            return f"{'-':>11}"
+        return f"{other[0] / mine[0]:>5.2f} {other[1] / mine[1]:>5.2f}"
+
     for r in rows:
-        key = (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
-        ms = float(r["median_ms"])  # type: ignore[arg-type]
-        l2l = ref[key].get("learn2learn")
-        loop = ref[key].get("loop")
+        mine = times(r)
         impl = f"{r['implementation']}{'*' if r['auto'] else ''}"
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         lines.append(
             f"{r['section']:<8} {r['workload']:<7} {r['algorithm']:<9} {r['meta_batch']:>4} {r['inner_steps']:>3} "
-            f"{impl:<13} {ms:>10.1f} {float(r['cpu_ms']):>9.1f} {peak:>8}  "  # type: ignore[arg-type]
-            f"{f'{l2l / ms:.2f}x' if l2l else '-':>6}  {f'{loop / ms:.2f}x' if loop else '-':>6}"
+            f"{impl:<13} {mine[0]:>10.1f} {mine[1]:>9.1f} {peak:>8}  "
+            f"{ratio(ref[key(r)].get('learn2learn'), mine)}  {ratio(ref[key(r)].get('loop'), mine)}"
         )
-    lines.append("* = the implementation the engine chooses with impl='auto'; ratios from median wall times")
+    lines.append("* = the implementation the engine chooses with impl='auto'; vs X = X's time / this row's, "
+                 "from median wall and median CPU times")
     return lines
 
 
