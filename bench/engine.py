@@ -1,5 +1,5 @@
-"""``fedmeta bench engine``: speed and memory of the meta-learning engine against a per-task loop
-and learn2learn, on the two workloads of issue 3, and the scaling with meta-batch and inner steps.
+"""``fedmeta bench engine``: speed and memory of the meta-learning engine against its per-task loop
+and learn2learn, on two workloads, and the scaling with meta-batch and inner steps.
 
 Workloads (random inputs; only shapes matter for speed):
 
@@ -8,16 +8,26 @@ Workloads (random inputs; only shapes matter for speed):
   per class, 8 tasks, 5 inner steps.
 
 For every algorithm each implementation is timed in this one process: ``vmap`` and ``loop`` (the
-engine's two paths, :mod:`fedmeta.common.meta.engine`), and ``learn2learn`` (MAML, FOMAML and
-Meta-SGD, clone/adapt per task, ``backward`` per task) when it can be imported. ``auto`` marks the
-implementation the engine picks by itself. A row's ``median_ms`` is the median wall time of one
-outer step (meta-gradient or delta for the whole meta-batch; on CUDA after a synchronise);
-``peak_mb`` is the peak memory of one more outer step above the level before it: on CUDA
+engine's two paths, :mod:`fedmeta.common.meta.engine`), ``learn2learn`` (MAML, FOMAML and Meta-SGD,
+clone/adapt per task, ``backward`` per task) when it can be imported, ``vmap+compile`` (the vmap path
+``torch.compile``d; full run only, MLP MAML: compiling takes minutes) and ``auto+before`` (the
+engine's own choice with the "before adaptation" query statistic switched on; MAML, full run only).
+The other engine rows run with ``before_stats=False``, the same work as learn2learn's. ``auto``
+marks the implementation the engine picks by itself.
+
+A row's ``median_ms`` is the median wall time of one outer step (meta-gradient or delta for the
+whole meta-batch; on CUDA after a synchronise) and ``cpu_ms`` the median CPU time of the process
+over the same step (less disturbed by other jobs on a shared machine); ``peak_mb`` is the peak memory
+of one more outer step above the level before it (full run only): on CUDA
 ``max_memory_allocated``, on the CPU the resident set size sampled every millisecond after
-``malloc_trim`` (approximate). Implementations are timed round-robin, repetition by repetition,
-so that load from other processes affects them alike; ``load_avg_1min`` is recorded per row.
-Engine rows include the query loss before adaptation (one extra query forward per task), which
-the learn2learn rows do not compute.
+``malloc_trim`` (approximate). Implementations are timed round-robin, repetition by repetition, so
+that load from other processes affects them alike; ``load_avg_1min`` is recorded per row.
+
+torch runs with a fixed number of intra-op threads: ``run(threads=N)``, else the environment
+variable ``FEDMETA_BENCH_THREADS``, else 1 (on a shared machine, torch's default of one thread per
+core made steps 20–40x slower and the spread very wide). Rows are written to ``OUT/engine.json`` as
+they are measured, so an interrupted run keeps what it measured; the first row
+(``section: "environment"``) records torch's build, the device, the threads and learn2learn's version.
 
 learn2learn 0.2.0's top-level package imports gym and torchvision, which must not be installed
 here; if ``import learn2learn`` fails, only its ``algorithms.maml``/``meta_sgd`` modules are loaded.
@@ -28,7 +38,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import statistics
@@ -171,24 +183,23 @@ def _learn2learn() -> Any | None:
 def _engine_step(
     algorithm: str, model: nn.Module, tasks: TaskBatch, inner: InnerConfig, n_way: int, impl: str
 ) -> Callable[[], object]:
+    """One outer step of the engine; ``impl`` is ``vmap``, ``loop``, ``vmap+compile`` or ``X+before``
+    (``X`` with the "before adaptation" statistic, which the other rows skip)."""
     params = init_params(model)
-    if impl == "vmap+compile":
-        if algorithm == "maml":
-            return lambda: maml_step(model, params, tasks, inner, impl="vmap", compile=True)
-        fo = replace(inner, first_order=True)
-        return lambda: maml_step(model, params, tasks, fo, impl="vmap", compile=True)
+    base, _, extra = impl.partition("+")
+    kw: dict[str, Any] = {"impl": base, "compile": extra == "compile", "before_stats": extra == "before"}
     if algorithm == "maml":
-        return lambda: maml_step(model, params, tasks, inner, impl=impl)
+        return lambda: maml_step(model, params, tasks, inner, **kw)
     if algorithm == "fomaml":
         fo = replace(inner, first_order=True)
-        return lambda: maml_step(model, params, tasks, fo, impl=impl)
+        return lambda: maml_step(model, params, tasks, fo, **kw)
     if algorithm == "reptile":
-        return lambda: reptile_step(model, params, tasks, inner, impl=impl)
+        return lambda: reptile_step(model, params, tasks, inner, **kw)
     if algorithm == "metasgd":
         lrs = init_lrs(params, inner.lr)
-        return lambda: metasgd_step(model, params, lrs, tasks, inner, impl=impl)
+        return lambda: metasgd_step(model, params, lrs, tasks, inner, **kw)
     step = {"protonet": protonet_step, "matching": matching_step, "relation": relation_step}[algorithm]
-    return lambda: step(model, params, tasks, n_way=n_way, impl=impl)
+    return lambda: step(model, params, tasks, n_way=n_way, **kw)
 
 
 def _l2l_step(
@@ -246,7 +257,7 @@ def _release_free_memory() -> None:
         pass
 
 
-def _measure(
+def measure(
     workload: Workload,
     algorithm: str,
     impls: tuple[str, ...],
@@ -255,25 +266,28 @@ def _measure(
     *,
     reps: int,
     section: str,
+    memory: bool,
 ) -> list[dict[str, object]]:
-    """Time every implementation round-robin (so load changes hit all alike), then measure each
-    one's peak memory in one more call of its own."""
+    """Time every implementation round-robin (so load changes hit all alike), then, with
+    ``memory``, measure each one's peak memory in one more call of its own; one row per
+    implementation. ``impls``: ``vmap``, ``loop``, ``learn2learn``, ``vmap+compile``, ``auto+before``."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = workload.model(algorithm).to(device)
     tasks = workload.tasks(device, gen)
     inner = InnerConfig(steps=workload.inner_steps, lr=0.05)
-    auto = choose_impl(model, device, "auto")
+    second_order = algorithm in ("maml", "metasgd")
+    auto = choose_impl(model, device, "auto", second_order=second_order, probe=tasks)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     fns: dict[str, Callable[[], object]] = {}
-    compile_s: dict[str, float] = {}
+    warm_s: dict[str, float] = {}
     for impl in impls:
-        if impl == "vmap+compile" and algorithm not in ("maml", "fomaml"):
-            continue
+        if impl == "auto+before":
+            impl = f"{auto}+before"
         if impl == "learn2learn":
             if l2l is None or algorithm not in L2L_ALGORITHMS:
                 continue
@@ -283,37 +297,44 @@ def _measure(
         start = time.perf_counter()
         fns[impl]()  # warm-up (and compilation)
         sync()
-        compile_s[impl] = time.perf_counter() - start
-    times: dict[str, list[float]] = {impl: [] for impl in fns}
+        warm_s[impl] = time.perf_counter() - start
+    wall: dict[str, list[float]] = {impl: [] for impl in fns}
+    cpu: dict[str, list[float]] = {impl: [] for impl in fns}
     for _ in range(reps):
         for impl, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync()
-            times[impl].append((time.perf_counter() - start) * 1000)
+            wall[impl].append((time.perf_counter() - start) * 1000)
+            cpu[impl].append((time.process_time() - start_cpu) * 1000)
     rows = []
     for impl, fn in fns.items():
-        _release_free_memory()
-        with _PeakMemory(device) as mem:
-            fn()
-        row = {
+        peak: float | None = None
+        if memory:
+            _release_free_memory()
+            with _PeakMemory(device) as mem:
+                fn()
+            peak = mem.peak_mb
+        rows.append({
             "section": section,
             "workload": workload.name,
             "algorithm": algorithm,
             "implementation": impl,
             "auto": impl == auto,
-            "median_ms": round(statistics.median(times[impl]), 2),
-            "peak_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
+            "median_ms": round(statistics.median(wall[impl]), 2),
+            "cpu_ms": round(statistics.median(cpu[impl]), 2),
+            "min_ms": round(min(wall[impl]), 2),
+            "max_ms": round(max(wall[impl]), 2),
+            "peak_mb": None if peak is None else round(peak, 1),
             "device": _device_name(device),
             "meta_batch": workload.meta_batch,
             "inner_steps": workload.inner_steps,
             "threads": torch.get_num_threads(),
             "reps": reps,
             "load_avg_1min": round(os.getloadavg()[0], 2),
-            "compile_s": round(compile_s[impl], 1) if impl == "vmap+compile" else None,
-        }
-        logger.info("%s", row)
-        rows.append(row)
+            "compile_s": round(warm_s[impl], 1) if impl.endswith("+compile") else None,
+        })
+        logger.info("%s", rows[-1])
     return rows
 
 
@@ -323,67 +344,206 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def _print_table(rows: list[dict[str, object]]) -> None:
-    print(f"\n{'section':<8} {'workload':<7} {'algorithm':<9} {'T':>4} {'k':>3} {'implementation':<12} "
-          f"{'median ms':>10} {'peak MB':>9}  vs l2l  vs loop")
-    ref: dict[tuple[object, ...], dict[str, float]] = {}
+def _timing_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [r for r in rows if "median_ms" in r]
+
+
+def _table(rows: list[dict[str, object]]) -> list[str]:
+    """The timing rows as a text table with speed-ups against learn2learn and the loop, from median
+    wall times and from median CPU times."""
+    rows = _timing_rows(rows)
+    lines = [f"{'section':<8} {'workload':<7} {'algorithm':<9} {'T':>4} {'k':>3} {'implementation':<13} "
+             f"{'median ms':>10} {'cpu ms':>9} {'peak MB':>8}  {'vs l2l':>11}  {'vs loop':>11}",
+             f"{'':>80}{'wall   cpu':>11}  {'wall   cpu':>11}"]
+    ref: dict[tuple[object, ...], dict[str, tuple[float, float]]] = {}
+
+    def key(r: dict[str, object]) -> tuple[object, ...]:
+        return (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
+
+    def times(r: dict[str, object]) -> tuple[float, float]:
+        return float(r["median_ms"]), float(r["cpu_ms"])  # type: ignore[arg-type]
+
     for r in rows:
-        key = (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
-        ref.setdefault(key, {})[str(r["implementation"])] = float(r["median_ms"])  # type: ignore[arg-type]
+        ref.setdefault(key(r), {})[str(r["implementation"])] = times(r)
+
+    def ratio(other: tuple[float, float] | None, mine: tuple[float, float]) -> str:
+        if other is None:
+            return f"{'-':>11}"
+        return f"{other[0] / mine[0]:>5.2f} {other[1] / mine[1]:>5.2f}"
+
     for r in rows:
-        key = (r["section"], r["workload"], r["algorithm"], r["meta_batch"], r["inner_steps"])
-        ms = float(r["median_ms"])  # type: ignore[arg-type]
-        l2l = ref[key].get("learn2learn")
-        loop = ref[key].get("loop")
+        mine = times(r)
         impl = f"{r['implementation']}{'*' if r['auto'] else ''}"
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(
+        lines.append(
             f"{r['section']:<8} {r['workload']:<7} {r['algorithm']:<9} {r['meta_batch']:>4} {r['inner_steps']:>3} "
-            f"{impl:<12} {ms:>10.1f} {peak:>9}  {f'{l2l / ms:.1f}x' if l2l else '-':>6}  "
-            f"{f'{loop / ms:.1f}x' if loop else '-':>6}"
+            f"{impl:<13} {mine[0]:>10.1f} {mine[1]:>9.1f} {peak:>8}  "
+            f"{ratio(ref[key(r)].get('learn2learn'), mine)}  {ratio(ref[key(r)].get('loop'), mine)}"
         )
-    print("* = the implementation the engine chooses with impl='auto'")
+    lines.append("* = the implementation the engine chooses with impl='auto'; vs X = X's time / this row's, "
+                 "from median wall and median CPU times")
+    return lines
 
 
-def run(*, quick: bool, out_dir: Path) -> list[dict[str, object]]:
-    """Run the engine benchmark; return (and print) its rows. ``quick``: fewer repetitions and
-    no Conv-4 scaling on the CPU."""
+THREADS_ENV = "FEDMETA_BENCH_THREADS"
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """The intra-op threads to run with: ``threads`` if given, else ``$FEDMETA_BENCH_THREADS``, else 1."""
+    source = "threads"
+    if threads is None:
+        value = os.environ.get(THREADS_ENV)
+        if value is None:
+            return 1
+        source = f"${THREADS_ENV}"
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"{source} = {value!r} is not a whole number of threads") from None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{source} = {threads!r}: the number of threads must be an integer >= 1")
+    return threads
+
+
+class RowWriter:
+    """A list of rows, rewritten to ``path`` (JSON, atomically) each time one is appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, object]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def extend(self, rows: list[dict[str, object]]) -> None:
+        self.rows.extend(rows)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _environment(device: torch.device, threads: int, quick: bool) -> dict[str, object]:
+    try:
+        l2l_version: str | None = importlib.metadata.version("learn2learn")
+    except importlib.metadata.PackageNotFoundError:
+        l2l_version = None
+    return {
+        "section": "environment",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": _device_name(device),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "learn2learn": l2l_version,
+        "quick": quick,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run(*, quick: bool, out_dir: Path, threads: int | None = None) -> list[dict[str, object]]:
+    """Run the engine benchmark with ``threads`` intra-op threads (:func:`resolve_threads`); write
+    its rows to ``out_dir/engine.json`` as they are measured, print its table and return the rows.
+
+    ``quick`` (about a minute of CPU time): 3 repetitions (Conv-4: 2), no peak memory, no compiled,
+    scaling or sine-regression rows, and Conv-4 at 2 tasks and 2 inner steps with MAML, FOMAML,
+    Reptile and ProtoNet only (on the CPU without vmap, which the engine does not choose there); its figures are
+    indicative only.
+    """
+    n_threads = resolve_threads(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        return _run(quick=quick, out_dir=out_dir, threads=n_threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]:
+    started = time.perf_counter()
     device = resolve_device("auto")
     cuda = device.type == "cuda"
     l2l = _learn2learn()
+    out = RowWriter(out_dir / "engine.json")
+    out.extend([_environment(device, threads, quick)])
     logger.info("engine benchmark on %s, learn2learn %s", _device_name(device), "found" if l2l else "not found")
+    memory = not quick
     impls = ("vmap", "loop", "learn2learn")
-    reps_mlp = 5 if quick else 15
-    reps_conv = 2 if quick and not cuda else 5
-    rows: list[dict[str, object]] = []
-    mlp_impls = impls if quick else (*impls, "vmap+compile")
-    for algorithm in ALGORITHMS:
-        rows += _measure(MLP, algorithm, mlp_impls, device, l2l, reps=reps_mlp, section="main")
-    for algorithm in ALGORITHMS:
-        rows += _measure(CONV4, algorithm, impls, device, l2l, reps=reps_conv, section="main")
-
-    for t in (8, 32, 128):
-        rows += _measure(replace(MLP, meta_batch=t), "maml", impls, device, l2l, reps=reps_mlp, section="scaling")
-    for k in (1, 10):
-        rows += _measure(replace(MLP, inner_steps=k), "maml", impls, device, l2l, reps=reps_mlp, section="scaling")
-    if cuda:
+    if quick:
+        conv_impls = impls if cuda else ("loop", "learn2learn")
+        for algorithm in ALGORITHMS:
+            out.extend(measure(MLP, algorithm, impls, device, l2l, reps=3, section="main", memory=False))
+        for algorithm in ("maml", "fomaml", "reptile", "protonet"):
+            out.extend(measure(replace(CONV4, meta_batch=2, inner_steps=2), algorithm, conv_impls, device, l2l,
+                                reps=2, section="main", memory=False))
+    else:
+        reps_mlp, reps_conv = 15, (7 if cuda else 5)
+        for algorithm in ALGORITHMS:
+            extra: tuple[str, ...] = ("auto+before", "vmap+compile") if algorithm == "maml" else ()
+            out.extend(measure(MLP, algorithm, (*impls, *extra), device, l2l, reps=reps_mlp,
+                                section="main", memory=memory))
+        for algorithm in ALGORITHMS:
+            extra = ("auto+before",) if algorithm == "maml" else ()
+            # On the CPU vmapped Conv-4 is 2.6-3.8x slower than the loop (batched convolution
+            # weights): timed apart, with fewer repetitions.
+            main = impls if cuda else ("loop", "learn2learn")
+            reps = reps_conv if cuda or algorithm != "maml" else 9  # the headline figure on the CPU
+            out.extend(measure(CONV4, algorithm, (*main, *extra), device, l2l, reps=reps,
+                                section="main", memory=memory))
+            if not cuda and algorithm not in ("fomaml", "metasgd"):  # (they behave like maml)
+                out.extend(measure(CONV4, algorithm, ("vmap",), device, l2l, reps=2,
+                                    section="main", memory=memory))
         for t in (8, 32, 128):
-            rows += _measure(replace(CONV4, meta_batch=t), "maml", impls, device, l2l, reps=reps_conv, section="scaling")
+            out.extend(measure(replace(MLP, meta_batch=t), "maml", impls, device, l2l, reps=reps_mlp,
+                                section="scaling", memory=memory))
         for k in (1, 10):
-            rows += _measure(replace(CONV4, inner_steps=k), "maml", impls, device, l2l, reps=reps_conv, section="scaling")
-    elif not quick:
-        # vmapped second-order Conv-4 on the CPU needs ~0.5 GB per task (FACTS.md): loop and l2l only.
-        for t in (32,):
-            rows += _measure(replace(CONV4, meta_batch=t), "maml", ("loop", "learn2learn"), device, l2l, reps=3, section="scaling")
+            out.extend(measure(replace(MLP, inner_steps=k), "maml", impls, device, l2l, reps=reps_mlp,
+                                section="scaling", memory=memory))
+        # vmapped second-order Conv-4 on the CPU needs ~0.5 GB per task: loop and learn2learn there.
+        conv_impls = impls if cuda else ("loop", "learn2learn")
+        for t in (2, 32) if not cuda else (2, 32, 128):
+            out.extend(measure(replace(CONV4, meta_batch=t), "maml", conv_impls, device, l2l,
+                                reps=reps_conv if t <= 8 or cuda else 2, section="scaling", memory=memory))
         for k in (1, 10):
-            rows += _measure(replace(CONV4, inner_steps=k), "maml", ("loop", "learn2learn"), device, l2l, reps=3, section="scaling")
-    _print_table(rows)
+            out.extend(measure(replace(CONV4, inner_steps=k), "maml", conv_impls, device, l2l,
+                                reps=reps_conv if cuda else 3, section="scaling", memory=memory))
+    table = _table(out.rows)
+    print("\n" + "\n".join(table))
+    (out_dir / "engine.txt").write_text("\n".join(table) + "\n")
     if l2l is not None:
         agreement = _agreement_with_learn2learn(l2l, device)
         for r in agreement:
             print(f"agreement {r['algorithm']:<8} max |engine - learn2learn| meta-gradient: {r['max_abs_diff']:.1e}")
-        rows += agreement
-    from fedmeta.bench import sine
+        out.extend(agreement)
+    if not quick:  # a quality check (minutes of MAML training), not a speed figure
+        from fedmeta.bench import sine
 
-    rows += sine.run(quick=quick, out_dir=out_dir)
-    return rows
+        out.extend([{"section": "sine", **r} for r in sine.run(quick=quick, out_dir=out_dir)])
+    wall_s = time.perf_counter() - started
+    out.extend([{"section": "done", "wall_s": round(wall_s, 1)}])
+    print(f"engine benchmark: {wall_s:.0f} s, rows in {out.path}, table in {out_dir / 'engine.txt'}")
+    return out.rows
+
+
+def headline(out_dir: Path, *, reps: int = 15, threads: int | None = None) -> list[dict[str, object]]:
+    """The two headline ratios alone, with more repetitions than the full run: second-order MAML on
+    Conv-4 at 8 tasks (the engine's loop with and without the "before" statistic, learn2learn) and
+    on the MLP at 32 tasks (vmap, loop, learn2learn), round-robin. Rows go to
+    ``out_dir/headline.json`` as they are measured."""
+    n_threads = resolve_threads(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        device = resolve_device("auto")
+        l2l = _learn2learn()
+        out = RowWriter(out_dir / "headline.json")
+        out.extend([_environment(device, n_threads, quick=False)])
+        out.extend(measure(CONV4, "maml", ("loop", "learn2learn", "auto+before"), device, l2l, reps=reps,
+                           section="headline", memory=False))
+        out.extend(measure(MLP, "maml", ("vmap", "loop", "learn2learn"), device, l2l, reps=reps,
+                           section="headline", memory=False))
+        table = _table(out.rows)
+        print("\n" + "\n".join(table))
+        (out_dir / "headline.txt").write_text("\n".join(table) + "\n")
+        return out.rows
+    finally:
+        torch.set_num_threads(previous)
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -108,11 +109,9 @@ def train(msg: Message, context: Context) -> Message:
         arrays, clip = privatize(arrays, clip=cfg.privacy.clip, noise_multiplier=cfg.privacy.noise_multiplier)
         log.info("DP: update norm %.4g clipped to %.4g", clip.norm, cfg.privacy.clip)
     else:
-        metrics.update({
-            K.N_QUERY: int(s.n_query),
-            K.LOSS_BEFORE: float(s.query_loss_before),
-            K.LOSS_AFTER: float(s.query_loss_after),
-        })
+        metrics.update({K.N_QUERY: int(s.n_query), K.LOSS_AFTER: float(s.query_loss_after)})
+        if math.isfinite(s.query_loss_before):  # computed only with engine.before_stats
+            metrics[K.LOSS_BEFORE] = float(s.query_loss_before)
     record, encoding = encode_reply(arrays, cfg, context)
     content = RecordDict({
         K.UPDATE: record,

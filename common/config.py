@@ -420,11 +420,17 @@ def _device(value: Any) -> str:
 class EngineConfig(YamlModel):
     """Where and how sites compute: ``device`` auto (CUDA when present) / cpu / cuda[:N];
     ``impl`` auto (vmap for MLPs, per-task loop for convolutions on CPU) / vmap / loop;
-    ``threads`` torch's intra-op threads per process."""
+    ``threads`` torch's intra-op threads per process; ``compile`` ``torch.compile``s each training
+    step's gradient on the vmap path (worth it for long runs of small models: the first step
+    compiles for minutes; ignored, with one log line, on the per-task loop); ``before_stats`` also
+    computes θ's query loss before adaptation in every training step (``query_loss_before`` in
+    ``rounds.jsonl`` and the round line): one more forward pass per task, 12 % of a Conv-4 MAML
+    step, so off unless wanted."""
 
     device: Annotated[str, BeforeValidator(_device)] = "auto"
     impl: Literal["auto", "vmap", "loop"] = "auto"
     compile: Bool = False
+    before_stats: Bool = False
     #: torch intra-op threads per process (simulated site, site worker, local backend): one fits
     #: these models; more only contend on a shared machine.
     threads: AtLeastOne = 1

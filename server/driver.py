@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -298,7 +299,8 @@ def run_experiment(
         left = (cfg.rounds - server_round) * float(np.median(round_s))
         say(
             f"round {server_round}/{cfg.rounds}: {len(rec.accepted)}/{len(rec.sampled)} sites, "
-            f"query loss {rec.query_loss_before:.4f} -> {rec.query_loss_after:.4f} after adaptation"
+            + (f"query loss {rec.query_loss_before:.4f} -> {rec.query_loss_after:.4f} after adaptation"
+               if math.isfinite(rec.query_loss_before) else f"query loss {rec.query_loss_after:.4f} after adaptation")
             + (f", rejected {sorted(rec.rejected)}" if rec.rejected else "")
             + (f", DP ε = {rec.epsilon:.2f} at δ = {cfg.privacy.delta:g}" if rec.epsilon is not None else "")
             + f" ({round_s[-1]:.1f} s" + (f"; rounds left: about {left:.0f} s)" if left > 0 else ")")

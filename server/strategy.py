@@ -240,6 +240,7 @@ class FedMetaStrategy:
         updates: list[NDArrays] = []
         weights: list[float] = []
         sums = {K.NUM_EXAMPLES: 0.0, K.LOSS_BEFORE: 0.0, K.LOSS_AFTER: 0.0, K.N_QUERY: 0.0}
+        before_from_all = True  # θ's loss before adaptation is reported only with engine.before_stats
         # A fixed order (by site) makes the float sums, and so the run, reproducible.
         for msg in sorted(replies, key=lambda m: plan.nodes.get(m.metadata.src_node_id, "")):
             node = msg.metadata.src_node_id
@@ -267,6 +268,7 @@ class FedMetaStrategy:
                                      if metrics.get(K.N_QUERY, 0) > 0 else float("nan")),
                 "update_norm": norm,
             }
+            before_from_all &= K.LOSS_BEFORE in metrics
             for key in sums:
                 sums[key] += float(metrics.get(key, 0.0))
         if len(updates) < self.cfg.federation.min_nodes:
@@ -291,7 +293,8 @@ class FedMetaStrategy:
         new_state = self._optimizer.step(self.algorithm.direction(aggregated))
         record.num_examples = int(sums[K.NUM_EXAMPLES])
         if sums[K.N_QUERY] > 0:  # sites under DP send no losses
-            record.query_loss_before = sums[K.LOSS_BEFORE] / sums[K.N_QUERY]
+            if before_from_all:
+                record.query_loss_before = sums[K.LOSS_BEFORE] / sums[K.N_QUERY]
             record.query_loss_after = sums[K.LOSS_AFTER] / sums[K.N_QUERY]
         record.update_norm = l2_norm(aggregated)
         return RoundResult(new_state, record)

@@ -104,6 +104,8 @@ def train_update(
         device=device,
         site=site.name,
         outcome=site.outcomes[0] if isinstance(site, TabularSite) else "",
+        compile=cfg.engine.compile,
+        before_stats=cfg.engine.before_stats,
     )
     result = algorithm.site_step(work)
     arrays = algorithm.join(to_numpy(result.update), to_numpy(result.extra_update))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -65,7 +65,14 @@ class SiteWork:
     device: torch.device
     site: str = "site"
     outcome: str = ""
-    before_stats: bool = True
+    #: ``torch.compile`` the step's gradient (vmap path) and compute θ's query loss before
+    #: adaptation (a statistic only): ``cfg.engine.compile`` / ``cfg.engine.before_stats``
+    compile: bool = False
+    before_stats: bool = False
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments every ``fedmeta.common.meta`` step takes from the engine config."""
+        return {"impl": self.impl, "compile": self.compile, "before_stats": self.before_stats}
 
 
 @dataclass(frozen=True)

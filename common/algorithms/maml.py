@@ -25,7 +25,7 @@ from fedmeta.common.meta.types import TaskBatch
 
 def site_step(work: SiteWork) -> StepResult:
     def step(tasks: TaskBatch) -> MetaGradient:
-        g, stats = maml_step(work.model, work.theta, tasks, work.inner, impl=work.impl)
+        g, stats = maml_step(work.model, work.theta, tasks, work.inner, **work.engine_options())
         return g, {}, stats
 
     return averaged_meta_gradient(work, step)

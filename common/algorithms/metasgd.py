@@ -37,7 +37,8 @@ def site_step(work: SiteWork) -> StepResult:
         raise ValueError("metasgd: the coordinator sent no learning rates (lr:: arrays)")
 
     def step(tasks: TaskBatch) -> MetaGradient:
-        return metasgd_step(work.model, work.theta, work.extra, tasks, work.inner, impl=work.impl)
+        return metasgd_step(work.model, work.theta, work.extra, tasks, work.inner,
+                            **work.engine_options())
 
     return averaged_meta_gradient(work, step)
 

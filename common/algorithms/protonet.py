@@ -30,7 +30,7 @@ def site_step(work: SiteWork) -> StepResult:
         )
 
     def step(tasks: TaskBatch) -> MetaGradient:
-        g, stats = protonet_step(work.model, work.theta, tasks, n_way=work.n_way, impl=work.impl)
+        g, stats = protonet_step(work.model, work.theta, tasks, n_way=work.n_way, **work.engine_options())
         return g, {}, stats
 
     return averaged_meta_gradient(work, step)

@@ -18,7 +18,8 @@ def site_step(work: SiteWork) -> StepResult:
     local = {k: v.clone() for k, v in work.theta.items()}
     total: MetaStats | None = None
     for _ in range(work.cfg.tasks.meta_batches):
-        delta, stats = reptile_step(work.model, local, work.draw_tasks(), work.inner, impl=work.impl)
+        delta, stats = reptile_step(work.model, local, work.draw_tasks(), work.inner,
+                                    **work.engine_options())
         local = {k: local[k] + delta[k] for k in local}
         total = stats if total is None else total + stats
     assert total is not None

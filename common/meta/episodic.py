@@ -13,13 +13,16 @@ episodic training (Snell et al. 2017; Finn et al. 2017).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmeta.common.meta.engine import choose_impl, params_device
+from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
+from fedmeta.common.meta.inner import batched_buffers, buffer_copies
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 # (model, params, xs, ys_onehot (S, N), xq) -> scores (Q, N)
@@ -61,6 +64,19 @@ def onehot(y: torch.Tensor, n_way: int, dtype: torch.dtype) -> torch.Tensor:
     return F.one_hot(y, n_way).to(dtype)
 
 
+def with_buffers(params: Params, buffers: Params | None) -> Params:
+    """``params`` and, when given, ``buffers`` in one dict for ``functional_call``: a score function
+    then runs on copies of the model's buffers, never on the model's own."""
+    return params if buffers is None else {**params, **buffers}
+
+
+def _key(fn: Callable[..., Any]) -> object:
+    """A key that is equal for equal ``functools.partial`` objects (a new one is built per call)."""
+    if isinstance(fn, functools.partial):
+        return (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+    return fn
+
+
 def metric_step(
     score: ScoreFn,
     per_query_loss: LossFn,
@@ -70,13 +86,19 @@ def metric_step(
     *,
     n_way: int,
     impl: str = "auto",
+    compile: bool = False,
+    before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
     """Gradient of ``(1/T) Σ_t (1/Q) Σ_q ℓ(score_t)_q`` with respect to ``params``, and stats
-    (``query_loss_before == query_loss_after``: a metric learner does not adapt)."""
+    (``query_loss_before == query_loss_after``: a metric learner does not adapt; with
+    ``before_stats=False`` it is NaN). ``compile=True`` ``torch.compile``s the gradient of the
+    vmapped episodes (ignored, with a log line, on the per-task loop or for a model with buffers).
+    Neither ``params`` nor ``model`` is modified."""
     device = params_device(params)
     episodes = episodes.to(device)
     check_episodes(episodes, n_way)
-    which = choose_impl(model, device, impl)
+    which = choose_impl(model, device, impl, second_order=False)
+    buffers = buffer_copies(model, device)
     dtype = next(iter(params.values())).dtype
     ys1, yq1 = onehot(episodes.ys, n_way, dtype), onehot(episodes.yq, n_way, dtype)
     n_tasks, n_query = episodes.n_tasks, episodes.n_query
@@ -85,36 +107,65 @@ def metric_step(
     totals = {k: torch.zeros_like(v) for k, v in theta.items()}
 
     def one_episode(
-        p: Params, xs: torch.Tensor, s1: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, q1: torch.Tensor
+        p: Params,
+        b: Params | None,
+        xs: torch.Tensor,
+        s1: torch.Tensor,
+        xq: torch.Tensor,
+        yq: torch.Tensor,
+        q1: torch.Tensor,
     ) -> torch.Tensor:
-        return per_query_loss(score(model, p, xs, s1, xq), yq, q1).sum()
+        return per_query_loss(score(model, with_buffers(p, b), xs, s1, xq), yq, q1).sum()
 
+    compile = compile and compile_applies(model, which, buffers)
     inputs = list(theta.values())
     total_loss = 0.0
-    with torch.enable_grad():
-        if which == "vmap":
-            losses = torch.func.vmap(
-                one_episode, in_dims=(None, 0, 0, 0, 0, 0), randomness="different"
-            )(theta, episodes.xs, ys1, episodes.xq, episodes.yq, yq1)
-            objectives: Iterable[torch.Tensor] = [losses.sum()]
-        else:
-            objectives = (
-                one_episode(theta, episodes.xs[t], ys1[t], episodes.xq[t], episodes.yq[t], yq1[t])
-                for t in range(n_tasks)
-            )
-        # The loop generator builds one episode's graph at a time and frees it after its grad.
-        for value in objectives:
-            grads = torch.autograd.grad(
-                value * scale, inputs, allow_unused=True, materialize_grads=True
-            )
-            for k, g in zip(theta, grads, strict=True):
-                totals[k] += g
-            total_loss += float(value.detach())
+    if compile:
+
+        def build() -> Callable[..., Any]:
+            def objective(p: Params, *data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                losses = torch.func.vmap(
+                    one_episode, in_dims=(None, None, 0, 0, 0, 0, 0), randomness="different"
+                )(p, None, *data)
+                return losses.sum(), losses.sum().detach()
+
+            return torch.func.grad(objective, has_aux=True)
+
+        key = ("the metric-learning gradient", _key(score), _key(per_query_loss))
+        grads, value = compiled(model, key, build)(
+            {k: v.detach() for k, v in theta.items()}, episodes.xs, ys1, episodes.xq, episodes.yq, yq1
+        )
+        for k in totals:
+            totals[k] += grads[k] * scale
+        total_loss = float(value)
+    else:
+        with torch.enable_grad():
+            if which == "vmap":
+                losses = torch.func.vmap(
+                    one_episode,
+                    in_dims=(None, 0 if buffers is not None else None, 0, 0, 0, 0, 0),
+                    randomness="different",
+                )(theta, batched_buffers(buffers, n_tasks), episodes.xs, ys1, episodes.xq, episodes.yq, yq1)
+                objectives: Iterable[torch.Tensor] = [losses.sum()]
+            else:
+                objectives = (
+                    one_episode(theta, buffers, episodes.xs[t], ys1[t], episodes.xq[t], episodes.yq[t], yq1[t])
+                    for t in range(n_tasks)
+                )
+            # The loop generator builds one episode's graph at a time and frees it after its grad.
+            for value in objectives:
+                grads = torch.autograd.grad(
+                    value * scale, inputs, allow_unused=True, materialize_grads=True
+                )
+                for k, g in zip(theta, grads, strict=True):
+                    totals[k] += g
+                total_loss += float(value.detach())
+                del value  # free this episode's graph before the next one is built
     stats = MetaStats(
         n_tasks=n_tasks,
         n_examples=episodes.n_examples,
         n_query=n_tasks * n_query,
-        query_loss_before=total_loss,
+        query_loss_before=total_loss if before_stats else float("nan"),
         query_loss_after=total_loss,
     )
     return totals, stats
@@ -137,13 +188,19 @@ def predict_episodes(
     dtype = next(iter(params.values())).dtype
     ys1 = onehot(episodes.ys, n_way, dtype)
     theta = {k: v.detach() for k, v in params.items()}
-    if choose_impl(model, device, impl) == "vmap":
+    buffers = buffer_copies(model, device)
+    if choose_impl(model, device, impl, second_order=False) == "vmap":
         scores = torch.func.vmap(
-            lambda xs, s1, xq: score(model, theta, xs, s1, xq), randomness="different"
-        )(episodes.xs, ys1, episodes.xq)
+            lambda b, xs, s1, xq: score(model, with_buffers(theta, b), xs, s1, xq),
+            in_dims=(0 if buffers is not None else None, 0, 0, 0),
+            randomness="different",
+        )(batched_buffers(buffers, episodes.n_tasks), episodes.xs, ys1, episodes.xq)
     else:
         scores = torch.stack(
-            [score(model, theta, episodes.xs[t], ys1[t], episodes.xq[t]) for t in range(episodes.n_tasks)]
+            [
+                score(model, with_buffers(theta, buffers), episodes.xs[t], ys1[t], episodes.xq[t])
+                for t in range(episodes.n_tasks)
+            ]
         )
     return scores.argmax(dim=-1)
 

@@ -18,6 +18,8 @@ from fedmeta.common.meta.engine import choose_impl, params_device
 from fedmeta.common.meta.inner import (
     adapt_autograd,
     adapt_functional,
+    batched_buffers,
+    buffer_copies,
     check_lrs,
     check_task,
     forward,
@@ -59,38 +61,42 @@ def adapt_and_evaluate(
     lrs: Params | None = None,
     impl: str = "auto",
 ) -> AdaptStats:
-    """Adapt ``params`` to each task's support set and score the query set before and after."""
+    """Adapt ``params`` to each task's support set and score the query set before and after.
+    Neither ``params`` nor ``model`` (its buffers included) is modified."""
     device = params_device(params)
     tasks = tasks.to(device)
     check_task(tasks.xs[0], tasks.ys[0], loss, where="evaluation support")
     check_task(tasks.xq[0], tasks.yq[0], loss, where="evaluation query")
     check_lrs(params, lrs)
-    which = choose_impl(model, device, impl)
+    which = choose_impl(model, device, impl, second_order=False)
     theta = {k: v.detach() for k, v in params.items()}
     alpha = {k: v.detach() for k, v in lrs.items()} if lrs is not None else None
     inner = dataclasses.replace(inner, first_order=True)
+    buffers = buffer_copies(model, device)
 
     def one_task(
-        xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor
+        b: Params | None, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         if which == "vmap":
-            phi = adapt_functional(model, theta, xs, ys, inner, loss=loss, lrs=alpha)
+            phi = adapt_functional(model, theta, xs, ys, inner, loss=loss, lrs=alpha, buffers=b)
         else:
-            phi = adapt_autograd(model, theta, xs, ys, inner, loss=loss, lrs=alpha)
+            phi = adapt_autograd(model, theta, xs, ys, inner, loss=loss, lrs=alpha, buffers=b)
         with torch.no_grad():
             out = []
             for p in (theta, phi):
-                pred = forward(model, {k: v.detach() for k, v in p.items()}, xq)
+                pred = forward(model, {k: v.detach() for k, v in p.items()}, xq, b)
                 out.append(task_loss(pred, yq, loss, reduction="sum"))
                 correct = (pred.argmax(dim=-1) == yq).sum() if loss == "cross_entropy" else yq.new_zeros(())
                 out.append(correct)
         return tuple(out)
 
     if which == "vmap":
-        results = torch.func.vmap(one_task, randomness="different")(tasks.xs, tasks.ys, tasks.xq, tasks.yq)
+        results = torch.func.vmap(
+            one_task, in_dims=(0 if buffers is not None else None, 0, 0, 0, 0), randomness="different"
+        )(batched_buffers(buffers, tasks.n_tasks), tasks.xs, tasks.ys, tasks.xq, tasks.yq)
         lb, cb, la, ca = (r.sum() for r in results)
     else:
-        per_task = [one_task(tasks.xs[t], tasks.ys[t], tasks.xq[t], tasks.yq[t]) for t in range(tasks.n_tasks)]
+        per_task = [one_task(buffers, tasks.xs[t], tasks.ys[t], tasks.xq[t], tasks.yq[t]) for t in range(tasks.n_tasks)]
         lb, cb, la, ca = (torch.stack([r[i] for r in per_task]).sum() for i in range(4))
     return AdaptStats(
         n_tasks=tasks.n_tasks,

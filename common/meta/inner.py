@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta.common.meta.types import InnerConfig, Params
+from fedmeta.common.meta.types import InnerConfig, Params, TaskBatch
 
 Loss = Literal["cross_entropy", "mse"]
 LOSSES = ("cross_entropy", "mse")
@@ -51,9 +51,30 @@ def check_loss(loss: str) -> None:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
 
 
-def forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` computed with ``params`` instead of the model's own parameters."""
-    return functional_call(model, params, (x,))
+def forward(
+    model: nn.Module, params: Params, x: torch.Tensor, buffers: Params | None = None
+) -> torch.Tensor:
+    """``model(x)`` computed with ``params`` instead of the model's own parameters and, when given,
+    ``buffers`` instead of its buffers (running statistics a forward may update in place land in
+    ``buffers``, never in ``model``)."""
+    if buffers is None:
+        return functional_call(model, params, (x,))
+    return functional_call(model, (params, buffers), (x,))
+
+
+def buffer_copies(model: nn.Module, device: torch.device | None = None) -> Params | None:
+    """Copies of ``model``'s buffers (on ``device``), for a forward that must not change the
+    model (a ``BatchNorm`` in training mode updates its running statistics); ``None`` if it has none."""
+    copies = {k: b.detach().to(device=device, copy=True) for k, b in model.named_buffers()}
+    return copies or None
+
+
+def batched_buffers(buffers: Params | None, n: int) -> Params | None:
+    """``n`` stacked copies of each buffer (dimension 0), one per task under ``torch.func.vmap``:
+    an in-place update of a shared buffer by per-task values is not possible there."""
+    if buffers is None:
+        return None
+    return {k: b.unsqueeze(0).repeat(n, *(1,) * b.dim()) for k, b in buffers.items()}
 
 
 def task_loss(
@@ -68,6 +89,34 @@ def task_loss(
             out = out.squeeze(-1)
         return F.mse_loss(out, y, reduction=reduction)
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+
+def query_loss_sum(
+    model: nn.Module,
+    params: Params,
+    tasks: TaskBatch,
+    *,
+    loss: str,
+    impl: Literal["vmap", "loop"],
+    buffers: Params | None = None,
+) -> float:
+    """``Σ_t Σ_q L(params; x^q_t, y^q_t)``: the summed query loss of every task at ``params``, with
+    no gradient (the "before adaptation" statistic), by ``torch.func.vmap`` or a per-task loop."""
+    with torch.no_grad():
+        if impl == "vmap":
+
+            def one_task(b: Params | None, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+                return task_loss(forward(model, params, xq, b), yq, loss, reduction="sum")
+
+            bufs = batched_buffers(buffers, tasks.n_tasks)
+            losses = torch.func.vmap(
+                one_task, in_dims=(0 if bufs is not None else None, 0, 0), randomness="different"
+            )(bufs, tasks.xq, tasks.yq)
+            return float(losses.sum())
+        total = 0.0
+        for t in range(tasks.n_tasks):
+            total += float(task_loss(forward(model, params, tasks.xq[t], buffers), tasks.yq[t], loss, reduction="sum"))
+        return total
 
 
 def check_task(x: torch.Tensor, y: torch.Tensor, loss: str, *, where: str = "task") -> None:
@@ -117,16 +166,21 @@ def adapt_functional(
     *,
     loss: str = "cross_entropy",
     lrs: Params | None = None,
+    buffers: Params | None = None,
 ) -> Params:
     """The inner loop with ``torch.func.grad``; differentiable with respect to ``params`` and
-    ``lrs`` (second order) unless ``inner.first_order``. Safe to call under ``torch.func.vmap``."""
+    ``lrs`` (second order) unless ``inner.first_order``. Safe to call under ``torch.func.vmap``.
+    ``buffers``: used instead of the model's buffers (see :func:`forward`)."""
 
-    def support_loss(p: Params) -> torch.Tensor:
-        return task_loss(forward(model, p, x), y, loss)
+    def support_loss(p: Params, b: Params | None = None) -> torch.Tensor:
+        return task_loss(forward(model, p, x, b), y, loss)
 
     fast = dict(params)
     for _ in range(inner.steps):
-        grads = torch.func.grad(support_loss)(fast)
+        if buffers is None:
+            grads = torch.func.grad(support_loss)(fast)
+        else:  # buffers as an input of the transform, so that the forward may update them in place
+            grads = torch.func.grad(support_loss)(fast, buffers)
         if inner.first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         fast = _step(fast, grads, params, inner, lrs)
@@ -143,11 +197,13 @@ def adapt_autograd(
     loss: str = "cross_entropy",
     lrs: Params | None = None,
     create_graph: bool = False,
+    buffers: Params | None = None,
 ) -> Params:
     """The inner loop with ``torch.autograd.grad``.
 
     ``create_graph=True`` keeps φ differentiable with respect to ``params``/``lrs`` (through the
     inner gradients too unless ``inner.first_order``); ``create_graph=False`` returns detached φ.
+    ``buffers``: used instead of the model's buffers (see :func:`forward`).
     """
     with torch.enable_grad():
         if create_graph:
@@ -159,7 +215,7 @@ def adapt_autograd(
             lrs = {k: v.detach() for k, v in lrs.items()} if lrs is not None else None
         second_order = create_graph and not inner.first_order
         for _ in range(inner.steps):
-            value = task_loss(forward(model, fast, x), y, loss)
+            value = task_loss(forward(model, fast, x, buffers), y, loss)
             grads = torch.autograd.grad(
                 value,
                 list(fast.values()),
@@ -192,10 +248,12 @@ def adapt(
     ``α = lrs`` (per-parameter, Meta-SGD) when given, else ``inner.lr``; ``λ = inner.proximal``.
     Works under ``torch.no_grad()``. Returns new tensors (``params`` is not modified): detached
     unless ``create_graph``, in which case φ is differentiable with respect to ``params`` and
-    ``lrs`` (second order unless ``inner.first_order``).
+    ``lrs`` (second order unless ``inner.first_order``). ``model`` is not changed either: its
+    buffers (running statistics) are replaced by copies during the forward passes.
     """
     check_task(x, y, loss, where="adapt")
     check_lrs(params, lrs)
     return adapt_autograd(
-        model, params, x, y, inner, loss=loss, lrs=lrs, create_graph=create_graph
+        model, params, x, y, inner, loss=loss, lrs=lrs, create_graph=create_graph,
+        buffers=buffer_copies(model, x.device),
     )

@@ -40,7 +40,9 @@ from fedmeta.common.meta.episodic import (
     metric_step,
     onehot,
     predict_episodes,
+    with_buffers,
 )
+from fedmeta.common.meta.inner import buffer_copies
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
@@ -86,7 +88,8 @@ def matching_logits(
     """``log P(y = k | x̂, S)`` ``(Q, N)`` of one episode (``ys`` (S,) labels in ``0..n_way−1``)."""
     check_support(ys[None], n_way)
     dtype = next(iter(params.values())).dtype
-    return _scorer(scale)(model, params, xs, onehot(ys, n_way, dtype), xq)
+    state = with_buffers(params, buffer_copies(model, xs.device))
+    return _scorer(scale)(model, state, xs, onehot(ys, n_way, dtype), xq)
 
 
 def matching_step(
@@ -97,9 +100,15 @@ def matching_step(
     n_way: int,
     impl: str = "auto",
     scale: float = 1.0,
+    compile: bool = False,
+    before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
-    """Gradient of the mean query negative log-likelihood over ``episodes``."""
-    return metric_step(_scorer(scale), _nll, model, params, episodes, n_way=n_way, impl=impl)
+    """Gradient of the mean query negative log-likelihood over ``episodes`` (``compile``,
+    ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
+    return metric_step(
+        _scorer(scale), _nll, model, params, episodes, n_way=n_way, impl=impl,
+        compile=compile, before_stats=before_stats,
+    )
 
 
 def matching_accuracy(

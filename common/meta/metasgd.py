@@ -55,16 +55,17 @@ def metasgd_step(
     impl: str = "auto",
     group_size: int | None = None,
     compile: bool = False,
+    before_stats: bool = True,
 ) -> tuple[Params, Params, MetaStats]:
     """Meta-gradients with respect to ``params`` (θ) and ``lrs`` (α), and the meta-batch's stats.
 
     Second order unless ``inner.first_order`` (then the inner gradients are constants, but ``α``
-    still gets the gradient above). Neither ``params`` nor ``lrs`` is modified. ``compile``: as
-    in :func:`fedmeta.common.meta.maml.maml_step`.
+    still gets the gradient above). Neither ``params`` nor ``lrs`` is modified. ``compile`` and
+    ``before_stats``: as in :func:`fedmeta.common.meta.maml.maml_step`.
     """
     grads, lr_grads, stats = meta_gradient(
         model, params, lrs, tasks, inner, loss=loss, impl=impl, group_size=group_size,
-        compile=compile,
+        compile=compile, before_stats=before_stats,
     )
     assert lr_grads is not None
     return grads, lr_grads, stats

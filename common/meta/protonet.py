@@ -36,7 +36,9 @@ from fedmeta.common.meta.episodic import (
     metric_step,
     onehot,
     predict_episodes,
+    with_buffers,
 )
+from fedmeta.common.meta.inner import buffer_copies
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
@@ -69,14 +71,26 @@ def protonet_logits(
     ``0..n_way−1`` (each class present), queries ``xq`` (Q, ...)."""
     check_support(ys[None], n_way)
     dtype = next(iter(params.values())).dtype
-    return prototype_scores(model, params, xs, onehot(ys, n_way, dtype), xq)
+    state = with_buffers(params, buffer_copies(model, xs.device))
+    return prototype_scores(model, state, xs, onehot(ys, n_way, dtype), xq)
 
 
 def protonet_step(
-    model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto"
+    model: nn.Module,
+    params: Params,
+    episodes: TaskBatch,
+    *,
+    n_way: int,
+    impl: str = "auto",
+    compile: bool = False,
+    before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
-    """Gradient of the mean query cross-entropy over ``episodes`` with respect to ``params``."""
-    return metric_step(prototype_scores, _cross_entropy, model, params, episodes, n_way=n_way, impl=impl)
+    """Gradient of the mean query cross-entropy over ``episodes`` with respect to ``params``
+    (``compile``, ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
+    return metric_step(
+        prototype_scores, _cross_entropy, model, params, episodes, n_way=n_way, impl=impl,
+        compile=compile, before_stats=before_stats,
+    )
 
 
 def protonet_accuracy(

@@ -33,7 +33,9 @@ from fedmeta.common.meta.episodic import (
     metric_step,
     onehot,
     predict_episodes,
+    with_buffers,
 )
+from fedmeta.common.meta.inner import buffer_copies
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
@@ -60,14 +62,26 @@ def relation_logits(
     """Pre-sigmoid relation logits ``(Q, N)`` of one episode (``σ`` of them is the relation score)."""
     check_support(ys[None], n_way)
     dtype = next(iter(params.values())).dtype
-    return relation_scores(model, params, xs, onehot(ys, n_way, dtype), xq)
+    state = with_buffers(params, buffer_copies(model, xs.device))
+    return relation_scores(model, state, xs, onehot(ys, n_way, dtype), xq)
 
 
 def relation_step(
-    model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto"
+    model: nn.Module,
+    params: Params,
+    episodes: TaskBatch,
+    *,
+    n_way: int,
+    impl: str = "auto",
+    compile: bool = False,
+    before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
-    """Gradient of the mean relation-score MSE over ``episodes`` with respect to ``params``."""
-    return metric_step(relation_scores, _mse, model, params, episodes, n_way=n_way, impl=impl)
+    """Gradient of the mean relation-score MSE over ``episodes`` with respect to ``params``
+    (``compile``, ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
+    return metric_step(
+        relation_scores, _mse, model, params, episodes, n_way=n_way, impl=impl,
+        compile=compile, before_stats=before_stats,
+    )
 
 
 def relation_accuracy(

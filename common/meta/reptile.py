@@ -11,7 +11,8 @@ by the caller — in fedmeta, by the server after averaging clients' deltas.
 Which examples the inner loop trains on: by default (``use_query=True``) the whole task, support
 ∪ query, full batch, since Reptile has no separate outer loss and every example should shape
 ``φ_t``. With ``use_query=False`` only the support set is used. The stats report the query loss
-of ``θ`` (before) and of ``φ_t`` (after); with ``use_query=True`` "after" is a training loss.
+of ``θ`` (before, skipped with ``before_stats=False``) and of ``φ_t`` (after); with
+``use_query=True`` "after" is a training loss.
 
 Example::
 
@@ -29,16 +30,21 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedmeta.common.meta.engine import choose_impl, params_device
+from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import (
     adapt_autograd,
     adapt_functional,
+    batched_buffers,
+    buffer_copies,
     check_task,
     forward,
+    query_loss_sum,
     task_loss,
 )
 from fedmeta.common.meta.types import InnerConfig, MetaStats, Params, TaskBatch
@@ -53,50 +59,66 @@ def reptile_step(
     loss: str = "cross_entropy",
     impl: str = "auto",
     use_query: bool = True,
+    compile: bool = False,
+    before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
     """Reptile direction ``Δ = mean_t(φ_t − θ)`` for one meta-batch, and its stats.
 
     ``inner.first_order`` is irrelevant (no outer gradient is taken). ``impl``: ``"auto"``,
-    ``"vmap"`` or ``"loop"`` (:func:`fedmeta.common.meta.engine.choose_impl`).
+    ``"vmap"`` or ``"loop"`` (:func:`fedmeta.common.meta.engine.choose_impl`; no second-order
+    gradient is taken, so models with native norm layers may use vmap). ``compile=True``
+    ``torch.compile``s the vmapped adaptation (ignored, with a log line, on the per-task loop or for
+    a model with buffers). ``before_stats=False``: no query forward of ``θ``;
+    ``stats.query_loss_before`` is NaN. Neither ``params`` nor ``model`` is modified.
     """
     device = params_device(params)
     tasks = tasks.to(device)
     check_task(tasks.xs[0], tasks.ys[0], loss, where="reptile_step support")
     check_task(tasks.xq[0], tasks.yq[0], loss, where="reptile_step query")
-    which = choose_impl(model, device, impl)
+    which = choose_impl(model, device, impl, second_order=False)
     theta = {k: v.detach() for k, v in params.items()}
     inner = dataclasses.replace(inner, first_order=True)
+    buffers = buffer_copies(model, device)
 
     def one_task(
-        xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor
-    ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        p: Params, b: Params | None, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor
+    ) -> tuple[Params, torch.Tensor]:
         x = torch.cat([xs, xq]) if use_query else xs
         y = torch.cat([ys, yq]) if use_query else ys
         if which == "vmap":
-            phi = adapt_functional(model, theta, x, y, inner, loss=loss)
+            phi = adapt_functional(model, p, x, y, inner, loss=loss, buffers=b)
         else:
-            phi = adapt_autograd(model, theta, x, y, inner, loss=loss)
+            phi = adapt_autograd(model, p, x, y, inner, loss=loss, buffers=b)
         with torch.no_grad():
-            before = task_loss(forward(model, theta, xq), yq, loss, reduction="sum")
-            after = task_loss(forward(model, phi, xq), yq, loss, reduction="sum")
-        return {k: (phi[k] - theta[k]).detach() for k in theta}, before, after
+            after = task_loss(forward(model, phi, xq, b), yq, loss, reduction="sum")
+        return {k: (phi[k] - p[k]).detach() for k in p}, after
 
+    compile = compile and compile_applies(model, which, buffers)
     if which == "vmap":
-        deltas, before, after = torch.func.vmap(one_task, randomness="different")(
-            tasks.xs, tasks.ys, tasks.xq, tasks.yq
+        if compile:
+            key = ("the Reptile adaptation", inner, loss, use_query)
+            batched = compiled(model, key, lambda: _vmapped(one_task))
+        else:
+            batched = _vmapped(one_task, with_buffers=buffers is not None)
+        deltas, after = batched(
+            theta, batched_buffers(buffers, tasks.n_tasks), tasks.xs, tasks.ys, tasks.xq, tasks.yq
         )
         delta = {k: d.mean(dim=0) for k, d in deltas.items()}
-        loss_before, loss_after = float(before.sum()), float(after.sum())
+        loss_after = float(after.sum())
     else:
         delta = {k: torch.zeros_like(v) for k, v in theta.items()}
-        loss_before = loss_after = 0.0
+        loss_after = 0.0
         for t in range(tasks.n_tasks):
-            d, b, a = one_task(tasks.xs[t], tasks.ys[t], tasks.xq[t], tasks.yq[t])
+            d, a = one_task(theta, buffers, tasks.xs[t], tasks.ys[t], tasks.xq[t], tasks.yq[t])
             for k in delta:
                 delta[k] += d[k]
-            loss_before += float(b)
             loss_after += float(a)
         delta = {k: v / tasks.n_tasks for k, v in delta.items()}
+    loss_before = (
+        query_loss_sum(model, theta, tasks, loss=loss, impl=which, buffers=buffers)
+        if before_stats
+        else float("nan")
+    )
     stats = MetaStats(
         n_tasks=tasks.n_tasks,
         n_examples=tasks.n_examples,
@@ -105,3 +127,11 @@ def reptile_step(
         query_loss_after=loss_after,
     )
     return delta, stats
+
+
+def _vmapped(fn: Callable[..., Any], *, with_buffers: bool = False) -> Callable[..., Any]:
+    """``fn(params, buffers, xs, ys, xq, yq)`` over the tasks: params shared, buffers (when
+    given) and data batched along dimension 0."""
+    return torch.func.vmap(
+        fn, in_dims=(None, 0 if with_buffers else None, 0, 0, 0, 0), randomness="different"
+    )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmeta.common.data.episodes import EpisodeSampler, split_classes
-from fedmeta.common.meta.reference import single_thread
+from tests.common.reference import single_thread
 
 
 @pytest.fixture(autouse=True)

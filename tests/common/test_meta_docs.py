@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedmeta.common.meta.reference import single_thread
+from tests.common.reference import single_thread
 
 MODULES = [
     "fedmeta.common.models",

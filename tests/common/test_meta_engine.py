@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fedmeta.common.meta.engine import choose_impl, maybe_compile, params_device, resolve_device
+from fedmeta.common.meta.engine import choose_impl, params_device, resolve_device
 from fedmeta.common.meta.evaluate import adapt_and_evaluate
 from fedmeta.common.meta.inner import adapt, forward, task_loss
-from fedmeta.common.meta.reference import single_thread, tiny_mlp_problem
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model
+from tests.common.reference import single_thread, tiny_mlp_problem
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +54,6 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
-
-
-def test_compile_switch_is_off_by_default() -> None:
-    def f(x: int) -> int:
-        return x
-
-    assert maybe_compile(f) is f
 
 
 @pytest.mark.parametrize("impl", ["vmap", "loop"])

@@ -10,9 +10,9 @@ import torch
 
 from fedmeta.common.meta.fedavg import local_sgd
 from fedmeta.common.meta.inner import adapt, task_loss
-from fedmeta.common.meta.reference import single_thread
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model, init_params
+from tests.common.reference import single_thread
 
 
 @pytest.fixture(autouse=True)

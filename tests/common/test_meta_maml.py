@@ -9,7 +9,9 @@ import torch
 
 from fedmeta.common.meta.inner import adapt, forward, task_loss
 from fedmeta.common.meta.maml import maml_step
-from fedmeta.common.meta.reference import (
+from fedmeta.common.meta.types import InnerConfig, TaskBatch
+from fedmeta.common.models import build_model
+from tests.common.reference import (
     directional_fd,
     dot,
     leaf,
@@ -19,8 +21,6 @@ from fedmeta.common.meta.reference import (
     tiny_conv_problem,
     tiny_mlp_problem,
 )
-from fedmeta.common.meta.types import InnerConfig, TaskBatch
-from fedmeta.common.models import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -145,10 +145,3 @@ def test_bad_group_size() -> None:
     model, theta, tasks = tiny_mlp_problem()
     with pytest.raises(ValueError, match="group_size must be a positive number of tasks, got 0"):
         maml_step(model, theta, tasks, InnerConfig(), group_size=0)
-
-
-def test_compile_needs_the_vmap_path() -> None:
-    # Only the refusal is tested: torch.compile itself is too slow for the test suite.
-    model, theta, tasks = tiny_mlp_problem()
-    with pytest.raises(ValueError, match="compile=True needs the vmap implementation without group_size, got impl 'loop'"):
-        maml_step(model, theta, tasks, InnerConfig(), impl="loop", compile=True)

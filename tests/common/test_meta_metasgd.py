@@ -9,7 +9,8 @@ import torch
 
 from fedmeta.common.meta.inner import forward, task_loss
 from fedmeta.common.meta.metasgd import init_lrs, metasgd_step
-from fedmeta.common.meta.reference import (
+from fedmeta.common.meta.types import InnerConfig
+from tests.common.reference import (
     directional_fd,
     dot,
     leaf,
@@ -19,7 +20,6 @@ from fedmeta.common.meta.reference import (
     tiny_conv_problem,
     tiny_mlp_problem,
 )
-from fedmeta.common.meta.types import InnerConfig
 
 
 @pytest.fixture(autouse=True)

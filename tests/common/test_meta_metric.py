@@ -13,10 +13,10 @@ from torch.func import functional_call
 
 from fedmeta.common.meta.matching import matching_accuracy, matching_logits, matching_step
 from fedmeta.common.meta.protonet import protonet_accuracy, protonet_logits, protonet_step
-from fedmeta.common.meta.reference import directional_fd, dot, leaf, random_like, single_thread
 from fedmeta.common.meta.relation import relation_logits, relation_step
 from fedmeta.common.meta.types import TaskBatch
 from fedmeta.common.models import build_model
+from tests.common.reference import directional_fd, dot, leaf, random_like, single_thread
 
 
 @pytest.fixture(autouse=True)

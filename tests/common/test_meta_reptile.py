@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fedmeta.common.meta.reference import single_thread, tiny_conv_problem
 from fedmeta.common.meta.reptile import reptile_step
 from fedmeta.common.meta.types import InnerConfig, TaskBatch
 from fedmeta.common.models import build_model
+from tests.common.reference import single_thread, tiny_conv_problem
 
 
 @pytest.fixture(autouse=True)

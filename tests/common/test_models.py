@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmeta.common.meta.reference import single_thread
 from fedmeta.common.models import BatchStatNorm2d, build_model, init_params
+from tests.common.reference import single_thread
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 
 from fedmeta.bench.sine import SineSettings, compare
 from fedmeta.common.data.sine import sample_sine_tasks
-from fedmeta.common.meta.reference import single_thread
+from tests.common.reference import single_thread
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,8 @@
 plain per-task ``torch.autograd`` loop written from the papers' formulas (it uses no other
 ``fedmeta.common.meta`` code), central finite differences, and tiny float64 problems.
 
-Used by the tests (``tests/common/test_meta_*.py``); not needed at run time.
+Used by the tests (``tests/common/test_meta_*.py``, ``test_engine_*.py``); it is not part of the
+installed package.
 """
 
 from __future__ import annotations
