@@ -64,6 +64,15 @@ def run_federated(
     from fedmeta.cli.simulate import simulate
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out_dir)
+    if curve is None and folder.final.exists() and folder.summary.exists() and folder.config.exists() \
+            and json.loads(folder.config.read_text()) == json.loads(cfg.to_json()):
+        # The same experiment already ran to the end here (an interrupted benchmark run again):
+        # its outputs are deterministic given the config, so they are reused.
+        log.info("%s: reusing the finished run of the same config", out_dir)
+        state, _ = folder.load_final()
+        rounds = [json.loads(line) for line in folder.rounds.read_text().splitlines() if line.strip()]
+        return json.loads(folder.summary.read_text()), state, rounds
     curve_points: dict[int, Mapping[str, float]] = {}
     done = [0]
 
