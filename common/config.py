@@ -380,7 +380,8 @@ class ValidationConfig(YamlModel):
       apply, nor does ``relative_clip``: there each site clips its own update to
       ``privacy.clip``, which bounds a hostile update's effect without detecting it.
     - ``response_allowance``: the shortfall below the other sites' median response that a round
-      may show without counting against a site (the CUSUM's allowance).
+      may show without counting against a site (the CUSUM's allowance); only a round in which the
+      site's update goes along with θ's move counts against it at all.
     - ``response_threshold``: the accumulated shortfall at which a site is left out; its score is
       floored at twice this, so a site that reacts like the others again is readmitted within
       ``response_threshold / response_allowance`` rounds.

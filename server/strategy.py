@@ -279,8 +279,12 @@ class FedMetaStrategy:
             return RoundResult(None, record)
         v = self.cfg.validation
         if v.response_check:
-            self._response.observe(self.state(), {
+            cosines = self._response.observe(self.state(), {
                 site: self.algorithm.direction(u) for site, u in zip(record.accepted, updates, strict=True)})
+            scores = self._response.scores()
+            for site in record.accepted:  # aggregate numbers about the update, not about patients
+                record.site_metrics[site]["response"] = cosines.get(site, float("nan"))
+                record.site_metrics[site]["response_score"] = scores.get(site, 0.0)
             record.excluded = self._response.excluded(record.accepted)
             if record.excluded:
                 log.warning("round %d: left %s out of the aggregate: their updates react to θ's "

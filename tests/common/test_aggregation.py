@@ -149,6 +149,28 @@ def test_response_check_cusum_and_readmission_by_hand():
     assert check.scores()["A"] == 0.0 and check.scores()["B"] == 0.0  # honest: never below 0
 
 
+def test_a_site_that_pushes_back_less_than_the_others_is_not_suspect():
+    """Only a response that goes along with θ's move (cosine < 0) counts against a site: an honest
+    site whose response is positive but far below the others' (noise dominating, late in a run)
+    never loses score, while one whose response is negative does, by its shortfall."""
+    from fedmeta.common.aggregation import ResponseCheck
+
+    check = ResponseCheck(allowance=0.3, threshold=1.0, lag=1)
+    pseudo: dict[str, np.ndarray] = {}
+    weak = [0.1, 1.0]  # cosine 0.1 / √1.01 ≈ 0.0995: pushes back, weakly
+    _feed(check, 0, {"A": [1, 0], "B": [1, 0], "C": weak}, pseudo)
+    for t in range(1, 20):
+        c = _feed(check, t, {"A": [1, 0], "B": [1, 0], "C": weak}, pseudo)
+        assert c["C"] == pytest.approx(0.1 / np.sqrt(1.01))
+        # (without the condition: 0.0995 - 1 + 0.3 = -0.6 a round, out after two rounds)
+        assert check.scores()["C"] == 0.0 and check.excluded(["A", "B", "C"]) == []
+    # slightly against the move: cos = -0.1/√1.01; step -0.0995 - 1 + 0.3 = -0.7995 a round
+    _feed(check, 20, {"A": [1, 0], "B": [1, 0], "C": [-0.1, 1.0]}, pseudo)
+    assert check.scores()["C"] == pytest.approx(-0.1 / np.sqrt(1.01) - 1 + 0.3)
+    _feed(check, 21, {"A": [1, 0], "B": [1, 0], "C": [-0.1, 1.0]}, pseudo)
+    assert check.excluded(["A", "B", "C"]) == ["C"]
+
+
 def test_response_check_leaves_out_a_minority_only():
     from fedmeta.common.aggregation import ResponseCheck
 
