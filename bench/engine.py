@@ -238,7 +238,9 @@ def _agreement_with_learn2learn(l2l: Any, device: torch.device) -> list[dict[str
         else:
             ours, _ = maml_step(model, params, tasks, inner)
         _l2l_step(l2l, algorithm, model, tasks, inner)()
-        theirs = {k: p.grad for k, p in model.named_parameters()}
+        theirs = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        if theirs.keys() != ours.keys():
+            raise RuntimeError(f"{algorithm}: learn2learn left no gradient for {sorted(ours.keys() - theirs.keys())}")
         diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
         rows.append({"section": "agreement", "workload": work.name, "algorithm": algorithm,
                      "implementation": "engine vs learn2learn", "max_abs_diff": diff,
