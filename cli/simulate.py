@@ -207,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.resume, args.overrides)
         out_dir = args.resume
     else:
-        cfg = load_config(resolve_config(args.config), args.overrides)
+        cfg = load_config(resolve_config(args.config), args.overrides, allow_empty=False)
         out_dir = args.out or default_run_dir(cfg)
     simulated_nodes(cfg)  # the data settings hold before the run folder is made
     _log_to_run_folder(out_dir, verbose=args.verbose)

@@ -2,7 +2,8 @@
 
 An experiment is an :class:`ExperimentConfig` (a frozen pydantic model): three top-level scalars
 (``algorithm``, ``rounds``, ``seed``) and one section per concern. Every field has a default, so
-an empty file (or no file) is the default experiment: Reptile on Fed-Heart-Disease. Files are
+no file is the default experiment: Reptile on Fed-Heart-Disease (the commands refuse a file that
+holds no settings, more likely a mistake than a wish for every default). Files are
 read by :mod:`fedmeta.common.yamlio`, like every other fedmeta YAML file.
 
 Errors name the file, the dotted key, the value and what is allowed::

@@ -35,3 +35,12 @@ def test_bad_config_exits_2_without_traceback(tmp_path, capsys):
     assert "site 'Atlantis' is not in source 'fed-heart'" in capsys.readouterr().err
     assert main(["simulate", "--resume", str(tmp_path)]) == 2
     assert "not a fedmeta run folder" in capsys.readouterr().err
+    # an explicitly named file that holds nothing is a mistake (no --config is the default run),
+    # and so is one that is not a mapping; both refused before anything starts
+    for text, says in (("", "the experiment file holds no settings"),
+                       ("# all commented out\n", "the experiment file holds no settings"),
+                       ("- reptile\n", "expected a mapping of settings, got list")):
+        bad.write_text(text)
+        assert main(["simulate", "--config", str(bad), "--out", str(tmp_path / "never")]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()

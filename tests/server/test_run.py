@@ -251,3 +251,18 @@ def test_a_reply_claiming_more_examples_than_its_round_can_use_is_rejected(tmp_p
         # tasks.meta_batch = 4 tasks of 10 + 10 patients: 80 examples a round at most.
         assert "more than the 80 its reptile round can use" in line["rejected"]["Hungary"]
         assert line["num_examples"] == 3 * 80
+
+
+def test_sites_silent_at_the_greeting_are_named_as_such(tmp_path, local_run):
+    """Too few sites answer the greeting: the error says how many stayed silent, for how long, and
+    what to check, rather than only that too few can take part."""
+    from fedmeta.common.errors import FedmetaError
+
+    def silence(grid):  # type: ignore[no-untyped-def]
+        for node in (1001, 1002, 1003):  # three of the four hospitals never answer
+            grid.drop(node, 0)
+
+    with pytest.raises(FedmetaError) as e:
+        local_run(tmp_path, ["federation.timeout_s=1"], grid_hook=silence)
+    assert "1 site(s) can take part, fewer than federation.min_nodes = 2" in str(e.value)
+    assert "3 of 4 site(s) did not answer the greeting within federation.timeout_s = 1 s" in str(e.value)
