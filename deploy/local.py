@@ -304,8 +304,12 @@ def deploy_local(
     if leftovers:
         logger.error("processes still running after stop: %s", leftovers)
     if status != "finished:completed":
-        raise ProvisionError(f"run {run_id} ended {status!r}; see the logs in {work / 'run' / 'logs'} "
-                             f"and {state / 'runs' / run_name}")
+        run_log = state / "runs" / run_name / "run.log"
+        errors = [line.split(" error: ", 1)[1] for line in
+                  (run_log.read_text(errors="replace").splitlines() if run_log.exists() else [])
+                  if " error: " in line]
+        raise ProvisionError(f"run {run_id} ended {status!r}" + (f": {errors[-1]}" if errors else "")
+                             + f"; see {run_log} and the logs in {work / 'run' / 'logs'}")
     folder = state / "runs" / run_name
     for f in folder.iterdir():
         if f.is_file():

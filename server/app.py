@@ -26,7 +26,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.config import ExperimentConfig, config_from_dict, load_config
-from fedmeta.common.errors import ConfigError
+from fedmeta.common.errors import ConfigError, FedmetaError
 from fedmeta.protocol.environment import RUNS_DIR as RUNS_ENV
 from fedmeta.server.driver import run_experiment
 from fedmeta.server.handshake import Progress
@@ -108,8 +108,31 @@ def main(grid: Grid, context: Context) -> None:
     cfg = experiment_from_run_config(rc)
     name = check_run_name(str(rc.get("run-name", "")) or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = runs_root() / name
-    _say(f"{cfg.algorithm}, {cfg.rounds} rounds; run folder {out}")
-    summary = run_experiment(grid, cfg, out, resume=bool(rc.get("resume", False)), progress=_say)
-    mean = summary.get("mean", {}).get("after", {})
-    _say(f"finished: mean accuracy after adaptation {mean.get('accuracy', float('nan')):.3f}, "
-         f"AUROC {mean.get('auroc', float('nan')):.3f}; outputs in {out}")
+    # run.log in the run folder holds what `flwr log` streams, and why a run failed: the operator
+    # of a run submitted without streaming finds it there.
+    out.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(out / "run.log")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedmeta").addHandler(to_file)
+    progress_log = logging.getLogger("fedmeta.progress")
+    progress_log.propagate = False  # printed by say(); the file gets it once
+    progress_log.addHandler(to_file)
+
+    def say(text: str) -> None:
+        _say(text)
+        progress_log.info(text)
+
+    try:
+        say(f"{cfg.algorithm}, {cfg.rounds} rounds; run folder {out}")
+        summary = run_experiment(grid, cfg, out, resume=bool(rc.get("resume", False)), progress=say)
+        mean = summary.get("mean", {}).get("after", {})
+        say(f"finished: mean accuracy after adaptation {mean.get('accuracy', float('nan')):.3f}, "
+            f"AUROC {mean.get('auroc', float('nan')):.3f}; outputs in {out}")
+    except Exception as e:
+        say(f"error: the run failed: {e}" if isinstance(e, FedmetaError)
+            else f"error: the run failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        logging.getLogger("fedmeta").removeHandler(to_file)
+        progress_log.removeHandler(to_file)
+        to_file.close()

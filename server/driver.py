@@ -159,10 +159,12 @@ class _Run:
         self.refresh()
         if len(self.sites.names) < self.cfg.federation.min_nodes:
             silent = [n for n in nodes if n not in self.sites.names and n not in self.sites.excluded]
+            identity = self.identity()
+            named = identity.admitted if identity is not None else {}
+            excluded = "; ".join(f"{named.get(n, f'node {n}')}: {why}" for n, why in self.sites.excluded.items())
             raise FedmetaError(
                 f"{len(self.sites.names)} site(s) can take part, fewer than federation.min_nodes = "
-                f"{self.cfg.federation.min_nodes}" + (f"; excluded: {self.sites.excluded}"
-                                                      if self.sites.excluded else "")
+                f"{self.cfg.federation.min_nodes}" + (f"; excluded: {excluded}" if excluded else "")
                 + (f"; {len(silent)} of {len(nodes)} site(s) did not answer the greeting within "
                    f"federation.timeout_s = {self.cfg.federation.timeout_s:g} s (a site that failed to "
                    "start, or a machine too busy to run it: see the sites' logs, or raise the timeout)"

@@ -332,6 +332,11 @@ def test_the_site_policy_refuses_a_one_patient_test_split(consortium: Consortium
         assert any(e["event"] == "request_failed" and e["run_id"] == run_id
                    and e["category"] == "policy refusal" for e in _site_audit(d, site))
     assert not (folder / "summary.json").exists()
+    # Why the run failed is in its run.log on the coordinator, each site named by the registry.
+    log_text = (folder / "run.log").read_text()
+    assert "error: the run failed: 0 site(s) can take part, fewer than federation.min_nodes" in log_text
+    for site in STARTED:
+        assert re.search(rf"{site}: policy refusal: the test split would hold [12] patients", log_text), site
 
 
 def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> None:
