@@ -125,6 +125,9 @@ class SiteWorker:
 
     def run(self) -> None:
         """Poll for tasks and serve them until stopped."""
+        from fedmeta.protocol import transport
+
+        transport.apply()  # a task's message is pulled from the SuperNode (see that module)
         acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
                                                             protected_methods=_ACQUIRE))

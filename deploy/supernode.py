@@ -38,7 +38,11 @@ def patch_points_present() -> bool:
 
 
 def apply(poll_s: float) -> None:
-    """Set the SuperNode's idle poll to ``poll_s`` and its heartbeat to :data:`HEARTBEAT_S`."""
+    """Set the SuperNode's idle poll to ``poll_s``, its heartbeat to :data:`HEARTBEAT_S` and its
+    object pulls' first retry to :data:`fedmeta.protocol.transport.INITIAL_BACKOFF_S`."""
+    from fedmeta.protocol import transport
+
+    transport.apply()
     from flwr.client.grpc_rere_client import connection
     from flwr.common import constant
     from flwr.supercore import heartbeat

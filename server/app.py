@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.config import ExperimentConfig, config_from_dict, load_config
 from fedmeta.common.errors import ConfigError, FedmetaError
+from fedmeta.protocol import transport
 from fedmeta.protocol.environment import RUNS_DIR as RUNS_ENV
 from fedmeta.server.driver import run_experiment
 from fedmeta.server.handshake import Progress
@@ -95,6 +96,8 @@ def _say(text: str) -> None:
 
 
 app = ServerApp()
+transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
+transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
 
 
 @app.main()
