@@ -14,12 +14,14 @@ builds the same app around an already-loaded config with :func:`make_server_app`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flwr.app import Context
@@ -91,51 +93,51 @@ def make_server_app(
     return server_app
 
 
-def _say(text: str) -> None:
-    print(f"[fedmeta {time.strftime('%H:%M:%S')}] {text}", flush=True)
+@contextlib.contextmanager
+def run_log(out: Path) -> Iterator[Callable[[str], None]]:
+    """Log a deployed run: fedmeta's log lines and its progress lines go to stdout (what
+    ``flwr log`` streams) and to ``out/run.log``, where the operator of a run submitted without
+    streaming finds them, and why a run failed. Yields ``say(text)``, the progress line writer; a
+    failure is written as ``error: the run failed: …`` and re-raised."""
+    out.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(out / "run.log")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_console = logging.StreamHandler(sys.stdout)
+    to_console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    to_console_progress = logging.StreamHandler(sys.stdout)
+    to_console_progress.setFormatter(logging.Formatter("[fedmeta %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    fedmeta, progress = logging.getLogger("fedmeta"), logging.getLogger("fedmeta.progress")
+    fedmeta.setLevel(logging.INFO)
+    progress.propagate = False  # its own console format; the file gets each line once
+    handlers = ((fedmeta, to_console), (fedmeta, to_file), (progress, to_console_progress), (progress, to_file))
+    for logger, handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield progress.info
+    except Exception as e:
+        progress.info(f"error: the run failed: {e}" if isinstance(e, FedmetaError)
+                      else f"error: the run failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        for logger, handler in handlers:
+            logger.removeHandler(handler)
+        to_file.close()
 
 
 app = ServerApp()
-transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
 transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("fedmeta").addHandler(handler)
-    logging.getLogger("fedmeta").setLevel(logging.INFO)
     os.umask(0o077)
     rc = dict(context.run_config)
     cfg = experiment_from_run_config(rc)
     name = check_run_name(str(rc.get("run-name", "")) or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = runs_root() / name
-    # run.log in the run folder holds what `flwr log` streams, and why a run failed: the operator
-    # of a run submitted without streaming finds it there.
-    out.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(out / "run.log")
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("fedmeta").addHandler(to_file)
-    progress_log = logging.getLogger("fedmeta.progress")
-    progress_log.propagate = False  # printed by say(); the file gets it once
-    progress_log.addHandler(to_file)
-
-    def say(text: str) -> None:
-        _say(text)
-        progress_log.info(text)
-
-    try:
+    with run_log(out) as say:
         say(f"{cfg.algorithm}, {cfg.rounds} rounds; run folder {out}")
         summary = run_experiment(grid, cfg, out, resume=bool(rc.get("resume", False)), progress=say)
         mean = summary.get("mean", {}).get("after", {})
         say(f"finished: mean accuracy after adaptation {mean.get('accuracy', float('nan')):.3f}, "
             f"AUROC {mean.get('auroc', float('nan')):.3f}; outputs in {out}")
-    except Exception as e:
-        say(f"error: the run failed: {e}" if isinstance(e, FedmetaError)
-            else f"error: the run failed: {type(e).__name__}: {e}")
-        raise
-    finally:
-        logging.getLogger("fedmeta").removeHandler(to_file)
-        progress_log.removeHandler(to_file)
-        to_file.close()
