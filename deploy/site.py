@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -167,16 +168,37 @@ class SiteRunner:
             json.dump(doc, f)
         tmp.replace(path)
 
+    def _answering(self) -> bool:
+        """Whether the SuperNode's own Runtime API (served by the SuperNode process, on
+        127.0.0.1) accepts a connection: a running SuperNode always serves it."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.runtime_port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
     def supervise(self) -> int:
-        """Block until stopped; restart the SuperNode with growing waits whenever it exits.
-        Returns 0 when stopped, 1 when ``max_restarts`` was exhausted."""
+        """Block until stopped; restart the SuperNode with growing waits whenever it exits, or
+        when it is alive but has not served its Runtime API for :data:`UNRESPONSIVE_S` (a
+        SuperNode that gave up reconnecting can hang in its own shutdown: Flower 1.39 raises
+        inside its exit handler and a thread keeps the process alive). Returns 0 when stopped, 1
+        when ``max_restarts`` was exhausted."""
+        last_answer = time.monotonic()
         while not self._stop.is_set():
             assert self.node_process is not None
+            hung = False
             if self.node_process.alive():
-                self._stop.wait(0.5)
-                continue
+                now = time.monotonic()
+                if self._answering():
+                    last_answer = now
+                elif now - last_answer > UNRESPONSIVE_S:
+                    hung = True
+                    self.procs.kill("supernode")
+                if not hung:
+                    self._stop.wait(0.5)
+                    continue
             code = self.node_process.popen.returncode
-            why = _exit_reason(self.node_process.log_path)
+            why = UNRESPONSIVE if hung else _exit_reason(self.node_process.log_path)
             if self.max_restarts is not None and self.restarts >= self.max_restarts:
                 self.say(f"site {self.node.site}: the node exited ({why}); giving up after "
                          f"{self.restarts} restarts")
@@ -195,6 +217,7 @@ class SiteRunner:
             if self._stop.wait(wait):
                 break
             self._start_node()
+            last_answer = time.monotonic()
         return 0
 
     def stop(self) -> None:
@@ -211,6 +234,11 @@ class SiteRunner:
                           served=int(getattr(self.worker, "served", 0)),
                           refused=int(getattr(self.worker, "refused", 0)))
 
+
+#: Seconds a live SuperNode may leave its Runtime API closed before it is killed and restarted
+#: (it opens it within a second or two of starting; a busy machine gets plenty of slack).
+UNRESPONSIVE_S = 20.0
+UNRESPONSIVE = f"the node stopped answering on its Runtime API for {UNRESPONSIVE_S:.0f} s and was killed"
 
 REFUSED = ("the coordinator refused the node: its key is not registered (never added, or revoked), "
            "or its previous session has not expired yet")
