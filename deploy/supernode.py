@@ -65,6 +65,10 @@ def apply(poll_s: float) -> None:
 def main() -> None:
     poll_s = float(os.environ.get(POLL_ENV, "0.5"))
     apply(poll_s)
+    from flwr.common.logger import update_console_handler
+
+    # the SuperNode's output goes to the site's log file: timestamps, no colour codes
+    update_console_handler(timestamps=True, colored=False)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *sys.argv[1:]]
