@@ -166,9 +166,11 @@ def start_coordinator(
     control_host: str,
     control_port: int,
     insecure: bool = False,
+    persist_state: bool = False,
     timeout: float = 60.0,
 ) -> CoordinatorHandle:
-    """Start ``flower-superlink`` for a provisioned ``deployment`` and reconcile the sites."""
+    """Start ``flower-superlink`` for a provisioned ``deployment`` and reconcile the sites
+    (state in memory unless ``persist_state``: :func:`fedmeta.deploy.launch.superlink_argv`)."""
     layout = CoordinatorLayout(deployment=deployment, state=state)
     os.umask(0o077)
     secure_state(state)
@@ -181,7 +183,8 @@ def start_coordinator(
     )
     key = None if insecure else decrypted_pem(layout.key, passphrase)
     argv = superlink_argv(layout, key_path=key.path if key else None, fleet_address=fleet_address,
-                          control_host=control_host, control_port=control_port, insecure=insecure)
+                          control_host=control_host, control_port=control_port, insecure=insecure,
+                          persist_state=persist_state)
     proc = procs.start("superlink", argv, env=env, pass_fds=[key.fd] if key else [])
     fleet_host, _, fleet_port = fleet_address.rpartition(":")
     wait_for_port(control_host, control_port, timeout=timeout, proc_alive=proc.alive)

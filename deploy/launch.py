@@ -3,8 +3,9 @@ fedmeta.
 
 * Coordinator: ``flower-superlink`` with TLS on every API (``--ssl-ca-certfile/--ssl-certfile/
   --ssl-keyfile``, the key decrypted into memory), ``--enable-supernode-auth`` (only registered
-  SuperNode keys are admitted), a SQLite state database, the gRPC request-response Fleet API for
-  the hospitals and the HTTPS Control API for ``flwr`` (loopback by default).
+  SuperNode keys are admitted), its state in memory (Flower's default; a SQLite database only with
+  ``persist_state``, see :func:`superlink_argv`), the gRPC request-response Fleet API for the
+  hospitals and the HTTPS Control API for ``flwr`` (loopback by default).
 * Operator: ``flwr supernode register|unregister|list`` and ``flwr run|log|list|stop`` against a
   private ``FLWR_HOME`` whose ``config.toml`` names the SuperLink's Control API and the CA.
 * Runs are submitted as a bundle holding only a generated ``pyproject.toml``
@@ -125,8 +126,20 @@ def superlink_argv(
     control_host: str,
     control_port: int,
     insecure: bool = False,
+    persist_state: bool = False,
 ) -> list[str]:
-    """``flower-superlink`` command line for the coordinator (``key_path``: the decrypted key)."""
+    """``flower-superlink`` command line for the coordinator (``key_path``: the decrypted key).
+
+    The SuperLink keeps its state (node registrations, runs, the messages and their objects in
+    transit) in memory unless ``persist_state``, which stores it in ``layout.database``
+    (SQLite). In memory, a round is about 3x quicker (every object a site pushes or pulls is a
+    database transaction otherwise: ``fedmeta bench deploy``) and no parameter update is ever
+    written to the coordinator's disk by Flower. Nothing fedmeta needs is lost when the
+    SuperLink restarts: the registrations are rebuilt from the consortium registry at every
+    start (:func:`fedmeta.deploy.coordinator.reconcile`), and runs resume from fedmeta's own
+    checkpoints in the runs folder. What only the database keeps: Flower's own run history
+    (``flwr ls``, ``flwr log``) across SuperLink restarts.
+    """
     argv = [bin_path("flower-superlink")]
     if insecure:
         logger.warning(INSECURE_WARNING)
@@ -142,8 +155,9 @@ def superlink_argv(
             "--ssl-keyfile", key_path,
             "--enable-supernode-auth",
         ]
+    if persist_state:
+        argv += ["--database", str(layout.database)]
     argv += [
-        "--database", str(layout.database),
         "--fleet-api-type", "grpc-rere",
         "--fleet-api-address", fleet_address,
         "--host", control_host,

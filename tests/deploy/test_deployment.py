@@ -31,8 +31,8 @@ from fedmeta.common.data.schema import Feature, Schema, save_schema
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
 from fedmeta.deploy.consortium import load_consortium
-from fedmeta.deploy.coordinator import CoordinatorHandle, start_coordinator
-from fedmeta.deploy.keys import fingerprint, make_site_keys
+from fedmeta.deploy.coordinator import CoordinatorHandle, reconcile, start_coordinator
+from fedmeta.deploy.keys import fingerprint, fingerprint_of_bytes, make_site_keys
 from fedmeta.deploy.launch import (
     base_env,
     bin_path,
@@ -239,8 +239,10 @@ def test_federated_run_over_tls_with_owner_only_state(consortium: Consortium) ->
     assert {e["site"] for e in contributions} == set(STARTED)
     for p in [d.co.layout.state, d.co.layout.runs, folder]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
-    for p in [*folder.iterdir(), d.co.layout.database, d.co.layout.audit, d.co.layout.nodes]:
+    for p in [*folder.iterdir(), d.co.layout.audit, d.co.layout.nodes]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    # the SuperLink's state (and so every update in transit) is in memory, never on disk
+    assert not d.co.layout.database.exists() and "--database" not in d.co.process.popen.args
     for site in STARTED:
         served = [e for e in _site_audit(d, site) if e["event"] == "request_served"
                   and e["run_id"] == run_id]
@@ -366,7 +368,7 @@ def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> N
     assert "0012345" in d.procs.procs["site-site-3"].log_path.read_text()
     coordinator_files = [p for p in (d.root / "coordinator").rglob("*") if p.is_file()]
     coordinator_files.append(d.co.process.log_path)  # the SuperLink's own log
-    assert d.co.layout.database in coordinator_files and folder / "summary.json" in coordinator_files
+    assert folder / "summary.json" in coordinator_files and d.co.layout.audit in coordinator_files
     for p in coordinator_files:
         content = p.read_bytes()
         for needle in (b"0012345", b"Doe, John", b"stays.csv", str(data).encode()):
@@ -376,8 +378,9 @@ def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> N
 
 def test_a_key_registered_outside_the_registry_never_takes_part(consortium: Consortium) -> None:
     """An outsider with Control API access registers its own key with Flower's CLI and joins with
-    a plain Flower SuperNode (which would run any app). It is never greeted or sampled; at the
-    next coordinator start its registration is removed."""
+    a plain Flower SuperNode (which would run any app). It is never greeted or sampled; the
+    reconciliation every coordinator start runs removes its registration, and a restarted
+    SuperLink (state in memory) does not know it at all."""
     d = consortium
     outsider = make_site_keys(d.root / "outsider", comment="outsider", passphrase=None)
     fp = fingerprint(outsider.public.read_bytes())
@@ -400,11 +403,17 @@ def test_a_key_registered_outside_the_registry_never_takes_part(consortium: Cons
     refused = [e for e in _audit(d, run_id) if e["event"] == "node_refused"]
     assert [(e["node_id"], e["fingerprint"]) for e in refused] == [(node_id, fp)]
     assert refused[0]["reason"] == "the key is not in the consortium registry"
-    d.restart_coordinator()
+    assert d.co.control is not None
+    assert reconcile(d.co.layout, d.co.control) == d.co.node_ids  # what a start runs; sites kept
     removed = [e for e in read_log(d.co.layout.audit) if e["event"] == "node_unregistered"
                and e["node_id"] == node_id]
     assert removed and removed[-1]["reason"] == "registered outside the consortium registry"
-    assert node_id not in {n.node_id for n in d.co.control.nodes() if n.status != "unregistered"}  # type: ignore[union-attr]
+    assert node_id not in {n.node_id for n in d.co.control.nodes() if n.status != "unregistered"}
+    d.restart_coordinator()
+    known = {fingerprint_of_bytes(n.public_key) for n in d.co.control.nodes()  # type: ignore[union-attr]
+             if n.status != "unregistered"}
+    assert fp not in known and known == {fingerprint((d.pki / "coordinator" / "authorized" / f"{s}.pub").read_bytes())
+                                         for s in SITES}
     d.procs.stop("outsider")
     wait_nodes_online(d.co.control, d.ids(STARTED), timeout=90)  # type: ignore[arg-type]
 
@@ -459,13 +468,19 @@ def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(conso
 
 def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium) -> None:
     d = consortium
+    revoked_fp = fingerprint((d.pki / "coordinator" / "authorized" / "site-2.pub").read_bytes())
     revoke_site(d.pki, "site-2", reason="left the consortium")
     revoked_node = d.co.node_ids["site-2"]
-    d.restart_coordinator()
-    assert "site-2" not in d.co.node_ids
+    assert d.co.control is not None
+    assert "site-2" not in reconcile(d.co.layout, d.co.control)  # what every start runs
     removed = [e for e in read_log(d.co.layout.audit) if e["event"] == "node_unregistered"
                and e["site"] == "site-2"]
     assert removed and removed[-1]["reason"] == "the key of site site-2 is revoked"
+    assert revoked_node not in {n.node_id for n in d.co.control.nodes() if n.status != "unregistered"}
+    d.restart_coordinator()
+    assert "site-2" not in d.co.node_ids
+    assert revoked_fp not in {fingerprint_of_bytes(n.public_key) for n in d.co.control.nodes()  # type: ignore[union-attr]
+                              if n.status != "unregistered"}
     wait_nodes_online(d.co.control, d.ids(["site-0", "site-1"]), timeout=90)  # type: ignore[arg-type]
     _, status, folder = _run(d, "after-revoke", ["rounds=1"])
     assert status == "finished:completed"

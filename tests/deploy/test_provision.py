@@ -355,6 +355,22 @@ def test_reconcile_registers_only_keys_that_match_the_registry(provisioned, tmp_
     assert "not the registry's" in str(refused[-1]["reason"])
 
 
+def test_the_superlink_keeps_its_state_in_memory_unless_asked_to_persist_it(provisioned, tmp_path):
+    """Flower's default (in memory) unless --persist-state; then the owner-only state folder."""
+    from fedmeta.deploy.launch import CoordinatorLayout, superlink_argv
+
+    _, out = provisioned
+    layout = CoordinatorLayout(out, tmp_path / "state")
+    args = dict(key_path="/proc/self/fd/9", fleet_address="127.0.0.1:1", control_host="127.0.0.1",
+                control_port=2)
+    default = superlink_argv(layout, **args)  # type: ignore[arg-type]
+    assert "--database" not in default and "--enable-supernode-auth" in default
+    persisted = superlink_argv(layout, persist_state=True, **args)  # type: ignore[arg-type]
+    at = persisted.index("--database")
+    assert Path(persisted[at + 1]) == tmp_path / "state" / "superlink.db"
+    assert [a for a in persisted if a not in ("--database", persisted[at + 1])] == default
+
+
 def test_a_passphrase_file_readable_by_others_is_refused_unless_it_is_a_systemd_credential(tmp_path, monkeypatch):
     creds = tmp_path / "credentials"
     creds.mkdir(mode=0o500 | 0o200)
