@@ -128,6 +128,7 @@ class SiteWorker:
         from fedmeta.protocol import transport
 
         transport.apply()  # a task's message is pulled from the SuperNode (see that module)
+        polling = transport.Polling(min(transport.FAST_POLL_S, self.settings.poll_s), self.settings.poll_s)
         acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
                                                             protected_methods=_ACQUIRE))
@@ -141,8 +142,9 @@ class SiteWorker:
                     continue
                 if res.HasField("task") and res.token:
                     self.serve(res.token)
+                    polling.active()  # the next round's task comes soon: look again quickly
                 else:
-                    self._stop.wait(self.settings.poll_s)
+                    self._stop.wait(polling.next_s())
         finally:
             acquire.close()
 

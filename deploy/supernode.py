@@ -5,8 +5,9 @@ Flower 1.39's SuperNode asks the SuperLink for work every 3 s when idle (a hard-
 so a crashed hospital is noticed only after a minute and cannot rejoin before. This entry point
 runs the same ``flower-supernode`` after setting
 
-- the idle poll to ``$FEDMETA_SUPERNODE_POLL_S`` seconds (default 0.5; the 0.5 s waits for a
-  reply are capped the same way), and
+- the idle poll to at most ``$FEDMETA_SUPERNODE_POLL_S`` seconds (default 0.5), 20 ms right after
+  a message and growing by half each idle poll, and the 0.5 s waits for the worker's reply to
+  20 ms (they read the node's own memory), and
 - the node heartbeat to Flower's shortest allowed interval (10 s: the SuperLink marks a silent
   node offline after 20 s).
 
@@ -38,8 +39,10 @@ def patch_points_present() -> bool:
 
 
 def apply(poll_s: float) -> None:
-    """Set the SuperNode's idle poll to ``poll_s``, its heartbeat to :data:`HEARTBEAT_S` and its
-    object pulls' first retry to :data:`fedmeta.protocol.transport.INITIAL_BACKOFF_S`."""
+    """Set the SuperNode's idle poll (at most ``poll_s``: :class:`~fedmeta.protocol.transport.
+    Polling`, quick right after a message), its waits for the worker's reply (quick: they only
+    look at the node's own memory), its heartbeat to :data:`HEARTBEAT_S` and its object pulls'
+    first retry to :data:`fedmeta.protocol.transport.INITIAL_BACKOFF_S`."""
     from fedmeta.protocol import transport
 
     transport.apply()
@@ -55,8 +58,14 @@ def apply(poll_s: float) -> None:
     connection.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
 
+    idle = transport.Polling(min(transport.FAST_POLL_S, poll_s), poll_s)
+
     def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, poll_s))
+        if seconds >= 1.0:  # Flower's idle poll (3 s) between two PullMessages to the SuperLink
+            time.sleep(idle.next_s())
+        else:  # 0.5 s: waiting for the worker's reply, or for its objects, in the node's memory
+            idle.active()
+            time.sleep(min(seconds, transport.FAST_POLL_S))
 
     start_client_internal.time = SimpleNamespace(  # type: ignore[assignment]
         sleep=sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter)

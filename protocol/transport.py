@@ -15,7 +15,43 @@ moves the setting.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 INITIAL_BACKOFF_S = 0.05
+
+#: The first wait after activity of the deployed processes' polls (see :class:`Polling`).
+FAST_POLL_S = 0.02
+
+
+@dataclass
+class Polling:
+    """Waits between polls that are short while a run is active and long when idle.
+
+    :meth:`active` (a task was served, a message arrived) sets the next wait to ``fast_s``; each
+    :meth:`next_s` returns the current wait and grows the next one by ``growth``, up to
+    ``slow_s``. During a run the next round's message comes within a second of the last reply,
+    while the poll is still quick; an idle site settles at ``slow_s`` within a few seconds, so
+    polling costs no more CPU than a fixed ``slow_s`` poll when nothing happens.
+    """
+
+    fast_s: float
+    slow_s: float
+    growth: float = 1.5
+    _next: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fast_s <= self.slow_s or self.growth < 1:
+            raise ValueError("polling needs 0 < fast_s <= slow_s and growth >= 1, got "
+                             f"fast_s={self.fast_s}, slow_s={self.slow_s}, growth={self.growth}")
+        self._next = self.slow_s
+
+    def active(self) -> None:
+        self._next = self.fast_s
+
+    def next_s(self) -> float:
+        wait = self._next
+        self._next = min(self.slow_s, wait * self.growth)
+        return wait
 
 
 def _pullers() -> tuple:  # type: ignore[type-arg]

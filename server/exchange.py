@@ -35,7 +35,7 @@ class Waiting:
     quorum: int
     straggler_factor: float = 3.0
     min_grace_s: float = 5.0
-    poll_s: float = 0.1
+    poll_s: float = 0.05
 
 
 @dataclass
