@@ -43,10 +43,12 @@ COUNT_RECORDS = ("code-counts", "numeric-counts")
 
 def reply_record(message_type, reply):
     """A site's reply as plain data: ``{"type", "arrays", "metrics", "configs"}``."""
+    from fedmeta.protocol.records import arrays_from_record
+
     record = {"type": message_type, "arrays": {}, "metrics": {}, "configs": {}}
     if reply.has_content():
         for name, rec in reply.content.array_records.items():
-            record["arrays"][name] = {k: a.numpy() for k, a in rec.items()}
+            record["arrays"][name] = arrays_from_record(rec)
         for name, rec in reply.content.metric_records.items():
             record["metrics"][name] = dict(rec)
         for name, rec in reply.content.config_records.items():

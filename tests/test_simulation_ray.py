@@ -18,6 +18,7 @@ from fedmeta.client.app import make_client_app
 from fedmeta.common import params as P
 from fedmeta.common.config import load_config
 from fedmeta.common.data.heart import HOSPITALS, load_hospital
+from fedmeta.protocol.records import arrays_from_record
 
 pytestmark = pytest.mark.ray
 
@@ -32,7 +33,7 @@ def capture_mod(folder):
         record = {"type": msg.metadata.message_type, "arrays": {}, "metrics": {}, "configs": {}}
         if reply.has_content():
             for name, rec in reply.content.array_records.items():
-                record["arrays"][name] = {k: a.numpy() for k, a in rec.items()}
+                record["arrays"][name] = arrays_from_record(rec)
             for name, rec in reply.content.metric_records.items():
                 record["metrics"][name] = dict(rec)
             for name, rec in reply.content.config_records.items():

@@ -13,7 +13,8 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+
+from fedmeta.protocol.records import arrays_from_record, record_from_arrays
 
 ROUNDS = ["rounds=30", "eval.adapt_steps=100", "tasks.meta_batch=8"]  # the default experiment
 
@@ -21,8 +22,8 @@ ROUNDS = ["rounds=30", "eval.adapt_steps=100", "tasks.meta_batch=8"]  # the defa
 def _hostile(fn):  # type: ignore[no-untyped-def]
     def tamper(reply):  # type: ignore[no-untyped-def]
         if reply.has_content() and "update" in reply.content.array_records:
-            arrays = {k: a.numpy() for k, a in reply.content["update"].items()}
-            reply.content["update"] = ArrayRecord(array_dict={k: Array(fn(v)) for k, v in arrays.items()})
+            arrays = arrays_from_record(reply.content["update"])
+            reply.content["update"] = record_from_arrays({k: fn(v) for k, v in arrays.items()})
         return reply
     return tamper
 

@@ -1,21 +1,21 @@
 """The coordinator's run end to end over an in-process grid (real ServerApp driver and ClientApp
 handlers, messages serialised as on the wire): outputs, reproducibility, resume, bad replies."""
 
-import io
 import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
 
 from fedmeta.common import params as P
 from fedmeta.common.data.heart import HOSPITALS
+from fedmeta.protocol.records import arrays_from_record, record_from_arrays
 
 
-def _npy(a):
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
+def _packed(arrays):
+    """Bytes of ``arrays`` in fedmeta's packed wire form, computed from its definition: a 4-byte
+    header length, the JSON header [[name, dtype, shape], ...] and every array's raw bytes."""
+    header = json.dumps([[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()], separators=(",", ":"))
+    return 4 + len(header.encode()) + sum(v.nbytes for v in arrays.values())
 
 
 SUMMARY_KEYS = {"algorithm", "rounds", "wall_s", "config", "sites", "mean", "comm"}
@@ -40,11 +40,11 @@ def test_outputs_and_summary_fields(tmp_path, local_run):
     lines = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2, 3]
     assert sum(x["bytes_up"] for x in lines) == on_disk["comm"]["bytes_up"]
-    # Bytes: 4 sites send one float32 copy of every parameter per round, each array serialised in
-    # .npy form (Flower's Array.data: the raw bytes plus the .npy header).
+    # Bytes: 4 sites send one float32 copy of every parameter per round, packed into one array
+    # (the raw bytes plus one small header naming them).
     theta, _ = P.load(run / "final.safetensors")
-    n_bytes = sum(len(_npy(v)) for v in theta.values())
-    assert n_bytes == sum(v.nbytes for v in theta.values()) + 128 * len(theta)
+    n_bytes = _packed(theta)
+    assert n_bytes < sum(v.nbytes for v in theta.values()) + 64 * len(theta)
     assert on_disk["comm"]["bytes_up"] == 3 * 4 * n_bytes
     assert on_disk["comm"]["bytes_down"] == (3 + 1) * 4 * n_bytes
     assert on_disk["config"]["rounds"] == 3
@@ -81,9 +81,8 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, local_run, optimizer
 def _tamper_update(fn):
     def tamper(reply):
         if reply.has_content() and "update" in reply.content.array_records:
-            rec = reply.content["update"]
-            arrays = {k: a.numpy() for k, a in rec.items()}
-            reply.content["update"] = ArrayRecord(array_dict={k: Array(v) for k, v in fn(arrays).items()})
+            arrays = arrays_from_record(reply.content["update"])
+            reply.content["update"] = record_from_arrays(fn(arrays))
         return reply
     return tamper
 
@@ -142,31 +141,28 @@ def test_compressed_uplink_and_downlink_deltas(tmp_path, local_run, method):
                                          "compression.topk_fraction=0.1", "rounds=3"])
     lines = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     theta, _ = P.load(tmp_path / "run" / "final.safetensors")
-    full = sum(len(_npy(v)) for v in theta.values())
+    full = _packed(theta)
     assert lines[0]["bytes_down"] == 4 * full  # first contact: the full θ
     assert all(line["accepted"] and not line["rejected"] for line in lines)
     per_site_up = lines[0]["bytes_up"] / 4
     if method == "fp16":
-        assert per_site_up == sum(len(_npy(v.astype(np.float16))) for v in theta.values())
+        assert per_site_up == _packed({k: v.astype(np.float16) for k, v in theta.items()})
     if method == "int8":
-        assert per_site_up == sum(len(_npy(v.astype(np.int8))) + len(_npy(np.zeros(1, np.float32)))
-                                  for v in theta.values())
+        assert per_site_up == _packed({**{k: v.astype(np.int8) for k, v in theta.items()},
+                                       **{f"{k}::scale": np.zeros(1, np.float32) for k in theta}})
     assert lines[1]["bytes_down"] < 4 * full and lines[1]["bytes_up"] < 4 * full
     assert np.isfinite(summary["mean"]["after"]["accuracy"])
 
 
 def test_node_with_a_stale_cache_is_resynchronised(tmp_path, local_run):
-    from flwr.app import ArrayRecord as AR
-
     def hook(grid):
         original = grid.send_and_receive
 
         def corrupt_then_send(messages, *, timeout=None):
             ctx = grid.nodes[1000]
             if "fedmeta.theta" in ctx.state.array_records:  # the node's cache gets out of step
-                rec = ctx.state.array_records["fedmeta.theta"]
-                ctx.state.array_records["fedmeta.theta"] = AR(
-                    array_dict={k: Array(a.numpy() + 1.0) for k, a in rec.items()})
+                held = arrays_from_record(ctx.state.array_records["fedmeta.theta"])
+                ctx.state.array_records["fedmeta.theta"] = record_from_arrays({k: v + 1.0 for k, v in held.items()})
                 grid.corrupted = getattr(grid, "corrupted", 0) + 1
             return original(messages, timeout=timeout)
 
@@ -231,7 +227,7 @@ def test_eval_every_records_interim_evaluations(tmp_path, local_run):
     assert set(interim["sites"]) == set(HOSPITALS)
     assert 0 <= interim["mean"]["after"]["accuracy"] <= 1
     theta, _ = P.load(tmp_path / "run" / "final.safetensors")
-    full = sum(len(_npy(v)) for v in theta.values())
+    full = _packed(theta)
     assert summary["comm"]["bytes_down"] == (4 + 1 + 1) * 4 * full  # 4 rounds + interim + final eval
 
 
