@@ -28,15 +28,15 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common import MessageType
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -52,6 +52,59 @@ _ACQUIRE = ("/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingT
             "/flwr.proto.Runtime/ClaimTask")
 
 Audit = Callable[..., object]
+
+#: How long one task's calls keep retrying while the SuperNode does not answer (``fedmeta site
+#: start`` is restarting it); then the task is abandoned and the worker takes the next one.
+TASK_RETRY_S = 30.0
+_RETRY_STATUS = frozenset({503, 504})
+
+
+def retry_invoker(max_time: float | None) -> RetryInvoker:
+    """Retries for the worker's calls to its SuperNode: connection errors and 503/504 are retried
+    (growing waits, at most ``max_time`` seconds; ``0`` means one try); any other answer, such as
+    401 for the token of a task an earlier SuperNode handed out, ends the call with its error.
+
+    Flower's own HTTP retry policy (``make_simple_http_retry_invoker``) is made for a one-task
+    ClientApp process: on a 401 it sends SIGINT to its own process. In the site worker, that
+    process is ``fedmeta site start``, which would stop whenever a SuperNode restarted under a
+    task in flight.
+    """
+    import httpx
+
+    def give_up(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code not in _RETRY_STATUS
+        return False
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=5),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=1 if max_time == 0 else None,
+        max_time=None if max_time == 0 else max_time,
+        should_giveup=give_up,
+    )
+
+
+def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """A task's heartbeat to the SuperNode that never signals the process (Flower's sends
+    SIGINT when the SuperNode no longer knows the task); a lost task is only logged."""
+    import httpx
+
+    request = SendTaskHeartbeatRequest()
+    warned = threading.Event()
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except (httpx.TransportError, httpx.HTTPStatusError):
+            return False
+        if not res.success and not warned.is_set():
+            warned.set()
+            log.warning("the SuperNode no longer knows the task in progress (it restarted); "
+                        "its reply will be refused")
+        return True
+
+    return beat
 
 
 @dataclass(frozen=True)
@@ -107,10 +160,10 @@ class SiteWorker:
     def stop(self) -> None:
         self._stop.set()
 
-    def _client(self, *interceptors: Any) -> RuntimeHttpClient:
+    def _client(self, *interceptors: Any, retry_s: float | None) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
             server_address=self.settings.runtime_address, insecure=True, root_certificates=None,
-            interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker(),
+            interceptors=list(interceptors), retry_invoker=retry_invoker(retry_s),
         )
 
     def _app(self, secure_aggregation: bool) -> ClientApp:
@@ -131,7 +184,8 @@ class SiteWorker:
         polling = transport.Polling(min(transport.FAST_POLL_S, self.settings.poll_s), self.settings.poll_s)
         acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
-                                                            protected_methods=_ACQUIRE))
+                                                            protected_methods=_ACQUIRE),
+                               retry_s=0)  # the loop below waits and asks again
         try:
             while not self._stop.is_set():
                 try:
@@ -151,8 +205,8 @@ class SiteWorker:
     def serve(self, token: str) -> None:
         """Serve one task: check its app, answer with the installed ClientApp, push the reply."""
         client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                              RuntimeTokenHttpInterceptor(token))
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+                              RuntimeTokenHttpInterceptor(token), retry_s=TASK_RETRY_S)
+        heartbeat = HeartbeatSender(task_heartbeat(client))
         heartbeat.start()
         message: Message | None = None
         context: Context | None = None
@@ -181,9 +235,13 @@ class SiteWorker:
         except Exception as e:  # noqa: BLE001 - a broken task must never stop the worker
             log.error("task failed outside the app: %s\n%s", e, traceback.format_exc())
         finally:
-            push_task_output(client=client, context=context, sub_status=status, details=details)
-            heartbeat.stop()
-            client.close()
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            except Exception as e:  # noqa: BLE001 - e.g. the SuperNode restarted under the task
+                log.error("task status not delivered: %s", e)
+            finally:
+                heartbeat.stop()
+                client.close()
 
     def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool) -> Message:
         """The ClientApp's reply, or a code and category when anything goes wrong."""
