@@ -179,11 +179,12 @@ class SiteRunner:
 
     def supervise(self) -> int:
         """Block until stopped; restart the SuperNode with growing waits whenever it exits, or
-        when it is alive but has not served its Runtime API for :data:`UNRESPONSIVE_S` (a
-        SuperNode that gave up reconnecting can hang in its own shutdown: Flower 1.39 raises
-        inside its exit handler and a thread keeps the process alive). Returns 0 when stopped, 1
-        when ``max_restarts`` was exhausted."""
-        last_answer = time.monotonic()
+        when it is alive but does not serve its Runtime API: closed for :data:`CLOSED_S` after
+        it had opened it (a SuperNode that gave up reconnecting can hang in its own shutdown:
+        Flower 1.39 raises inside its exit handler and a thread keeps the process alive), or
+        never opened :data:`STARTUP_S` after its start. Returns 0 when stopped, 1 when
+        ``max_restarts`` was exhausted."""
+        started, last_answer = time.monotonic(), None
         while not self._stop.is_set():
             assert self.node_process is not None
             hung = False
@@ -191,7 +192,7 @@ class SiteRunner:
                 now = time.monotonic()
                 if self._answering():
                     last_answer = now
-                elif now - last_answer > UNRESPONSIVE_S:
+                elif (now - last_answer > CLOSED_S) if last_answer is not None else (now - started > STARTUP_S):
                     hung = True
                     self.procs.kill("supernode")
                 if not hung:
@@ -217,7 +218,7 @@ class SiteRunner:
             if self._stop.wait(wait):
                 break
             self._start_node()
-            last_answer = time.monotonic()
+            started, last_answer = time.monotonic(), None
         return 0
 
     def stop(self) -> None:
@@ -235,10 +236,11 @@ class SiteRunner:
                           refused=int(getattr(self.worker, "refused", 0)))
 
 
-#: Seconds a live SuperNode may leave its Runtime API closed before it is killed and restarted
-#: (it opens it within a second or two of starting; a busy machine gets plenty of slack).
-UNRESPONSIVE_S = 20.0
-UNRESPONSIVE = f"the node stopped answering on its Runtime API for {UNRESPONSIVE_S:.0f} s and was killed"
+#: Seconds a live SuperNode may keep its Runtime API closed before it is killed and restarted:
+#: after it had opened it (it is shutting down, which takes a second), and after its start (it
+#: opens it within seconds; a busy machine gets plenty of slack).
+CLOSED_S, STARTUP_S = 5.0, 60.0
+UNRESPONSIVE = "the node was alive but not serving its Runtime API (hung) and was killed"
 
 REFUSED = ("the coordinator refused the node: its key is not registered (never added, or revoked), "
            "or its previous session has not expired yet")
