@@ -13,7 +13,7 @@ Written by ``fedmeta provision`` into each site bundle, edited and owned by the 
     data: /srv/fedmeta/data/site.yaml         # this hospital's data description (kind: ehr, ...)
     # data: {source: fed-heart, site: Cleveland}   # or a source installed with fedmeta (demos)
     state: state                              # logs and the site's audit.jsonl (0700)
-    poll_interval_s: 0.5                      # how often the node asks the coordinator for work
+    poll_interval_s: 0.5                      # longest wait between asks for work (20 ms just after a task)
     app:
       version: 0.2.0                          # the fedmeta this hospital installed and accepts
       code_sha256: null                       # `fedmeta site pin` records the installed code
