@@ -486,3 +486,37 @@ def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium)
     assert status == "finished:completed"
     assert all(set(r["sampled"]) == {"site-0", "site-1"} for r in _rounds(folder))
     assert revoked_node not in online_nodes(d.co.control)  # type: ignore[arg-type]
+
+
+def test_a_persisted_superlink_keeps_its_registrations_across_a_restart(consortium: Consortium) -> None:
+    """`coordinator start --persist-state`: the SuperLink's state is an owner-only SQLite database,
+    and a restarted SuperLink finds its registrations there (same node ids, nothing re-registered);
+    the default (in memory) starts empty and registers every active site again."""
+    d = consortium
+    state, fleet, control = d.root / "persisted", free_port(), free_port()
+    with Processes(d.root / "persisted-run") as procs:
+        def start() -> CoordinatorHandle:
+            return start_coordinator(procs, deployment=d.pki, state=state, passphrase=PASS,
+                                     fleet_address=f"{LOOPBACK}:{fleet}", control_host=LOOPBACK,
+                                     control_port=control, persist_state=True)
+
+        co = start()
+        try:
+            first = dict(co.node_ids)
+            assert first and "--database" in co.process.popen.args and co.layout.database.is_file()
+            registered = [e for e in read_log(co.layout.audit) if e["event"] == "node_registered"]
+            assert sorted(e["site"] for e in registered) == sorted(first)
+            assert co.control is not None
+            co.control.close()
+            procs.kill("superlink")
+            co = start()
+            assert co.node_ids == first  # found in the database, not registered anew
+            again = [e for e in read_log(co.layout.audit) if e["event"] == "node_registered"]
+            assert len(again) == len(registered)
+            files = sorted(state.glob("superlink.db*"))
+            assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), files
+        finally:
+            if co.control is not None:
+                co.control.close()
+    # the module's own coordinator (in memory) registered every active site afresh at each restart
+    assert d.co.node_ids and not d.co.layout.database.exists()
