@@ -113,11 +113,13 @@ class AuditLog(BaseAuditLog):
         accepted_sites: Iterable[str],
         rejected_sites: Mapping[str, str],
         examples: Mapping[str, float] | None = None,
+        missing_reasons: Mapping[int, str] | None = None,
     ) -> None:
         """One ``contribution`` per sampled node, then ``round_completed``.
 
         ``node_names`` maps node ids to the names the strategy uses in ``accepted_sites`` and
-        ``rejected_sites`` (site -> reason); a sampled node in neither did not reply in time.
+        ``rejected_sites`` (site -> reason); a sampled node in neither did not reply, for the
+        reason in ``missing_reasons`` (node -> why the wait for it ended) when given.
         """
         accepted_names = set(accepted_sites)
         acc: list[int] = []
@@ -136,8 +138,9 @@ class AuditLog(BaseAuditLog):
                                   reason=rejected_sites[name][:MAX_STR])
             else:
                 miss.append(int(node))
+                why = (missing_reasons or {}).get(int(node), "no reply before the round timeout")
                 self.contribution(run_id=run_id, round=round, node_id=node, accepted=False,
-                                  reason="no reply before the round timeout")
+                                  reason=why[:MAX_STR])
         self.round_completed(run_id=run_id, round=round, accepted=acc, rejected=rej, missing=miss)
 
     def run_finished(self, *, run_id: int, status: str, rounds_completed: int) -> None:

@@ -198,6 +198,8 @@ class _Run:
                 node_names=self.sites.names, accepted_sites=result.log.accepted,
                 rejected_sites=result.log.rejected,
                 examples={s: m["num_examples"] for s, m in result.log.site_metrics.items()},
+                missing_reasons={n: f"no reply: {outcome.undelivered.get(n, outcome.ended)}"
+                                 for n in outcome.missing},
             )
         self.totals["bytes_up"] += result.log.bytes_up
         self.totals["bytes_down"] += result.log.bytes_down

@@ -10,7 +10,12 @@ Flower's ``Grid.send_and_receive`` polls every 3 s and waits for every reply unt
 - ``timeout_s`` passed.
 
 Messages are built with the round's timeout as their TTL (:mod:`fedmeta.server.strategy`), so
-a site that comes back late does not work through stale rounds. An in-process grid
+a site that comes back late does not work through stale rounds.
+
+A reply counts only when it comes from the node the message was addressed to. Flower's SuperLink
+itself answers for a node it has found unavailable, or for a message that expired: an error whose
+sender is the SuperLink (node 1). That node did not reply; it is reported missing, under its own
+id (and so under its site's name), with the SuperLink's reason. An in-process grid
 (``LocalGrid``, Ray simulation's grid) answers directly through ``send_and_receive``.
 """
 
@@ -46,6 +51,7 @@ class Outcome:
     missing: list[int] = field(default_factory=list)
     ended: str = "all replied"
     seconds: float = 0.0
+    undelivered: dict[int, str] = field(default_factory=dict)  # node -> the SuperLink's reason
 
 
 def _push_pull(grid: Grid) -> bool:
@@ -53,6 +59,17 @@ def _push_pull(grid: Grid) -> bool:
     from fedmeta.server.local_grid import LocalGrid
 
     return not isinstance(grid, LocalGrid) and type(grid).__name__ == "HttpGrid"
+
+
+def _from_addressees(messages: Sequence[Message], replies: list[Message]) -> list[Message]:
+    """The replies sent by nodes that were sent a message (others are logged and dropped)."""
+    addressed = {m.metadata.dst_node_id for m in messages}
+    kept = [r for r in replies if r.metadata.src_node_id in addressed]
+    for r in replies:
+        if r.metadata.src_node_id not in addressed:
+            log.warning("dropped a reply from node %d, which was sent nothing (%s)", r.metadata.src_node_id,
+                        r.error.reason if r.has_error() else "content")
+    return kept
 
 
 def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
@@ -67,7 +84,7 @@ def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
     if isinstance(grid, LocalGrid) and on_reply is not None:  # it answers one by one anyway
         replies = []
         for m in messages:
-            for reply in grid.send_and_receive([m], timeout=waiting.timeout_s):
+            for reply in _from_addressees([m], list(grid.send_and_receive([m], timeout=waiting.timeout_s))):
                 replies.append(reply)
                 on_reply(reply)
         answered = {m.metadata.src_node_id for m in replies}
@@ -75,7 +92,7 @@ def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
         return Outcome(replies, missing, "all replied" if not missing else "timeout",
                        time.monotonic() - t0)
     if not _push_pull(grid):
-        replies = list(grid.send_and_receive(list(messages), timeout=waiting.timeout_s))
+        replies = _from_addressees(messages, list(grid.send_and_receive(list(messages), timeout=waiting.timeout_s)))
         if on_reply is not None:
             for reply in replies:
                 on_reply(reply)
@@ -92,7 +109,15 @@ def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
     while pending:
         now = time.monotonic()
         for reply in grid.pull_messages(list(pending)):
-            pending.pop(reply.metadata.reply_to_message_id, None)
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.metadata.src_node_id != node:  # the SuperLink answering for the node
+                why = (reply.error.reason or "an error") if reply.has_error() else \
+                    f"a reply sent by node {reply.metadata.src_node_id}"
+                out.undelivered[node] = why[:200]
+                log.warning("node %d did not reply: %s", node, out.undelivered[node])
+                continue
             out.replies.append(reply)
             if on_reply is not None:
                 on_reply(reply)
@@ -115,7 +140,9 @@ def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
             out.ended = "timeout"
             break
         time.sleep(waiting.poll_s)
-    out.missing = sorted(pending.values())
+    if out.undelivered and not pending:
+        out.ended = "the SuperLink reported the remaining sites unavailable"
+    out.missing = sorted({*pending.values(), *out.undelivered})
     out.seconds = time.monotonic() - t0
     if out.missing:
         log.warning("no reply from nodes %s (%s after %.1f s)", out.missing, out.ended, out.seconds)
