@@ -194,7 +194,7 @@ class SiteWorker:
 
         transport.apply()  # a task's message is pulled from the SuperNode (see that module)
         self.warm_up()
-        polling = transport.Polling(min(transport.FAST_POLL_S, self.settings.poll_s), self.settings.poll_s)
+        polling = transport.Polling.up_to(self.settings.poll_s)
         acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
                                                             protected_methods=_ACQUIRE),

@@ -58,7 +58,7 @@ def apply(poll_s: float) -> None:
     connection.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
 
-    idle = transport.Polling(min(transport.FAST_POLL_S, poll_s), poll_s)
+    idle = transport.Polling.up_to(poll_s)
 
     def sleep(seconds: float) -> None:
         if seconds >= 1.0:  # Flower's idle poll (3 s) between two PullMessages to the SuperLink

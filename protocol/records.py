@@ -77,10 +77,11 @@ def _unpack(data: bytes) -> NDArrays:
             raise ValueError(f"packed arrays: {name!r} has an unknown dtype {dtype_text[:20]!r}") from None
         if dtype.kind not in _KINDS or dtype.itemsize > 8 or dtype.hasobject:
             raise ValueError(f"packed arrays: {name!r} has dtype {dtype_text[:20]!r}, not a number type")
-        size = math.prod(shape) * dtype.itemsize
+        count = math.prod(shape)
+        size = count * dtype.itemsize
         if offset + size > len(data):
             raise ValueError(f"packed arrays: {name!r} runs past the end of the data")
-        out[name] = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).copy()
+        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
         offset += size
     if offset != len(data):
         raise ValueError(f"packed arrays: {len(data) - offset} bytes after the last array")

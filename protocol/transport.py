@@ -45,6 +45,12 @@ class Polling:
                              f"fast_s={self.fast_s}, slow_s={self.slow_s}, growth={self.growth}")
         self._next = self.slow_s
 
+    @classmethod
+    def up_to(cls, slow_s: float) -> Polling:
+        """Quick (:data:`FAST_POLL_S`, or ``slow_s`` if that is shorter) after activity, at most
+        ``slow_s`` when idle."""
+        return cls(min(FAST_POLL_S, slow_s), slow_s)
+
     def active(self) -> None:
         self._next = self.fast_s
 

@@ -64,9 +64,11 @@ def _push_pull(grid: Grid) -> bool:
 def _from_addressees(messages: Sequence[Message], replies: list[Message]) -> list[Message]:
     """The replies sent by nodes that were sent a message (others are logged and dropped)."""
     addressed = {m.metadata.dst_node_id for m in messages}
-    kept = [r for r in replies if r.metadata.src_node_id in addressed]
+    kept = []
     for r in replies:
-        if r.metadata.src_node_id not in addressed:
+        if r.metadata.src_node_id in addressed:
+            kept.append(r)
+        else:
             log.warning("dropped a reply from node %d, which was sent nothing (%s)", r.metadata.src_node_id,
                         r.error.reason if r.has_error() else "content")
     return kept
@@ -81,21 +83,15 @@ def exchange(grid: Grid, messages: Sequence[Message], waiting: Waiting,
     t0 = time.monotonic()
     if not messages:
         return Outcome()
-    if isinstance(grid, LocalGrid) and on_reply is not None:  # it answers one by one anyway
-        replies = []
-        for m in messages:
-            for reply in _from_addressees([m], list(grid.send_and_receive([m], timeout=waiting.timeout_s))):
-                replies.append(reply)
-                on_reply(reply)
-        answered = {m.metadata.src_node_id for m in replies}
-        missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
-        return Outcome(replies, missing, "all replied" if not missing else "timeout",
-                       time.monotonic() - t0)
     if not _push_pull(grid):
-        replies = _from_addressees(messages, list(grid.send_and_receive(list(messages), timeout=waiting.timeout_s)))
-        if on_reply is not None:
-            for reply in replies:
-                on_reply(reply)
+        replies = []
+        # an in-process grid answers one message at a time anyway: report each as it comes
+        batches = [[m] for m in messages] if isinstance(grid, LocalGrid) and on_reply is not None else [messages]
+        for batch in batches:
+            for reply in _from_addressees(batch, list(grid.send_and_receive(list(batch), timeout=waiting.timeout_s))):
+                replies.append(reply)
+                if on_reply is not None:
+                    on_reply(reply)
         answered = {m.metadata.src_node_id for m in replies}
         missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
         return Outcome(replies, missing, "all replied" if not missing else "timeout",
