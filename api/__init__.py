@@ -15,7 +15,16 @@ only what a command needs).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# No outbound connection but the Fleet API: Flower posts a telemetry event from every SuperLink,
+# SuperNode and simulation unless FLWR_TELEMETRY_ENABLED is "0", read once when Flower's
+# telemetry module is imported. Every fedmeta process (and every process it starts, which
+# inherits the environment) keeps it off unless the operator set the variable. The update check
+# is a separate switch.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 if TYPE_CHECKING:
     from fedmeta.common.bundle import SiteModel, SiteModelBundle, load_site_model

@@ -10,21 +10,22 @@ See :mod:`fedmeta.server.secagg` for what the protocol protects and what it rule
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedmeta.common.privacy import privatize
-from fedmeta.protocol import keys as K
+from fedmeta.protocol.request import SecAggBounds
 
-# (theta as a list of arrays, node context, round config) -> (delta list, number of examples)
-LocalDelta = Callable[[list[np.ndarray], Context, Mapping[str, object]], tuple[list[np.ndarray], int]]
+# (the train message, node context) -> (delta list, number of examples, the round's bounds as
+# parsed from the checked request, or None to use the app's own arguments)
+LocalDelta = Callable[[Message, Context], tuple[list[np.ndarray], int, SecAggBounds | None]]
 
 
 def bound_delta(
@@ -54,25 +55,23 @@ def make_secagg_client_app(
 ) -> ClientApp:
     """A ClientApp answering SecAgg+ train rounds with ``local_delta``'s (bounded) delta.
 
-    The bound and the noise come from the round config (``secagg-l2-bound``,
-    ``secagg-noise-multiplier``, ``secagg-n-sites``) when the server sends them, else from the
-    arguments; with neither a bound the reply is refused (fail closed: an unbounded delta would be
-    silently clipped coordinate-wise by the quantiser). ``seed`` (tests only) makes the noise
-    reproducible; otherwise it comes from :mod:`secrets`.
+    The bound, noise and noise-sharing count come from ``local_delta`` (fedmeta's SecAgg+ app takes
+    them from the request it parsed once and checked against the experiment,
+    :func:`fedmeta.protocol.request.parse_request`), else from the arguments; with no bound the
+    reply is refused (fail closed: an unbounded delta would be silently clipped coordinate-wise
+    by the quantiser). ``seed`` (tests only) makes the noise reproducible; otherwise it comes
+    from :mod:`secrets`.
     """
     app = ClientApp(mods=[*mods, secaggplus_mod])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        config = dict(fitins.config)
-        bound = float(config.get(K.SECAGG_L2_BOUND, l2_bound or 0.0))  # type: ignore[arg-type]
+        delta, num_examples, bounds = local_delta(msg, context)
+        bound = bounds.l2_bound if bounds is not None else float(l2_bound or 0.0)
         if not bound > 0:
-            raise ValueError(f"no L2 bound for the secure-aggregation delta ({K.SECAGG_L2_BOUND})")
-        noise = float(config.get(K.SECAGG_NOISE, noise_multiplier))  # type: ignore[arg-type]
-        sites = int(config.get(K.SECAGG_N_SITES, n_sites))  # type: ignore[arg-type]
-        theta = [np.asarray(a) for a in parameters_to_ndarrays(fitins.parameters)]
-        delta, num_examples = local_delta(theta, context, config)
+            raise ValueError("no L2 bound for the secure-aggregation delta")
+        noise = bounds.noise_multiplier if bounds is not None else noise_multiplier
+        sites = bounds.n_sites if bounds is not None else n_sites
         node_seed = None if seed is None else seed + int(context.node_id) % 2**31
         bounded = bound_delta(delta, l2_bound=bound, noise_multiplier=noise, n_sites=sites,
                               seed=node_seed)

@@ -4,46 +4,77 @@ The coordinator's :mod:`fedmeta.server.secagg_app` sends θ as legacy parameters
 order of :func:`fedmeta.common.experiment.initial_parameters`) and the experiment as JSON in the
 round config; this app computes the site's Reptile delta with the same local code as the
 plain ClientApp (:func:`fedmeta.sitecore.train.train_update`) and hands it to ``secaggplus_mod``.
+
+The request is parsed once (:func:`fedmeta.protocol.request.parse_request`). At a deployed site
+the worker parses it, checks it against the site's policy and serves it with :func:`serving`, so
+that the delta, its clip and its noise are computed from that same checked object.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 
 from fedmeta.client.app import site_of
 from fedmeta.client.secagg import make_secagg_client_app
-from fedmeta.common.config import config_from_dict
 from fedmeta.common.experiment import initial_parameters, site_rng
-from fedmeta.protocol import keys as K
+from fedmeta.protocol.request import RequestError, SecAggBounds, SiteRequest, parse_request
 from fedmeta.sitecore.data import spec_of
 from fedmeta.sitecore.train import train_update
 
+_CHECKED: ContextVar[SiteRequest | None] = ContextVar("fedmeta_checked_request", default=None)
 
-def reptile_delta(
-    theta: list[np.ndarray], context: Context, config: Mapping[str, object]
-) -> tuple[list[np.ndarray], int]:
+
+@contextmanager
+def serving(request: SiteRequest) -> Iterator[None]:
+    """Serve the message ``request`` was parsed from with that parsed, checked request."""
+    token = _CHECKED.set(request)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def request_of(msg: Message) -> SiteRequest:
+    """The checked request for ``msg`` (deployed site), or ``msg`` parsed now (simulation)."""
+    checked = _CHECKED.get()
+    if checked is not None:
+        if checked.message_id != msg.metadata.message_id:
+            raise RequestError("the message served is not the one that was checked")
+        return checked
+    request = parse_request(msg, secure_aggregation=True)
+    if request is None:
+        raise RequestError("a secure-aggregation train step without the experiment")
+    return request
+
+
+def reptile_delta(msg: Message, context: Context) -> tuple[list[np.ndarray], int, SecAggBounds | None]:
     """This site's Reptile delta for one round, as a list in θ's parameter order."""
-    cfg = config_from_dict(json.loads(str(config[K.EXPERIMENT])),
-                           where="<experiment from coordinator>")
+    request = request_of(msg)
+    assert request.arrays is not None  # the parse requires the parameters
+    cfg = request.experiment
+    theta = [np.asarray(a) for a in parameters_to_ndarrays(arrayrecord_to_parameters(request.arrays, keep_input=True))]
     site = site_of(context, cfg)
     spec = spec_of(site)
     names = list(initial_parameters(cfg, spec))
     if len(names) != len(theta):
         raise ValueError(f"θ has {len(theta)} arrays, the model {len(names)}")
-    server_round = int(config.get(K.ROUND, 0))  # type: ignore[call-overload]
     update = train_update(cfg, spec, site, dict(zip(names, theta, strict=True)),
-                               rng=site_rng(cfg, site.name, server_round))
-    return [np.asarray(update.arrays[n], dtype=np.float64) for n in names], update.num_examples
+                          rng=site_rng(cfg, site.name, request.server_round))
+    delta = [np.asarray(update.arrays[n], dtype=np.float64) for n in names]
+    return delta, update.num_examples, request.secagg
 
 
 def make_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """The SecAgg+ ClientApp; ``mods`` run before the protocol's own (e.g. the site's policy)."""
+    """The SecAgg+ ClientApp; ``mods`` run before the protocol's own."""
     return make_secagg_client_app(reptile_delta, mods=mods)
 
 

@@ -13,24 +13,24 @@ from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import DeltaError
 from fedmeta.common.params import NDArrays
-from fedmeta.protocol import keys as K
 from fedmeta.protocol.records import arrays_from_record, record_from_arrays
+from fedmeta.protocol.request import Downlink
 
 _RESIDUAL = "fedmeta.topk-residual"
 _HELD = "fedmeta.theta"
 
 
-def receive_state(arrays: ArrayRecord, config: ConfigRecord, context: Context) -> NDArrays:
+def receive_state(arrays: ArrayRecord, downlink: Downlink, context: Context) -> NDArrays:
     """The coordinator's state: sent in full, or as an encoded change to what this node holds
     (checked against the coordinator's checksum of it). Caches the result in the node's state."""
     incoming = arrays_from_record(arrays)
-    if str(config.get(K.DOWN, "full")) == "delta":
+    if downlink.mode == "delta":
         if _HELD not in context.state.array_records:
             raise DeltaError("the coordinator sent a change but this node holds no θ; it will resend θ")
         held = arrays_from_record(context.state.array_records[_HELD])
-        if checksum(held) != str(config[K.DOWN_BASE]):
+        if checksum(held) != downlink.base:
             raise DeltaError("this node's cached θ differs from the coordinator's record; it will resend θ")
-        change = decode(incoming, str(config[K.DOWN_METHOD]), held, source="coordinator")
+        change = decode(incoming, downlink.method, held, source="coordinator")
         state = {k: (held[k] + change[k]).astype(np.float32) for k in held}
     else:
         state = incoming

@@ -7,10 +7,15 @@ The hospital's SuperNode runs in Flower's ``process`` isolation: it launches not
 1. checks the run's app bundle (:func:`fedmeta.protocol.app.check_bundle`): anything but the
    fedmeta app this hospital installed and pinned is refused before any data is read, answered
    with the code "app refused", and written to the site's own audit log;
-2. checks the request against the site's policy (:mod:`fedmeta.sitecore.policy`);
-3. answers with the *installed* fedmeta ClientApp (:mod:`fedmeta.client.app`), in this process,
-   so torch is imported once and the site's data stays loaded between rounds and runs;
-4. replies only with what the ClientApp returns, or, on any failure, a fixed code and a short
+2. parses the request once (:func:`fedmeta.protocol.request.parse_request`): a message with
+   records or entries its phase does not carry, or with more than one experiment, is refused
+   as a bad request before any data is read;
+3. checks that parsed request against the site's policy
+   (:func:`fedmeta.sitecore.policy.check_request`);
+4. answers that same parsed request with the *installed* fedmeta handlers
+   (:mod:`fedmeta.client.app`), in this process, so torch is imported once and the site's data
+   stays loaded between rounds and runs;
+5. replies only with what the handlers return, or, on any failure, a fixed code and a short
    category (:mod:`fedmeta.protocol.errors`); the full message stays in the site's log.
 """
 
@@ -26,7 +31,6 @@ from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from flwr.common import MessageType
 from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
@@ -40,11 +44,12 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedmeta.common.config import ExperimentConfig
+from fedmeta.client.app import answer
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
-from fedmeta.sitecore.policy import SitePolicy, check_agreement, check_experiment, check_sizes
+from fedmeta.protocol.request import SiteRequest, parse_request
+from fedmeta.sitecore.policy import SitePolicy, check_request
 
 log = logging.getLogger(__name__)
 
@@ -120,32 +125,6 @@ class WorkerSettings:
     poll_s: float = 0.1
 
 
-def _policy_mod(settings: WorkerSettings, *, secure_aggregation: bool) -> Any:
-    """A ClientApp mod that checks every request against the site's policy before the handler
-    reads any data, and the site's split sizes before it computes."""
-    from fedmeta.client.app import site_of
-
-    def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-        cfg = _experiment_in(message)
-        if cfg is not None:
-            check_experiment(settings.policy, cfg, secure_aggregation=secure_aggregation)
-            kind = message.metadata.message_type
-            if kind == MessageType.QUERY and _phase_of(message) == K.COUNTS:
-                # feature agreement: no site is tabularised yet (there is no vocabulary); the
-                # handler thresholds its counts at k >= the policy's min_patients (node config)
-                check_agreement(settings.policy, cfg)
-                return call_next(message, context)
-            site = site_of(context, cfg)
-            if kind == MessageType.QUERY:  # the greeting: decline the whole run up front
-                check_sizes(settings.policy, cfg, site, phase="train")
-                check_sizes(settings.policy, cfg, site, phase="evaluate")
-            elif kind in (MessageType.TRAIN, MessageType.EVALUATE):
-                check_sizes(settings.policy, cfg, site, phase="train" if kind == MessageType.TRAIN else "evaluate")
-        return call_next(message, context)
-
-    return mod
-
-
 class SiteWorker:
     """Serves the SuperNode's tasks with the installed fedmeta ClientApp until :meth:`stop`."""
 
@@ -153,7 +132,7 @@ class SiteWorker:
         self.settings = settings
         self.audit = audit
         self._stop = threading.Event()
-        self._apps: dict[bool, ClientApp] = {}
+        self._app: ClientApp | None = None
         self.served = 0
         self.refused = 0
 
@@ -166,24 +145,22 @@ class SiteWorker:
             interceptors=list(interceptors), retry_invoker=retry_invoker(retry_s),
         )
 
-    def _app(self, secure_aggregation: bool) -> ClientApp:
-        if secure_aggregation not in self._apps:
-            if secure_aggregation:
-                from fedmeta.client.secagg_app import make_app
-            else:
-                from fedmeta.client.app import make_client_app as make_app  # type: ignore[assignment]
-            self._apps[secure_aggregation] = make_app(
-                mods=[_policy_mod(self.settings, secure_aggregation=secure_aggregation)])
-        return self._apps[secure_aggregation]
+    def _secagg_app(self) -> ClientApp:
+        if self._app is None:
+            from fedmeta.client.secagg_app import make_app
+
+            self._app = make_app()
+        return self._app
 
     def warm_up(self) -> None:
         """Import what the first task would, while the SuperNode is still connecting: the
-        ClientApp and torch's compiler package, which ``torch.func.grad`` imports on first use
+        handlers and torch's compiler package, which ``torch.func.grad`` imports on first use
         (1-2 s; the first training round of a run paid it)."""
         t0 = time.monotonic()
         try:
-            self._app(secure_aggregation=False)
             import torch._dynamo  # noqa: F401
+
+            import fedmeta.client.app  # noqa: F401
         except Exception as e:  # noqa: BLE001 - the first task will import (and report) it again
             log.warning("warm-up failed: %s: %s", type(e).__name__, e)
         log.debug("warm-up took %.1f s", time.monotonic() - t0)
@@ -257,17 +234,28 @@ class SiteWorker:
                 client.close()
 
     def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool) -> Message:
-        """The ClientApp's reply, or a code and category when anything goes wrong."""
+        """The reply to one request, or a code and category when anything goes wrong.
+
+        The request is parsed once; the policy checks that object and the handler computes from
+        it. Nothing else reads the message."""
         t0 = time.monotonic()
         kind = message.metadata.message_type
         server_round = _round_of(message)
+        request: SiteRequest | None = None
         try:
-            reply = self._app(secure_aggregation)(message, context)
+            request = parse_request(message, secure_aggregation=secure_aggregation)
+            if secure_aggregation:
+                reply = self._serve_secagg(message, context, request)
+            else:
+                assert request is not None  # a plain run's requests always parse to one
+                self._check(request, context, secure_aggregation=False)
+                reply = Message(content=answer(request, context), reply_to=message)
         except Exception as e:  # noqa: BLE001 - classified below; the text never leaves the site
             code = classify(e)
             log.error("run %d, %s of round %d: %s: %s\n%s", run_id, kind, server_round,
                       type(e).__name__, e, traceback.format_exc())
             self.audit("request_failed", run_id=run_id, round=server_round, phase=kind,
+                       algorithm=request.algorithm if request is not None else None,
                        category=reason(code)[:200])
             return Message(Error(code=int(code), reason=reason(code, e)), reply_to=message)
         self.served += 1
@@ -276,31 +264,36 @@ class SiteWorker:
             value = reply.content[K.METRICS].get(K.NUM_EXAMPLES)
             examples = int(value) if isinstance(value, int | float) else None
         self.audit("request_served", run_id=run_id, round=server_round, phase=kind,
+                   step=request.phase if request is not None else "secagg-protocol",
+                   algorithm=request.algorithm if request is not None else None,
                    num_examples=examples, seconds=round(time.monotonic() - t0, 3))
         return reply
 
+    def _check(self, request: SiteRequest, context: Context, *, secure_aggregation: bool,
+               secagg_threshold: int | None = None) -> None:
+        from fedmeta.client.app import site_of
 
-def _experiment_in(message: Message) -> ExperimentConfig | None:
-    """The experiment a request carries, in fedmeta's own messages or in the round config of a
-    secure-aggregation (legacy) message; None for the protocol's other steps."""
-    import json
+        check_request(self.settings.policy, request, site=lambda: site_of(context, request.experiment),
+                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
 
-    from fedmeta.common.config import config_from_dict
+    def _serve_secagg(self, message: Message, context: Context, request: SiteRequest | None) -> Message:
+        """A SecAgg+ step: the protocol's own steps (no experiment, no data) go straight to
+        Flower's mod; the step that computes the delta is checked, then served with that
+        checked request."""
+        from fedmeta.client.secagg_app import serving
 
-    if not message.has_content():
-        return None
-    for record in message.content.config_records.values():
-        text = record.get(K.EXPERIMENT)
-        if isinstance(text, str) and text:
-            return config_from_dict(json.loads(text), where="<experiment from coordinator>")
-    return None
+        if request is None:
+            return self._secagg_app()(message, context)
+        self._check(request, context, secure_aggregation=True, secagg_threshold=_secagg_threshold(context))
+        with serving(request):
+            return self._secagg_app()(message, context)
 
 
-def _phase_of(message: Message) -> str:
-    """The ``phase`` of a fedmeta request ("" when it has none)."""
-    if not message.has_content() or K.CONFIG not in message.content.config_records:
-        return ""
-    return str(message.content[K.CONFIG].get(K.PHASE, ""))
+def _secagg_threshold(context: Context) -> int | None:
+    """The reconstruction threshold this node's SecAgg+ setup step recorded (None before it)."""
+    state = context.state.config_records.get("secaggplus_state")
+    value = state.get("threshold") if state is not None else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _round_of(message: Message) -> int:

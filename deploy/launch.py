@@ -113,6 +113,7 @@ def base_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = os.environ.get("FLWR_TELEMETRY_ENABLED", "0")  # opt in: set it to 1
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

@@ -86,8 +86,10 @@ def check_bundle(content: bytes, *, fab_id: str, fab_version: str, version: str,
     """Accept only a fedmeta bundle of ``version`` that holds no code.
 
     Refused: anything that is not a zip; a bundle with any file besides ``pyproject.toml``;
-    another publisher, name or version; components other than fedmeta's own ClientApp (or its
-    SecAgg+ ClientApp when the site allows secure aggregation).
+    another publisher, name or version; components other than exactly fedmeta's own pair of
+    ServerApp and ClientApp (or its SecAgg+ pair when the site allows secure aggregation): a
+    bundle whose ServerApp is someone else's code is refused at the site too, so a hostile
+    ServerApp cannot lean on the sites' trust in fedmeta's name.
     """
     if fab_id != FAB_ID:
         return BundleVerdict(False, f"app {fab_id!r} is not {FAB_ID!r}")
@@ -108,15 +110,20 @@ def check_bundle(content: bytes, *, fab_id: str, fab_version: str, version: str,
     app = project.get("tool", {}).get("flwr", {}).get("app", {})
     if name != NAME or declared != version or app.get("publisher") != PUBLISHER:
         return BundleVerdict(False, f"the bundle declares {app.get('publisher')}/{name} {declared}")
-    clientapp = app.get("components", {}).get("clientapp")
-    if clientapp == COMPONENTS[False]["clientapp"]:
-        return BundleVerdict(True)
-    if clientapp == COMPONENTS[True]["clientapp"]:
-        if not allow_secure_aggregation:
-            return BundleVerdict(False, "secure aggregation runs are not allowed by this site")
-        return BundleVerdict(True, secure_aggregation=True)
-    return BundleVerdict(False, f"clientapp {clientapp!r} is not fedmeta's")
-
+    components = app.get("components", {})
+    for secure in (False, True):
+        if components == COMPONENTS[secure]:
+            if secure and not allow_secure_aggregation:
+                return BundleVerdict(False, "secure aggregation runs are not allowed by this site")
+            return BundleVerdict(True, secure_aggregation=secure)
+    if not isinstance(components, dict):
+        return BundleVerdict(False, "the bundle's components are not a table")
+    foreign = sorted(f"{k}={str(v)[:80]!r}" for k, v in components.items()
+                     if v not in (COMPONENTS[False].get(k), COMPONENTS[True].get(k)))
+    if foreign:
+        return BundleVerdict(False, f"components not fedmeta's: {', '.join(foreign[:3])}")
+    return BundleVerdict(False, "the components are not one of fedmeta's pairs "
+                                f"({', '.join(f'{k}={v!r}' for k, v in sorted(components.items()))[:200]})")
 
 def code_digest() -> str:
     """SHA-256 over the installed fedmeta source (the top-level ``fedmeta/__init__.py`` and every

@@ -5,8 +5,8 @@ asked, what it refused and what it served, with counts and ids only.
 ``site_started``          site, version, code_sha256, policy_min_patients
 ``site_stopped``          site, served, refused
 ``app_refused``           run_id, app, version, bundle_sha256, reason
-``request_served``        run_id, round, phase, num_examples, seconds
-``request_failed``        run_id, round, phase, category
+``request_served``        run_id, round, phase, step, algorithm, num_examples, seconds
+``request_failed``        run_id, round, phase, algorithm, category
 ``node_restarted``        attempt, wait_s, reason
 ========================  ==============================================================
 """
@@ -19,8 +19,8 @@ EVENTS: dict[str, frozenset[str]] = {
     "site_started": frozenset({"site", "version", "code_sha256", "policy_min_patients"}),
     "site_stopped": frozenset({"site", "served", "refused"}),
     "app_refused": frozenset({"run_id", "app", "version", "bundle_sha256", "reason"}),
-    "request_served": frozenset({"run_id", "round", "phase", "num_examples", "seconds"}),
-    "request_failed": frozenset({"run_id", "round", "phase", "category"}),
+    "request_served": frozenset({"run_id", "round", "phase", "step", "algorithm", "num_examples", "seconds"}),
+    "request_failed": frozenset({"run_id", "round", "phase", "algorithm", "category"}),
     "node_restarted": frozenset({"attempt", "wait_s", "reason"}),
 }
 

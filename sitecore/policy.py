@@ -15,6 +15,7 @@ patients), so each of these must reach the floor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
@@ -23,6 +24,8 @@ from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.errors import FedmetaError
 from fedmeta.common.yamlio import Bool, YamlModel, fail, integer, number
+from fedmeta.protocol import keys as K
+from fedmeta.protocol.request import SiteRequest
 
 
 class PolicyRefusal(FedmetaError):
@@ -128,3 +131,31 @@ def check_agreement(policy: SitePolicy, cfg: ExperimentConfig) -> None:
     elif t.support + t.query < floor:
         raise PolicyRefusal(f"a task of support + query = {t.support + t.query} patients "
                             f"is below this site's min_patients = {floor}")
+
+
+def check_request(policy: SitePolicy, request: SiteRequest, *, site: Callable[[], Site],
+                  secure_aggregation: bool = False, secagg_threshold: int | None = None) -> None:
+    """The site's gate: check the parsed request that the handler will then compute from.
+
+    ``site`` loads the site's data (called only when the experiment itself passed, and never for
+    the feature agreement, which runs before the site is tabularised). ``secagg_threshold`` is
+    the SecAgg+ reconstruction threshold this node was set up with: the noise of a secure round
+    is shared by that many sites, so a round claiming more sharers (and so adding less noise per
+    site) is refused.
+    """
+    cfg = request.experiment
+    check_experiment(policy, cfg, secure_aggregation=secure_aggregation)
+    if request.phase == K.COUNTS:
+        check_agreement(policy, cfg)
+        return
+    if request.secagg is not None and request.secagg.n_sites != secagg_threshold:
+        raise PolicyRefusal(f"the secure round's noise is claimed to be shared by "
+                            f"{request.secagg.n_sites} sites, but this node was set up with a "
+                            f"reconstruction threshold of {secagg_threshold}")
+    loaded = site()
+    if request.phase == K.HELLO:  # the greeting: decline the whole run up front
+        check_sizes(policy, cfg, loaded, phase="train")
+        check_sizes(policy, cfg, loaded, phase="evaluate")
+    else:
+        check_sizes(policy, cfg, loaded, phase="train" if request.phase == K.TRAIN else "evaluate")
+

@@ -520,3 +520,76 @@ def test_a_persisted_superlink_keeps_its_registrations_across_a_restart(consorti
                 co.control.close()
     # the module's own coordinator (in memory) registered every active site afresh at each restart
     assert d.co.node_ids and not d.co.layout.database.exists()
+
+
+# -- a hostile coordinator (runs last: it restarts the coordinator with a hostile ServerApp) ---------
+
+HOSTILE = Path(__file__).parent / "hostile"
+
+
+def _hostile_bundle(folder: Path, serverapp: str) -> Path:
+    """A bundle a site's app check sees as fedmeta's: its identity and version, no code, fedmeta's
+    ClientApp, and ``serverapp``; the run config carries the attack's settings."""
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(
+        f'[project]\nname = "fedmeta"\nversion = "{installed_version()}"\n\n'
+        f'[tool.flwr.app]\npublisher = "{PUBLISHER}"\n\n'
+        f'[tool.flwr.app.components]\nserverapp = "{serverapp}"\nclientapp = "fedmeta.client.app:app"\n\n'
+        '[tool.flwr.app.config]\nout = ""\ncompliant = ""\nextract = ""\nshapes = ""\nnodes = 0\n')
+    return folder
+
+
+def test_a_decoy_record_extracts_nothing_even_from_fedmeta_s_own_serverapp_name(
+        consortium: Consortium, tmp_path: Path) -> None:
+    """The decoy attack with a real SuperLink: a TRAIN message with a compliant experiment in a
+    record that sorts first and a one-patient linear FedAvg in ``config``. Before requests were
+    parsed once, every site served it and each reply's last-layer delta was a patient's row.
+
+    1. The hostile ServerApp under its own name: every site refuses the bundle (its ServerApp is
+       not fedmeta's).
+    2. The same attack from a coordinator host whose ``fedmeta.server.app`` was replaced (the
+       bundle names fedmeta's own pair): the bundle passes, and every site refuses the request
+       itself as ambiguous; nothing is computed, nothing but a code comes back."""
+    from fedmeta.common.data.registry import data_spec
+    from fedmeta.common.experiment import initial_parameters
+
+    d = consortium
+    live = ["site-0", "site-1"]  # site-2 was revoked above
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HOSTILE / "shadow"), str(HOSTILE)])
+    try:
+        d.restart_coordinator()
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert d.co.control is not None
+    wait_nodes_online(d.co.control, d.ids(live), timeout=90)
+    compliant = load_config(None, [*FAST, "algorithm=reptile", "rounds=5"])
+    extract = load_config(None, ["algorithm=fedavg", "rounds=100000", "model.name=linear",
+                                 "fedavg.batch_size=1", "fedavg.local_steps=1", "fedavg.lr=1.0"])
+    shapes = {k: list(v.shape) for k, v in initial_parameters(extract, data_spec(extract.data)).items()}
+    for arm, serverapp, event, reason in [
+        ("own-name", "hostile_server:app", "app_refused",
+         "components not fedmeta's: serverapp='hostile_server:app'"),
+        ("fedmeta-name", "fedmeta.server.app:app", "request_failed", "bad request"),
+    ]:
+        out = tmp_path / f"{arm}.json"
+        run_id = d.co.control.start_run(_hostile_bundle(tmp_path / arm, serverapp), {
+            "out": str(out), "compliant": compliant.to_json(), "extract": extract.to_json(),
+            "shapes": json.dumps(shapes), "nodes": len(live)})
+        _wait_for(out.exists, 150, f"{arm}: the hostile ServerApp's record of the replies")
+        got = json.loads(out.read_text())
+        assert got["sent"] == len(live), got
+        replies = got["replies"]
+        assert len(replies) == len(live) and all("arrays" not in r for r in replies), replies
+        want = 4300 if event == "app_refused" else 4500
+        assert {(r["error"], r["reason"]) for r in replies} == {(want, "app refused" if want == 4300 else reason)}
+        for site in live:
+            entries = [e for e in _site_audit(d, site) if e.get("run_id") == run_id]
+            assert [e["event"] for e in entries] == [event], entries
+            key = "reason" if event == "app_refused" else "category"
+            assert entries[0][key] == reason
+            assert not any(e["event"] == "request_served" for e in entries)
+        d.co.control.stop_run(run_id)

@@ -42,7 +42,19 @@ def test_fedmeta_bundles_are_accepted() -> None:
     (_bundle({"pyproject.toml": render_pyproject(version="9.9")}), {},
      r"declares fedmeta/fedmeta 9.9"),
     (_bundle({"pyproject.toml": render_pyproject(version=VERSION).replace(
-        "fedmeta.client.app:app", "os:system")}), {}, r"clientapp 'os:system' is not fedmeta's"),
+        "fedmeta.client.app:app", "os:system")}), {}, r"components not fedmeta's: clientapp='os:system'"),
+    # a hostile ServerApp beside fedmeta's ClientApp: the decoy attack's bundle
+    (_bundle({"pyproject.toml": render_pyproject(version=VERSION).replace(
+        "fedmeta.server.app:app", "hostile_server:app")}), {},
+     r"components not fedmeta's: serverapp='hostile_server:app'"),
+    # fedmeta's own components, but not a pair (plain ServerApp, SecAgg+ ClientApp)
+    (_bundle({"pyproject.toml": render_pyproject(version=VERSION).replace(
+        "fedmeta.client.app:app", "fedmeta.client.secagg_app:app")}), {},
+     r"the components are not one of fedmeta's pairs"),
+    # an extra component rides along
+    (_bundle({"pyproject.toml": render_pyproject(version=VERSION).replace(
+        'clientapp = "fedmeta.client.app:app"', 'clientapp = "fedmeta.client.app:app"\nsuperexec = "x:y"')}),
+     {}, r"components not fedmeta's: superexec='x:y'"),
     (_bundle({"pyproject.toml": render_pyproject(version=VERSION, secure_aggregation=True)}),
      {"allow": False}, r"secure aggregation runs are not allowed"),
     (b"not a zip", {}, r"not a readable app bundle"),

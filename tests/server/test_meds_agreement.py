@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
 
 from fedmeta.client.app import app as client_app
@@ -174,33 +174,29 @@ def test_sites_left_out_and_too_few_left_is_a_clear_error(consortium):
 
 
 def test_deployed_policy_checks_the_count_request_before_any_data_is_read(consortium):
-    from fedmeta.client.worker import WorkerSettings, _policy_mod
-    from fedmeta.sitecore.policy import PolicyRefusal, SitePolicy
+    from fedmeta.protocol.request import parse_request
+    from fedmeta.sitecore.policy import PolicyRefusal, SitePolicy, check_request
 
-    # a node config naming no data at all: reading the site would raise ConfigError
-    settings = WorkerSettings("127.0.0.1:1", b"s", {}, SitePolicy(min_patients=30, algorithms=("reptile",)), "0")
-    mod = _policy_mod(settings, secure_aggregation=False)
-    context = Context(run_id=1, node_id=1, node_config={"min-patients": 30}, state=RecordDict(), run_config={})
-    called: list[Message] = []
+    policy = SitePolicy(min_patients=30, algorithms=("reptile",))
+    loaded: list[int] = []
 
-    def handler(message: Message, _context: Context) -> Message:
-        called.append(message)
-        return Message(content=RecordDict(), reply_to=message)
-
-    def request(*overrides: str) -> Message:
+    def request(*overrides: str):  # type: ignore[no-untyped-def]
         cfg = _cfg(consortium, *overrides)
         config = ConfigRecord({K.PHASE: K.COUNTS, K.EXPERIMENT: cfg.to_json()})
-        return Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY,
-                       dst_node_id=1)
+        return parse_request(Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY,
+                                     dst_node_id=1))
+
+    def site():  # type: ignore[no-untyped-def]
+        loaded.append(1)
+        raise AssertionError("the count request must not read the site's data")
 
     with pytest.raises(PolicyRefusal, match="algorithm 'maml' is not allowed here"):
-        mod(request("algorithm=maml"), context, handler)
+        check_request(policy, request("algorithm=maml"), site=site)
     with pytest.raises(PolicyRefusal, match=r"a task of support \+ query = 20 patients is below "
                                             "this site's min_patients = 30"):
-        mod(request(), context, handler)
-    assert not called
-    mod(request("tasks.support=15", "tasks.query=15"), context, handler)  # allowed: on to the handler
-    assert len(called) == 1
+        check_request(policy, request(), site=site)
+    check_request(policy, request("tasks.support=15", "tasks.query=15"), site=site)  # allowed
+    assert not loaded
 
 
 def test_experiment_whose_vocabulary_does_not_match_its_fingerprint_is_refused(consortium):
