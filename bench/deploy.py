@@ -44,7 +44,7 @@ def settings(quick: bool) -> int:
 
 def overrides(rounds: int) -> list[str]:
     """The experiment both runs share (the deployed one serves these three sites)."""
-    return [f"rounds={rounds}", "federation.min_nodes=3", f"data.sites={list(SITES)!r}"]
+    return ["algorithm=reptile", f"rounds={rounds}", "federation.min_nodes=3", f"data.sites={list(SITES)!r}"]
 
 
 def round_times(run_dir: Path) -> list[float]:

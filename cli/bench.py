@@ -18,6 +18,7 @@ BENCHMARKS = {
     "ceiling": "ceiling",
     "meds": "meds",
     "deploy": "deploy",
+    "real": "real",
 }
 
 

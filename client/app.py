@@ -23,7 +23,7 @@ from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.experiment import site_rng
 from fedmeta.common.privacy import privatize
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.records import MetricValues, arrays_from_record
+from fedmeta.protocol.records import MetricValues, arrays_from_record, record_from_arrays
 from fedmeta.protocol.request import SiteRequest, parse_request
 from fedmeta.sitecore.data import site_for_node, spec_of
 from fedmeta.sitecore.evaluate import evaluate_site, is_count, released_metrics
@@ -119,9 +119,36 @@ def evaluate(request: SiteRequest, context: Context) -> RecordDict:
     return RecordDict({K.SITE: ConfigRecord({"name": site.name}), K.METRICS: MetricRecord(metrics)})
 
 
+def glm_sums(request: SiteRequest, context: Context) -> RecordDict:
+    """The federated GLM's Newton step: this site's summed gradient and Hessian of the
+    logistic log-likelihood at the coefficients sent (first outcome; unlabelled rows left out),
+    its row count and summed loss. Released only on at least the site's ``min-patients`` rows
+    (the policy also checked the split before any data was read)."""
+    from fedmeta.common.errors import DataError
+    from fedmeta.common.glm import site_sums
+
+    assert request.arrays is not None  # the parse requires them for a train request
+    site = site_of(context, request.experiment)
+    if not isinstance(site, TabularSite):
+        raise DataError("the federated GLM fits tables; this site holds images")
+    beta = arrays_from_record(request.arrays)
+    if set(beta) != {"beta"} or beta["beta"].shape != (site.n_features + 1,):
+        raise ValueError(f"glm: expected one 'beta' of {site.n_features + 1} coefficients")
+    labelled = site.y_train[:, 0] >= 0
+    floor = int(str(context.node_config.get("min-patients", 1)))
+    if int(labelled.sum()) < floor:
+        raise DataError(f"glm: {int(labelled.sum())} labelled training rows, below the floor {floor}")
+    sums = site_sums(site.x_train[labelled], site.y_train[labelled, 0], beta["beta"])
+    return RecordDict({
+        K.SUMS: record_from_arrays({"gradient": sums.gradient, "hessian": sums.hessian}),
+        K.SITE: ConfigRecord({"name": site.name}),
+        K.METRICS: MetricRecord({K.NUM_EXAMPLES: sums.n, K.LOSS_SUM: sums.loss}),
+    })
+
+
 #: The handler of each phase: each computes from the parsed request alone.
 HANDLERS: dict[str, Callable[[SiteRequest, Context], RecordDict]] = {
-    K.HELLO: hello, K.COUNTS: code_counts, K.TRAIN: train, K.EVALUATE: evaluate,
+    K.HELLO: hello, K.COUNTS: code_counts, K.TRAIN: train, K.EVALUATE: evaluate, K.GLM: glm_sums,
 }
 
 

@@ -48,10 +48,15 @@ RENAMED = {
 }
 
 
+#: ``algorithm: auto``: the coordinator chooses the model family, algorithm and rounds by the
+#: sites' federated validation log-loss (:mod:`fedmeta.server.selection`); sites never see it.
+AUTO = "auto"
+
+
 def _algorithm(value: Any) -> str:
     from fedmeta.common.algorithms import names as algorithm_names
 
-    known = algorithm_names()
+    known = (AUTO, *algorithm_names())
     if not isinstance(value, str) or value not in known:
         raise fail("expected one of " + ", ".join(repr(n) for n in known))
     return value
@@ -194,6 +199,13 @@ class DataConfig(YamlModel):
     holdout: Names = ()
     test_fraction: Fraction = 0.34
     split_seed: NonNegative = 43
+    #: Each site's validation split: this share of its training rows (stratified by the first
+    #: outcome, seeded by ``split_seed``), never touching the test split. ``score_on:
+    #: validation`` runs on it: sites train on their training rows less the validation split and
+    #: score on the validation split (what ``algorithm: auto`` chooses by); ``test`` (default)
+    #: trains on every training row and scores on the test split.
+    validation_fraction: Fraction = 0.25
+    score_on: Literal["test", "validation"] = "test"
     #: synth-ehr / synth-meds / synth-images: generated on first use into ``path`` (empty: a
     #: cache folder).
     synth_sites: AtLeastOne = 10
@@ -277,6 +289,30 @@ class FedAvgConfig(YamlModel):
     local_steps: AtLeastOne = 5
     lr: Positive = 0.05
     batch_size: NonNegative = 0
+
+
+class GlmConfig(YamlModel):
+    """The federated logistic regression (``algorithm: glm``): Newton steps on the sites' summed
+    gradients and Hessians, at most ``max_steps`` (not ``rounds``), until the Newton decrement
+    falls below ``tol``.
+    ``l2`` is λ of the penalty ``λ/2 ‖w‖²`` on the summed log-likelihood (scikit-learn's
+    ``C = 1/λ``; the intercept is not penalised); ``site_intercept`` gives each site its own
+    intercept (a model stratified by hospital)."""
+
+    l2: NonNegativeFloat = 1.0
+    site_intercept: Bool = False
+    tol: Annotated[float, number(gt=0)] = 1e-10
+    max_steps: AtLeastOne = 25
+
+
+class SelectionConfig(YamlModel):
+    """``algorithm: auto``: which candidates the coordinator tries (empty: every built-in one, see
+    :data:`fedmeta.server.selection.CANDIDATES`), each scored by the sites' validation log-loss
+    after their own adaptation; ``every``: a meta-learning candidate is scored every this many
+    rounds, which picks its number of rounds (early stopping)."""
+
+    candidates: Names = ()
+    every: AtLeastOne = 10
 
 
 class FederationConfig(YamlModel):
@@ -439,9 +475,10 @@ class EngineConfig(YamlModel):
 
 
 class ExperimentConfig(YamlModel):
-    """One federated meta-learning experiment. Defaults: Reptile on Fed-Heart-Disease."""
+    """One federated experiment. Defaults: ``auto`` (the model chosen by the sites' validation
+    log-loss, :mod:`fedmeta.server.selection`) on Fed-Heart-Disease."""
 
-    algorithm: Algorithm = "reptile"
+    algorithm: Algorithm = AUTO
     rounds: AtLeastOne = 30
     seed: NonNegative = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -450,12 +487,21 @@ class ExperimentConfig(YamlModel):
     inner: InnerSection = Field(default_factory=InnerSection)
     outer: OuterConfig = Field(default_factory=OuterConfig)
     fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
+    glm: GlmConfig = Field(default_factory=GlmConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _glm_is_linear(self) -> ExperimentConfig:
+        if self.algorithm == "glm" and self.model.name != "linear":
+            raise ValueError(f"algorithm glm fits a logistic regression: set model.name: linear "
+                             f"(it is {self.model.name!r})")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict (tuples become lists)."""

@@ -39,6 +39,12 @@ HELLO = "hello"
 COUNTS = "counts"
 TRAIN = "train"
 EVALUATE = "evaluate"
+#: the federated GLM's Newton step (a TRAIN message): the site returns its rows' summed gradient
+#: and Hessian at the coefficients sent (record ``sums``: ``gradient``, ``hessian``) and, in
+#: ``metrics``, ``num-examples`` and ``loss-sum`` (the summed negative log-likelihood)
+GLM = "glm"
+SUMS = "sums"
+LOSS_SUM = "loss-sum"
 
 # metrics, site -> coordinator
 NUM_EXAMPLES = "num-examples"

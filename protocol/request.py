@@ -38,7 +38,7 @@ FITINS_CONFIG = "fitins.config"
 FITINS_PARAMETERS = "fitins.parameters"
 SECAGG_STAGE = "secaggplus_configs"
 
-_PHASES = {MessageType.QUERY: (K.HELLO, K.COUNTS), MessageType.TRAIN: (K.TRAIN,),
+_PHASES = {MessageType.QUERY: (K.HELLO, K.COUNTS), MessageType.TRAIN: (K.TRAIN, K.GLM),
            MessageType.EVALUATE: (K.EVALUATE,)}
 _DOWN_MODES = ("full", "delta")
 _MAX_EXPERIMENT = 8 << 20  # bytes of JSON: a MEDS vocabulary of many thousand codes fits

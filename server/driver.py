@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedmeta.common.config import ExperimentConfig
+from fedmeta.common.config import AUTO, ExperimentConfig
 from fedmeta.common.data.registry import data_spec
 from fedmeta.common.errors import ConfigError, FedmetaError
 from fedmeta.common.experiment import initial_parameters
@@ -250,6 +250,13 @@ def run_experiment(
     run would (used to test resuming).
     """
     say = progress or (lambda text: log.info("%s", text))
+    if cfg.algorithm == AUTO:
+        if resume or stop_after is not None:
+            raise ConfigError("algorithm auto: a selection is not resumed; resume the chosen "
+                              "experiment (its config.json) instead")
+        from fedmeta.server.selection import select
+
+        return select(grid, cfg, out_dir, run_experiment, say=say, expected_nodes=expected_nodes)
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     folder = RunFolder(out_dir)
@@ -291,7 +298,17 @@ def run_experiment(
     folder.reset_rounds(history)
 
     round_s: list[float] = []
-    for server_round in range(first_round, cfg.rounds + 1):
+    extra_summary: dict[str, Any] = {}
+    newton = run.strategy.algorithm.procedure == "newton"
+    if newton:  # the federated GLM: Newton steps on summed sums instead of meta-learning rounds
+        from fedmeta.server.glm import fit_glm
+
+        folder.reset_rounds([])
+        theta_glm, extra_summary = fit_glm(
+            cfg, run.sites.names, run.strategy.theta(),
+            lambda m: run.exchange(m, quorum=len(m)), on_round=folder.append_round, say=say)
+        run.strategy.set_state(theta_glm)
+    for server_round in range(first_round, (0 if newton else cfg.rounds) + 1):
         t_round = time.monotonic()
         result = run.train_round(server_round)
         rec = result.log
@@ -353,6 +370,7 @@ def run_experiment(
         summary["declined"] = dict(sorted(run.declined.items()))
         summary["excluded"] = {run.sites_label(n): why for n, why in sorted(run.sites.excluded.items())}
     summary.update(run.strategy.summary_extra())
+    summary.update(extra_summary)
     folder.write_json(folder.summary, summary)
     if run.audit is not None:
         run.audit.run_finished(run_id=run.run_id, status="completed", rounds_completed=cfg.rounds)

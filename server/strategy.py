@@ -132,6 +132,15 @@ class FedMetaStrategy:
         """The broadcast state: θ plus the algorithm's extra state."""
         return self._optimizer.params()
 
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the broadcast state (the federated GLM's fitted θ, computed outside the
+        outer optimiser); names and shapes must be the model's."""
+        from fedmeta.common.errors import ConfigError
+
+        if {k: np.shape(v) for k, v in state.items()} != {k: v.shape for k, v in self._reference.items()}:
+            raise ConfigError("the state does not match the configured model's parameters")
+        self._optimizer = OuterOptimizer({k: np.asarray(state[k]) for k in self._reference}, self.cfg.outer)
+
     def theta(self) -> NDArrays:
         """θ alone (what ``final.safetensors`` holds)."""
         return self.algorithm.split(self.state())[0]

@@ -14,6 +14,7 @@ MEDS site file a node serves, whose thresholded code counts it shares for that a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -319,8 +320,34 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
         site = load_local_site(str(node_config["site-config"]), data=cfg.data, tasks=cfg.tasks)
     else:
         site = load_site(*named)
+    if cfg.data.score_on == "validation":
+        site = validation_view(site, fraction=cfg.data.validation_fraction, seed=cfg.data.split_seed)
     _LOADED[key] = site
     return site
+
+
+def validation_view(site: Site, *, fraction: float, seed: int) -> Site:
+    """The site as model selection sees it: its training rows less a validation split as the
+    training split, the validation split as the test split. The validation split is ``fraction``
+    of the training rows, stratified by the first outcome's label (unlabelled rows count as their
+    own stratum), drawn with ``seed``; the test split is never read. Image sites are not split."""
+    if not isinstance(site, TabularSite):
+        raise ConfigError("data.score_on = validation: model selection is for tables; image sites "
+                          "run an explicit algorithm")
+    rng = np.random.default_rng([seed, 7919])
+    labels = site.y_train[:, 0]
+    val = np.zeros(site.n_train, dtype=bool)
+    for value in np.unique(labels):
+        idx = np.flatnonzero(labels == value)
+        k = int(round(fraction * len(idx)))
+        if 0 < k < len(idx):
+            val[rng.choice(idx, size=k, replace=False)] = True
+    ids = np.asarray(site.row_ids_train) if site.row_ids_train else None
+    return dataclasses.replace(
+        site, x_train=site.x_train[~val], y_train=site.y_train[~val], x_test=site.x_train[val],
+        y_test=site.y_train[val],
+        row_ids_train=tuple(ids[~val].tolist()) if ids is not None else (),
+        row_ids_test=tuple(ids[val].tolist()) if ids is not None else ())
 
 
 @dataclass(frozen=True)

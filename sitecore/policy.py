@@ -62,6 +62,10 @@ class SitePolicy(YamlModel):
     max_epsilon: Annotated[float, number(gt=0)] | None = None
     max_rounds: Annotated[int, integer(ge=1)] = 1000
     allow_secure_aggregation: Bool = True
+    #: the federated GLM: may this site release its rows' summed gradient and Hessian, and at
+    #: most how many coefficients per training row (DataSHIELD's ``nfilter.glm``, 0.33)
+    allow_glm: Bool = True
+    glm_parameter_ratio: Annotated[float, number(gt=0, le=1)] = 0.33
 
 
 def check_experiment(policy: SitePolicy, cfg: ExperimentConfig, *, secure_aggregation: bool = False) -> None:
@@ -156,6 +160,23 @@ def check_request(policy: SitePolicy, request: SiteRequest, *, site: Callable[[]
     if request.phase == K.HELLO:  # the greeting: decline the whole run up front
         check_sizes(policy, cfg, loaded, phase="train")
         check_sizes(policy, cfg, loaded, phase="evaluate")
+    elif request.phase == K.GLM:
+        check_glm(policy, loaded)
     else:
         check_sizes(policy, cfg, loaded, phase="train" if request.phase == K.TRAIN else "evaluate")
 
+
+def check_glm(policy: SitePolicy, site: Site) -> None:
+    """Refuse a GLM step this site does not allow, or whose sums would rest on too few rows."""
+    if not policy.allow_glm:
+        raise PolicyRefusal("the federated GLM's gradient and Hessian sums are not released here")
+    if not isinstance(site, TabularSite):
+        raise PolicyRefusal("the federated GLM fits tables; this site holds images")
+    labelled = int((site.y_train[:, 0] >= 0).sum())
+    if labelled < policy.min_patients:
+        raise PolicyRefusal(f"the GLM's sums would rest on {labelled} patients, below this site's "
+                            f"min_patients = {policy.min_patients}")
+    params = site.n_features + 1
+    if params > policy.glm_parameter_ratio * labelled:
+        raise PolicyRefusal(f"the GLM has {params} coefficients for {labelled} patients, more than "
+                            f"this site's glm_parameter_ratio = {policy.glm_parameter_ratio:g} per patient")

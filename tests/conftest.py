@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-FAST = ["rounds=3", "eval.adapt_steps=5", "tasks.meta_batch=4"]
+FAST = ["algorithm=reptile", "rounds=3", "eval.adapt_steps=5", "tasks.meta_batch=4"]
 
 
 def run_local(tmp_path, overrides=(), *, name="run", grid_hook=None, **kwargs):

@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_there_is_a_heart_config_per_algorithm():
     algos = {load_config(p).algorithm for p in CONFIGS if p.name.startswith("heart")}
-    assert algos == set(algorithms.names())
+    assert algos == {"auto", *algorithms.names()}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

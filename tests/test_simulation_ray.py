@@ -22,7 +22,7 @@ from fedmeta.protocol.records import arrays_from_record
 
 pytestmark = pytest.mark.ray
 
-OVERRIDES = ["rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4"]
+OVERRIDES = ["algorithm=reptile", "rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4"]
 
 
 def capture_mod(folder):

@@ -155,6 +155,9 @@ class Algorithm:
     max_examples: Callable[[ExperimentConfig, DataSpec, int], int] = (
         lambda cfg, spec, n_train: tasks_examples(cfg, spec)
     )
+    #: How the coordinator drives it: ``rounds`` of ``site_step`` and an outer update, or
+    #: ``newton`` steps on the sites' summed gradients and Hessians (the federated GLM).
+    procedure: Literal["rounds", "newton"] = "rounds"
 
     def __post_init__(self) -> None:
         if self.update_kind not in ("delta", "gradient"):

@@ -7,7 +7,7 @@ its name from then on.
 
 from __future__ import annotations
 
-from fedmeta.common.algorithms import fedavg, maml, metasgd, protonet, reptile
+from fedmeta.common.algorithms import fedavg, glm, maml, metasgd, protonet, reptile
 from fedmeta.common.algorithms.base import Algorithm
 from fedmeta.common.errors import ConfigError
 
@@ -47,5 +47,6 @@ for _builtin in (
     metasgd.ALGORITHM,
     protonet.ALGORITHM,
     fedavg.ALGORITHM,
+    glm.ALGORITHM,
 ):
     register(_builtin)

@@ -14,7 +14,7 @@ from fedmeta.common.config import load_config
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    cfg = load_config(None, ["rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4", "data.holdout=[Hungary]"])
+    cfg = load_config(None, ["algorithm=reptile", "rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4", "data.holdout=[Hungary]"])
     simulate(cfg, out, backend="local")
     return out
 
@@ -69,7 +69,7 @@ def test_new_hospital_adapts_then_predicts_what_the_adapted_model_computes(run_d
     assert "# Model card: heart_disease at Hungary" in card and "## Limits" in card
     assert f"{model.bundle.threshold.value:.3f}" in card
 
-    cfg = load_config(None, ["rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4", "data.holdout=[Hungary]"])
+    cfg = load_config(None, ["algorithm=reptile", "rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4", "data.holdout=[Hungary]"])
     site = load_site(cfg.data, "Hungary")
     frame = heart.load_frame().set_index("id", drop=False)
     raw = frame.loc[list(site.row_ids_test)].drop(columns=["num"])

@@ -8,7 +8,7 @@ import numpy as np
 from fedmeta.cli.main import main
 from fedmeta.common import params as P
 
-FAST = ["eval.adapt_steps=5", "tasks.meta_batch=4"]
+FAST = ["algorithm=reptile", "eval.adapt_steps=5", "tasks.meta_batch=4"]
 
 
 def test_shorter_run_extended_with_resume_equals_longer_run(tmp_path, capsys):

@@ -53,7 +53,7 @@ def test_a_registered_toy_algorithm_runs_federated(tmp_path, toy, local_run) -> 
 
 
 def test_unknown_and_duplicate_algorithms_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"algorithm = 'toy-ones': expected one of 'reptile'"):
+    with pytest.raises(ConfigError, match=r"algorithm = 'toy-ones': expected one of 'auto', 'reptile'"):
         load_config(None, ["algorithm=toy-ones"])
     with pytest.raises(ValueError, match="already registered"):
         algorithms.register(algorithms.get("reptile"))

@@ -8,9 +8,9 @@ from fedmeta.common.config import ExperimentConfig, config_from_dict, load_confi
 from fedmeta.common.errors import ConfigError
 
 
-def test_defaults_are_reptile_on_fed_heart():
+def test_defaults_are_auto_on_fed_heart():
     cfg = load_config()
-    assert cfg.algorithm == "reptile" and cfg.data.source == "fed-heart"
+    assert cfg.algorithm == "auto" and cfg.data.source == "fed-heart"
     assert cfg == ExperimentConfig()
 
 
@@ -36,7 +36,7 @@ def test_round_trip_through_json():
     ("overrides", "message"),
     [
         (["rounds=0"], r"<overrides>: rounds = 0: must be >= 1"),
-        (["algorithm=sgd"], r"algorithm = 'sgd': expected one of 'reptile'"),
+        (["algorithm=sgd"], r"algorithm = 'sgd': expected one of 'auto', 'reptile'"),
         (["inner.lr=fast"], r"inner.lr = 'fast': expected float"),
         (["inner.lr=-1"], r"inner.lr = -1.0: must be > 0"),
         (["inner.step=3"], r"unknown key inner.step; allowed under inner: steps, lr"),

@@ -63,7 +63,7 @@ SITES = ["site-0", "site-1", "site-2", "site-3"]  # Cleveland, Hungary, Switzerl
 STARTED = SITES[:3]
 SECRET = "a passphrase only this test knows"
 PASS = Passphrase(env="FEDMETA_KEY_PASSPHRASE")
-FAST = ["eval.adapt_steps=20", "tasks.meta_batch=4", "federation.timeout_s=60"]
+FAST = ["algorithm=reptile", "eval.adapt_steps=20", "tasks.meta_batch=4", "federation.timeout_s=60"]
 IDENTIFIER = "Doe, John MRN 0012345"
 MALFORMED_SITE = Path(__file__).parent / "malformed_site"
 
@@ -257,7 +257,7 @@ def test_secure_aggregation_run_over_tls(consortium: Consortium) -> None:
     """Reptile over SecAgg+ through the real SuperLink and the site workers; sites clip to
     privacy.clip, so the securely averaged delta cannot exceed it."""
     d = consortium
-    cfg = load_config(None, ["rounds=1", "privacy.clip=0.05", "tasks.meta_batch=4"])
+    cfg = load_config(None, ["algorithm=reptile", "rounds=1", "privacy.clip=0.05", "tasks.meta_batch=4"])
     assert d.co.control is not None
     run_id = submit_run(d.co.control, d.co.layout.flwr_home, secure_aggregation=True,
                         run_config={"experiment": cfg.to_json(), "run-name": "secagg"})

@@ -30,7 +30,7 @@ from fedmeta.server.local_grid import LocalGrid
 
 SEED = 1
 SITES = ("hospital-01", "hospital-02", "hospital-03", "hospital-04")
-FAST = ["rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4", "eval.bootstrap=0", "eval.repeats=1",
+FAST = ["algorithm=reptile", "rounds=2", "eval.adapt_steps=5", "tasks.meta_batch=4", "eval.bootstrap=0", "eval.repeats=1",
         "eval.folds=2", "federation.min_nodes=2"]
 NOTHING = 1_000_000  # a patient floor no code reaches
 

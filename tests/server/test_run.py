@@ -200,7 +200,7 @@ def test_site_joining_after_the_start_is_named_and_trains(tmp_path):
     from fedmeta.server.driver import run_experiment
     from fedmeta.server.local_grid import LocalGrid
 
-    cfg = load_config(None, ["rounds=3", "eval.adapt_steps=5", "tasks.meta_batch=4", "federation.min_nodes=3"])
+    cfg = load_config(None, ["algorithm=reptile", "rounds=3", "eval.adapt_steps=5", "tasks.meta_batch=4", "federation.min_nodes=3"])
     grid = LocalGrid(client_app, [{"partition-id": i} for i in range(3)])
     original = grid.send_and_receive
     calls = []

@@ -67,8 +67,9 @@ def test_secaggplus_mean_of_deltas_equals_plain_weighted_mean() -> None:
     from fedmeta.client.secagg import make_secagg_client_app
     from fedmeta.server.secagg import SecureReptile, make_secagg_server_app
 
-    def local_delta(theta, context, config):  # type: ignore[no-untyped-def]
-        return _site_delta(int(context.node_config["partition-id"]))
+    def local_delta(msg, context):  # type: ignore[no-untyped-def]
+        delta, n = _site_delta(int(context.node_config["partition-id"]))
+        return delta, n, None  # no bounds of its own: the app's l2_bound applies
 
     deltas = [_site_delta(p) for p in range(N_SITES)]
     total = sum(n for _, n in deltas)

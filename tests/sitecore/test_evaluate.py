@@ -35,7 +35,7 @@ def _site(seed=0, n_train=160, n_test=120, d=6):
 
 
 def _setup(overrides=()):
-    cfg = load_config(None, ["model.name=linear", "eval.bootstrap=50", "eval.adapt_steps=20",
+    cfg = load_config(None, ["algorithm=reptile", "model.name=linear", "eval.bootstrap=50", "eval.adapt_steps=20",
                              "eval.adapt_lr=0.5", *overrides])
     site = _site()
     spec = spec_of(site)

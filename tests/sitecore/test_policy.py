@@ -11,7 +11,7 @@ from fedmeta.sitecore.policy import PolicyRefusal, SitePolicy, check_experiment,
 
 
 def _cfg(*overrides: str):  # type: ignore[no-untyped-def]
-    return load_config(None, list(overrides))
+    return load_config(None, ["algorithm=reptile", *overrides])
 
 
 def test_defaults_allow_the_default_experiment() -> None:

@@ -1,0 +1,64 @@
+"""``algorithm: auto`` chooses by the sites' validation log-loss and never looks at a test label."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+
+from fedmeta.common.config import load_config
+from fedmeta.server import selection as S
+
+FEW = ["selection.candidates=[glm, glm-l2-10, reptile-linear]", "rounds=4", "selection.every=2",
+       "tasks.meta_batch=4", "eval.adapt_steps=5", "eval.repeats=1"]
+
+
+def _select(local_run, tmp_path, name):  # type: ignore[no-untyped-def]
+    summary, _ = local_run(tmp_path, ["algorithm=auto", *FEW], name=name)
+    return summary
+
+
+def test_permuting_the_test_labels_changes_no_choice(local_run, tmp_path, monkeypatch) -> None:
+    import fedmeta.sitecore.data as D
+
+    monkeypatch.setattr(D, "_LOADED", {})
+    plain = _select(local_run, tmp_path, "plain")
+    load = D.load_site
+
+    def shuffled(cfg, name):  # type: ignore[no-untyped-def]
+        site = load(cfg, name)
+        rng = np.random.default_rng(len(name))
+        return dataclasses.replace(site, y_test=site.y_test[rng.permutation(site.n_test)])
+
+    monkeypatch.setattr(D, "_LOADED", {})
+    monkeypatch.setattr(D, "load_site", shuffled)
+    permuted = _select(local_run, tmp_path, "permuted")
+    # every candidate's validation score, and so the choice, is the same to the last bit
+    assert json.dumps(permuted["selection"]["candidates"]) == json.dumps(plain["selection"]["candidates"])
+    assert (permuted["selection"]["chosen"], permuted["selection"]["rounds"]) == (
+        plain["selection"]["chosen"], plain["selection"]["rounds"])
+    # control: the permutation reached the test split (the final model's test scores moved)
+    assert permuted["mean"]["after"]["auroc"] != plain["mean"]["after"]["auroc"]
+
+
+def test_a_selection_run_writes_every_candidate_and_its_choice(local_run, tmp_path) -> None:
+    summary = _select(local_run, tmp_path, "plain")
+    sel = summary["selection"]
+    rows = sel["candidates"]
+    assert {r["candidate"] for r in rows} == {"glm", "glm-l2-10", "reptile-linear"}
+    assert sorted(r["rounds"] for r in rows if r["candidate"] == "reptile-linear") == [2, 4]  # early stopping
+    best = min(rows, key=lambda r: r["val_log_loss"])
+    assert (sel["chosen"], sel["rounds"]) == (best["candidate"], best["rounds"])
+    assert all(math.isfinite(r["val_log_loss"]) and r["val_patients"] == rows[0]["val_patients"] for r in rows)
+    # the validation patients are a quarter of the training rows, stratified, per site
+    from fedmeta.sitecore.data import site_for_node
+
+    cfg = load_config(None, ["data.score_on=validation"])
+    assert rows[0]["val_patients"] == sum(site_for_node({"partition-id": i}, cfg).n_test for i in range(4))
+    assert summary["algorithm"] == dict(a.split("=") for a in S.CANDIDATES[sel["chosen"]])["algorithm"]
+    on_disk = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert on_disk["selection"]["chosen"] == sel["chosen"]
+    assert (tmp_path / "plain" / "selection.json").exists()
+    assert (tmp_path / "plain" / "selection" / "glm" / "summary.json").exists()
