@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
@@ -66,6 +66,23 @@ class SitePolicy(YamlModel):
     #: most how many coefficients per training row (DataSHIELD's ``nfilter.glm``, 0.33)
     allow_glm: Bool = True
     glm_parameter_ratio: Annotated[float, number(gt=0, le=1)] = 0.33
+    #: δ of every ε this site accounts; a request with a larger privacy.delta is refused
+    dp_delta: Annotated[float, number(gt=0, lt=1)] = 1e-5
+    #: resource ceilings: the most one request may make this site compute
+    max_inner_steps: Annotated[int, integer(ge=1)] = 100   # inner.steps, fedavg.local_steps
+    max_adapt_steps: Annotated[int, integer(ge=0)] = 1000  # eval.adapt_steps
+    max_tasks: Annotated[int, integer(ge=1)] = 256          # tasks.meta_batch x tasks.meta_batches
+    max_parameters: Annotated[int, integer(ge=1)] = 2_000_000
+    max_bootstrap: Annotated[int, integer(ge=0)] = 2000     # eval.bootstrap
+    max_draws: Annotated[int, integer(ge=1)] = 50           # eval.draws
+    max_threads: Annotated[int, integer(ge=1)] = 4          # engine.threads
+
+    @model_validator(mode="after")
+    def _dp_needs_a_ceiling(self) -> SitePolicy:
+        if self.require_dp and self.max_epsilon is None:
+            raise ValueError("require_dp needs max_epsilon: without a ceiling any noise, even none, "
+                             "would satisfy it")
+        return self
 
 
 def check_experiment(policy: SitePolicy, cfg: ExperimentConfig, *, secure_aggregation: bool = False) -> None:
@@ -77,26 +94,66 @@ def check_experiment(policy: SitePolicy, cfg: ExperimentConfig, *, secure_aggreg
         raise PolicyRefusal(f"rounds = {cfg.rounds} exceeds this site's max_rounds = {policy.max_rounds}")
     if secure_aggregation and not policy.allow_secure_aggregation:
         raise PolicyRefusal("secure aggregation runs are not allowed here")
-    if policy.require_dp:
-        if not cfg.privacy.dp:
-            raise PolicyRefusal("this site requires differential privacy (privacy.dp = true)")
-        if policy.max_epsilon is not None:
-            from fedmeta.common.privacy import epsilon
-
-            eps = epsilon(rounds=cfg.rounds, noise_multiplier=cfg.privacy.noise_multiplier,
-                          delta=cfg.privacy.delta)
-            if eps > policy.max_epsilon:
-                raise PolicyRefusal(f"the run's ε = {eps:.3g} after {cfg.rounds} rounds exceeds "
-                                    f"this site's max_epsilon = {policy.max_epsilon:g}")
+    if cfg.privacy.dp or policy.require_dp:
+        check_privacy(policy, cfg)
+    check_resources(policy, cfg)
     floor = policy.min_patients
     if 0 < cfg.eval.shots < floor:
         raise PolicyRefusal(f"eval.shots = {cfg.eval.shots} is below this site's min_patients = {floor}")
+
+
+def check_privacy(policy: SitePolicy, cfg: ExperimentConfig) -> None:
+    """DP that means what it says: noise that is there, δ no larger than the site's, and ε at the
+    site's δ within its ceiling."""
+    p = cfg.privacy
+    if policy.require_dp and not p.dp:
+        raise PolicyRefusal("this site requires differential privacy (privacy.dp = true)")
+    if not p.noise_multiplier > 0:
+        raise PolicyRefusal("privacy.noise_multiplier = 0 adds no noise: not differential privacy")
+    if p.delta > policy.dp_delta:
+        raise PolicyRefusal(f"privacy.delta = {p.delta:g} exceeds this site's dp_delta = {policy.dp_delta:g}")
+    if policy.max_epsilon is not None:
+        from fedmeta.common.privacy import epsilon
+
+        eps = epsilon(rounds=cfg.rounds, noise_multiplier=p.noise_multiplier, delta=policy.dp_delta)
+        if eps > policy.max_epsilon:
+            raise PolicyRefusal(f"the run's ε = {eps:.3g} after {cfg.rounds} rounds (at δ = "
+                                f"{policy.dp_delta:g}) exceeds this site's max_epsilon = {policy.max_epsilon:g}")
+
+
+def check_resources(policy: SitePolicy, cfg: ExperimentConfig) -> None:
+    """Refuse a request that would make the site compute more than its ceilings allow."""
+    limits = [
+        ("inner.steps", cfg.inner.steps, policy.max_inner_steps, "max_inner_steps"),
+        ("fedavg.local_steps", cfg.fedavg.local_steps, policy.max_inner_steps, "max_inner_steps"),
+        ("eval.adapt_steps", cfg.eval.adapt_steps, policy.max_adapt_steps, "max_adapt_steps"),
+        ("tasks.meta_batch x tasks.meta_batches", cfg.tasks.meta_batch * cfg.tasks.meta_batches,
+         policy.max_tasks, "max_tasks"),
+        ("eval.bootstrap", cfg.eval.bootstrap, policy.max_bootstrap, "max_bootstrap"),
+        ("eval.draws", cfg.eval.draws, policy.max_draws, "max_draws"),
+        ("engine.threads", cfg.engine.threads, policy.max_threads, "max_threads"),
+    ]
+    for what, value, limit, name in limits:
+        if value > limit:
+            raise PolicyRefusal(f"{what} = {value} exceeds this site's {name} = {limit}")
+
+
+def parameter_count(cfg: ExperimentConfig, n_features: int, n_classes: int = 2) -> int:
+    """The parameters of a table model of ``cfg`` (counted, not built: a hostile width must not
+    allocate anything)."""
+    widths = [n_features, *(cfg.model.hidden if cfg.model.name == "mlp" else ()), n_classes]
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
 
 
 def check_sizes(policy: SitePolicy, cfg: ExperimentConfig, site: Site, *, phase: str) -> None:
     """Refuse a round whose numbers would rest on fewer patients than the floor."""
     floor = policy.min_patients
     t = cfg.tasks
+    if isinstance(site, TabularSite):
+        params = parameter_count(cfg, site.n_features, site.n_classes)
+        if params > policy.max_parameters:
+            raise PolicyRefusal(f"the model has {params} parameters, more than this site's "
+                                f"max_parameters = {policy.max_parameters}")
     if phase == "train":
         if isinstance(site, TabularSite):
             if cfg.algorithm == "fedavg":

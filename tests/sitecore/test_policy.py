@@ -27,9 +27,9 @@ def test_defaults_allow_the_default_experiment() -> None:
 @pytest.mark.parametrize(("policy", "overrides", "message"), [
     ({"algorithms": ["reptile"]}, ["algorithm=maml"], r"algorithm 'maml' is not allowed here \(allowed: reptile\)"),
     ({"max_rounds": 10}, ["rounds=11"], r"rounds = 11 exceeds this site's max_rounds = 10"),
-    ({"require_dp": True}, [], r"requires differential privacy"),
+    ({"require_dp": True, "max_epsilon": 10.0}, [], r"requires differential privacy"),
     ({"require_dp": True, "max_epsilon": 5.0}, ["privacy.dp=true", "rounds=30"],
-     r"the run's ε = .* after 30 rounds exceeds this site's max_epsilon = 5"),
+     r"the run's ε = .* after 30 rounds \(at δ = 1e-05\) exceeds this site's max_epsilon = 5"),
     ({}, ["eval.shots=5"], r"eval.shots = 5 is below this site's min_patients = 20"),
 ])
 def test_experiments_a_site_does_not_allow_are_refused(policy: dict, overrides: list[str], message: str) -> None:
@@ -61,3 +61,53 @@ def test_small_tasks_and_small_fedavg_rounds_are_refused() -> None:
     with pytest.raises(PolicyRefusal, match="a FedAvg round would use 8 patients"):
         check_sizes(SitePolicy(), fedavg, site, phase="train")
     check_sizes(SitePolicy(min_patients=8), fedavg, site, phase="train")
+
+
+def test_dp_that_is_not_dp_is_refused() -> None:
+    """The hollow-DP symptoms: no ceiling, no noise, a δ of the coordinator's choosing."""
+    from fedmeta.common.errors import ConfigError
+    from fedmeta.common.privacy import epsilon
+
+    with pytest.raises(ConfigError, match="require_dp needs max_epsilon"):
+        validate(SitePolicy, {"require_dp": True}, source="node.yaml")
+    policy = SitePolicy(require_dp=True, max_epsilon=50.0)
+    with pytest.raises(PolicyRefusal, match="privacy.noise_multiplier = 0 adds no noise"):
+        check_experiment(policy, _cfg("privacy.dp=true", "privacy.noise_multiplier=0"))
+    with pytest.raises(PolicyRefusal, match="privacy.delta = 0.9 exceeds this site's dp_delta = 1e-05"):
+        check_experiment(policy, _cfg("privacy.dp=true", "privacy.delta=0.9"))
+    # ε is the site's, at its own δ: σ = 1 over 30 rounds is 39.8 at 1e-5 (14.2 at δ = 0.9)
+    eps = epsilon(rounds=30, noise_multiplier=1.0, delta=1e-5)
+    assert 39 < eps < 41
+    with pytest.raises(PolicyRefusal, match=r"ε = 39.8 after 30 rounds \(at δ = 1e-05\) exceeds this site's max_epsilon = 20"):
+        check_experiment(SitePolicy(require_dp=True, max_epsilon=20.0), _cfg("privacy.dp=true", "rounds=30"))
+    check_experiment(policy, _cfg("privacy.dp=true", "rounds=30"))  # within 50
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["inner.steps=15000"], r"inner.steps = 15000 exceeds this site's max_inner_steps = 100"),
+    (["algorithm=fedavg", "fedavg.local_steps=5000"], r"fedavg.local_steps = 5000 exceeds this site's max_inner_steps"),
+    (["eval.adapt_steps=100000"], r"eval.adapt_steps = 100000 exceeds this site's max_adapt_steps = 1000"),
+    (["tasks.meta_batch=1000"], r"tasks.meta_batch x tasks.meta_batches = 1000 exceeds this site's max_tasks = 256"),
+    (["eval.bootstrap=100000"], r"eval.bootstrap = 100000 exceeds this site's max_bootstrap = 2000"),
+    (["engine.threads=64"], r"engine.threads = 64 exceeds this site's max_threads = 4"),
+])
+def test_resource_ceilings_refuse_before_any_data_is_read(overrides: list[str], message: str) -> None:
+    with pytest.raises(PolicyRefusal, match=message):
+        check_experiment(SitePolicy(), _cfg(*overrides))
+
+
+def test_a_model_too_large_is_refused_counted_not_built() -> None:
+    from fedmeta.sitecore.policy import parameter_count
+
+    cfg = _cfg("model.hidden=[8000, 8000]")
+    site = load_site(cfg.data, "Cleveland")  # 13 features
+    assert parameter_count(cfg, 13) == (13 * 8000 + 8000) + (8000 * 8000 + 8000) + (8000 * 2 + 2)
+    with pytest.raises(PolicyRefusal, match=r"the model has 64136002 parameters, more than this site's "
+                                            r"max_parameters = 2000000"):
+        check_sizes(SitePolicy(), cfg, site, phase="train")
+    from fedmeta.common.data.registry import data_spec
+    from fedmeta.common.experiment import build_model_for
+
+    for model in (["model.hidden=[64, 64]"], ["model.hidden=[16]"], ["model.name=linear"]):
+        built = build_model_for(_cfg(*model), data_spec(cfg.data))
+        assert parameter_count(_cfg(*model), 13) == sum(p.numel() for p in built.parameters())
