@@ -60,6 +60,24 @@ def reason(code: SiteErrorCode, exc: BaseException | None = None) -> str:
     return CATEGORY[code]
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """Text a site chose (a refusal's rule, its layout report), made safe for the coordinator's
+    logs: printable characters only (no newline, carriage return or terminal escape that could
+    forge or hide a log line), runs of white space as one space, at most ``limit`` characters."""
+    kept = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(kept.split())[:limit]
+
+
+def refusal_reason(error: object) -> str:
+    """Why a site did not answer, as the coordinator logs it: a policy refusal's rule (made one
+    safe line) or the fixed category of the code, never any other text of the site's."""
+    code = int(getattr(error, "code", 0))
+    text = str(getattr(error, "reason", "") or "")
+    if code == SiteErrorCode.POLICY_REFUSAL and text.startswith(CATEGORY[SiteErrorCode.POLICY_REFUSAL]):
+        return one_line(text)
+    return describe(code)
+
+
 def describe(code: int) -> str:
     """The category of a code received from a site (``site error N`` for an unknown one)."""
     try:

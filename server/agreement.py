@@ -30,7 +30,7 @@ from fedmeta.common.data.meds.source import agreement_settings
 from fedmeta.common.data.meds.vocabulary import Vocabulary, choose_vocabulary
 from fedmeta.common.errors import DataError, FedmetaError
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.errors import describe
+from fedmeta.protocol.errors import refusal_reason
 from fedmeta.protocol.records import count_in
 from fedmeta.server.exchange import Waiting, exchange
 from fedmeta.server.handshake import Progress
@@ -126,8 +126,7 @@ def agree_vocabulary(grid: Grid, cfg: ExperimentConfig, nodes: list[int], progre
         node = reply.metadata.src_node_id
         label = labels.get(node, f"node {node}")
         if reply.has_error():
-            text = reply.error.reason or ""
-            why = text[:200] if text.startswith("policy refusal") else describe(reply.error.code)
+            why = refusal_reason(reply.error)
             excluded[node] = f"no code counts: {why}"
             progress(f"{label} sent no code counts ({why}); left out of the run")
             continue

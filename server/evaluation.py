@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Message, MetricRecord
 
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.errors import describe
+from fedmeta.protocol.errors import refusal_reason
 from fedmeta.protocol.records import count_in, number_in
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ def read_evaluate_replies(replies: Iterable[Message], nodes: Mapping[int, str],
         node = msg.metadata.src_node_id
         site = nodes.get(node, str(node))
         if msg.has_error():
-            text = msg.error.reason or ""
-            why = text[:200] if text.startswith("policy refusal") else describe(msg.error.code)
+            why = refusal_reason(msg.error)
             log.warning("evaluation declined by %s: %s", site, why)
             if declined is not None:
                 declined[site] = why

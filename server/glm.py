@@ -30,7 +30,7 @@ from fedmeta.common.errors import FedmetaError
 from fedmeta.common.glm import GlmState, GlmSums, newton_step
 from fedmeta.common.params import NDArrays
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.errors import describe
+from fedmeta.protocol.errors import refusal_reason
 from fedmeta.protocol.records import (
     arrays_from_record,
     count_in,
@@ -63,8 +63,7 @@ def glm_theta(state: GlmState, reference: Mapping[str, np.ndarray]) -> NDArrays:
 def read_sums(msg: Message, site: str, d: int) -> GlmSums:
     """A site's reply as sums; a :class:`FedmetaError` names the site and what is wrong."""
     if msg.has_error():
-        text = msg.error.reason or ""
-        why = text[:200] if text.startswith("policy refusal") else describe(msg.error.code)
+        why = refusal_reason(msg.error)
         raise FedmetaError(f"glm: site {site} declined: {why}")
     content = msg.content
     if K.SUMS not in content.array_records or K.METRICS not in content.metric_records:

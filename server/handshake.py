@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import FedmetaError
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.errors import describe
+from fedmeta.protocol.errors import one_line, refusal_reason
 from fedmeta.protocol.records import count_in
 from fedmeta.server.exchange import Waiting, exchange
 from fedmeta.server.identity import NodeIdentity
@@ -92,8 +92,7 @@ def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[s
         node = reply.metadata.src_node_id
         label = (registered or {}).get(node, f"node {node}")
         if reply.has_error():
-            text = reply.error.reason or ""
-            why = text[:200] if text.startswith("policy refusal") else describe(reply.error.code)
+            why = refusal_reason(reply.error)
             excluded[node] = why
             progress(f"{label} declined the run: {why}")
             continue
@@ -108,10 +107,11 @@ def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[s
             continue
         name = registered[node] if registered is not None else answered
         if registered is not None and answered != name:
-            log.info("node %d calls itself %r; the registry names it %r", node, answered, name)
+            # the site's own text never reaches the coordinator's logs: only the registry's name
+            log.info("node %d's greeting names another site; the registry's name %r is used", node, name)
         if not layout_ok:
-            why = "its data does not have the consortium's layout: " + str(
-                details.get("describe", "") if details is not None else "")
+            why = "its data does not have the consortium's layout: " + one_line(str(
+                details.get("describe", "") if details is not None else ""))
             excluded[node] = why[:200]
             progress(f"site {name} excluded: {why}")
             continue

@@ -40,7 +40,7 @@ from fedmeta.common.errors import DeltaError
 from fedmeta.common.outer import OuterOptimizer
 from fedmeta.common.params import NDArrays, l2_norm
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.errors import describe
+from fedmeta.protocol.errors import refusal_reason
 from fedmeta.protocol.records import arrays_from_record, payload_bytes, record_from_arrays
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,7 @@ class FedMetaStrategy:
 
     def _read_train_reply(self, msg: Message, site: str, declared: int | None) -> tuple[NDArrays, dict[str, float]]:
         if msg.has_error():
-            text = msg.error.reason or ""
-            why = text[:200] if text.startswith("policy refusal") else describe(msg.error.code)
+            why = refusal_reason(msg.error)
             raise DeltaError(f"site {site} declined: {why}")
         content = msg.content
         if K.UPDATE not in content.array_records or K.METRICS not in content.metric_records:
