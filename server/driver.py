@@ -347,7 +347,7 @@ def run_experiment(
                               "config": cfg.to_json(), "sites": sorted(per_site)})
     summary = {
         "algorithm": cfg.algorithm,
-        "rounds": cfg.rounds,
+        "rounds": extra_summary["glm"]["newton_steps"] if newton else cfg.rounds,
         "seed": cfg.seed,
         "wall_s": round(time.monotonic() - t0, 3),
         "provenance": provenance(started_at),

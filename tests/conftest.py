@@ -4,6 +4,25 @@ from __future__ import annotations
 
 import pytest
 
+#: Markers of the slow end-to-end set: deselected unless ``--full`` (the README's test command and
+#: CI pass it); ``pytest -q`` alone is the quick loop.
+SLOW_MARKERS = ("ray", "deployment", "slow")
+
+
+def pytest_addoption(parser):  # type: ignore[no-untyped-def]
+    parser.addoption("--full", action="store_true",
+                     help="also run the slow end-to-end set (Ray simulations, real deployments, benchmarks)")
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    if config.getoption("--full"):
+        return
+    slow = [i for i in items if any(i.get_closest_marker(m) for m in SLOW_MARKERS)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if i not in slow]
+
+
 FAST = ["algorithm=reptile", "rounds=3", "eval.adapt_steps=5", "tasks.meta_batch=4"]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 # name on the command line -> module, as in fedmeta.cli.bench
 BENCHMARKS = {"flamby": "flamby", "new-site": "new_site", "ehr": "ehr", "imaging": "imaging", "comm": "comm",
               "ceiling": "ceiling"}

@@ -65,6 +65,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     return R.run(quick=True, out_dir=out), out
 
 
+@pytest.mark.slow
 def test_quick_run_rows_tables_and_the_glm_reference(quick) -> None:  # type: ignore[no-untyped-def]
     rows, out = quick
     assert {r["cohort"] for r in rows} == {"fed-heart", "gbsg2", "*"}
