@@ -319,31 +319,57 @@ def is_count(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in COUNT_KEYS
 
 
+#: Threshold metrics that, with the prevalence and the split size, determine each other and the
+#: confusion matrix's cells (accuracy = prevalence × sensitivity + (1 − prevalence) ×
+#: specificity): released all together or not at all.
+CONFUSION = frozenset({"sensitivity", "specificity", "ppv", "npv", "accuracy", "accuracy_at_threshold"})
+
+
+def _small_cell(events: float, others: float, floor: int) -> bool:
+    """A non-zero count of events or of non-events below ``floor``."""
+    return any(0 < c < floor for c in (events, others))
+
+
 def released_metrics(result: dict, outcomes: tuple[str, ...], *, floor: int) -> tuple[dict[str, float], int]:
     """The numbers of :func:`evaluate_site`'s result that may leave the site, flat
     (``before.auroc``, ``after.sensitivity.lo``, ``spread.after.auroc``, ``o1.after.auroc`` for
     the second outcome, …), and how many were withheld: a metric resting on fewer than ``floor``
     patients (sensitivity on the events, PPV on the flagged patients, …) is not sent, nor is a
-    reliability bin holding fewer than ``floor`` patients."""
+    reliability bin holding fewer than ``floor`` patients, or a non-zero count of events or
+    non-events below ``floor`` (a cell of zero discloses nothing of a patient, as DataSHIELD's
+    ``nfilter.tab`` counts only non-zero cells).
+
+    Nothing derivable from what is released rests on fewer patients either: when one metric of
+    the confusion family (:data:`CONFUSION`) is withheld, all of them are (a withheld specificity
+    would follow from accuracy, sensitivity and prevalence), and when the events or the non-events
+    of the test split are a non-zero count below ``floor``, neither the event count, the prevalence nor any
+    of the family is released (each gives the other counts)."""
     flat: dict[str, float] = {}
     withheld = 0
 
     def phase(prefix: str, entry: dict, basis: dict) -> None:
         nonlocal withheld
+        events = entry.get("events")
+        n_test = entry.get("n_test")
+        rare = events is not None and n_test is not None and _small_cell(events, n_test - events, floor)
         for ph in ("before", "after"):
+            rests = {key.split(".")[0]: basis.get(ph, {}).get(key.split(".")[0], floor) for key in entry[ph]}
+            # a metric resting on no patient is undefined (NaN), not disclosive
+            family_out = rare or any(0 < rests[m] < floor for m in CONFUSION if m in rests)
             for key, value in entry[ph].items():
                 metric = key.split(".")[0]
-                rests_on = basis.get(ph, {}).get(metric, floor)
-                if rests_on < floor:
-                    withheld += 1 if rests_on > 0 and not key.endswith((".lo", ".hi")) else 0
+                hidden = rests[metric] < floor or (family_out and (metric in CONFUSION or metric == "prevalence"))
+                if hidden:
+                    withheld += 1 if rests[metric] > 0 and not key.endswith((".lo", ".hi")) else 0
                     continue
                 if value is not None and math.isfinite(value):
                     flat[f"{prefix}{ph}.{key}"] = float(value)
             for key, value in entry.get("spread", {}).get(ph, {}).items():
-                if basis.get(ph, {}).get(key, floor) >= floor and math.isfinite(value):
+                hidden = basis.get(ph, {}).get(key, floor) < floor or (family_out and key in CONFUSION | {"prevalence"})
+                if not hidden and math.isfinite(value):
                     flat[f"{prefix}spread.{ph}.{key}"] = float(value)
         for key in ("n_train", "n_test", "events", "adapt_steps", "draws"):
-            if key in entry:
+            if key in entry and not (key == "events" and rare):
                 flat[f"{prefix}{key}"] = float(entry[key])
         if "adapt_scope" in entry:
             flat[f"{prefix}adapt_scope"] = float(SCOPE_CODES.get(entry["adapt_scope"], -1))
@@ -351,7 +377,8 @@ def released_metrics(result: dict, outcomes: tuple[str, ...], *, floor: int) -> 
     phase("", result, result.get("basis", {}))
     for ph, curve in result.get("reliability", {}).items():
         for b in range(len(curve.count)):
-            if curve.count[b] >= floor and curve.count[b] > 0:
+            events_in_bin = float(curve.event_sum[b])
+            if curve.count[b] >= floor and not _small_cell(events_in_bin, curve.count[b] - events_in_bin, floor):
                 flat[f"rel.{ph}.{b}.n"] = float(round(float(curve.count[b])))
                 flat[f"rel.{ph}.{b}.risk"] = float(curve.risk_sum[b] / curve.count[b])
                 flat[f"rel.{ph}.{b}.observed"] = float(curve.event_sum[b] / curve.count[b])

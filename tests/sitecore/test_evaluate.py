@@ -129,3 +129,32 @@ def test_the_coordinator_reads_back_what_the_site_released():
 def test_a_reply_without_an_evaluation_is_malformed():
     with pytest.raises(ValueError, match="no evaluation"):
         parse_evaluation(MetricRecord({"withheld": 0}))
+
+
+def _hand_result(*, events: int, n_test: int, negatives_basis: int) -> dict:
+    """An evaluation result by hand: 0.5 everywhere, specificity resting on ``negatives_basis``."""
+    metrics = {"accuracy": 0.8, "sensitivity": 0.9, "specificity": 0.7, "ppv": 0.6, "npv": 0.95,
+               "prevalence": events / n_test, "auroc": 0.85, "brier": 0.1}
+    basis = {"accuracy": n_test, "sensitivity": events, "specificity": negatives_basis, "ppv": 40,
+             "npv": 40, "prevalence": n_test, "auroc": min(events, n_test - events), "brier": n_test}
+    return {"before": dict(metrics), "after": dict(metrics), "basis": {"before": basis, "after": basis},
+            "n_test": n_test, "n_train": 200, "events": events}
+
+
+def test_nothing_derivable_from_the_released_numbers_rests_below_the_floor():
+    """The issue's derivation: a withheld specificity followed from accuracy, sensitivity and
+    prevalence. Now the confusion family goes together, and a small event count is not sent."""
+    # control: the old rule (each metric on its own basis) kept accuracy, sensitivity and prevalence,
+    # from which the withheld specificity follows exactly
+    r = _hand_result(events=60, n_test=75, negatives_basis=15)
+    acc, sens, prev = r["after"]["accuracy"], r["after"]["sensitivity"], r["after"]["prevalence"]
+    assert (acc - prev * sens) / (1 - prev) == pytest.approx(0.4)  # what the attacker computes
+    flat, withheld = released_metrics(r, ("o",), floor=20)
+    for m in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "prevalence"):
+        assert f"after.{m}" not in flat and f"before.{m}" not in flat
+    assert flat["after.brier"] == 0.1 and flat["n_test"] == 75 and "after.auroc" not in flat  # 15 pairs-side
+    assert "events" not in flat  # 15 non-events < 20: the event count would give it
+    assert withheld > 0
+    # enough of both: everything is released
+    flat, _ = released_metrics(_hand_result(events=60, n_test=100, negatives_basis=40), ("o",), floor=20)
+    assert {"after.accuracy", "after.specificity", "after.prevalence", "events"} <= set(flat)
