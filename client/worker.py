@@ -27,10 +27,12 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common import MessageType
 from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
@@ -49,6 +51,7 @@ from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
 from fedmeta.protocol.request import SiteRequest, parse_request
+from fedmeta.sitecore.ledger import RequestLedger
 from fedmeta.sitecore.policy import SitePolicy, check_request
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,8 @@ class WorkerSettings:
     policy: SitePolicy
     version: str
     poll_s: float = 0.1
+    #: where the site counts what it served (its disclosure budget); None: in memory
+    ledger_path: Path | None = None
 
 
 class SiteWorker:
@@ -133,6 +138,7 @@ class SiteWorker:
         self.audit = audit
         self._stop = threading.Event()
         self._app: ClientApp | None = None
+        self.ledger = RequestLedger(settings.ledger_path)
         self.served = 0
         self.refused = 0
 
@@ -275,6 +281,8 @@ class SiteWorker:
 
         check_request(self.settings.policy, request, site=lambda: site_of(context, request.experiment),
                       secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
+        kind = {MessageType.EVALUATE: "evaluate", MessageType.TRAIN: "train"}.get(request.message_type, "query")
+        self.ledger.charge(self.settings.policy, run_id=int(context.run_id), kind=kind)
 
     def _serve_secagg(self, message: Message, context: Context, request: SiteRequest | None) -> Message:
         """A SecAgg+ step: the protocol's own steps (no experiment, no data) go straight to

@@ -137,7 +137,8 @@ class SiteRunner:
         worker = SiteWorker(
             WorkerSettings(runtime_address=f"127.0.0.1:{self.runtime_port}", secret=secret,
                            node_config=self.node.node_config(), policy=self.node.policy,
-                           version=checked.version, poll_s=min(0.1, self.node.poll_interval_s)),
+                           version=checked.version, poll_s=min(0.1, self.node.poll_interval_s),
+                           ledger_path=self.state / "ledger.json"),
             audit=self.audit.record,
         )
         self.worker = worker

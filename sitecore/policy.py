@@ -76,6 +76,11 @@ class SitePolicy(YamlModel):
     max_bootstrap: Annotated[int, integer(ge=0)] = 2000     # eval.bootstrap
     max_draws: Annotated[int, integer(ge=1)] = 50           # eval.draws
     max_threads: Annotated[int, integer(ge=1)] = 4          # engine.threads
+    #: the disclosure budget (sitecore/ledger.py), kept across runs in the site's state folder;
+    #: algorithm auto evaluates each candidate on validation rows (about 25 evaluations a run)
+    max_evaluations_per_run: Annotated[int, integer(ge=1)] = 40
+    max_train_requests_per_run: Annotated[int, integer(ge=1)] = 2000
+    max_requests_per_day: Annotated[int, integer(ge=1)] = 20000
 
     @model_validator(mode="after")
     def _dp_needs_a_ceiling(self) -> SitePolicy:

@@ -248,3 +248,31 @@ def test_the_layout_is_read_from_the_parsed_request() -> None:
     request = parse_request(Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY,
                                     dst_node_id=1))
     assert request is not None and request.layout == {"features": ["age"]}
+
+
+def test_an_evaluation_sweep_is_cut_off_at_the_site_s_budget(tmp_path) -> None:
+    """The issue's sweep sent 61 evaluations in a run declared as 5 rounds; the site now counts
+    them itself, across restarts, and refuses past its ceiling before reading any data."""
+    from fedmeta.client.worker import WorkerSettings
+
+    policy = SitePolicy(min_patients=20, max_evaluations_per_run=3)
+    cheap = [*COMPLIANT, "eval.adapt_steps=2", "eval.bootstrap=0", "eval.repeats=1"]
+
+    def worker() -> W.SiteWorker:
+        settings = WorkerSettings(runtime_address="127.0.0.1:1", secret=b"s" * 32, node_config=NODE,
+                                  policy=policy, version="0", ledger_path=tmp_path / "ledger.json")
+        return W.SiteWorker(settings, audit=lambda *a, **k: None)
+
+    def evaluate() -> Message:
+        return Message(content=RecordDict({K.CONFIG: _config(cheap, phase=K.EVALUATE),
+                                           K.ARRAYS: record_from_arrays(_theta(COMPLIANT))}),
+                       message_type=MessageType.EVALUATE, dst_node_id=1)
+
+    served = [worker()._answer(evaluate(), _context(), run_id=1, secure_aggregation=False) for _ in range(2)]
+    again = worker()  # the site restarted mid-run
+    served.append(again._answer(evaluate(), _context(), run_id=1, secure_aggregation=False))
+    assert not any(r.has_error() for r in served)
+    refused = again._answer(evaluate(), _context(), run_id=1, secure_aggregation=False)
+    assert refused.has_error() and refused.error.code == SiteErrorCode.POLICY_REFUSAL
+    assert refused.error.reason == ("policy refusal: run 1 has had 3 evaluate requests, this site's "
+                                    "max_evaluations_per_run = 3")
