@@ -308,6 +308,8 @@ def run_experiment(
             cfg, run.sites.names, run.strategy.theta(),
             lambda m: run.exchange(m, quorum=len(m)), on_round=folder.append_round, say=say)
         run.strategy.set_state(theta_glm)
+        run.totals["bytes_up"] += extra_summary["glm"]["bytes_up"]
+        run.totals["bytes_down"] += extra_summary["glm"]["bytes_down"]
     for server_round in range(first_round, (0 if newton else cfg.rounds) + 1):
         t_round = time.monotonic()
         result = run.train_round(server_round)

@@ -109,6 +109,7 @@ def fit_glm(cfg: ExperimentConfig, sites: Mapping[int, str], reference: Mapping[
     experiment = cfg.to_json()
     converged = False
     server_round = 0
+    traffic = {"bytes_up": 0, "bytes_down": 0}
     for server_round in range(1, g.max_steps + 1):
         t0 = time.monotonic()
         messages = []
@@ -138,6 +139,8 @@ def fit_glm(cfg: ExperimentConfig, sites: Mapping[int, str], reference: Mapping[
                 "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
                 "wall_s": round(time.monotonic() - t0, 4)}
         on_round(line)
+        traffic["bytes_up"] += line["bytes_up"]
+        traffic["bytes_down"] += line["bytes_down"]
         say(f"round {server_round}: Newton step on {int(rows.sum())} patients at "
             f"{len(nodes)} sites, mean log-loss {line['mean_log_loss']:.4f}, decrement {step.decrement:.2e}")
         if step.decrement < g.tol:
@@ -148,7 +151,7 @@ def fit_glm(cfg: ExperimentConfig, sites: Mapping[int, str], reference: Mapping[
     theta = glm_theta(state, reference)
     summary = {"glm": {
         "l2": g.l2, "site_intercept": g.site_intercept, "converged": converged,
-        "newton_steps": server_round, "coefficients": [float(v) for v in state.w],
+        "newton_steps": server_round, **traffic, "coefficients": [float(v) for v in state.w],
         "intercept": state.b,
         "site_intercepts": ({sites[n]: float(b) for n, b in zip(nodes, state.site_intercepts(), strict=True)}
                             if g.site_intercept else {}),
