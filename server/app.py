@@ -61,11 +61,23 @@ def experiment_from_run_config(run_config: dict) -> ExperimentConfig:
     text = str(run_config.get("experiment", ""))
     if text:
         return config_from_dict(json.loads(text), where="<submitted experiment>")
-    from fedmeta.cli.simulate import resolve_config
-
-    path = str(run_config.get("config", ""))
+    name = str(run_config.get("config", ""))
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    return load_config(resolve_config(Path(path)) if path else None, overrides)
+    return load_config(bundled_config(name) if name else None, overrides)
+
+
+def bundled_config(name: str) -> Path:
+    """A bundled experiment by name (``heart-maml``): the run config's ``config`` names one of
+    fedmeta's own experiments, never a path, so a submitted run cannot make the coordinator read
+    a file of its host."""
+    from importlib import resources
+
+    bundled = sorted(p.name.removesuffix(".yaml") for p in resources.files("fedmeta.configs").iterdir()
+                     if p.name.endswith(".yaml"))
+    if name.removesuffix(".yaml") not in bundled:
+        raise ConfigError(f"run config 'config' = {name[:80]!r}: not a bundled experiment; one of "
+                          f"{', '.join(bundled)} (submit another experiment as 'experiment', JSON)")
+    return Path(str(resources.files("fedmeta.configs") / f"{name.removesuffix('.yaml')}.yaml"))
 
 
 def make_server_app(

@@ -47,3 +47,16 @@ def test_a_site_s_forged_refusal_reaches_the_progress_log_as_one_line(tmp_path) 
     assert not any(x.startswith("2026-12-07") for x in lines)  # no forged line of its own
     with pytest.raises(AssertionError):  # control: the raw reason would have split the line
         assert "\n" not in FORGED
+
+
+def test_a_submitted_run_cannot_make_the_coordinator_read_a_file_of_its_host(tmp_path) -> None:
+    from fedmeta.common.errors import ConfigError
+    from fedmeta.server.app import experiment_from_run_config
+
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("algorithm: fedavg\n")
+    assert secret.exists()  # control: the file is there to be read
+    for name in (str(secret), "../../etc/passwd", "/etc/hostname"):
+        with pytest.raises(ConfigError, match="not a bundled experiment"):
+            experiment_from_run_config({"config": name})
+    assert experiment_from_run_config({"config": "heart-maml", "set": "rounds=3"}).algorithm == "maml"
