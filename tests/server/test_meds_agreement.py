@@ -225,3 +225,38 @@ def test_held_out_sites_counts_are_not_used(consortium):
         [_at_least(c, 20) for c, _ in refs], min_sites=2, numeric_counts=[_at_least(n, 20) for _, n in refs],
         windows=cfg.data.meds.windows, aggregations=Aggregations(numeric=aggs.numeric, other=aggs.other))
     assert "site hospital-03 is held out of training: its counts are not used" in said
+
+
+def test_a_vocabulary_code_below_the_site_s_k_is_left_empty_at_the_site(consortium):
+    """The coordinator's vocabulary is checked against the site's own counts, not only its
+    fingerprint: a code fewer than k of the site's patients hold contributes nothing there."""
+    import numpy as np
+
+    from fedmeta.common.data.meds.source import own_vocabulary, site_config_named
+    from fedmeta.common.data.meds.vocabulary import count_codes
+    from fedmeta.sitecore.data import site_for_node
+
+    cfg = _cfg(consortium)
+    config = site_config_named(cfg.data, "hospital-01")
+    vocab = own_vocabulary(config, shared=None)
+    counts = count_codes(config).subjects
+    code = min(vocab.codes, key=lambda c: counts[c])  # the rarest shared code
+    held = counts[code]
+    with_vocab = with_vocabulary(cfg, vocab)
+    node = {"partition-id": 0}
+    cols = [j for j, n in enumerate(vocab.feature_names()) if n.split("/", 1)[-1].rsplit("/", 1)[0] == code]
+    assert cols
+
+    def site(floor: int):  # type: ignore[no-untyped-def]
+        import fedmeta.sitecore.data as D
+
+        D._LOADED.clear()
+        return site_for_node({**node, "min-patients": floor}, with_vocab)
+
+    control = site(held)  # k = its own count: the code is used
+    assert np.abs(control.x_train[:, cols]).sum() > 0
+    masked = site(held + 1)  # one patient short of k: the code's columns are empty
+    assert np.abs(masked.x_train[:, cols]).sum() == 0 and np.abs(masked.x_test[:, cols]).sum() == 0
+    others = [j for j in range(masked.n_features) if j not in cols]
+    kept = [j for j in others if counts.get(vocab.feature_names()[j].split("/", 1)[-1].rsplit("/", 1)[0], 0) > held]
+    assert np.array_equal(masked.x_train[:, kept], control.x_train[:, kept])
