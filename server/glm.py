@@ -139,10 +139,11 @@ def fit_glm(cfg: ExperimentConfig, sites: Mapping[int, str], reference: Mapping[
                 "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
                 "wall_s": round(time.monotonic() - t0, 4)}
         on_round(line)
-        traffic["bytes_up"] += line["bytes_up"]
-        traffic["bytes_down"] += line["bytes_down"]
+        traffic["bytes_up"] += int(bytes_up)
+        traffic["bytes_down"] += int(bytes_down)
+        mean_loss = sum(s.loss for s in sums) / rows.sum()
         say(f"round {server_round}: Newton step on {int(rows.sum())} patients at "
-            f"{len(nodes)} sites, mean log-loss {line['mean_log_loss']:.4f}, decrement {step.decrement:.2e}")
+            f"{len(nodes)} sites, mean log-loss {mean_loss:.4f}, decrement {step.decrement:.2e}")
         if step.decrement < g.tol:
             converged = True
             break
