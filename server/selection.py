@@ -6,9 +6,14 @@ candidate below is trained on the sites' remaining training rows and scored by t
 validation rows, after each site's own adaptation exactly as in the final evaluation, and the
 coordinator adds up what they release: the validation log-loss summed over patients, divided by
 their number. Meta-learning candidates are scored every ``selection.every`` rounds, so the number
-of rounds is chosen too (early stopping on a fixed schedule). The candidate and round with the
-lowest validation log-loss is then run on the full training rows and scored on the test split, as
-any explicit experiment is. No choice looks at a test label.
+of rounds is chosen too (early stopping on a fixed schedule). The choice follows the
+one-standard-error rule (as the sites' adaptation policy does): the simplest candidate, in the
+grid's order, and the fewest rounds whose validation log-loss is within one standard error of the
+lowest (the standard error from the sites' means of squared per-patient log-losses). On a few
+hundred validation patients the candidates' log-losses differ by less than their noise, and the
+rule then keeps the federated logistic regression unless another model is clearly better. The
+choice is run on the full training rows and scored on the test split, as any explicit experiment
+is. No choice looks at a test label.
 
 Why a small fixed grid and not successive halving: every candidate costs seconds (the federated
 GLM is fitted in 5–8 Newton steps, a meta-learning candidate's 30 rounds take about a second in
@@ -16,8 +21,8 @@ process), while successive halving would judge meta-learned initialisations afte
 when they say little about where they end. The grid is stated in :data:`CANDIDATES`, its cost
 (candidates × rounds, and wall time) is written with the choice.
 
-The candidates are the model families a statistician would try first and fedmeta's own: the
-federated logistic regression with three L2 strengths (scikit-learn's default ``C = 1`` and ten
+The candidates, simplest first, are the model families a statistician would try first and
+fedmeta's own: the federated logistic regression with three L2 strengths (scikit-learn's default ``C = 1`` and ten
 times weaker and stronger) and with a per-site intercept; Reptile on the linear model and on MLPs
 of two sizes; FedAvg on a small MLP. Every score, the choice and the grid go to ``summary.json``
 (``selection``) and the run folder's ``selection.json``.
@@ -71,14 +76,22 @@ def candidate_config(cfg: ExperimentConfig, name: str, *, rounds: int | None = N
     return load_config(None, overrides, base=base)
 
 
-def pooled_log_loss(sites: Mapping[str, Mapping[str, Any]], names: set[str]) -> tuple[float, int]:
-    """The log-loss summed over the validation patients of ``names`` and their number."""
-    total, n = 0.0, 0
+def pooled_log_loss(sites: Mapping[str, Mapping[str, Any]], names: set[str]) -> tuple[float, int, float]:
+    """The log-loss over the validation patients of ``names``, their number, and the standard
+    error of that mean (from the sites' means of squared per-patient log-losses, ``loss_sq``;
+    NaN when a site did not send it)."""
+    total, total_sq, n = 0.0, 0.0, 0
     for name in sorted(names):
         site = sites[name]
-        total += float(site["after"]["loss"]) * int(site["n_test"])
-        n += int(site["n_test"])
-    return (total / n if n else math.nan), n
+        k = int(site["n_test"])
+        total += float(site["after"]["loss"]) * k
+        total_sq += float(site["after"].get("loss_sq", math.nan)) * k
+        n += k
+    if not n:
+        return math.nan, 0, math.nan
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0)
+    return mean, n, math.sqrt(var / n) if math.isfinite(var) and n > 1 else math.nan
 
 
 def _released(sites: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -137,20 +150,31 @@ def select(grid: Grid, cfg: ExperimentConfig, out_dir: Path, run: RunFn, *,
     table: list[dict[str, Any]] = []
     for name, scores in results.items():
         for rounds, sites in sorted(scores.items()):
-            loss, n = pooled_log_loss(sites, common)
+            loss, n, se = pooled_log_loss(sites, common)
             aurocs = [a for a in (float(sites[s]["after"].get("auroc", math.nan)) for s in sorted(common))
                       if math.isfinite(a)]  # a one-class validation split has none
-            table.append({"candidate": name, "rounds": rounds, "val_log_loss": loss, "val_patients": n,
+            table.append({"candidate": name, "rounds": rounds, "val_log_loss": loss, "val_log_loss_se": se,
+                          "val_patients": n,
                           "val_auroc_mean": float(sum(aurocs) / len(aurocs)) if aurocs else math.nan,
                           "overrides": list(CANDIDATES[name])})
-    best = min(table, key=lambda row: (row["val_log_loss"], names.index(row["candidate"]), row["rounds"]))
+    lowest = min(table, key=lambda row: (row["val_log_loss"], names.index(row["candidate"]), row["rounds"]))
+    # the one-standard-error rule: the first candidate in the grid's order (simplest first) and its
+    # fewest rounds whose validation log-loss is within one standard error of the lowest
+    bar = lowest["val_log_loss"] + (lowest["val_log_loss_se"] if math.isfinite(lowest["val_log_loss_se"]) else 0.0)
+    best = min((row for row in table if row["val_log_loss"] <= bar),
+               key=lambda row: (names.index(row["candidate"]), row["rounds"]))
     for row in table:
         say(f"auto: {row['candidate']:<20} {row['rounds']:>3} rounds: validation log-loss "
-            f"{row['val_log_loss']:.4f} on {row['val_patients']} patients"
+            f"{row['val_log_loss']:.4f} ± {row['val_log_loss_se']:.4f} on {row['val_patients']} patients"
             + ("   <- chosen" if row is best else ""))
+    say(f"auto: the lowest is {lowest['candidate']} ({lowest['val_log_loss']:.4f}); the choice is the "
+        "simplest candidate within one standard error of it")
     selection = {
-        "method": "grid over CANDIDATES, scored by validation log-loss after each site's adaptation",
+        "method": "grid over CANDIDATES, scored by validation log-loss after each site's adaptation; "
+                  "the simplest within one standard error of the lowest",
         "chosen": best["candidate"], "rounds": best["rounds"], "val_log_loss": best["val_log_loss"],
+        "lowest": {"candidate": lowest["candidate"], "rounds": lowest["rounds"],
+                   "val_log_loss": lowest["val_log_loss"], "se": lowest["val_log_loss_se"]},
         "sites": sorted(common), "validation_fraction": cfg.data.validation_fraction,
         "candidates": table, "failed": errors,
         "budget": {"candidates": len(names), "candidate_rounds": candidate_rounds,

@@ -98,7 +98,10 @@ class PhaseScores:
 def score_risks(y: np.ndarray, risk: np.ndarray, *, threshold: float, rng: np.random.Generator,
                 n_boot: int) -> PhaseScores:
     """Clinical metrics of one outcome (:func:`clinical_metrics`) flattened for a summary, plus
-    ``accuracy`` at 0.5 (whatever the decision threshold) and ``loss`` (log-loss)."""
+    ``accuracy`` at 0.5 (whatever the decision threshold), ``loss`` (log-loss) and ``loss_sq``,
+    the mean of the patients' squared log-losses: with ``loss`` and the count it gives the
+    standard error of a pooled log-loss (model selection's one-standard-error rule), an aggregate
+    over the whole split like the log-loss itself."""
     m = clinical_metrics(y, risk, threshold=threshold, rng=rng, n_boot=n_boot)
     values: dict[str, float] = {"prevalence": float(m["prevalence"]["value"]), "threshold": float(threshold)}
     basis: dict[str, int] = {}
@@ -109,7 +112,13 @@ def score_risks(y: np.ndarray, risk: np.ndarray, *, threshold: float, rng: np.ra
             values[f"{key}.lo"], values[f"{key}.hi"] = float(m[name]["lo"]), float(m[name]["hi"])
         basis[key] = int(m[name]["basis"])
     values["accuracy"] = BinaryCounts.from_predictions(y, risk, threshold=0.5).accuracy
-    basis.update({"accuracy": int(m["n"]), "prevalence": int(m["n"]), "threshold": int(m["n"])})
+    from fedmeta.common.clinical.metrics import EPS
+
+    clipped = np.clip(np.asarray(risk, dtype=np.float64), EPS, 1 - EPS)
+    row_ll = -np.where(np.asarray(y) == 1, np.log(clipped), np.log(1 - clipped))
+    values["loss_sq"] = float(np.mean(row_ll ** 2)) if row_ll.size else math.nan
+    basis.update({"accuracy": int(m["n"]), "prevalence": int(m["n"]), "threshold": int(m["n"]),
+                  "loss_sq": int(m["n"])})
     c = BinaryCounts.from_predictions(y, risk, threshold=threshold)
     basis.update({"sensitivity": c.events, "specificity": c.n - c.events, "ppv": c.tp + c.fp,
                   "npv": c.tn + c.fn})

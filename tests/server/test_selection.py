@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from fedmeta.common.config import load_config
 from fedmeta.server import selection as S
@@ -49,8 +50,14 @@ def test_a_selection_run_writes_every_candidate_and_its_choice(local_run, tmp_pa
     rows = sel["candidates"]
     assert {r["candidate"] for r in rows} == {"glm", "glm-l2-10", "reptile-linear"}
     assert sorted(r["rounds"] for r in rows if r["candidate"] == "reptile-linear") == [2, 4]  # early stopping
-    best = min(rows, key=lambda r: r["val_log_loss"])
-    assert (sel["chosen"], sel["rounds"]) == (best["candidate"], best["rounds"])
+    lowest = min(rows, key=lambda r: r["val_log_loss"])
+    assert (sel["lowest"]["candidate"], sel["lowest"]["rounds"]) == (lowest["candidate"], lowest["rounds"])
+    # the one-standard-error rule: the first candidate (grid order), fewest rounds, within 1 SE
+    within = [r for r in rows if r["val_log_loss"] <= lowest["val_log_loss"] + lowest["val_log_loss_se"]]
+    order = ["glm", "glm-l2-10", "reptile-linear"]
+    first = min(within, key=lambda r: (order.index(r["candidate"]), r["rounds"]))
+    assert (sel["chosen"], sel["rounds"]) == (first["candidate"], first["rounds"])
+    assert all(0 < r["val_log_loss_se"] < 0.1 for r in rows)
     assert all(math.isfinite(r["val_log_loss"]) and r["val_patients"] == rows[0]["val_patients"] for r in rows)
     # the validation patients are a quarter of the training rows, stratified, per site
     from fedmeta.sitecore.data import site_for_node
@@ -62,3 +69,14 @@ def test_a_selection_run_writes_every_candidate_and_its_choice(local_run, tmp_pa
     assert on_disk["selection"]["chosen"] == sel["chosen"]
     assert (tmp_path / "plain" / "selection.json").exists()
     assert (tmp_path / "plain" / "selection" / "glm" / "summary.json").exists()
+
+
+def test_the_pooled_validation_log_loss_and_its_standard_error_by_hand() -> None:
+    """Two sites: 3 patients with losses 0.1, 0.2, 0.3 and 2 with 0.5, 0.7, sent as means."""
+    a, b = np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.7])
+    sites = {"A": {"n_test": 3, "after": {"loss": a.mean(), "loss_sq": (a ** 2).mean()}},
+             "B": {"n_test": 2, "after": {"loss": b.mean(), "loss_sq": (b ** 2).mean()}}}
+    loss, n, se = S.pooled_log_loss(sites, {"A", "B"})
+    both = np.r_[a, b]
+    assert n == 5 and loss == pytest.approx(both.mean())
+    assert se == pytest.approx(both.std(ddof=0) / np.sqrt(5))
