@@ -103,15 +103,30 @@ class SitePlan:
 
 
 def site_names(cfg: ExperimentConfig, n_sites: int) -> list[str]:
-    """The data source's first ``n_sites`` sites (checks the source, its sites and the holdout)."""
-    from fedmeta.common.data.registry import data_spec, simulation_sites
+    """``n_sites`` of the data source's sites (checks the source, its sites and the holdout):
+    for a table source, those whose training and test splits meet the default site policy's
+    ``min_patients`` first, so that a demonstration does not provision a hospital that then
+    declines; a site that will decline is named, with its counts, before anything starts."""
+    from fedmeta.common.data.registry import data_spec, load_site, simulation_sites
+    from fedmeta.sitecore.policy import SitePolicy
 
     data_spec(cfg.data)
     names = list(simulation_sites(cfg.data))
     if n_sites > len(names):
         raise ConfigError(f"--sites {n_sites}: the experiment's data source {cfg.data.source!r} "
                           f"has {len(names)} sites")
-    return names[:n_sites]
+    if cfg.data.source not in ("fed-heart", "ehr", "synth-ehr"):
+        return names[:n_sites]
+    floor = SitePolicy().min_patients
+    sites = {n: load_site(cfg.data, n) for n in names}
+    sizes = {n: (s.n_train, s.n_test) for n, s in sites.items()}
+    meets = [n for n in names if min(sizes[n]) >= floor]
+    chosen = (meets + [n for n in names if n not in meets])[:n_sites]
+    for n in chosen:
+        if n not in meets:
+            logger.warning("site %s will decline under the default policy: %d training and %d test "
+                        "patients, below min_patients = %d", n, *sizes[n], floor)
+    return chosen
 
 
 def plan_sites(cfg: ExperimentConfig, n_sites: int, work: Path) -> tuple[list[SitePlan], ExperimentConfig]:

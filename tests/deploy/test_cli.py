@@ -85,3 +85,19 @@ def test_run_checks_the_experiment_before_submitting(tmp_path: Path, capsys: pyt
     assert code == 2
     err = capsys.readouterr().err
     assert "inner.steps" in err and "Traceback" not in err
+
+
+def test_deploy_local_picks_sites_that_meet_the_default_policy(caplog) -> None:
+    """Switzerland tests on 16 patients (< the default min_patients 20): three sites are the
+    three that take part; asked for all four, the one that will decline is named up front."""
+    import logging
+
+    from fedmeta.common.config import load_config
+    from fedmeta.deploy.local import site_names
+
+    cfg = load_config(None, [])
+    assert site_names(cfg, 3) == ["Cleveland", "Hungary", "VA Long Beach"]
+    with caplog.at_level(logging.WARNING):
+        assert site_names(cfg, 4) == ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
+    assert ("site Switzerland will decline under the default policy: 30 training and 16 test "
+            "patients, below min_patients = 20") in caplog.text
