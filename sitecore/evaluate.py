@@ -118,7 +118,7 @@ def score_risks(y: np.ndarray, risk: np.ndarray, *, threshold: float, rng: np.ra
     row_ll = -np.where(np.asarray(y) == 1, np.log(clipped), np.log(1 - clipped))
     values["loss_sq"] = float(np.mean(row_ll ** 2)) if row_ll.size else math.nan
     basis.update({"accuracy": int(m["n"]), "prevalence": int(m["n"]), "threshold": int(m["n"]),
-                  "loss_sq": int(m["n"])})
+                  "loss_sq": basis["loss"]})  # released exactly when the log-loss is
     c = BinaryCounts.from_predictions(y, risk, threshold=threshold)
     basis.update({"sensitivity": c.events, "specificity": c.n - c.events, "ppv": c.tp + c.fp,
                   "npv": c.tn + c.fn})
