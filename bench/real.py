@@ -143,7 +143,8 @@ def per_hospital(cohort: str, base: list[str], out_dir: Path) -> list[Row]:
                 rows.append(row("real", method, metric, value, cohort=cohort, site=name))
     for method, overrides in METHODS.items():
         t0 = time.monotonic()
-        summary = _federated(load_config(None, [*base, *overrides]), out_dir / "runs" / cohort / method.split()[1])
+        slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
+        summary = _federated(load_config(None, [*base, *overrides]), out_dir / "runs" / cohort / slug)
         phases = (("federated GLM (as fitted)", "before"), ("federated GLM + site adaptation", "after")) \
             if method == "federated GLM" else ((method, "after"),)
         for label, phase in phases:
