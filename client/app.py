@@ -28,6 +28,7 @@ from fedmeta.protocol.request import SiteRequest, parse_request
 from fedmeta.sitecore.data import site_for_node, spec_of
 from fedmeta.sitecore.evaluate import evaluate_site, is_count, released_metrics
 from fedmeta.sitecore.layout import compare_layout
+from fedmeta.sitecore.policy import patient_floor
 from fedmeta.sitecore.train import train_update
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def code_counts(request: SiteRequest, context: Context) -> RecordDict:
     from fedmeta.sitecore.data import meds_site_for_node
 
     site = meds_site_for_node(context.node_config, request.experiment)
-    shared = shared_counts(site, policy_floor=int(str(context.node_config.get("min-patients", 1))))
+    shared = shared_counts(site, policy_floor=patient_floor(context.node_config))
     return RecordDict({
         K.SITE: ConfigRecord({"name": shared.name}),
         K.METRICS: MetricRecord({K.MIN_SUBJECTS: shared.min_subjects}),
@@ -112,7 +113,7 @@ def evaluate(request: SiteRequest, context: Context) -> RecordDict:
     state = arrays_from_record(request.arrays)
     result = evaluate_site(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
     # the site's patient floor (deployment: node.yaml's policy); a simulation has none
-    floor = int(str(context.node_config.get("min-patients", 1)))
+    floor = patient_floor(context.node_config)
     outcomes = site.outcomes if isinstance(site, TabularSite) else ()
     released, _ = released_metrics(result, outcomes, floor=floor)
     metrics: MetricValues = {k: (int(v) if is_count(k) else float(v)) for k, v in released.items()}
@@ -135,7 +136,7 @@ def glm_sums(request: SiteRequest, context: Context) -> RecordDict:
     if set(beta) != {"beta"} or beta["beta"].shape != (site.n_features + 1,):
         raise ValueError(f"glm: expected one 'beta' of {site.n_features + 1} coefficients")
     labelled = site.y_train[:, 0] >= 0
-    floor = int(str(context.node_config.get("min-patients", 1)))
+    floor = patient_floor(context.node_config)
     if int(labelled.sum()) < floor:
         raise DataError(f"glm: {int(labelled.sum())} labelled training rows, below the floor {floor}")
     sums = site_sums(site.x_train[labelled], site.y_train[labelled, 0], beta["beta"])

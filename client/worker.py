@@ -223,7 +223,7 @@ class SiteWorker:
             else:
                 # the site decides its data and the floor under every number it releases
                 context.node_config = {**self.settings.node_config,
-                                       "min-patients": self.settings.policy.min_patients}
+                                       K.MIN_PATIENTS: self.settings.policy.min_patients}
                 reply = self._answer(message, context, run_id=int(run.run_id),
                                      secure_aggregation=verdict.secure_aggregation)
                 status, details = SubStatus.COMPLETED, ""

@@ -18,6 +18,10 @@ least k of its patients.
 
 from __future__ import annotations
 
+# the node config entry that carries the site's patient floor (set by the site worker from its
+# policy; read by every handler through fedmeta.sitecore.policy.patient_floor)
+MIN_PATIENTS = "min-patients"
+
 # records
 CONFIG = "config"
 ARRAYS = "arrays"

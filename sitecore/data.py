@@ -38,6 +38,7 @@ from fedmeta.common.data.site_config import (
     parse_site_config,
 )
 from fedmeta.common.errors import ConfigError
+from fedmeta.sitecore.policy import patient_floor
 
 if TYPE_CHECKING:
     from fedmeta.common.data.meds.config import MedsSiteConfig
@@ -322,7 +323,7 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
         site = load_site(*named)
     if cfg.data.meds.vocabulary is not None and isinstance(site, TabularSite):
         site = without_rare_codes(site, meds_site_for_node(node_config, cfg),
-                                  floor=int(str(node_config.get("min-patients", 1))))
+                                  floor=patient_floor(node_config))
     if cfg.data.score_on == "validation":
         site = validation_view(site, fraction=cfg.data.validation_fraction, seed=cfg.data.split_seed)
     _LOADED[key] = site

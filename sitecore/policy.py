@@ -15,14 +15,14 @@ patients), so each of these must reach the floor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, model_validator
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
-from fedmeta.common.errors import FedmetaError
+from fedmeta.common.errors import ConfigError, FedmetaError
 from fedmeta.common.yamlio import Bool, YamlModel, fail, integer, number
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.request import SiteRequest
@@ -242,3 +242,20 @@ def check_glm(policy: SitePolicy, site: Site) -> None:
     if params > policy.glm_parameter_ratio * labelled:
         raise PolicyRefusal(f"the GLM has {params} coefficients for {labelled} patients, more than "
                             f"this site's glm_parameter_ratio = {policy.glm_parameter_ratio:g} per patient")
+
+
+def patient_floor(node_config: Mapping[str, object]) -> int:
+    """The floor under every number this node releases: the ``min-patients`` entry the site
+    worker sets from its policy on every deployed request; 1 (no floor) in a simulation, whose
+    nodes have no policy. One reader, so that the key cannot drift between the worker and a
+    handler; a malformed value is an error, never a lower floor."""
+    value = node_config.get(K.MIN_PATIENTS)
+    if value is None:
+        return 1
+    try:
+        floor = int(str(value))
+    except ValueError:
+        raise ConfigError(f"node config {K.MIN_PATIENTS} = {str(value)[:40]!r}: not a whole number") from None
+    if floor < 1:
+        raise ConfigError(f"node config {K.MIN_PATIENTS} = {floor}: must be at least 1")
+    return floor

@@ -111,3 +111,15 @@ def test_a_model_too_large_is_refused_counted_not_built() -> None:
     for model in (["model.hidden=[64, 64]"], ["model.hidden=[16]"], ["model.name=linear"]):
         built = build_model_for(_cfg(*model), data_spec(cfg.data))
         assert parameter_count(_cfg(*model), 13) == sum(p.numel() for p in built.parameters())
+
+
+def test_the_patient_floor_has_one_reader_and_fails_closed_on_a_malformed_value() -> None:
+    from fedmeta.common.errors import ConfigError
+    from fedmeta.protocol import keys as K
+    from fedmeta.sitecore.policy import patient_floor
+
+    assert patient_floor({K.MIN_PATIENTS: 20}) == 20 and patient_floor({K.MIN_PATIENTS: "25"}) == 25
+    assert patient_floor({"partition-id": 0}) == 1  # a simulated node: no policy, no floor
+    for bad in ("twenty", 0, -3, "1.5"):
+        with pytest.raises(ConfigError, match="min-patients"):
+            patient_floor({K.MIN_PATIENTS: bad})
