@@ -96,8 +96,14 @@ def _provenance(args: argparse.Namespace, cfg: Any, meta: dict, site: Any) -> An
     from fedmeta.common.bundle import Provenance, config_hash
 
     sites = meta.get("sites") or [s for s in getattr(cfg.data, "sites", ()) or ()]
+    algorithm = cfg.algorithm
+    if meta.get("selection"):  # chosen by algorithm auto
+        sel = json.loads(str(meta["selection"]))
+        algorithm = (f"{cfg.algorithm} (chosen by auto as {sel['chosen']}: validation log-loss "
+                     f"{float(sel['val_log_loss']):.4f}, the simplest of {sel['settings_tried']} settings "
+                     "within one standard error of the lowest)")
     return Provenance(site=site.name, source_run=str(args.params.resolve()), config_hash=config_hash(cfg.to_json()),
-                      algorithm=cfg.algorithm, contributing_sites=tuple(str(s) for s in sites),
+                      algorithm=algorithm, contributing_sites=tuple(str(s) for s in sites),
                       n_labelled=0, class_counts={})
 
 

@@ -124,6 +124,16 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
         for s, d in summary["holdout"]["sites"].items():
             lines.append(f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before']['accuracy'])} | "
                          f"{fmt(d['after']['accuracy'])} | {fmt(d['before']['auroc'])} | {fmt(d['after']['auroc'])} |")
+    if summary.get("selection"):
+        sel = summary["selection"]
+        lines += ["", f"Chosen by `algorithm: auto`: **{sel['chosen']}**, {sel['rounds']} rounds ({sel['method']}; "
+                      f"{sel['budget']['candidates']} candidates, {sel['budget']['wall_s']:.0f} s).", "",
+                  "| candidate | rounds | validation log-loss | ± SE | patients | validation AUROC (mean over sites) |",
+                  "|---|---|---|---|---|---|"]
+        for row in sel["candidates"]:
+            mark = " **(chosen)**" if (row["candidate"], row["rounds"]) == (sel["chosen"], sel["rounds"]) else ""
+            lines.append(f"| {row['candidate']}{mark} | {row['rounds']} | {fmt(row['val_log_loss'])} | "
+                         f"{fmt(row.get('val_log_loss_se'))} | {row['val_patients']} | {fmt(row['val_auroc_mean'])} |")
     written = [curves, bars]
     diagram = _reliability(summary, out_dir)
     if diagram is not None:

@@ -191,6 +191,11 @@ def select(grid: Grid, cfg: ExperimentConfig, out_dir: Path, run: RunFn, *,
 
     run_folder = RunFolder(out_dir)
     run_folder.write_json(run_folder.summary, summary)
+    # the choice travels with the parameters, so a new hospital's model card says how they were chosen
+    theta, meta = run_folder.load_final()
+    run_folder.save_final(theta, {**meta, "selection": json.dumps(
+        {"chosen": best["candidate"], "rounds": best["rounds"], "val_log_loss": best["val_log_loss"],
+         "lowest": selection["lowest"], "settings_tried": len(table)}, default=float)})
     return summary
 
 

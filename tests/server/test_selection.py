@@ -69,6 +69,16 @@ def test_a_selection_run_writes_every_candidate_and_its_choice(local_run, tmp_pa
     assert on_disk["selection"]["chosen"] == sel["chosen"]
     assert (tmp_path / "plain" / "selection.json").exists()
     assert (tmp_path / "plain" / "selection" / "glm" / "summary.json").exists()
+    # the choice travels with the parameters (a new hospital's model card) and into the report
+    from fedmeta.cli.report import write_report
+    from fedmeta.common import params as P
+
+    _, meta = P.load(tmp_path / "plain" / "final.safetensors")
+    assert json.loads(meta["selection"])["chosen"] == sel["chosen"]
+    write_report(tmp_path / "plain", tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"Chosen by `algorithm: auto`: **{sel['chosen']}**" in report
+    assert report.count("| glm") >= 1 and "reptile-linear" in report
 
 
 def test_the_pooled_validation_log_loss_and_its_standard_error_by_hand() -> None:
