@@ -101,7 +101,9 @@ def _provenance(args: argparse.Namespace, cfg: Any, meta: dict, site: Any) -> An
         sel = json.loads(str(meta["selection"]))
         algorithm = (f"{cfg.algorithm} (chosen by auto as {sel['chosen']}: validation log-loss "
                      f"{float(sel['val_log_loss']):.4f}, the simplest of {sel['settings_tried']} settings "
-                     "within one standard error of the lowest)")
+                     "within one standard error of the lowest)" if sel["settings_tried"] else
+                     f"{cfg.algorithm} (auto's first candidate, {sel['chosen']}: no site could release a "
+                     "validation score above its patient floor, so nothing was chosen)")
     return Provenance(site=site.name, source_run=str(args.params.resolve()), config_hash=config_hash(cfg.to_json()),
                       algorithm=algorithm, contributing_sites=tuple(str(s) for s in sites),
                       n_labelled=0, class_counts={})

@@ -334,8 +334,10 @@ def run_experiment(
             + f" ({round_s[-1]:.1f} s" + (f"; rounds left: about {left:.0f} s)" if left > 0 else ")")
         )
         if interim is not None and interim["mean"]:
-            say(f"round {server_round}: evaluation, mean accuracy after adaptation "
-                f"{interim['mean']['after']['accuracy']:.3f}")
+            after = interim["mean"].get("after", {})
+            shown = [f"{k} {after[k]:.3f}" for k in ("accuracy", "auroc", "loss") if k in after]
+            say(f"round {server_round}: evaluation after adaptation, mean over sites: "
+                + (", ".join(shown) if shown else "withheld by every site (below its patient floor)"))
         if stop_after is not None and server_round >= stop_after:
             if run.audit is not None:
                 run.audit.run_finished(run_id=run.run_id, status="stopped", rounds_completed=server_round)

@@ -145,8 +145,20 @@ def select(grid: Grid, cfg: ExperimentConfig, out_dir: Path, run: RunFn, *,
     # score every candidate on the same sites: those that released a validation log-loss to all
     common = set.intersection(*(set(sites) for scores in results.values() for sites in scores.values()))
     if not common:
-        raise FedmetaError("auto: no site released a validation log-loss for every candidate "
-                           "(their validation splits are below their patient floor?)")
+        # nothing to choose by: every site's validation split is below its patient floor (a site
+        # withholds numbers resting on fewer patients). Fall back to the first candidate of the
+        # grid, the statistician's default, and say so.
+        fallback = next(n for n in names if n in results)
+        say(f"auto: no site released a validation log-loss for every candidate (their validation "
+            f"splits are below their patient floors); running the first candidate, {fallback}, "
+            "without a choice")
+        return _run_final(grid, cfg, out_dir, run, say=say, chosen=fallback, rounds=cfg.rounds,
+                          selection={"method": "fallback: no validation score was released",
+                                     "chosen": fallback, "rounds": cfg.rounds, "candidates": [],
+                                     "failed": errors, "sites": [],
+                                     "budget": {"candidates": len(names), "candidate_rounds": candidate_rounds,
+                                                "wall_s": round(time.monotonic() - t0, 2)}},
+                          **run_kwargs)
     table: list[dict[str, Any]] = []
     for name, scores in results.items():
         for rounds, sites in sorted(scores.items()):
@@ -180,23 +192,29 @@ def select(grid: Grid, cfg: ExperimentConfig, out_dir: Path, run: RunFn, *,
         "budget": {"candidates": len(names), "candidate_rounds": candidate_rounds,
                    "wall_s": round(time.monotonic() - t0, 2)},
     }
-    (out_dir).mkdir(parents=True, exist_ok=True)
-    (out_dir / "selection.json").write_text(json.dumps(selection, indent=2, default=float))
-    final_cfg = candidate_config(cfg, best["candidate"], rounds=best["rounds"], validation=False)
-    say(f"auto: chose {best['candidate']} ({best['rounds']} rounds); running it on the full training "
-        "rows and scoring each site's test split")
-    summary = run(grid, final_cfg, out_dir, progress=say, **run_kwargs)
-    summary["selection"] = selection
+    return _run_final(grid, cfg, out_dir, run, say=say, chosen=best["candidate"], rounds=best["rounds"],
+                      selection=selection, **run_kwargs)
+
+
+def _run_final(grid: Grid, cfg: ExperimentConfig, out_dir: Path, run: RunFn, *, say: Callable[[str], None],
+               chosen: str, rounds: int, selection: dict[str, Any], **run_kwargs: Any) -> dict[str, Any]:
+    """Run the chosen candidate on the full training rows; record the selection beside it."""
     from fedmeta.server.runfolder import RunFolder
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "selection.json").write_text(json.dumps(selection, indent=2, default=float))
+    final_cfg = candidate_config(cfg, chosen, rounds=rounds, validation=False)
+    say(f"auto: chose {chosen} ({rounds} rounds); running it on the full training rows and scoring "
+        "each site's test split")
+    summary = run(grid, final_cfg, out_dir, progress=say, **run_kwargs)
+    summary["selection"] = selection
     run_folder = RunFolder(out_dir)
     run_folder.write_json(run_folder.summary, summary)
     # the choice travels with the parameters, so a new hospital's model card says how they were chosen
     theta, meta = run_folder.load_final()
     run_folder.save_final(theta, {**meta, "selection": json.dumps(
-        {"chosen": best["candidate"], "rounds": best["rounds"], "val_log_loss": best["val_log_loss"],
-         "lowest": selection["lowest"], "settings_tried": len(table)}, default=float)})
+        {"chosen": chosen, "rounds": rounds, "val_log_loss": selection.get("val_log_loss", math.nan),
+         "lowest": selection.get("lowest"), "settings_tried": len(selection["candidates"])}, default=float)})
     return summary
-
 
 __all__ = ["AUTO", "CANDIDATES", "candidate_config", "pooled_log_loss", "select"]

@@ -151,7 +151,7 @@ def test_a_two_round_tls_federation_across_separate_hosts(hosts: Hosts) -> None:
     shutil.rmtree(pki)
     shutil.rmtree(generated)
     (h.private("co") / "experiment.yaml").write_text(yaml.safe_dump({
-        "rounds": 2, "data": {"source": "ehr", "feature_schema": str(h.own("co") / "schema.yaml"),
+        "algorithm": "reptile", "rounds": 2, "data": {"source": "ehr", "feature_schema": str(h.own("co") / "schema.yaml"),
                               "outcomes": list(configs[0].outcomes)},
         "tasks": {"meta_batch": 4}, "eval": {"adapt_steps": 20}, "federation": {"timeout_s": 120}}))
     python = [sys.executable, "-m", "fedmeta.cli.main"]

@@ -90,3 +90,20 @@ def test_the_pooled_validation_log_loss_and_its_standard_error_by_hand() -> None
     both = np.r_[a, b]
     assert n == 5 and loss == pytest.approx(both.mean())
     assert se == pytest.approx(both.std(ddof=0) / np.sqrt(5))
+
+
+def test_with_no_validation_score_released_auto_runs_its_first_candidate_and_says_so(tmp_path) -> None:
+    """Every site's validation split (a tenth of its training rows) has fewer events or non-events
+    than its floor of 20, so no site releases a validation log-loss: nothing can be chosen."""
+    from fedmeta.client.app import app
+    from fedmeta.server.driver import run_experiment
+    from fedmeta.server.local_grid import LocalGrid
+
+    grid = LocalGrid(app, [{"partition-id": i, "min-patients": 20} for i in range(4)])
+    said: list[str] = []
+    cfg = load_config(None, ["algorithm=auto", *FEW, "data.validation_fraction=0.1"])
+    summary = run_experiment(grid, cfg, tmp_path / "run", expected_nodes=4, progress=said.append)
+    assert summary["algorithm"] == "glm" and summary["selection"]["method"].startswith("fallback")
+    assert summary["selection"]["candidates"] == []
+    assert any("no site released a validation log-loss for every candidate" in x and
+               "running the first candidate, glm, without a choice" in x for x in said)
