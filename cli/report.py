@@ -80,8 +80,8 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
     width = 0.38
     for ax, metric in zip(axes, ("accuracy", "auroc"), strict=True):
         pos = range(len(sites))
-        before = [_num(summary["sites"][s]["before"][metric]) for s in sites]
-        after = [_num(summary["sites"][s]["after"][metric]) for s in sites]
+        before = [_num(summary["sites"][s]["before"].get(metric)) for s in sites]
+        after = [_num(summary["sites"][s]["after"].get(metric)) for s in sites]
         ax.bar([p - width / 2 for p in pos], before, width, label="before adaptation", color="#9aa5b1")
         ax.bar([p + width / 2 for p in pos], after, width, label="after adaptation", color="#2a6f97")
         ax.set_xticks(list(pos), sites, rotation=45, ha="right", fontsize=8)
@@ -110,20 +110,20 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
     for s in sites:
         d = summary["sites"][s]
         lines.append(
-            f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before']['accuracy'])} | {fmt(d['after']['accuracy'])} "
-            f"| {fmt(d['before']['auroc'])} | {fmt(d['after']['auroc'])} | {fmt(d['before']['loss'])} | {fmt(d['after']['loss'])} |"
+            f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before'].get('accuracy'))} | {fmt(d['after'].get('accuracy'))} "
+            f"| {fmt(d['before'].get('auroc'))} | {fmt(d['after'].get('auroc'))} | {fmt(d['before'].get('loss'))} | {fmt(d['after'].get('loss'))} |"
         )
     m = summary["mean"]
     lines.append(
-        f"| **mean (sites)** | | | {fmt(m['before']['accuracy'])} | {fmt(m['after']['accuracy'])} | "
-        f"{fmt(m['before']['auroc'])} | {fmt(m['after']['auroc'])} | {fmt(m['before']['loss'])} | {fmt(m['after']['loss'])} |"
+        f"| **mean (sites)** | | | {fmt(m['before'].get('accuracy'))} | {fmt(m['after'].get('accuracy'))} | "
+        f"{fmt(m['before'].get('auroc'))} | {fmt(m['after'].get('auroc'))} | {fmt(m['before'].get('loss'))} | {fmt(m['after'].get('loss'))} |"
     )
     if summary.get("holdout"):
         lines += ["", "Held out of meta-training (new hospitals, adapted locally):", "",
                   "| site | n train | n test | accuracy before | after | AUROC before | after |", "|---|---|---|---|---|---|---|"]
         for s, d in summary["holdout"]["sites"].items():
-            lines.append(f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before']['accuracy'])} | "
-                         f"{fmt(d['after']['accuracy'])} | {fmt(d['before']['auroc'])} | {fmt(d['after']['auroc'])} |")
+            lines.append(f"| {s} | {d['n_train']} | {d['n_test']} | {fmt(d['before'].get('accuracy'))} | "
+                         f"{fmt(d['after'].get('accuracy'))} | {fmt(d['before'].get('auroc'))} | {fmt(d['after'].get('auroc'))} |")
     if summary.get("selection"):
         sel = summary["selection"]
         lines += ["", f"Chosen by `algorithm: auto`: **{sel['chosen']}**, {sel['rounds']} rounds ({sel['method']}; "
