@@ -357,7 +357,9 @@ def _run(args: argparse.Namespace) -> int:
                               "continues it, --name picks another")
     spec = data_spec(cfg.data)  # every file the experiment names must be there before submitting
     if args.secagg and cfg.algorithm != "reptile":
-        raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}")
+        raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}"
+                          + (" (the default, auto, chooses among candidates secure aggregation does not "
+                             "carry): add --set algorithm=reptile" if cfg.algorithm == "auto" else ""))
     if args.secagg and spec.needs_agreement:
         raise ConfigError(f"--secagg: data.source {cfg.data.source!r} needs the sites' feature "
                           "agreement first, which secure aggregation runs do not hold; run without "

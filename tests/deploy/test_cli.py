@@ -101,3 +101,13 @@ def test_deploy_local_picks_sites_that_meet_the_default_policy(caplog) -> None:
         assert site_names(cfg, 4) == ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
     assert ("site Switzerland will decline under the default policy: 30 training and 16 test "
             "patients, below min_patients = 20") in caplog.text
+
+
+def test_secure_aggregation_with_the_default_auto_is_refused_before_anything_starts(tmp_path) -> None:
+    from fedmeta.common.errors import ConfigError
+    from fedmeta.deploy.local import deploy_local
+
+    with pytest.raises(ConfigError, match="--secagg carries Reptile deltas; algorithm is 'auto' .* add --set "
+                                          "algorithm=reptile"):
+        deploy_local(sites=3, rounds=1, out=tmp_path / "out", secagg=True)
+    assert not (tmp_path / "out").exists()
