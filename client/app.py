@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -21,10 +22,11 @@ from fedmeta.client.wire import encode_reply, receive_state
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.experiment import site_rng
+from fedmeta.common.params import NDArrays
 from fedmeta.common.privacy import privatize
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.records import MetricValues, arrays_from_record, record_from_arrays
-from fedmeta.protocol.request import SiteRequest, parse_request
+from fedmeta.protocol.request import RequestError, SiteRequest, parse_request
 from fedmeta.sitecore.data import site_for_node, spec_of
 from fedmeta.sitecore.evaluate import evaluate_site, is_count, released_metrics
 from fedmeta.sitecore.layout import compare_layout
@@ -77,12 +79,30 @@ def _threads(cfg: ExperimentConfig) -> None:
         torch.set_num_threads(cfg.engine.threads)
 
 
+def _model_state(state: NDArrays, cfg: ExperimentConfig, site: Site) -> NDArrays:
+    """``state`` if its arrays are exactly the experiment's model (and algorithm state) at this
+    site, by name and shape; the computation runs on what is sent, so the checks on the
+    experiment (its model size above all) hold only if the two agree."""
+    from fedmeta.common import algorithms
+    from fedmeta.common.experiment import build_model_for
+
+    model = build_model_for(cfg, spec_of(site))
+    theta = {k: np.zeros(tuple(v.shape), dtype=np.float32) for k, v in model.named_parameters()}
+    expected = {k: v.shape for k, v in algorithms.get(cfg.algorithm).initial_state(theta, cfg).items()}
+    got = {k: np.shape(v) for k, v in state.items()}
+    if got != expected:
+        raise RequestError("the state sent is not the experiment's model: "
+                           f"{len(got)} arrays of {sum(int(np.prod(v)) for v in got.values())} values, "
+                           f"expected {len(expected)} of {sum(int(np.prod(v)) for v in expected.values())}")
+    return state
+
+
 def train(request: SiteRequest, context: Context) -> RecordDict:
     cfg = request.experiment
     assert request.arrays is not None  # the parse requires them for a train request
     _threads(cfg)
     site = site_of(context, cfg)
-    state = receive_state(request.arrays, request.downlink, context)
+    state = _model_state(receive_state(request.arrays, request.downlink, context), cfg, site)
     update = train_update(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, request.server_round))
     arrays = update.arrays
     s = update.stats
@@ -110,7 +130,7 @@ def evaluate(request: SiteRequest, context: Context) -> RecordDict:
     assert request.arrays is not None  # the parse requires them for an evaluate request
     _threads(cfg)
     site = site_of(context, cfg)
-    state = arrays_from_record(request.arrays)
+    state = _model_state(arrays_from_record(request.arrays), cfg, site)
     result = evaluate_site(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
     # the site's patient floor (deployment: node.yaml's policy); a simulation has none
     floor = patient_floor(context.node_config)

@@ -64,9 +64,10 @@ def reptile_delta(msg: Message, context: Context) -> tuple[list[np.ndarray], int
     theta = [np.asarray(a) for a in parameters_to_ndarrays(arrayrecord_to_parameters(request.arrays, keep_input=True))]
     site = site_of(context, cfg)
     spec = spec_of(site)
-    names = list(initial_parameters(cfg, spec))
-    if len(names) != len(theta):
-        raise ValueError(f"θ has {len(theta)} arrays, the model {len(names)}")
+    reference = initial_parameters(cfg, spec)
+    names = list(reference)
+    if [a.shape for a in theta] != [reference[n].shape for n in names]:
+        raise RequestError(f"θ's {len(theta)} arrays are not the experiment's model ({len(names)} arrays)")
     update = train_update(cfg, spec, site, dict(zip(names, theta, strict=True)),
                           rng=site_rng(cfg, site.name, request.server_round))
     delta = [np.asarray(update.arrays[n], dtype=np.float64) for n in names]

@@ -98,6 +98,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constant(name: str) -> Any:
+    raise RequestError(f"the experiment holds {name}: not a number any setting may take")
+
+
 def parse_experiment(text: object) -> ExperimentConfig:
     """The experiment of a request: JSON with no duplicate key, validated as a whole."""
     if not isinstance(text, str) or not text:
@@ -105,7 +109,7 @@ def parse_experiment(text: object) -> ExperimentConfig:
     if len(text) > _MAX_EXPERIMENT:
         raise RequestError(f"'{K.EXPERIMENT}' is {len(text)} bytes, more than {_MAX_EXPERIMENT}")
     try:
-        values = json.loads(text, object_pairs_hook=_no_duplicates)
+        values = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise RequestError(f"'{K.EXPERIMENT}' is not JSON ({e.msg} at {e.pos})") from None
     try:

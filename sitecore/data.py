@@ -217,6 +217,9 @@ def _check_meds(config: MedsSiteConfig, data: DataConfig, tasks: TaskConfig | No
 
 
 _LOADED: dict[str, Site] = {}
+#: How many loaded sites a process keeps (the most recently used): a run uses one or two
+#: (training and validation views); each distinct data section costs a copy of the rows.
+_MAX_LOADED = 4
 
 
 def _cache_key(node_config: Mapping[str, object], cfg: ExperimentConfig) -> str:
@@ -315,6 +318,7 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
     """
     key = _cache_key(node_config, cfg)
     if key in _LOADED:
+        _LOADED[key] = _LOADED.pop(key)  # most recently used last
         return _LOADED[key]
     named = _source_site(node_config, cfg)
     if named is None:
@@ -327,6 +331,8 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
     if cfg.data.score_on == "validation":
         site = validation_view(site, fraction=cfg.data.validation_fraction, seed=cfg.data.split_seed)
     _LOADED[key] = site
+    while len(_LOADED) > _MAX_LOADED:  # a coordinator varying the data settings cannot fill memory
+        _LOADED.pop(next(iter(_LOADED)))
     return site
 
 

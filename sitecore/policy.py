@@ -76,6 +76,7 @@ class SitePolicy(YamlModel):
     max_bootstrap: Annotated[int, integer(ge=0)] = 2000     # eval.bootstrap
     max_draws: Annotated[int, integer(ge=1)] = 50           # eval.draws
     max_threads: Annotated[int, integer(ge=1)] = 4          # engine.threads
+    max_cv_fits: Annotated[int, integer(ge=1)] = 30         # eval.folds x eval.repeats
     #: the disclosure budget (sitecore/ledger.py), kept across runs in the site's state folder;
     #: algorithm auto evaluates each candidate on validation rows (about 25 evaluations a run)
     max_evaluations_per_run: Annotated[int, integer(ge=1)] = 40
@@ -137,6 +138,7 @@ def check_resources(policy: SitePolicy, cfg: ExperimentConfig) -> None:
         ("eval.bootstrap", cfg.eval.bootstrap, policy.max_bootstrap, "max_bootstrap"),
         ("eval.draws", cfg.eval.draws, policy.max_draws, "max_draws"),
         ("engine.threads", cfg.engine.threads, policy.max_threads, "max_threads"),
+        ("eval.folds x eval.repeats", cfg.eval.folds * cfg.eval.repeats, policy.max_cv_fits, "max_cv_fits"),
     ]
     for what, value, limit, name in limits:
         if value > limit:

@@ -276,3 +276,34 @@ def test_an_evaluation_sweep_is_cut_off_at_the_site_s_budget(tmp_path) -> None:
     assert refused.has_error() and refused.error.code == SiteErrorCode.POLICY_REFUSAL
     assert refused.error.reason == ("policy refusal: run 1 has had 3 evaluate requests, this site's "
                                     "max_evaluations_per_run = 3")
+
+
+def test_a_state_larger_than_the_experiment_s_model_is_refused() -> None:
+    """The policy counts the experiment's model; the computation runs on the arrays sent. A θ of
+    2048-wide layers under an experiment of [8, 8] was served; now it is a bad request."""
+    worker, _ = _worker()
+    small = [*COMPLIANT, "model.hidden=[8, 8]", "tasks.meta_batch=2"]
+    big = _theta([*COMPLIANT, "model.hidden=[256, 256]"])
+    reply = worker._answer(_train_message({K.CONFIG: _config(small)}, big), _context(), run_id=11,
+                           secure_aggregation=False)
+    assert reply.has_error() and reply.error.code == SiteErrorCode.BAD_REQUEST
+    # control: the experiment's own shapes are served
+    ok = worker._answer(_train_message({K.CONFIG: _config(small)}, _theta(small)), _context(), run_id=11,
+                        secure_aggregation=False)
+    assert not ok.has_error()
+
+
+def test_nan_and_infinity_in_the_experiment_are_refused() -> None:
+    text = load_config(None, COMPLIANT).to_json().replace('"delta": 1e-05', '"delta": NaN')
+    assert "NaN" in text
+    config = ConfigRecord({K.EXPERIMENT: text, K.ROUND: 1, K.PHASE: K.TRAIN})
+    with pytest.raises(RequestError, match="the experiment holds NaN"):
+        parse_request(_train_message({K.CONFIG: config}, _theta(COMPLIANT)))
+
+
+def test_the_loaded_site_cache_is_bounded() -> None:
+    import fedmeta.sitecore.data as D
+
+    for i in range(12):  # a coordinator varying a setting the site ignores
+        site_of(_context(), load_config(None, [*COMPLIANT, f"data.holdout=[h{i}]"]))
+    assert len(D._LOADED) <= D._MAX_LOADED

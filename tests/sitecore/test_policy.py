@@ -90,6 +90,7 @@ def test_dp_that_is_not_dp_is_refused() -> None:
     (["tasks.meta_batch=1000"], r"tasks.meta_batch x tasks.meta_batches = 1000 exceeds this site's max_tasks = 256"),
     (["eval.bootstrap=100000"], r"eval.bootstrap = 100000 exceeds this site's max_bootstrap = 2000"),
     (["engine.threads=64"], r"engine.threads = 64 exceeds this site's max_threads = 4"),
+    (["eval.repeats=300"], r"eval.folds x eval.repeats = 1500 exceeds this site's max_cv_fits = 30"),
 ])
 def test_resource_ceilings_refuse_before_any_data_is_read(overrides: list[str], message: str) -> None:
     with pytest.raises(PolicyRefusal, match=message):
