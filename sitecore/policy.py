@@ -62,10 +62,18 @@ class SitePolicy(YamlModel):
     max_epsilon: Annotated[float, number(gt=0)] | None = None
     max_rounds: Annotated[int, integer(ge=1)] = 1000
     allow_secure_aggregation: Bool = True
+    #: this site's splits: the coordinator cannot choose them (a test fraction raised by one
+    #: patient's share adds exactly one patient to the test split: two evaluations then differ
+    #: by that patient's outcome); an experiment asking for other splits is refused
+    test_fraction: Annotated[float, number(gt=0, lt=1)] = 0.34
+    split_seed: Annotated[int, integer(ge=0)] = 43
+    validation_fractions: tuple[float, ...] = (0.25,)
     #: the federated GLM: may this site release its rows' summed gradient and Hessian, and at
     #: most how many coefficients per training row (DataSHIELD's ``nfilter.glm``, 0.33)
     allow_glm: Bool = True
     glm_parameter_ratio: Annotated[float, number(gt=0, le=1)] = 0.33
+    #: the most any GLM coefficient sent may be (features are standardised at the site)
+    glm_max_coefficient: Annotated[float, number(gt=0)] = 25.0
     #: δ of every ε this site accounts; a request with a larger privacy.delta is refused
     dp_delta: Annotated[float, number(gt=0, lt=1)] = 1e-5
     #: resource ceilings: the most one request may make this site compute
@@ -100,12 +108,25 @@ def check_experiment(policy: SitePolicy, cfg: ExperimentConfig, *, secure_aggreg
         raise PolicyRefusal(f"rounds = {cfg.rounds} exceeds this site's max_rounds = {policy.max_rounds}")
     if secure_aggregation and not policy.allow_secure_aggregation:
         raise PolicyRefusal("secure aggregation runs are not allowed here")
+    check_splits(policy, cfg)
     if cfg.privacy.dp or policy.require_dp:
         check_privacy(policy, cfg)
     check_resources(policy, cfg)
     floor = policy.min_patients
     if 0 < cfg.eval.shots < floor:
         raise PolicyRefusal(f"eval.shots = {cfg.eval.shots} is below this site's min_patients = {floor}")
+
+
+def check_splits(policy: SitePolicy, cfg: ExperimentConfig) -> None:
+    """The site's own split settings, not the coordinator's: nested splits of the coordinator's
+    choosing let two releases differ by one patient."""
+    d = cfg.data
+    if d.test_fraction != policy.test_fraction or d.split_seed != policy.split_seed:
+        raise PolicyRefusal(f"data.test_fraction = {d.test_fraction:g} and data.split_seed = {d.split_seed} "
+                            f"are not this site's splits ({policy.test_fraction:g}, {policy.split_seed})")
+    if d.score_on == "validation" and d.validation_fraction not in policy.validation_fractions:
+        raise PolicyRefusal(f"data.validation_fraction = {d.validation_fraction:g} is not one of this "
+                            f"site's ({', '.join(f'{v:g}' for v in policy.validation_fractions)})")
 
 
 def check_privacy(policy: SitePolicy, cfg: ExperimentConfig) -> None:
@@ -225,25 +246,53 @@ def check_request(policy: SitePolicy, request: SiteRequest, *, site: Callable[[]
         check_sizes(policy, cfg, loaded, phase="train")
         check_sizes(policy, cfg, loaded, phase="evaluate")
     elif request.phase == K.GLM:
-        check_glm(policy, loaded)
+        check_glm(policy, loaded, request)
     else:
         check_sizes(policy, cfg, loaded, phase="train" if request.phase == K.TRAIN else "evaluate")
 
 
-def check_glm(policy: SitePolicy, site: Site) -> None:
-    """Refuse a GLM step this site does not allow, or whose sums would rest on too few rows."""
+def check_glm(policy: SitePolicy, site: Site, request: SiteRequest | None = None) -> None:
+    """Refuse a GLM step this site does not allow, whose sums would rest on too few rows, or whose
+    coefficients make them rest on a few: the coordinator chooses β, and a steep β weighs every
+    row but those near a threshold by almost nothing, so two such sums differ by one patient's
+    row. The Hessian's row weights ``p(1 − p)`` must have an effective count
+    ``(Σ w)² / Σ w²`` of at least ``min_patients``, every coefficient is bounded by
+    ``glm_max_coefficient``, and a coefficient that is not a finite number is refused."""
+    import numpy as np
+
     if not policy.allow_glm:
         raise PolicyRefusal("the federated GLM's gradient and Hessian sums are not released here")
     if not isinstance(site, TabularSite):
         raise PolicyRefusal("the federated GLM fits tables; this site holds images")
-    labelled = int((site.y_train[:, 0] >= 0).sum())
-    if labelled < policy.min_patients:
-        raise PolicyRefusal(f"the GLM's sums would rest on {labelled} patients, below this site's "
+    labelled = site.y_train[:, 0] >= 0
+    n = int(labelled.sum())
+    if n < policy.min_patients:
+        raise PolicyRefusal(f"the GLM's sums would rest on {n} patients, below this site's "
                             f"min_patients = {policy.min_patients}")
     params = site.n_features + 1
-    if params > policy.glm_parameter_ratio * labelled:
-        raise PolicyRefusal(f"the GLM has {params} coefficients for {labelled} patients, more than "
+    if params > policy.glm_parameter_ratio * n:
+        raise PolicyRefusal(f"the GLM has {params} coefficients for {n} patients, more than "
                             f"this site's glm_parameter_ratio = {policy.glm_parameter_ratio:g} per patient")
+    if request is None or request.arrays is None:
+        return
+    from fedmeta.protocol.records import arrays_from_record
+
+    beta = arrays_from_record(request.arrays).get("beta")
+    if beta is None or np.shape(beta) != (params,):
+        return  # the handler refuses it as a bad request
+    beta = np.asarray(beta, dtype=np.float64)
+    if not np.all(np.isfinite(beta)):
+        raise PolicyRefusal("a GLM coefficient is not a finite number")
+    if np.max(np.abs(beta)) > policy.glm_max_coefficient:
+        raise PolicyRefusal(f"a GLM coefficient of {np.max(np.abs(beta)):.3g} exceeds this site's "
+                            f"glm_max_coefficient = {policy.glm_max_coefficient:g}")
+    z = site.x_train[labelled].astype(np.float64) @ beta[:-1] + beta[-1]
+    p = 1.0 / (1.0 + np.exp(-z))
+    w = p * (1.0 - p)
+    effective = float(w.sum() ** 2 / max(float((w ** 2).sum()), 1e-300))
+    if effective < policy.min_patients:
+        raise PolicyRefusal(f"these GLM coefficients weigh the sums on about {effective:.0f} patients, "
+                            f"below this site's min_patients = {policy.min_patients}")
 
 
 def patient_floor(node_config: Mapping[str, object]) -> int:

@@ -307,3 +307,50 @@ def test_the_loaded_site_cache_is_bounded() -> None:
     for i in range(12):  # a coordinator varying a setting the site ignores
         site_of(_context(), load_config(None, [*COMPLIANT, f"data.holdout=[h{i}]"]))
     assert len(D._LOADED) <= D._MAX_LOADED
+
+
+def _glm_message(beta: np.ndarray) -> Message:
+    cfg = [*COMPLIANT, "algorithm=glm", "model.name=linear"]
+    config = _config(cfg, phase=K.GLM)
+    return Message(content=RecordDict({K.CONFIG: config, K.ARRAYS: record_from_arrays({"beta": beta})}),
+                   message_type=MessageType.TRAIN, dst_node_id=1)
+
+
+def test_a_steep_glm_beta_that_would_isolate_one_patient_is_refused() -> None:
+    """A coordinator's β with a step on one feature weighs only the rows near the threshold: two
+    such gradient sums differ by one patient's row. Control: those sums really isolate rows."""
+    from fedmeta.common.glm import site_sums
+
+    policy = SitePolicy(min_patients=20, algorithms=("reptile", "glm"))
+    settings = W.WorkerSettings(runtime_address="127.0.0.1:1", secret=b"s" * 32, node_config=NODE,
+                                policy=policy, version="0")
+    worker = W.SiteWorker(settings, audit=lambda *a, **k: None)
+    site = site_of(_context(), load_config(None, COMPLIANT))
+    x, y = site.x_train.astype(np.float64), site.y_train[:, 0]
+    d = x.shape[1]
+    j = int(np.argmax([len(np.unique(x[:, c])) for c in range(d)]))  # a continuous feature
+    values = np.sort(np.unique(x[:, j]))
+    lo, hi = values[len(values) // 2 - 1], values[len(values) // 2]
+
+    def step(t: float, slope: float) -> np.ndarray:
+        beta = np.zeros(d + 1)
+        beta[j], beta[-1] = slope, -slope * t
+        return beta
+
+    # control: with a steep enough step the difference of two released gradients is the sum of
+    # the design rows between the thresholds, a count of one or a few patients
+    g1 = site_sums(x, y, step((lo + values[len(values) // 2 - 2]) / 2, 1e6)).gradient
+    g2 = site_sums(x, y, step((lo + hi) / 2, 1e6)).gradient
+    assert 0 < round(g1[-1] - g2[-1]) < 20  # patients between the two thresholds, below the floor
+    for slope in (1e6, 25.0):
+        reply = worker._answer(_glm_message(step((lo + hi) / 2, slope)), _context(), run_id=21,
+                               secure_aggregation=False)
+        assert reply.has_error() and reply.error.code == SiteErrorCode.POLICY_REFUSAL, slope
+        assert ("glm_max_coefficient" in reply.error.reason if slope > 25 else
+                "weigh the sums on about" in reply.error.reason)
+    nan = worker._answer(_glm_message(np.full(d + 1, np.nan)), _context(), run_id=21, secure_aggregation=False)
+    assert nan.has_error() and "not a finite number" in nan.error.reason
+    # a real Newton step (from 0, and from a fitted β) is served
+    for beta in (np.zeros(d + 1), np.r_[np.full(d, 0.3), -0.2]):
+        ok = worker._answer(_glm_message(beta), _context(), run_id=21, secure_aggregation=False)
+        assert not ok.has_error(), ok.error.reason if ok.has_error() else ""

@@ -322,14 +322,17 @@ def test_foreign_app_bundles_are_refused_at_every_site(consortium: Consortium, t
 
 
 def test_the_site_policy_refuses_a_one_patient_test_split(consortium: Consortium) -> None:
+    """A coordinator asking for a test split of its choosing (here 0.5 % of the patients: one or
+    two) is refused at the greeting: the splits are the site's own, so it can neither shrink one
+    below the floor nor nest two that differ by one patient."""
     d = consortium
     run_id, status, folder = _run(d, "tiny-test-split", ["rounds=1", "data.test_fraction=0.005"])
     assert status == "finished:failed"  # no site would take part
     excluded = [e for e in _audit(d, run_id) if e["event"] == "site_excluded"]
     assert {e["site"] for e in excluded} == set(STARTED)
-    for e in excluded:  # 304, 293, 46 rows x 0.005: 2, 1 and 1 test patients
-        assert re.fullmatch(r"policy refusal: the test split would hold [12] patients, below this "
-                            r"site's min_patients = 15", e["reason"]), e
+    for e in excluded:
+        assert e["reason"] == ("policy refusal: data.test_fraction = 0.005 and data.split_seed = 43 are not "
+                               "this site's splits (0.34, 43)"), e
     for site in STARTED:
         assert any(e["event"] == "request_failed" and e["run_id"] == run_id
                    and e["category"] == "policy refusal" for e in _site_audit(d, site))
@@ -338,7 +341,7 @@ def test_the_site_policy_refuses_a_one_patient_test_split(consortium: Consortium
     log_text = (folder / "run.log").read_text()
     assert "error: the run failed: 0 site(s) can take part, fewer than federation.min_nodes" in log_text
     for site in STARTED:
-        assert re.search(rf"{site}: policy refusal: the test split would hold [12] patients", log_text), site
+        assert re.search(rf"{site}: policy refusal: data.test_fraction = 0.005", log_text), site
 
 
 def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> None:
@@ -360,7 +363,7 @@ def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> N
     frame["age"] = frame["age"].astype(object)
     frame.loc[7, "age"] = IDENTIFIER
     frame.to_csv(data / "stays.csv", index=False)
-    run_id, status, folder = _run(d, "planted", ["rounds=1", "data.split_seed=44"])
+    run_id, status, folder = _run(d, "planted", ["rounds=1", "data.synth_seed=1"])
     assert status == "finished:completed", status  # the fed-heart sites ran; site-3 was excluded
     (excluded,) = [e for e in _audit(d, run_id) if e["event"] == "site_excluded"]
     assert excluded["site"] == "site-3" and excluded["reason"] == "data error"

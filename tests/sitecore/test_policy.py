@@ -124,3 +124,19 @@ def test_the_patient_floor_has_one_reader_and_fails_closed_on_a_malformed_value(
     for bad in ("twenty", 0, -3, "1.5"):
         with pytest.raises(ConfigError, match="min-patients"):
             patient_floor({K.MIN_PATIENTS: bad})
+
+
+def test_the_splits_are_the_site_s_own_not_the_coordinator_s() -> None:
+    """A test fraction raised by one patient's share adds exactly one patient to the test split:
+    two evaluations then differ by that patient's outcome. The site refuses any split but its own."""
+    cfg = _cfg("data.test_fraction=0.34")
+    site = load_site(cfg.data, "Cleveland")
+    nested = load_site(_cfg("data.test_fraction=0.3433").data, "Cleveland")
+    assert nested.n_test == site.n_test + 1  # control: the coordinator's nudge adds one patient
+    check_experiment(SitePolicy(), cfg)
+    for overrides in (["data.test_fraction=0.3433"], ["data.split_seed=44"]):
+        with pytest.raises(PolicyRefusal, match=r"are not this site's splits \(0.34, 43\)"):
+            check_experiment(SitePolicy(), _cfg(*overrides))
+    with pytest.raises(PolicyRefusal, match=r"data.validation_fraction = 0.26 is not one of this site's \(0.25\)"):
+        check_experiment(SitePolicy(), _cfg("data.score_on=validation", "data.validation_fraction=0.26"))
+    check_experiment(SitePolicy(), _cfg("data.score_on=validation"))
