@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,7 +326,10 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
     else:
         site = load_site(*named)
     if cfg.data.meds.vocabulary is not None and isinstance(site, TabularSite):
-        site = without_rare_codes(site, meds_site_for_node(node_config, cfg),
+        from fedmeta.common.data.meds.source import require_vocabulary
+
+        codes = [c for _, c, _ in require_vocabulary(cfg.data).columns()]
+        site = without_rare_codes(site, meds_site_for_node(node_config, cfg), column_codes=codes,
                                   floor=patient_floor(node_config))
     if cfg.data.score_on == "validation":
         site = validation_view(site, fraction=cfg.data.validation_fraction, seed=cfg.data.split_seed)
@@ -336,26 +339,30 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
     return site
 
 
-def without_rare_codes(site: TabularSite, config: Any, *, floor: int) -> TabularSite:
+def without_rare_codes(site: TabularSite, config: Any, *, column_codes: Sequence[str],
+                       floor: int) -> TabularSite:
     """The site tabularised to the coordinator's vocabulary, re-checked against its own counts:
     the columns of a vocabulary code that fewer than k of this site's patients have (k: its
     ``min_subjects`` raised to the policy's floor, as in the count reply) are set as if the site
     had no such code (0 after scaling, ``present`` 0). The fingerprint proves only that the
     vocabulary is the one the coordinator sent, not that the site's counts allowed it: a code
-    below k would let a crafted θ read its few holders' outcomes."""
+    below k would let a crafted θ read its few holders' outcomes. ``column_codes``: the code of
+    each column, from the vocabulary's own layout (:meth:`Vocabulary.columns`; a feature name
+    does not always say its code: the age column is ``MEDS_BIRTH/age_years``)."""
     from fedmeta.common.data.meds.source import agreement_floor
     from fedmeta.common.data.meds.vocabulary import count_codes
 
     k = agreement_floor(config, floor)
     counts = count_codes(config).subjects
-    rare = [j for j, n in enumerate(site.feature_names)
-            if counts.get(n.split("/", 1)[-1].rsplit("/", 1)[0], 0) < k]
+    if len(column_codes) != site.n_features:
+        raise ConfigError(f"the vocabulary has {len(column_codes)} columns, the site {site.n_features}")
+    rare = [j for j, code in enumerate(column_codes) if counts.get(code, 0) < k]
     if not rare:
         return site
     x_train, x_test = site.x_train.copy(), site.x_test.copy()
     x_train[:, rare] = 0.0
     x_test[:, rare] = 0.0
-    codes = sorted({site.feature_names[j].split("/", 1)[-1].rsplit("/", 1)[0] for j in rare})
+    codes = sorted({column_codes[j] for j in rare})
     log.warning("site %s: %d vocabulary code(s) are held by fewer than k = %d of its patients; "
                 "their %d column(s) are left empty here", site.name, len(codes), k, len(rare))
     return dataclasses.replace(site, x_train=x_train, x_test=x_test)

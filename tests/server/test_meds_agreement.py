@@ -244,7 +244,8 @@ def test_a_vocabulary_code_below_the_site_s_k_is_left_empty_at_the_site(consorti
     held = counts[code]
     with_vocab = with_vocabulary(cfg, vocab)
     node = {"partition-id": 0}
-    cols = [j for j, n in enumerate(vocab.feature_names()) if n.split("/", 1)[-1].rsplit("/", 1)[0] == code]
+    column_codes = [c for _, c, _ in vocab.columns()]
+    cols = [j for j, c in enumerate(column_codes) if c == code]
     assert cols
 
     def site(floor: int):  # type: ignore[no-untyped-def]
@@ -258,5 +259,9 @@ def test_a_vocabulary_code_below_the_site_s_k_is_left_empty_at_the_site(consorti
     masked = site(held + 1)  # one patient short of k: the code's columns are empty
     assert np.abs(masked.x_train[:, cols]).sum() == 0 and np.abs(masked.x_test[:, cols]).sum() == 0
     others = [j for j in range(masked.n_features) if j not in cols]
-    kept = [j for j in others if counts.get(vocab.feature_names()[j].split("/", 1)[-1].rsplit("/", 1)[0], 0) > held]
+    kept = [j for j in others if counts.get(column_codes[j], 0) > held]
     assert np.array_equal(masked.x_train[:, kept], control.x_train[:, kept])
+    # the age column (MEDS_BIRTH/age_years: its name does not end in its code) is the birth code's
+    age = vocab.feature_names().index("MEDS_BIRTH/age_years")
+    assert counts["MEDS_BIRTH"] > held and age in kept
+    assert np.abs(masked.x_train[:, age]).sum() > 0
