@@ -96,17 +96,11 @@ def refit_intercept(model: LogisticRegression, x: np.ndarray, y: np.ndarray) -> 
 
 
 def _draw(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """K patients drawn stratified (every class present); all rows for K = 0; at random, as a
-    site does, when its rows hold one class."""
-    from fedmeta.common.adaptation import stratified_shots
-    from fedmeta.common.errors import DataError
+    """K patients drawn as a site draws them (:func:`fedmeta.sitecore.evaluate.draw_shots`:
+    stratified, at random when its rows hold one class); all rows for K = 0."""
+    from fedmeta.sitecore.evaluate import draw_shots
 
-    if not 0 < k < len(y):
-        return np.arange(len(y))
-    try:
-        return stratified_shots(y, k, rng)
-    except DataError:
-        return rng.choice(len(y), size=k, replace=False)
+    return draw_shots(y, k, rng, "the outcome")[0] if 0 < k < len(y) else np.arange(len(y))
 
 
 def _sites(cfg: ExperimentConfig) -> dict[str, TabularSite]:

@@ -132,16 +132,16 @@ def fit_glm(cfg: ExperimentConfig, sites: Mapping[int, str], reference: Mapping[
         step = newton_step(state, sums, l2=g.l2)
         state = step.state
         bytes_up = sum(payload_bytes(by_node[n].content.array_records[K.SUMS]) for n in nodes)
+        mean_loss = float(sum(s.loss for s in sums) / rows.sum())
         line = {"round": server_round, "sampled": [sites[n] for n in nodes],
                 "accepted": [sites[n] for n in nodes], "rejected": {},
-                "objective": step.objective, "mean_log_loss": float(sum(s.loss for s in sums) / rows.sum()),
+                "objective": step.objective, "mean_log_loss": mean_loss,
                 "newton_decrement": step.decrement, "num_examples": int(rows.sum()),
                 "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
                 "wall_s": round(time.monotonic() - t0, 4)}
         on_round(line)
         traffic["bytes_up"] += int(bytes_up)
         traffic["bytes_down"] += int(bytes_down)
-        mean_loss = sum(s.loss for s in sums) / rows.sum()
         say(f"round {server_round}: Newton step on {int(rows.sum())} patients at "
             f"{len(nodes)} sites, mean log-loss {mean_loss:.4f}, decrement {step.decrement:.2e}")
         if step.decrement < g.tol:

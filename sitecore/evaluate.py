@@ -158,7 +158,7 @@ class OutcomeResult:
         return out
 
 
-def _shots(y: np.ndarray, k: int, rng: np.random.Generator, outcome: str) -> tuple[np.ndarray, str | None]:
+def draw_shots(y: np.ndarray, k: int, rng: np.random.Generator, outcome: str) -> tuple[np.ndarray, str | None]:
     """K stratified patients; when the site's rows hold one class, K at random with a warning."""
     try:
         return stratified_shots(y, k, rng, outcome=outcome), None
@@ -207,7 +207,7 @@ def evaluate_outcome(
     steps, scope, n_used = 0, "none", len(y_tr)
     for _ in range(n_draws):
         if 0 < k < len(y_tr):
-            idx, note = _shots(y_tr, k, rng, outcome)
+            idx, note = draw_shots(y_tr, k, rng, outcome)
             if note:
                 warnings.append(note)
         else:
