@@ -25,7 +25,7 @@ from fedmeta.common.experiment import site_rng
 from fedmeta.common.params import NDArrays
 from fedmeta.common.privacy import privatize
 from fedmeta.protocol import keys as K
-from fedmeta.protocol.records import MetricValues, arrays_from_record, record_from_arrays
+from fedmeta.protocol.records import MetricValues, record_from_arrays
 from fedmeta.protocol.request import RequestError, SiteRequest, parse_request
 from fedmeta.sitecore.data import site_for_node, spec_of
 from fedmeta.sitecore.evaluate import evaluate_site, is_count, released_metrics
@@ -127,10 +127,9 @@ def train(request: SiteRequest, context: Context) -> RecordDict:
 
 def evaluate(request: SiteRequest, context: Context) -> RecordDict:
     cfg = request.experiment
-    assert request.arrays is not None  # the parse requires them for an evaluate request
     _threads(cfg)
     site = site_of(context, cfg)
-    state = _model_state(arrays_from_record(request.arrays), cfg, site)
+    state = _model_state(request.decoded, cfg, site)
     result = evaluate_site(cfg, spec_of(site), site, state, rng=site_rng(cfg, site.name, 0, "eval"))
     # the site's patient floor (deployment: node.yaml's policy); a simulation has none
     floor = patient_floor(context.node_config)
@@ -148,11 +147,10 @@ def glm_sums(request: SiteRequest, context: Context) -> RecordDict:
     from fedmeta.common.errors import DataError
     from fedmeta.common.glm import site_sums
 
-    assert request.arrays is not None  # the parse requires them for a train request
     site = site_of(context, request.experiment)
     if not isinstance(site, TabularSite):
         raise DataError("the federated GLM fits tables; this site holds images")
-    beta = arrays_from_record(request.arrays)
+    beta = request.decoded  # the arrays the policy checked
     if set(beta) != {"beta"} or beta["beta"].shape != (site.n_features + 1,):
         raise ValueError(f"glm: expected one 'beta' of {site.n_features + 1} coefficients")
     labelled = site.y_train[:, 0] >= 0

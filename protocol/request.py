@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -31,7 +32,9 @@ from flwr.common import MessageType
 
 from fedmeta.common.config import ExperimentConfig, config_from_dict
 from fedmeta.common.errors import ConfigError
+from fedmeta.common.params import NDArrays
 from fedmeta.protocol import keys as K
+from fedmeta.protocol.records import arrays_from_record
 
 #: Flower's legacy record names on a secure-aggregation run (``flwr.compat`` and SecAgg+).
 FITINS_CONFIG = "fitins.config"
@@ -87,6 +90,13 @@ class SiteRequest:
     @property
     def algorithm(self) -> str:
         return self.experiment.algorithm
+
+    @cached_property
+    def decoded(self) -> NDArrays:
+        """``arrays`` decoded once (:func:`~fedmeta.protocol.records.arrays_from_record`, which
+        checks it as untrusted input), so that the policy check and the handler read the same
+        arrays; empty when the request carries none."""
+        return arrays_from_record(self.arrays) if self.arrays is not None else {}
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

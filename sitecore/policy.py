@@ -273,11 +273,9 @@ def check_glm(policy: SitePolicy, site: Site, request: SiteRequest | None = None
     if params > policy.glm_parameter_ratio * n:
         raise PolicyRefusal(f"the GLM has {params} coefficients for {n} patients, more than "
                             f"this site's glm_parameter_ratio = {policy.glm_parameter_ratio:g} per patient")
-    if request is None or request.arrays is None:
+    if request is None:
         return
-    from fedmeta.protocol.records import arrays_from_record
-
-    beta = arrays_from_record(request.arrays).get("beta")
+    beta = request.decoded.get("beta")
     if beta is None or np.shape(beta) != (params,):
         return  # the handler refuses it as a bad request
     beta = np.asarray(beta, dtype=np.float64)

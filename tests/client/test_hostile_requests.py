@@ -354,3 +354,11 @@ def test_a_steep_glm_beta_that_would_isolate_one_patient_is_refused() -> None:
     for beta in (np.zeros(d + 1), np.r_[np.full(d, 0.3), -0.2]):
         ok = worker._answer(_glm_message(beta), _context(), run_id=21, secure_aggregation=False)
         assert not ok.has_error(), ok.error.reason if ok.has_error() else ""
+
+
+def test_the_gate_and_the_handler_read_the_same_decoded_arrays() -> None:
+    """The arrays are decoded once per request: the GLM check and the handler see one dict."""
+    message = _glm_message(np.zeros(14))
+    request = parse_request(message)
+    assert request is not None
+    assert request.decoded is request.decoded and set(request.decoded) == {"beta"}
