@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmeta.common.data.sine import sample_sine_tasks
+from fedmeta.bench.sine_tasks import sample_sine_tasks
 from fedmeta.common.meta.evaluate import adapt_and_evaluate
 from fedmeta.common.meta.inner import forward, task_loss
 from fedmeta.common.meta.maml import maml_step

@@ -118,6 +118,7 @@ def _table(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, cf
     import numpy as np
     import torch
 
+    from fedmeta.cli.model_card import card_path, render_model_card
     from fedmeta.common import algorithms
     from fedmeta.common.adaptation import (
         AdaptationResult,
@@ -128,7 +129,6 @@ def _table(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, cf
     from fedmeta.common.bundle import SiteModelBundle
     from fedmeta.common.clinical.calibration import Calibration
     from fedmeta.common.clinical.thresholds import Threshold
-    from fedmeta.common.model_card import card_path, render_model_card
     from fedmeta.common.params import from_numpy
     from fedmeta.sitecore.evaluate import evaluate_outcome
     from fedmeta.sitecore.train import labelled_rows
@@ -214,6 +214,7 @@ def _images(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, c
     import numpy as np
     import torch
 
+    from fedmeta.cli.model_card import card_path, render_model_card
     from fedmeta.common import algorithms
     from fedmeta.common.adaptation import prototype_head, prototype_logits
     from fedmeta.common.bundle import SiteModelBundle
@@ -221,7 +222,6 @@ def _images(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, c
     from fedmeta.common.meta.inner import adapt
     from fedmeta.common.meta.types import InnerConfig
     from fedmeta.common.metrics import multiclass_metrics
-    from fedmeta.common.model_card import card_path, render_model_card
     from fedmeta.common.params import from_numpy
 
     site = local.site

@@ -2,7 +2,7 @@
 
 ``fedmeta export --model BUNDLE --onnx OUT.onnx [--check-data FILE]`` writes the bundle's
 preprocessing, network, calibration and threshold as one ONNX graph (see
-:mod:`fedmeta.common.onnx_export` for what stays outside it). With ``--check-data`` the ONNX model
+:mod:`fedmeta.cli.onnx_export` for what stays outside it). With ``--check-data`` the ONNX model
 is run with onnxruntime on those rows and compared with the PyTorch bundle; a difference above
 ``--atol`` (1e-5) is an error.
 """
@@ -24,10 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fedmeta.cli.onnx_export import ExportError, compare_with_pytorch, export_onnx
     from fedmeta.cli.predict import read_images
     from fedmeta.common.bundle import SiteModelBundle
     from fedmeta.common.data.ehr import read_table
-    from fedmeta.common.onnx_export import ExportError, compare_with_pytorch, export_onnx
     from fedmeta.common.preprocessing import ImagePreprocessing
 
     bundle = SiteModelBundle.load(args.model)

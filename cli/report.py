@@ -196,8 +196,8 @@ def _reliability(summary: dict[str, Any], out_dir: Path) -> Path | None:
     """``reliability.png`` from the sites' released risk bins (after adaptation)."""
     import numpy as np
 
+    from fedmeta.cli.plots import reliability_diagram
     from fedmeta.common.clinical.calibration import ReliabilityCurve
-    from fedmeta.common.clinical.plots import reliability_diagram
 
     curves = {}
     for site, d in sorted(summary["sites"].items()):

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 
 from fedmeta.client.wire import encode_reply, receive_state
 from fedmeta.common.config import ExperimentConfig
@@ -25,6 +24,7 @@ from fedmeta.common.experiment import site_rng
 from fedmeta.common.params import NDArrays
 from fedmeta.common.privacy import privatize
 from fedmeta.protocol import keys as K
+from fedmeta.protocol.flower_compat import Mod
 from fedmeta.protocol.records import MetricValues, record_from_arrays
 from fedmeta.protocol.request import RequestError, SiteRequest, parse_request
 from fedmeta.sitecore.data import site_for_node, spec_of

@@ -16,11 +16,10 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.compat.common import recorddict_compat as compat
 
 from fedmeta.common.privacy import privatize
+from fedmeta.protocol.flower_compat import Mod, fitres_to_recorddict
 from fedmeta.protocol.request import SecAggBounds
 
 # (the train message, node context) -> (delta list, number of examples, the round's bounds as
@@ -81,6 +80,6 @@ def make_secagg_client_app(
             num_examples=int(num_examples),
             metrics={},
         )
-        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+        return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     return app

@@ -19,13 +19,12 @@ from contextvars import ContextVar
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 from flwr.common import parameters_to_ndarrays
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 
 from fedmeta.client.app import site_of
 from fedmeta.client.secagg import make_secagg_client_app
 from fedmeta.common.experiment import initial_parameters, site_rng
+from fedmeta.protocol.flower_compat import Mod, arrayrecord_to_parameters
 from fedmeta.protocol.request import RequestError, SecAggBounds, SiteRequest, parse_request
 from fedmeta.sitecore.data import spec_of
 from fedmeta.sitecore.train import train_update

@@ -33,23 +33,27 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common import MessageType
-from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.retry import RetryInvoker, exponential
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedmeta.client.app import answer
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
+from fedmeta.protocol.flower_compat import (
+    AcquireTaskRequest,
+    HeartbeatSender,
+    RetryInvoker,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SendTaskHeartbeatRequest,
+    SubStatus,
+    SuperExecAuthHttpInterceptor,
+    TaskType,
+    exponential,
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 from fedmeta.protocol.request import SiteRequest, parse_request
 from fedmeta.sitecore.ledger import RequestLedger
 from fedmeta.sitecore.policy import SitePolicy, check_request

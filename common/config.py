@@ -409,7 +409,7 @@ class ValidationConfig(YamlModel):
     - ``response_check``: leave out of the aggregate a site whose updates, round after round,
       react to θ's movement the opposite way to the other sites' (an honest site's update pushes
       back when θ moves away from what its data favour; a sign-flipped one goes along), as
-      :class:`fedmeta.common.aggregation.ResponseCheck` describes. Norms cannot see such a reply.
+      :class:`fedmeta.server.aggregation.ResponseCheck` describes. Norms cannot see such a reply.
       At most ``(n − 1) // 2`` of a round's ``n`` sites are left out (none of two); a round in
       which nobody is left out aggregates exactly as without the check. Sites left out are named
       in ``rounds.jsonl`` (``excluded``). It needs each site's own update, so under secure

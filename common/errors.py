@@ -19,3 +19,7 @@ class DeltaError(FedmetaError, ValueError):
 
 class ProvisionError(FedmetaError):
     """Provisioning or launching a deployment failed (certificates, keys, processes)."""
+
+
+class PolicyRefusal(FedmetaError):
+    """A request breaks a site's policy; the message names the rule and the counts only."""

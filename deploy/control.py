@@ -56,8 +56,10 @@ class Control:
     """One Control API client for the coordinator whose ``FLWR_HOME`` is ``flwr_home``."""
 
     def __init__(self, flwr_home: Path, connection: str = "fedmeta") -> None:
-        from flwr.cli.flower_config import read_superlink_connection
-        from flwr.cli.utils import init_http_client_from_connection
+        from fedmeta.protocol.flower_compat import (
+            init_http_client_from_connection,
+            read_superlink_connection,
+        )
 
         self.flwr_home = flwr_home
         with _flwr_home(flwr_home):
@@ -87,8 +89,8 @@ class Control:
     def register(self, public_key_openssh: bytes, name: str) -> int:
         """Register a SuperNode key; returns its node id."""
         from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        from fedmeta.protocol.flower_compat import RegisterNodeRequest, public_key_to_bytes
 
         key = serialization.load_ssh_public_key(public_key_openssh)
         res = self._call("RegisterNode", self._client.RegisterNode,
@@ -98,13 +100,13 @@ class Control:
         return int(res.node_id)
 
     def unregister(self, node_id: int) -> None:
-        from flwr.proto.control_pb2 import UnregisterNodeRequest  # pylint: disable=E0611
+        from fedmeta.protocol.flower_compat import UnregisterNodeRequest
 
         self._call("UnregisterNode", self._client.UnregisterNode, UnregisterNodeRequest(node_id=node_id))
 
     def nodes(self) -> list[NodeRecord]:
         """Every node the SuperLink has a record of."""
-        from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+        from fedmeta.protocol.flower_compat import ListNodesRequest
 
         res = self._call("ListNodes", self._client.ListNodes, ListNodesRequest())
         return [NodeRecord(int(n.node_id), str(n.status), bytes(n.public_key), str(n.name))
@@ -113,10 +115,13 @@ class Control:
     # -- runs ------------------------------------------------------------------------------------
     def start_run(self, app: Path, run_config: Mapping[str, str | bool]) -> int:
         """Start a run of the bundle built from the folder ``app``; returns the run id."""
-        from flwr.cli.build import build_fab_from_disk
-        from flwr.common.serde import fab_to_proto, user_config_to_proto
-        from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
-        from flwr.supercore.fab import Fab
+        from fedmeta.protocol.flower_compat import (
+            Fab,
+            StartRunRequest,
+            build_fab_from_disk,
+            fab_to_proto,
+            user_config_to_proto,
+        )
 
         fab_bytes = build_fab_from_disk(app)
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
@@ -129,7 +134,7 @@ class Control:
 
     def run_status(self, run_id: int) -> str:
         """``running``, ``finished:completed``, ``finished:failed``, … (Flower's status)."""
-        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+        from fedmeta.protocol.flower_compat import ListRunsRequest
 
         res = self._call("ListRuns", self._client.ListRuns, ListRunsRequest(run_id=run_id))
         if run_id not in res.run_dict:
@@ -138,7 +143,7 @@ class Control:
         return f"{status.status}:{status.sub_status}" if status.sub_status else str(status.status)
 
     def stop_run(self, run_id: int) -> None:
-        from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=E0611
+        from fedmeta.protocol.flower_compat import StopRunRequest
 
         try:
             self._call("StopRun", self._client.StopRun, StopRunRequest(run_id=run_id))
@@ -147,7 +152,7 @@ class Control:
 
     def follow_logs(self, run_id: int, stop: threading.Event, write: Any = print) -> None:
         """Write the run's log as it arrives until ``stop`` is set (run it in a thread)."""
-        from flwr.proto.control_pb2 import StreamLogsRequest  # pylint: disable=E0611
+        from fedmeta.protocol.flower_compat import StreamLogsRequest
 
         after = 0.0
         while not stop.is_set():

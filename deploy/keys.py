@@ -10,18 +10,19 @@ The public key and its SHA-256 fingerprint are what the coordinator keeps.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.certs import CURVE, write_private_bytes, write_public_bytes
 from fedmeta.deploy.secrets import private_pem
+from fedmeta.protocol.fingerprint import fingerprint, fingerprint_of_bytes, fingerprint_of_key
+
+__all__ = ["SiteKeyPaths", "fingerprint", "fingerprint_of_bytes", "fingerprint_of_key", "load_public_key",
+           "make_site_keys"]
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,6 @@ class SiteKeyPaths:
     private: Path
     public: Path
     fingerprint: str
-
-
-def fingerprint(public_openssh: bytes) -> str:
-    """OpenSSH-style fingerprint: ``SHA256:`` + unpadded base64 of the SHA-256 of the key blob."""
-    parts = public_openssh.split()
-    if len(parts) < 2:
-        raise ProvisionError("not an OpenSSH public key line")
-    blob = base64.b64decode(parts[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def make_site_keys(folder: Path, *, comment: str, passphrase: bytes | None) -> SiteKeyPaths:
@@ -70,24 +62,3 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ProvisionError(f"{path}: expected an EC public key, got {type(key).__name__}")
     return key
-
-
-def fingerprint_of_key(public_key: ec.EllipticCurvePublicKey) -> str:
-    """The OpenSSH-style fingerprint of a public key object."""
-    line = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return fingerprint(line)
-
-
-def fingerprint_of_bytes(data: bytes) -> str | None:
-    """The fingerprint of a public key given as OpenSSH, PEM or DER bytes (None if unreadable):
-    how the SuperLink's node records are matched with the consortium's registry."""
-    loaders = (serialization.load_ssh_public_key, serialization.load_pem_public_key,
-               serialization.load_der_public_key)
-    for load in loaders:
-        try:
-            key = load(data)
-        except (ValueError, TypeError, IndexError, UnsupportedAlgorithm):
-            continue
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            return fingerprint_of_key(key)
-    return None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from typing import Any
 
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.control import Control
+from fedmeta.protocol import flower_compat
 from fedmeta.protocol.app import installed_version, render_pyproject
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ INSECURE_WARNING = (
     "--insecure: TLS is OFF. Model updates and credentials cross the network unencrypted and "
     "hospitals are not authenticated. Use only on a closed test machine."
 )
-FLEET_GRPC_LOG = re.compile(r"Starting Fleet API \(gRPC-rere\) on (\S+)")
+FLEET_GRPC_LOG = flower_compat.FLEET_GRPC_LOG
 
 
 def bin_path(name: str) -> str:

@@ -35,6 +35,7 @@ from fedmeta.deploy.node import NodeConfig
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.secrets import MemoryFile, decrypted_pem, secure_folder
 from fedmeta.deploy.supernode import POLL_ENV
+from fedmeta.protocol import flower_compat
 from fedmeta.protocol.app import code_digest, installed_version
 from fedmeta.sitecore.audit import SiteAudit
 
@@ -243,8 +244,7 @@ class SiteRunner:
 CLOSED_S, STARTUP_S = 5.0, 60.0
 UNRESPONSIVE = "the node was alive but not serving its Runtime API (hung) and was killed"
 
-REFUSED = ("the coordinator refused the node: its key is not registered (never added, or revoked), "
-           "or its previous session has not expired yet")
+REFUSED = flower_compat.NODE_REFUSED
 
 
 def _exit_reason(log_path: Path) -> str:
@@ -253,12 +253,7 @@ def _exit_reason(log_path: Path) -> str:
         tail = log_path.read_text(errors="replace")[-4000:]
     except OSError:
         return "no log"
-    for marker, text in (
-        ("Failed to activate", REFUSED),
-        ("PERMISSION_DENIED", "the coordinator refused the node's key"),
-        ("UNAVAILABLE", "the coordinator is unreachable"),
-        ("certificate", "TLS verification failed"),
-    ):
+    for marker, text in flower_compat.SUPERNODE_EXIT_MARKERS:
         if marker in tail:
             return text
     return "see " + str(log_path)

@@ -11,31 +11,18 @@ runs the same ``flower-supernode`` after setting
 - the node heartbeat to Flower's shortest allowed interval (10 s: the SuperLink marks a silent
   node offline after 20 s).
 
-Both are plain attribute changes on the pinned Flower version, checked by
-:func:`patch_points_present` (and by a test), so an upgrade that moves them fails loudly.
+Both are patch points of :mod:`fedmeta.protocol.flower_compat`, which names them if a Flower
+upgrade moves them (and a test fails).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 POLL_ENV = "FEDMETA_SUPERNODE_POLL_S"
 HEARTBEAT_S = 10
-
-
-def patch_points_present() -> bool:
-    """Whether the pinned Flower still has the waits this module sets."""
-    from flwr.client.grpc_rere_client import connection
-    from flwr.supercore import heartbeat
-    from flwr.supernode import start_client_internal
-
-    source = inspect.getsource(start_client_internal)
-    return ("time.sleep(3)" in source and hasattr(connection, "HEARTBEAT_DEFAULT_INTERVAL")
-            and hasattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL"))
 
 
 def apply(poll_s: float) -> None:
@@ -43,21 +30,9 @@ def apply(poll_s: float) -> None:
     Polling`, quick right after a message), its waits for the worker's reply (quick: they only
     look at the node's own memory), its heartbeat to :data:`HEARTBEAT_S` and its object pulls'
     first retry to :data:`fedmeta.protocol.transport.INITIAL_BACKOFF_S`."""
-    from fedmeta.protocol import transport
+    from fedmeta.protocol import flower_compat, transport
 
     transport.apply()
-    from flwr.client.grpc_rere_client import connection
-    from flwr.common import constant
-    from flwr.supercore import heartbeat
-    from flwr.supernode import start_client_internal
-
-    if not patch_points_present():
-        raise RuntimeError("this Flower version no longer has the SuperNode waits fedmeta sets; "
-                           "pin flwr 1.39.0 or update fedmeta.deploy.supernode")
-    interval = max(HEARTBEAT_S, constant.HEARTBEAT_MIN_INTERVAL)
-    connection.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
-
     idle = transport.Polling.up_to(poll_s)
 
     def sleep(seconds: float) -> None:
@@ -67,21 +42,16 @@ def apply(poll_s: float) -> None:
             idle.active()
             time.sleep(min(seconds, transport.FAST_POLL_S))
 
-    start_client_internal.time = SimpleNamespace(  # type: ignore[assignment]
-        sleep=sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter)
+    flower_compat.set_supernode_waits(idle_sleep=sleep, heartbeat_s=HEARTBEAT_S)
 
 
 def main() -> None:
     poll_s = float(os.environ.get(POLL_ENV, "0.5"))
     apply(poll_s)
-    from flwr.common.logger import update_console_handler
-
-    # the SuperNode's output goes to the site's log file: timestamps, no colour codes
-    update_console_handler(timestamps=True, colored=False)
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+    from fedmeta.protocol import flower_compat
 
     sys.argv = ["flower-supernode", *sys.argv[1:]]
-    flower_supernode()
+    flower_compat.run_supernode()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from fedmeta.common.errors import ConfigError, DataError, DeltaError
+from fedmeta.common.errors import ConfigError, DataError, DeltaError, PolicyRefusal
 
 
 class SiteErrorCode(IntEnum):
@@ -38,8 +38,6 @@ CATEGORY = {
 
 def classify(exc: BaseException) -> SiteErrorCode:
     """The code an exception raised while serving a request is reported under."""
-    from fedmeta.sitecore.policy import PolicyRefusal
-
     if isinstance(exc, PolicyRefusal):
         return SiteErrorCode.POLICY_REFUSAL
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():

@@ -7,10 +7,10 @@ deployment a receiver often looks a few milliseconds too early, so a round paid 
 at each such hop: the SuperNode pulling the coordinator's message, the site worker pulling it
 from the SuperNode, the ServerApp pulling each reply. :func:`apply` starts that backoff at
 :data:`INITIAL_BACKOFF_S` instead (same cap, same number of tries, so a slow link still gets
-minutes). Each fedmeta process that pulls calls it: the ServerApp (:mod:`fedmeta.server.app`),
-the SuperNode entry point (:mod:`fedmeta.deploy.supernode`) and the site worker
-(:mod:`fedmeta.client.worker`). :func:`patch_points_present` fails loudly if a Flower upgrade
-moves the setting.
+minutes). Each fedmeta process that pulls calls it when it starts serving: the ServerApp
+(:mod:`fedmeta.server.app`), the SuperNode entry point (:mod:`fedmeta.deploy.supernode`) and
+the site worker (:mod:`fedmeta.client.worker`); importing this module changes nothing.
+:func:`fedmeta.protocol.flower_compat.missing` names the setting if a Flower upgrade moves it.
 """
 
 from __future__ import annotations
@@ -60,18 +60,9 @@ class Polling:
         return wait
 
 
-def _pullers() -> tuple:  # type: ignore[type-arg]
-    from flwr.supercore.inflatable import inflatable_utils
-
-    return inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree
-
-
-def patch_points_present() -> bool:
-    """Whether the pinned Flower still takes the backoff as a keyword default of its pullers."""
-    return all("initial_backoff" in (fn.__kwdefaults__ or {}) for fn in _pullers())
-
-
 def apply(initial_backoff_s: float = INITIAL_BACKOFF_S) -> None:
-    """Start Flower's object-pull backoff at ``initial_backoff_s`` in this process."""
-    for fn in _pullers():
-        fn.__kwdefaults__["initial_backoff"] = float(initial_backoff_s)
+    """Start Flower's object-pull backoff at ``initial_backoff_s`` in this process (the patch
+    point is :func:`fedmeta.protocol.flower_compat.quicken_object_pulls`)."""
+    from fedmeta.protocol import flower_compat
+
+    flower_compat.quicken_object_pulls(initial_backoff_s)

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.config import ExperimentConfig, config_from_dict, load_config
 from fedmeta.common.errors import ConfigError, FedmetaError
-from fedmeta.protocol import transport
+from fedmeta.protocol import flower_compat, transport
 from fedmeta.protocol.environment import RUNS_DIR as RUNS_ENV
 from fedmeta.server.driver import run_experiment
 from fedmeta.server.handshake import Progress
@@ -137,12 +137,13 @@ def run_log(out: Path) -> Iterator[Callable[[str], None]]:
 
 
 app = ServerApp()
-transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     os.umask(0o077)
+    if flower_compat.is_deployed_grid(grid):
+        transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
     rc = dict(context.run_config)
     cfg = experiment_from_run_config(rc)
     name = check_run_name(str(rc.get("run-name", "")) or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedmeta.protocol import flower_compat
+
 log = logging.getLogger(__name__)
 
 
@@ -55,10 +57,13 @@ class Outcome:
 
 
 def _push_pull(grid: Grid) -> bool:
-    """Whether ``grid`` delivers by push/pull (a deployment's grid) rather than directly."""
-    from fedmeta.server.local_grid import LocalGrid
-
-    return not isinstance(grid, LocalGrid) and type(grid).__name__ == "HttpGrid"
+    """Whether ``grid`` delivers by push/pull, where nodes can be slow or gone (a deployment's
+    grid, or one that says it behaves like one), rather than directly (the simulation's and the
+    in-process grid)."""
+    declared = getattr(grid, "delivers_by_push_pull", None)
+    if isinstance(declared, bool):
+        return declared
+    return flower_compat.is_deployed_grid(grid)
 
 
 def _from_addressees(messages: Sequence[Message], replies: list[Message]) -> list[Message]:

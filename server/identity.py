@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedmeta.common.errors import FedmetaError
 from fedmeta.protocol.environment import REGISTRY as REGISTRY_ENV
+from fedmeta.protocol.fingerprint import fingerprint_of_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ class Registry:
 
     def identify(self, nodes: Iterable[tuple[int, bytes]]) -> NodeIdentity:
         """Name ``(node id, public key bytes)`` pairs by the registry."""
-        from fedmeta.deploy.keys import fingerprint_of_bytes
-
         admitted: dict[int, str] = {}
         refused: dict[int, tuple[str, str]] = {}
         for node_id, key in nodes:

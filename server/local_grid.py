@@ -19,8 +19,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import serde
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.protocol import flower_compat
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.errors import classify, reason
 from fedmeta.protocol.records import count_in
@@ -40,9 +40,7 @@ class LocalGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]], *, run_id: int = 1) -> None:
         self.client_app = client_app
         self._run_id = run_id
-        TaskIdentity.run_id = run_id
-        TaskIdentity.task_id = 0
-        TaskIdentity.node_id = 0
+        flower_compat.set_task_identity(run_id=run_id, task_id=0, node_id=0)
         self.nodes: dict[int, Context] = {}
         for i, node_config in enumerate(node_configs):
             node_id = 1000 + i
@@ -102,7 +100,7 @@ class LocalGrid(Grid):
                 log.info("node %d dropped out (round %d): no reply", node_id, server_round)
                 continue
             delivered = _roundtrip(msg)
-            TaskIdentity.node_id = node_id
+            flower_compat.set_task_identity(node_id=node_id)
             t = time.monotonic()
             try:
                 reply = self.client_app(delivered, self.nodes[node_id])
@@ -111,9 +109,9 @@ class LocalGrid(Grid):
                 code = classify(e)  # what a deployed site's worker sends: a code, never the text
                 reply = Message(Error(code=int(code), reason=reason(code, e)), reply_to=delivered)
             finally:
-                TaskIdentity.node_id = 0
+                flower_compat.set_task_identity(node_id=0)
             if reply.metadata.src_node_id != node_id:  # set by Flower from reply_to; keep it honest
-                reply.metadata.__dict__["_src_node_id"] = node_id
+                flower_compat.set_reply_source(reply, node_id)
             if node_id in self.tampers:
                 reply = self.tampers[node_id](reply)
             reply = _roundtrip(reply)

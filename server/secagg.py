@@ -43,12 +43,12 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedmeta.common.config import OuterConfig
-from fedmeta.common.outer import OuterOptimizer
+from fedmeta.protocol.flower_compat import ClientProxy
+from fedmeta.server.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
 

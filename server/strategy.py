@@ -6,9 +6,9 @@ state it learns. Each round it
 
 1. samples sites and builds their messages (:meth:`FedMetaStrategy.configure_train`, which
    returns a :class:`TrainPlan`),
-2. checks every reply (:func:`fedmeta.common.aggregation.validate_update`; a reply may not claim
+2. checks every reply (:func:`fedmeta.server.aggregation.validate_update`; a reply may not claim
    more examples than its algorithm allows for the site), leaves out a site the response check
-   flags (:class:`fedmeta.common.aggregation.ResponseCheck`, whose state the checkpoint carries),
+   flags (:class:`fedmeta.server.aggregation.ResponseCheck`, whose state the checkpoint carries),
    aggregates the others by their example counts and applies the outer optimiser (:meth:`FedMetaStrategy.aggregate_train`, which
    takes the plan back and returns a :class:`RoundResult`).
 
@@ -32,16 +32,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
 
 from fedmeta.common import algorithms
-from fedmeta.common.aggregation import ResponseCheck, aggregate, validate_update
 from fedmeta.common.compression import checksum, decode, encode
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import DeltaError
-from fedmeta.common.outer import OuterOptimizer
 from fedmeta.common.params import NDArrays, l2_norm
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.errors import refusal_reason
 from fedmeta.protocol.records import arrays_from_record, payload_bytes, record_from_arrays
+from fedmeta.server.aggregation import ResponseCheck, aggregate, validate_update
+from fedmeta.server.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
 

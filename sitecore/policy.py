@@ -22,14 +22,10 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
-from fedmeta.common.errors import ConfigError, FedmetaError
+from fedmeta.common.errors import ConfigError, PolicyRefusal
 from fedmeta.common.yamlio import Bool, YamlModel, fail, integer, number
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.request import SiteRequest
-
-
-class PolicyRefusal(FedmetaError):
-    """A request breaks the site's policy; the message names the rule and the counts only."""
 
 
 def _algorithm_names(value: Any) -> tuple[str, ...]:

@@ -123,7 +123,7 @@ def test_calibration_rejects_reversing_or_unknown_settings():
 
 
 def test_reliability_diagram_writes_a_png(tmp_path):
-    from fedmeta.common.clinical.plots import reliability_diagram
+    from fedmeta.cli.plots import reliability_diagram
 
     y, p = _miscalibrated(300, 6)
     out = reliability_diagram({"site A": reliability_curve(y, p), "site B": reliability_curve(y[:100], p[:100])},

@@ -20,7 +20,7 @@ MODULES = [
     "fedmeta.common.meta.matching",
     "fedmeta.common.meta.relation",
     "fedmeta.common.data.episodes",
-    "fedmeta.common.data.sine",
+    "fedmeta.bench.sine_tasks",
 ]
 
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 from flwr.supercore.inflatable import inflatable_utils as u
 
-from fedmeta.protocol import transport
+from fedmeta.protocol import flower_compat, transport
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_flower_alone_waits_a_second_then_two(waits):  # type: ignore[no-untyped
 
 
 def test_after_apply_the_first_retry_comes_after_50_ms_and_the_cap_and_tries_stay(waits):  # type: ignore[no-untyped-def]
-    assert transport.patch_points_present()
+    assert not flower_compat.missing()
     transport.apply()
     assert u.pull_objects(["a"], _pull_after(3), max_concurrent_pulls=1) == {"a": b"content"}
     assert waits == pytest.approx([0.05, 0.1, 0.2])

@@ -17,9 +17,11 @@ def _metadata(mid: str, src: int, dst: int, reply_to: str = "") -> Metadata:
                     group_id="3", created_at=now().timestamp(), ttl=60.0, message_type="train")
 
 
-class HttpGrid:  # the name fedmeta's exchange recognises as a push/pull (deployed) grid
+class SuperLinkStandIn:
     """A SuperLink stand-in: node 11 answers; node 12 is dead, and the SuperLink answers for it
     with Flower's own 'node unavailable' error on the second pull."""
+
+    delivers_by_push_pull = True  # as a deployment's grid does
 
     def __init__(self) -> None:
         self.pulls = 0
@@ -50,7 +52,7 @@ class HttpGrid:  # the name fedmeta's exchange recognises as a push/pull (deploy
 
 
 def test_a_node_the_superlink_reports_unavailable_is_missing_under_its_own_id() -> None:
-    grid = HttpGrid()
+    grid = SuperLinkStandIn()
     messages = [make_message(_metadata("", SUPERLINK_NODE_ID, dst), content=RecordDict()) for dst in (11, 12)]
     seen = []
     out = exchange(grid, messages, Waiting(timeout_s=30, quorum=2, poll_s=0.001), on_reply=seen.append)  # type: ignore[arg-type]
@@ -59,3 +61,21 @@ def test_a_node_the_superlink_reports_unavailable_is_missing_under_its_own_id() 
     assert "unavailable" in out.undelivered[12].lower()
     assert out.ended == "the SuperLink reported the remaining sites unavailable"
     assert out.seconds < 5  # not the round timeout
+
+
+def test_a_deployment_s_grid_is_recognised_by_its_type_and_others_are_not() -> None:
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fedmeta.server.exchange import _push_pull
+    from fedmeta.server.local_grid import LocalGrid
+
+    class Renamed(InMemoryGrid):  # a class name proves nothing
+        pass
+
+    Renamed.__name__ = "HttpGrid"
+    assert _push_pull(HttpGrid.__new__(HttpGrid))
+    assert not _push_pull(Renamed.__new__(Renamed))
+    assert not _push_pull(InMemoryGrid.__new__(InMemoryGrid))
+    assert not _push_pull(LocalGrid.__new__(LocalGrid))
+    assert _push_pull(SuperLinkStandIn())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedmeta.bench.sine import SineSettings, compare
-from fedmeta.common.data.sine import sample_sine_tasks
+from fedmeta.bench.sine_tasks import sample_sine_tasks
 from tests.common.reference import single_thread
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedmeta.cli.model_card import card_path, fmt, render_model_card
 from fedmeta.common.bundle import ModelSpec, Provenance, SiteModelBundle
 from fedmeta.common.clinical.calibration import Calibration
 from fedmeta.common.clinical.metrics import clinical_metrics
 from fedmeta.common.clinical.thresholds import Threshold
-from fedmeta.common.model_card import card_path, fmt, render_model_card
 from fedmeta.common.models import init_params
 from fedmeta.common.preprocessing import HeartPreprocessing
 

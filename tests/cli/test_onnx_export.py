@@ -7,6 +7,13 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from fedmeta.cli.onnx_export import (  # noqa: E402
+    ExportError,
+    compare_with_pytorch,
+    export_onnx,
+    onnx_feed,
+    run_onnx,
+)
 from fedmeta.common.bundle import ModelSpec, Provenance, SiteModel, SiteModelBundle  # noqa: E402
 from fedmeta.common.clinical.calibration import Calibration  # noqa: E402
 from fedmeta.common.clinical.thresholds import Threshold  # noqa: E402
@@ -15,13 +22,6 @@ from fedmeta.common.data.ehr import load_ehr_cohort, read_table  # noqa: E402
 from fedmeta.common.data.schema import load_schema  # noqa: E402
 from fedmeta.common.data.synth_ehr import write_synth_ehr  # noqa: E402
 from fedmeta.common.models import init_params  # noqa: E402
-from fedmeta.common.onnx_export import (  # noqa: E402
-    ExportError,
-    compare_with_pytorch,
-    export_onnx,
-    onnx_feed,
-    run_onnx,
-)
 from fedmeta.common.preprocessing import EhrPreprocessing, HeartPreprocessing, ImagePreprocessing  # noqa: E402
 
 PROV = Provenance("site", "run", "0" * 64, "reptile", ("a", "b"), 10, {"0": 5, "1": 5})

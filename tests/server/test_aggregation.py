@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from fedmeta.common.aggregation import aggregate, trimmed_mean, validate_update
 from fedmeta.common.config import OuterConfig
 from fedmeta.common.errors import DeltaError
-from fedmeta.common.outer import OuterOptimizer
 from fedmeta.common.params import clip_update
+from fedmeta.server.aggregation import aggregate, trimmed_mean, validate_update
+from fedmeta.server.outer import OuterOptimizer
 
 
 def test_reptile_outer_update_by_hand():
@@ -79,7 +79,7 @@ def test_validation_rejects_bad_updates(update, message):
 
 
 def test_outliers_are_clipped_to_the_lower_median_norm_and_others_left_alone():
-    from fedmeta.common.aggregation import clip_outliers, lower_median
+    from fedmeta.server.aggregation import clip_outliers, lower_median
 
     ups = [{"w": np.array([v, 0.0], np.float32)} for v in (1.0, 2.0, 3.0, 3e4)]
     assert lower_median([1.0, 2.0, 3.0, 3e4]) == 2.0 and lower_median([5.0, 1e9]) == 5.0
@@ -98,7 +98,7 @@ def _v(*xs):
 
 
 def test_response_cosine_by_hand():
-    from fedmeta.common.aggregation import response_cosine
+    from fedmeta.server.aggregation import response_cosine
 
     s0, s1 = _v(0.0, 0.0), _v(2.0, 0.0)  # θ moved by d = [2, 0]
     # Δp = [3, 0]: along the move (an honest site's update pushes back) -> +1
@@ -124,7 +124,7 @@ def _feed(check, t, changes, pseudo):
 
 
 def test_response_check_cusum_and_readmission_by_hand():
-    from fedmeta.common.aggregation import ResponseCheck
+    from fedmeta.server.aggregation import ResponseCheck
 
     check = ResponseCheck(allowance=0.3, threshold=1.0, lag=1)
     pseudo: dict[str, np.ndarray] = {}
@@ -153,7 +153,7 @@ def test_a_site_that_pushes_back_less_than_the_others_is_not_suspect():
     """Only a response that goes along with θ's move (cosine < 0) counts against a site: an honest
     site whose response is positive but far below the others' (noise dominating, late in a run)
     never loses score, while one whose response is negative does, by its shortfall."""
-    from fedmeta.common.aggregation import ResponseCheck
+    from fedmeta.server.aggregation import ResponseCheck
 
     check = ResponseCheck(allowance=0.3, threshold=1.0, lag=1)
     pseudo: dict[str, np.ndarray] = {}
@@ -172,7 +172,7 @@ def test_a_site_that_pushes_back_less_than_the_others_is_not_suspect():
 
 
 def test_response_check_leaves_out_a_minority_only():
-    from fedmeta.common.aggregation import ResponseCheck
+    from fedmeta.server.aggregation import ResponseCheck
 
     check = ResponseCheck(allowance=0.3, threshold=1.0, lag=1)
     pseudo: dict[str, np.ndarray] = {}
@@ -193,7 +193,7 @@ def _quadratic_federation(flip: str | None, rounds: int = 60, n_sites: int = 4, 
                           guard: bool = True):
     """Gradient descent on Σ_i L_i, L_i(θ) = ½ (θ − a_i)ᵀ H_i (θ − a_i) with heterogeneous optima
     a_i and curvatures H_i, noisy site gradients and optionally one site sending −∇L_i."""
-    from fedmeta.common.aggregation import ResponseCheck
+    from fedmeta.server.aggregation import ResponseCheck
 
     rng = np.random.default_rng(seed)
     dim = 12
@@ -243,7 +243,7 @@ def test_response_check_state_round_trips_through_a_checkpoint(tmp_path):
     import json
 
     from fedmeta.common import params as P
-    from fedmeta.common.aggregation import ResponseCheck
+    from fedmeta.server.aggregation import ResponseCheck
 
     rng = np.random.default_rng(1)
     sites = ["Cleveland", "Hungary", "VA Long Beach/x"]  # a name with a slash stays out of keys

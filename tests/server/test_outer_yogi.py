@@ -9,7 +9,7 @@ import pytest
 
 from fedmeta.common.config import OuterConfig, load_config
 from fedmeta.common.errors import ConfigError
-from fedmeta.common.outer import OuterOptimizer, Yogi
+from fedmeta.server.outer import OuterOptimizer, Yogi
 
 
 def _yogi_cfg(lr: float = 0.1) -> OuterConfig:

@@ -1,0 +1,307 @@
+"""Every use fedmeta makes of Flower's internals, in one module.
+
+fedmeta is built on Flower's public API (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``,
+``flwr.simulation``, ``flwr.server``'s strategies and workflows, ``flwr.client.mod``,
+``flwr.common``'s message types) and, where that API has no door, on a few internals of the
+pinned Flower (:data:`PINNED`). Those internals are reached from here only (``tests/test_layers.py``
+fails on any other ``flwr`` import), in two kinds:
+
+- **Names** that fedmeta uses as Flower defines them (:data:`NAMES`): the Runtime API client and
+  task calls that the site worker uses to serve the SuperNode's tasks itself, the Control API
+  client and messages behind ``fedmeta``'s operator commands, the SecAgg+ compatibility
+  helpers. Each is imported when first used (``from fedmeta.protocol.flower_compat import X``),
+  so importing this module imports nothing of Flower's.
+- **Patch points**: changes to Flower's behaviour, applied explicitly by the process that needs
+  them, never on import (:func:`quicken_object_pulls`, :func:`set_supernode_waits`,
+  :func:`set_task_identity`, :func:`set_reply_source`), and **log lines** of Flower's that the
+  launcher reads (:data:`FLEET_GRPC_LOG`, :data:`SUPERNODE_EXIT_MARKERS`).
+
+:func:`missing` lists what a Flower upgrade moved: every name that no longer imports and every
+patch point or log line that is no longer where it was; ``tests/protocol/test_flower_compat.py``
+asserts it is empty, so an upgrade fails loudly there instead of somewhere in a run.
+
+Moving to Flower 1.40 or later (whose Fleet API is HTTP and whose SuperNode has no gRPC client)
+would touch, besides this module: the SuperLink and SuperNode command lines and the TLS check of
+the Fleet API (``fedmeta.deploy.launch``: ``--fleet-api-type grpc-rere`` and
+:data:`FLEET_GRPC_LOG`), the Fleet API probe that insists on HTTP/2 (gRPC), and the threat-model
+rows that rest on gRPC over TLS with SuperNode authentication. The site's gate and everything
+above the grid (``fedmeta.server``, ``fedmeta.sitecore``) use only the public API and the message
+records and would not change. The cost to fedmeta's promise of TLS gRPC is the transport itself:
+an HTTP Fleet API is a different wire, so that promise would have to be re-stated and re-tested
+(TLS still holds; SuperNode authentication would have to be re-verified on the new transport).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Callable
+from importlib import import_module
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the real types for the type checker; at run time names import lazily
+    from flwr.cli.build import build_fab_from_disk as build_fab_from_disk
+    from flwr.cli.flower_config import read_superlink_connection as read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection as init_http_client_from_connection
+    from flwr.clientapp.typing import Mod as Mod
+    from flwr.common.constant import SubStatus as SubStatus
+    from flwr.common.serde import fab_to_proto as fab_to_proto
+    from flwr.common.serde import user_config_to_proto as user_config_to_proto
+    from flwr.compat.common.recorddict_compat import (
+        arrayrecord_to_parameters as arrayrecord_to_parameters,
+    )
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict as fitres_to_recorddict
+    from flwr.proto.control_pb2 import ListNodesRequest as ListNodesRequest  # pylint: disable=E0611
+    from flwr.proto.control_pb2 import ListRunsRequest as ListRunsRequest  # pylint: disable=E0611
+    from flwr.proto.control_pb2 import RegisterNodeRequest as RegisterNodeRequest  # pylint: disable=E0611
+    from flwr.proto.control_pb2 import StartRunRequest as StartRunRequest  # pylint: disable=E0611
+    from flwr.proto.control_pb2 import StopRunRequest as StopRunRequest  # pylint: disable=E0611
+    from flwr.proto.control_pb2 import StreamLogsRequest as StreamLogsRequest  # pylint: disable=E0611
+    from flwr.proto.control_pb2 import (  # pylint: disable=E0611
+        UnregisterNodeRequest as UnregisterNodeRequest,
+    )
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest as AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        SendTaskHeartbeatRequest as SendTaskHeartbeatRequest,
+    )
+    from flwr.server.client_proxy import ClientProxy as ClientProxy
+    from flwr.supercore.constant import TaskType as TaskType
+    from flwr.supercore.fab import Fab as Fab
+    from flwr.supercore.heartbeat import HeartbeatSender as HeartbeatSender
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor as RuntimeTokenHttpInterceptor,
+    )
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor as RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.interceptors import (
+        SuperExecAuthHttpInterceptor as SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes as public_key_to_bytes
+    from flwr.supercore.retry import RetryInvoker as RetryInvoker
+    from flwr.supercore.retry import exponential as exponential
+    from flwr.supercore.runtime import RuntimeHttpClient as RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import pull_task_input as pull_task_input
+    from flwr.supernode.runtime.run_clientapp import push_message as push_message
+    from flwr.supernode.runtime.run_clientapp import push_task_output as push_task_output
+
+#: The Flower release every name and patch point here was checked against.
+PINNED = "1.39.0"
+
+#: name -> (module, attribute) of each internal fedmeta uses as it is.
+NAMES: dict[str, tuple[str, str]] = {
+    # the site worker: serving the SuperNode's tasks over its Runtime API (fedmeta.client.worker)
+    "AcquireTaskRequest": ("flwr.proto.runtime_pb2", "AcquireTaskRequest"),
+    "SendTaskHeartbeatRequest": ("flwr.proto.runtime_pb2", "SendTaskHeartbeatRequest"),
+    "RuntimeHttpClient": ("flwr.supercore.runtime", "RuntimeHttpClient"),
+    "RuntimeTokenHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor"),
+    "RuntimeVersionHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor"),
+    "SuperExecAuthHttpInterceptor": ("flwr.supercore.interceptors", "SuperExecAuthHttpInterceptor"),
+    "HeartbeatSender": ("flwr.supercore.heartbeat", "HeartbeatSender"),
+    "RetryInvoker": ("flwr.supercore.retry", "RetryInvoker"),
+    "exponential": ("flwr.supercore.retry", "exponential"),
+    "TaskType": ("flwr.supercore.constant", "TaskType"),
+    "SubStatus": ("flwr.common.constant", "SubStatus"),
+    "pull_task_input": ("flwr.supernode.runtime.run_clientapp", "pull_task_input"),
+    "push_message": ("flwr.supernode.runtime.run_clientapp", "push_message"),
+    "push_task_output": ("flwr.supernode.runtime.run_clientapp", "push_task_output"),
+    # the operator's Control API calls (fedmeta.deploy.control)
+    "read_superlink_connection": ("flwr.cli.flower_config", "read_superlink_connection"),
+    "init_http_client_from_connection": ("flwr.cli.utils", "init_http_client_from_connection"),
+    "build_fab_from_disk": ("flwr.cli.build", "build_fab_from_disk"),
+    "fab_to_proto": ("flwr.common.serde", "fab_to_proto"),
+    "user_config_to_proto": ("flwr.common.serde", "user_config_to_proto"),
+    "Fab": ("flwr.supercore.fab", "Fab"),
+    "public_key_to_bytes": ("flwr.supercore.primitives.asymmetric", "public_key_to_bytes"),
+    "RegisterNodeRequest": ("flwr.proto.control_pb2", "RegisterNodeRequest"),
+    "UnregisterNodeRequest": ("flwr.proto.control_pb2", "UnregisterNodeRequest"),
+    "ListNodesRequest": ("flwr.proto.control_pb2", "ListNodesRequest"),
+    "StartRunRequest": ("flwr.proto.control_pb2", "StartRunRequest"),
+    "ListRunsRequest": ("flwr.proto.control_pb2", "ListRunsRequest"),
+    "StopRunRequest": ("flwr.proto.control_pb2", "StopRunRequest"),
+    "StreamLogsRequest": ("flwr.proto.control_pb2", "StreamLogsRequest"),
+    # secure aggregation through Flower's legacy (FitIns/FitRes) SecAgg+ workflow
+    "Mod": ("flwr.clientapp.typing", "Mod"),
+    "ClientProxy": ("flwr.server.client_proxy", "ClientProxy"),
+    "arrayrecord_to_parameters": ("flwr.compat.common.recorddict_compat", "arrayrecord_to_parameters"),
+    "fitres_to_recorddict": ("flwr.compat.common.recorddict_compat", "fitres_to_recorddict"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = NAMES[name]
+    value = getattr(import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+# -- log lines the launcher reads -----------------------------------------------------------------
+
+#: The SuperLink's line announcing a gRPC-rere Fleet API, with the address it bound
+#: (``flwr.superlink.cli.flower_superlink``): proof that the Fleet API is gRPC.
+FLEET_GRPC_LOG = re.compile(r"Starting Fleet API \(gRPC-rere\) on (\S+)")
+
+#: Words in a stopped SuperNode's last log lines -> what they mean for the hospital (a site
+#: reports the first that matches; never more of the log than that).
+NODE_REFUSED = ("the coordinator refused the node: its key is not registered (never added, or "
+                "revoked), or its previous session has not expired yet")
+SUPERNODE_EXIT_MARKERS: tuple[tuple[str, str], ...] = (
+    ("Failed to activate", NODE_REFUSED),
+    ("PERMISSION_DENIED", "the coordinator refused the node's key"),
+    ("UNAVAILABLE", "the coordinator is unreachable"),
+    ("certificate", "TLS verification failed"),
+)
+
+#: Where each Flower log line above is written, to check that it still is.
+_LOG_SOURCES: dict[str, tuple[str, str]] = {
+    "Fleet API (gRPC-rere) start line": ("flwr.superlink.cli.flower_superlink",
+                                         "Starting Fleet API (gRPC-rere) on"),
+    # the SuperLink's refusal of a node's activation, which the SuperNode logs
+    "SuperNode activation refused": ("flwr.supercore.error.catalog", "Failed to activate"),
+}
+
+
+# -- patch points ----------------------------------------------------------------------------------
+
+def _object_pullers() -> tuple[Callable[..., Any], ...]:
+    from flwr.supercore.inflatable import inflatable_utils
+
+    return inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree
+
+
+def quicken_object_pulls(initial_backoff_s: float) -> None:
+    """Start Flower's retry backoff for a message object that has not arrived yet at
+    ``initial_backoff_s`` (Flower: 1 s) in this process (:mod:`fedmeta.protocol.transport`)."""
+    for fn in _object_pullers():
+        defaults = fn.__kwdefaults__
+        if defaults is None or "initial_backoff" not in defaults:
+            raise RuntimeError(f"{fn.__module__}.{fn.__name__} no longer takes initial_backoff; pin flwr "
+                               f"{PINNED} or update fedmeta.protocol.flower_compat")
+        defaults["initial_backoff"] = float(initial_backoff_s)
+
+
+def _supernode_modules() -> tuple[Any, Any, Any, Any]:
+    from flwr.client.grpc_rere_client import connection
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import start_client_internal
+
+    return connection, constant, heartbeat, start_client_internal
+
+
+def set_supernode_waits(*, idle_sleep: Callable[[float], None], heartbeat_s: int) -> int:
+    """In this process, make the SuperNode's ``time.sleep`` calls go to ``idle_sleep`` (Flower
+    sleeps 3 s between two polls of the SuperLink when idle, 0.5 s while it waits for its worker)
+    and announce a heartbeat of ``heartbeat_s`` (at least Flower's minimum); returns the
+    heartbeat interval set."""
+    problems = [p for p in _supernode_problems()]
+    if problems:
+        raise RuntimeError(f"this Flower no longer has the SuperNode waits fedmeta sets ({'; '.join(problems)}); "
+                           f"pin flwr {PINNED} or update fedmeta.protocol.flower_compat")
+    connection, constant, heartbeat, start_client_internal = _supernode_modules()
+    interval = max(int(heartbeat_s), int(constant.HEARTBEAT_MIN_INTERVAL))
+    connection.HEARTBEAT_DEFAULT_INTERVAL = interval
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval
+    start_client_internal.time = SimpleNamespace(
+        sleep=idle_sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter)
+    return interval
+
+
+def run_supernode() -> None:
+    """Run Flower's ``flower-supernode`` command (``sys.argv`` holds its arguments) in this
+    process, its console log with timestamps and without colour codes (it goes to a file)."""
+    from flwr.common.logger import update_console_handler
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    update_console_handler(timestamps=True, colored=False)
+    flower_supernode()
+
+
+def set_task_identity(*, run_id: int | None = None, node_id: int | None = None,
+                      task_id: int | None = None) -> None:
+    """Who Flower thinks is computing in this process (it stamps messages built in a ClientApp
+    with it): the in-process grid (:mod:`fedmeta.server.local_grid`) sets it per delivery."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    if run_id is not None:
+        TaskIdentity.run_id = run_id
+    if task_id is not None:
+        TaskIdentity.task_id = task_id
+    if node_id is not None:
+        TaskIdentity.node_id = node_id
+
+
+def set_reply_source(reply: Any, node_id: int) -> None:
+    """Set a reply's sender (Flower's metadata has no setter for it; the in-process grid keeps it
+    honest after a ClientApp answered)."""
+    reply.metadata.__dict__["_src_node_id"] = int(node_id)
+
+
+def is_deployed_grid(grid: object) -> bool:
+    """Whether ``grid`` is Flower's grid of a deployment, which reaches its nodes through a
+    SuperLink (so replies arrive by push and pull, and nodes can be slow or gone)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+def _supernode_problems() -> list[str]:
+    connection, constant, heartbeat, start_client_internal = _supernode_modules()
+    problems = []
+    if "time.sleep(3)" not in inspect.getsource(start_client_internal):
+        problems.append("flwr.supernode.start_client_internal no longer sleeps 3 s between polls")
+    for module in (connection, heartbeat):
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            problems.append(f"{module.__name__}.HEARTBEAT_DEFAULT_INTERVAL is gone")
+    if not hasattr(constant, "HEARTBEAT_MIN_INTERVAL"):
+        problems.append("flwr.common.constant.HEARTBEAT_MIN_INTERVAL is gone")
+    return problems
+
+
+def missing() -> list[str]:
+    """What a Flower upgrade moved: each entry names a name, patch point or log line fedmeta
+    relies on that this Flower no longer has where fedmeta expects it (empty: all present)."""
+    out = []
+    for name, (module, attribute) in NAMES.items():
+        try:
+            getattr(import_module(module), attribute)
+        except (ImportError, AttributeError) as e:
+            out.append(f"{name}: {module}.{attribute} ({type(e).__name__})")
+    try:
+        for fn in _object_pullers():
+            if "initial_backoff" not in (fn.__kwdefaults__ or {}):
+                out.append(f"{fn.__module__}.{fn.__name__} no longer takes initial_backoff")
+    except ImportError as e:
+        out.append(f"object pulls: {e}")
+    try:
+        out += _supernode_problems()
+    except ImportError as e:
+        out.append(f"SuperNode waits: {e}")
+    for what, (module, text) in _LOG_SOURCES.items():
+        try:
+            source = inspect.getsource(import_module(module))
+        except (ImportError, OSError) as e:
+            out.append(f"{what}: {module} ({e})")
+            continue
+        if text not in source:
+            out.append(f"{what}: {module} no longer logs {text!r}")
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        for attribute in ("run_id", "node_id", "task_id"):
+            if not isinstance(getattr(type(TaskIdentity), attribute, None), property):
+                out.append(f"TaskIdentity.{attribute} is no longer a settable property")
+        from flwr.app import Metadata
+        from flwr.superlink.grid.http_grid import HttpGrid  # noqa: F401
+
+        if "_src_node_id" not in inspect.getsource(Metadata):
+            out.append("flwr.app.Metadata no longer keeps _src_node_id")
+    except ImportError as e:
+        out.append(f"grid and task identity: {e}")
+    return out
