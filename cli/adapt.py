@@ -220,9 +220,9 @@ def _images(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, c
     from fedmeta.common.bundle import SiteModelBundle
     from fedmeta.common.clinical.calibration import Calibration
     from fedmeta.common.meta.inner import adapt
-    from fedmeta.common.meta.types import InnerConfig
     from fedmeta.common.metrics import multiclass_metrics
     from fedmeta.common.params import from_numpy
+    from fedmeta.sitecore.evaluate import fixed_inner
 
     site = local.site
     model, model_spec, (theta_np, extra_np) = _model_for(cfg, site, state, source=str(params))
@@ -259,9 +259,8 @@ def _images(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, c
                             f"{outputs} outputs (tasks.ways); fine-tuning needs one output per class. "
                             "Hint: use a ProtoNet run, which classifies any number of classes")
         lrs = from_numpy(extra_np) if algorithm.evaluation == "learned_rates" else None
-        inner = InnerConfig(steps=cfg.inner.steps if lrs is not None else (cfg.eval.adapt_steps or cfg.inner.steps),
-                            lr=cfg.inner.lr if lrs is not None else cfg.eval.adapt_lr)
-        phi = adapt(model, theta, xs, ys, inner, lrs=lrs)
+        inner = fixed_inner(cfg, learned_rates=lrs is not None)
+        phi = theta if inner.steps == 0 else adapt(model, theta, xs, ys, inner, lrs=lrs)
         with torch.no_grad():
             logits = torch.func.functional_call(model, phi, (xq,)).double().numpy()
         scores = multiclass_metrics(yq, logits)

@@ -337,21 +337,21 @@ def _run(args: argparse.Namespace) -> int:
     from fedmeta.common.data.registry import data_spec
     from fedmeta.deploy.control import Control
     from fedmeta.deploy.launch import CoordinatorLayout, follow_run, submit_run
-    from fedmeta.server.app import check_run_name
+    from fedmeta.protocol import run_name
     from fedmeta.server.runfolder import load_run_config
 
     layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's saved config; pass changes with --set")
-        name = check_run_name(args.resume)
+        name = run_name.check(args.resume)
         folder = layout.runs / name
         cfg = load_run_config(folder, args.overrides)
         if not (folder / "checkpoint.safetensors").is_file():
             raise ConfigError(f"{folder}: no checkpoint to resume from")
     else:
         cfg = load_config(resolve_config(args.config), args.overrides, allow_empty=False)
-        name = check_run_name(args.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = run_name.chosen(args.name or "", cfg.algorithm)
         if (layout.runs / name).exists():
             raise ConfigError(f"{layout.runs / name}: a run of that name exists; --resume {name} "
                               "continues it, --name picks another")

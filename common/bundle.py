@@ -53,7 +53,7 @@ from fedmeta.common.adaptation import (
 from fedmeta.common.clinical.calibration import Calibration
 from fedmeta.common.clinical.thresholds import Threshold
 from fedmeta.common.errors import DataError, FedmetaError
-from fedmeta.common.models import build_model
+from fedmeta.common.models import ModelSpec
 from fedmeta.common.preprocessing import (
     EhrPreprocessing,
     HeartPreprocessing,
@@ -63,8 +63,7 @@ from fedmeta.common.preprocessing import (
 )
 
 if TYPE_CHECKING:
-    from fedmeta.common.config import ExperimentConfig
-    from fedmeta.common.data.registry import DataSpec
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +75,6 @@ SUFFIX = ".fedmeta"
 
 class BundleError(FedmetaError, ValueError):
     """A file is not a readable fedmeta site-model bundle (or is from a newer fedmeta)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to rebuild the network: ``build_model(name, **kwargs)``."""
-
-    name: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def build(self) -> nn.Module:
-        return build_model(self.name, **dict(self.kwargs))
-
-    @classmethod
-    def for_experiment(cls, cfg: ExperimentConfig, spec: DataSpec) -> ModelSpec:
-        """The spec of :func:`fedmeta.common.experiment.build_model_for` (same branches)."""
-        name = cfg.model.name
-        if spec.kind == "tabular":
-            if name == "linear":
-                return cls("linear", {"in_features": spec.input_shape[0], "out_features": spec.n_classes})
-            return cls("mlp", {"in_features": spec.input_shape[0], "hidden": list(cfg.model.hidden),
-                               "out_features": spec.n_classes})
-        width = cfg.model.hidden[0] if cfg.model.hidden else 64
-        outputs = max(cfg.tasks.ways, spec.n_classes) if cfg.algorithm == "fedavg" else cfg.tasks.ways
-        return cls("conv4", {"in_channels": spec.input_shape[0], "hidden": width, "out_features": outputs})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs)}
 
 
 def _fedmeta_version() -> str:

@@ -14,36 +14,15 @@ from torch import nn
 from fedmeta.common import algorithms
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.registry import DataSpec
-from fedmeta.common.errors import ConfigError
 from fedmeta.common.meta.types import InnerConfig
-from fedmeta.common.models import build_model
+from fedmeta.common.models import ModelSpec
 from fedmeta.common.params import NDArrays, to_numpy
 
 
 def build_model_for(cfg: ExperimentConfig, spec: DataSpec) -> nn.Module:
-    """The configured network for inputs of ``spec.input_shape``.
-
-    Tables: ``mlp`` or ``linear`` with ``spec.n_classes`` outputs. Images: ``conv4`` with
-    ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1), or one per meta-training
-    class for an algorithm that trains a plain classifier (``head == "all_classes"``: FedAvg).
-    """
-    name = cfg.model.name
-    if spec.kind == "tabular":
-        if name == "conv4":
-            raise ConfigError("model.name = conv4: needs image data; use mlp or linear for tables")
-        if name == "linear":
-            return build_model("linear", in_features=spec.input_shape[0], out_features=spec.n_classes)
-        return build_model(
-            "mlp", in_features=spec.input_shape[0], hidden=cfg.model.hidden, out_features=spec.n_classes
-        )
-    if name != "conv4":
-        raise ConfigError(f"model.name = {name}: image data needs conv4")
-    width = cfg.model.hidden[0] if cfg.model.hidden else 64
-    # FedAvg trains an ordinary classifier over every meta-training class, then fine-tunes it on
-    # an episode's (relabelled) classes; the episodic algorithms need ``ways`` outputs.
-    head = algorithms.get(cfg.algorithm).head
-    outputs = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
-    return build_model("conv4", in_channels=spec.input_shape[0], hidden=width, out_features=outputs)
+    """The configured network for inputs of ``spec.input_shape``
+    (:meth:`fedmeta.common.models.ModelSpec.for_experiment`)."""
+    return ModelSpec.for_experiment(cfg, spec).build()
 
 
 def initial_parameters(cfg: ExperimentConfig, spec: DataSpec) -> NDArrays:

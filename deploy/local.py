@@ -42,6 +42,7 @@ from fedmeta.deploy.node import NODE_FILE
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.provision import provision
 from fedmeta.deploy.secrets import PASSPHRASE_ENV, Passphrase
+from fedmeta.protocol.run_name import new as new_run_name
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def deploy_local(
     for plan in plans:
         configure_bundle(deployment / "sites" / plan.name, data=plan.data, runtime_port=free_port())
     t_prov = time.monotonic()
-    run_name = f"{experiment.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = new_run_name(experiment.algorithm)
     state = work / "coordinator"
     status, run_id, t_up, t_run = "not started", -1, t_prov, t_prov
     co = None

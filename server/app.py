@@ -18,9 +18,7 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,31 +27,21 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.config import ExperimentConfig, config_from_dict, load_config
 from fedmeta.common.errors import ConfigError, FedmetaError
-from fedmeta.protocol import flower_compat, transport
+from fedmeta.protocol import flower_compat, run_name, transport
 from fedmeta.protocol.environment import RUNS_DIR as RUNS_ENV
 from fedmeta.server.driver import run_experiment
 from fedmeta.server.handshake import Progress
 
 log = logging.getLogger(__name__)
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
 def default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path("runs") / f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / run_name.new(cfg.algorithm)
 
 
 def runs_root() -> Path:
     """Where a deployed run's folder goes: ``$FEDMETA_RUNS_DIR`` or ``~/fedmeta-runs``."""
     value = os.environ.get(RUNS_ENV, "")
     return Path(value) if value else Path.home() / "fedmeta-runs"
-
-
-def check_run_name(name: str) -> str:
-    """A run folder name: letters, digits, ``.``, ``_``, ``-`` (no path)."""
-    if not RUN_NAME.match(name):
-        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
-    return name
 
 
 def experiment_from_run_config(run_config: dict) -> ExperimentConfig:
@@ -146,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
         transport.apply()  # this process pulls the sites' replies (see fedmeta.protocol.transport)
     rc = dict(context.run_config)
     cfg = experiment_from_run_config(rc)
-    name = check_run_name(str(rc.get("run-name", "")) or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = run_name.chosen(str(rc.get("run-name", "")), cfg.algorithm)
     out = runs_root() / name
     with run_log(out) as say:
         say(f"{cfg.algorithm}, {cfg.rounds} rounds; run folder {out}")

@@ -117,9 +117,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedmeta.server.app import check_run_name, experiment_from_run_config, runs_root
+    from fedmeta.protocol import run_name
+    from fedmeta.server.app import experiment_from_run_config, runs_root
 
     rc = dict(context.run_config)
     cfg = experiment_from_run_config(rc)
-    name = check_run_name(str(rc.get("run-name", "")) or f"secagg-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = run_name.chosen(str(rc.get("run-name", "")), "secagg")
     secure_reptile(grid, context, cfg, runs_root() / name)

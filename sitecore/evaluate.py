@@ -70,6 +70,17 @@ def _predict(model: nn.Module, params: Params, x: torch.Tensor) -> np.ndarray:
     return logits.detach().to("cpu", torch.float64).numpy()
 
 
+def fixed_inner(cfg: ExperimentConfig, *, learned_rates: bool = False) -> InnerConfig:
+    """The inner loop of a fixed adaptation (``eval.adaptation: fixed``, and every multi-class
+    outcome): ``eval.adapt_steps`` steps of ``eval.adapt_lr`` pulled toward θ by
+    ``eval.proximal`` (0 steps: θ as it is), or Meta-SGD's ``inner.steps`` with its own learned
+    rates. The one place these settings are read, for the federated evaluation and ``adapt``."""
+    if learned_rates:
+        return InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
+    e = cfg.eval
+    return InnerConfig(steps=e.adapt_steps, lr=e.adapt_lr, proximal=e.proximal)
+
+
 def adaptation_settings(cfg: ExperimentConfig, *, learned_rates: bool = False) -> AdaptationSettings:
     """The policy's settings from ``eval`` (Meta-SGD: up to ``inner.steps`` steps, its own rates)."""
     e = cfg.eval
@@ -237,10 +248,8 @@ def evaluate_outcome(
             s_before = predict_logit(model, params, x_te)
             p_before = sigmoid(s_before)
             if e.adaptation == "fixed":
-                steps = cfg.inner.steps if evaluation == "learned_rates" else e.adapt_steps
-                inner = InnerConfig(steps=steps, lr=cfg.inner.lr if extra is not None else e.adapt_lr,
-                                    proximal=0.0 if extra is not None else e.proximal)
-                adapted = params if steps == 0 else adapt(model, params, xs, ys, inner, lrs=extra)
+                inner = fixed_inner(cfg, learned_rates=extra is not None)
+                adapted = params if inner.steps == 0 else adapt(model, params, xs, ys, inner, lrs=extra)
                 p_after, t_after, scope = sigmoid(predict_logit(model, adapted, x_te)), 0.5, "fixed"
             else:
                 res = adapt_with_policy(model, params, xs, ys, settings=settings, rng=rng, lrs=extra)
@@ -440,10 +449,8 @@ def evaluate_episodes(
             logits["after"].append(za.cpu().double().numpy())
             continue
         logits["before"].append(_predict(model, params, xq))
-        inner = InnerConfig(steps=cfg.eval.adapt_steps or cfg.inner.steps, lr=cfg.eval.adapt_lr)
-        if lrs is not None:
-            inner = InnerConfig(steps=cfg.inner.steps, lr=cfg.inner.lr)
-        adapted = adapt(model, params, xs, ys, inner, lrs=lrs)
+        inner = fixed_inner(cfg, learned_rates=lrs is not None)
+        adapted = params if inner.steps == 0 else adapt(model, params, xs, ys, inner, lrs=lrs)
         logits["after"].append(_predict(model, adapted, xq))
     y = np.concatenate(labels)
     out: dict[str, dict[str, float] | int] = {}

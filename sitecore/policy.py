@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, model_validator
 
+from fedmeta.common import algorithms
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
 from fedmeta.common.errors import ConfigError, PolicyRefusal
@@ -29,8 +30,6 @@ from fedmeta.protocol.request import SiteRequest
 
 
 def _algorithm_names(value: Any) -> tuple[str, ...]:
-    from fedmeta.common import algorithms
-
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -172,28 +171,16 @@ def parameter_count(cfg: ExperimentConfig, n_features: int, n_classes: int = 2) 
 def check_sizes(policy: SitePolicy, cfg: ExperimentConfig, site: Site, *, phase: str) -> None:
     """Refuse a round whose numbers would rest on fewer patients than the floor."""
     floor = policy.min_patients
-    t = cfg.tasks
     if isinstance(site, TabularSite):
         params = parameter_count(cfg, site.n_features, site.n_classes)
         if params > policy.max_parameters:
             raise PolicyRefusal(f"the model has {params} parameters, more than this site's "
                                 f"max_parameters = {policy.max_parameters}")
     if phase == "train":
-        if isinstance(site, TabularSite):
-            if cfg.algorithm == "fedavg":
-                batch = cfg.fedavg.batch_size or t.meta_batch * (t.support + t.query)
-                rows = min(site.n_train, cfg.fedavg.local_steps * batch)
-                if rows < floor:
-                    raise PolicyRefusal(f"a FedAvg round would use {rows} patients, below this "
-                                        f"site's min_patients = {floor}")
-            elif t.support + t.query < floor:
-                raise PolicyRefusal(f"a task of support + query = {t.support + t.query} patients "
-                                    f"is below this site's min_patients = {floor}")
-        else:
-            per_episode = cfg.tasks.ways * (cfg.tasks.support + cfg.tasks.query)
-            if per_episode < floor:
-                raise PolicyRefusal(f"an episode of {per_episode} images is below this site's "
-                                    f"min_patients = {floor}")
+        kind = "tabular" if isinstance(site, TabularSite) else "images"
+        n, words = algorithms.get(cfg.algorithm).round_patients(cfg, kind, site.n_train)
+        if n < floor:
+            raise PolicyRefusal(f"{words.format(n=n)}, below this site's min_patients = {floor}")
     if site.n_train < floor:
         raise PolicyRefusal(f"the training split has {site.n_train} patients, below this site's "
                             f"min_patients = {floor}")
@@ -207,15 +194,9 @@ def check_agreement(policy: SitePolicy, cfg: ExperimentConfig) -> None:
     would refuse anyway (tables: the sizes :func:`check_sizes` checks that need no data). The
     counts themselves are thresholded at k >= ``min_patients`` by the site (its node config)."""
     floor = policy.min_patients
-    t = cfg.tasks
-    if cfg.algorithm == "fedavg":
-        batch = cfg.fedavg.batch_size or t.meta_batch * (t.support + t.query)
-        if cfg.fedavg.local_steps * batch < floor:
-            raise PolicyRefusal(f"a FedAvg round would use at most {cfg.fedavg.local_steps * batch} "
-                                f"patients, below this site's min_patients = {floor}")
-    elif t.support + t.query < floor:
-        raise PolicyRefusal(f"a task of support + query = {t.support + t.query} patients "
-                            f"is below this site's min_patients = {floor}")
+    n, words = algorithms.get(cfg.algorithm).round_patients(cfg, "tabular", None)
+    if n < floor:
+        raise PolicyRefusal(f"{words.format(n=n)}, below this site's min_patients = {floor}")
 
 
 def check_request(policy: SitePolicy, request: SiteRequest, *, site: Callable[[], Site],

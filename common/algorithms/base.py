@@ -133,6 +133,16 @@ def tasks_examples(cfg: ExperimentConfig, spec: DataSpec) -> int:
     return t.meta_batches * t.meta_batch * per_task
 
 
+def task_patients(cfg: ExperimentConfig, kind: str, n_train: int | None) -> tuple[int, str]:
+    """The fewest patients (images) one of a round's released numbers rests on, for an algorithm
+    that trains on tasks: one task's support and query patients (tables) or one episode's
+    ``ways`` classes of support and query images, with the words a refusal names it by."""
+    t = cfg.tasks
+    if kind == "images":
+        return t.ways * (t.support + t.query), "an episode of {n} images"
+    return t.support + t.query, "a task of support + query = {n} patients"
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """One meta-learning (or baseline) algorithm, as both sides of the federation see it."""
@@ -155,6 +165,10 @@ class Algorithm:
     max_examples: Callable[[ExperimentConfig, DataSpec, int], int] = (
         lambda cfg, spec, n_train: tasks_examples(cfg, spec)
     )
+    #: ``(config, data kind, the site's n_train or None before its data is read) -> (patients,
+    #: words)``: the fewest patients one of a round's released numbers rests on, which a site's
+    #: policy holds to its ``min_patients`` (:func:`task_patients` unless the record says).
+    round_patients: Callable[[ExperimentConfig, str, int | None], tuple[int, str]] = task_patients
     #: How the coordinator drives it: ``rounds`` of ``site_step`` and an outer update, or
     #: ``newton`` steps on the sites' summed gradients and Hessians (the federated GLM).
     procedure: Literal["rounds", "newton"] = "rounds"

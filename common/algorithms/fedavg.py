@@ -10,26 +10,37 @@ training rows, so it may not claim more than the site declared at the handshake.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fedmeta.common.algorithms.base import Algorithm, SiteWork, StepResult
 from fedmeta.common.meta.fedavg import local_sgd
 
+if TYPE_CHECKING:
+    from fedmeta.common.config import ExperimentConfig
 
-def batch_size(work: SiteWork) -> int:
-    """``fedavg.batch_size``, or by default as many rows as one meta-batch of tasks holds."""
-    cfg = work.cfg
+
+def batch_size(cfg: ExperimentConfig, kind: str) -> int:
+    """``fedavg.batch_size``, or by default as many rows as one meta-batch of tasks holds (one
+    episode's images)."""
     if cfg.fedavg.batch_size:
         return cfg.fedavg.batch_size
     per_task = cfg.tasks.support + cfg.tasks.query
-    return (cfg.tasks.ways if work.kind == "images" else cfg.tasks.meta_batch) * per_task
+    return (cfg.tasks.ways if kind == "images" else cfg.tasks.meta_batch) * per_task
+
+
+def round_patients(cfg: ExperimentConfig, kind: str, n_train: int | None) -> tuple[int, str]:
+    """The rows one round's local SGD uses: ``local_steps`` batches, at most the training split."""
+    rows = cfg.fedavg.local_steps * batch_size(cfg, kind)
+    return (rows if n_train is None else min(n_train, rows)), "a FedAvg round would use {n} patients"
 
 
 def site_step(work: SiteWork) -> StepResult:
     x, y = work.training_rows()
     generator = torch.Generator().manual_seed(int(work.rng.integers(2**31)))
     delta, stats = local_sgd(work.model, work.theta, x, y, steps=work.cfg.fedavg.local_steps,
-                             lr=work.cfg.fedavg.lr, batch_size=batch_size(work),
+                             lr=work.cfg.fedavg.lr, batch_size=batch_size(work.cfg, work.kind),
                              generator=generator, loss="cross_entropy")
     return StepResult(delta, stats)
 
@@ -42,4 +53,5 @@ ALGORITHM = Algorithm(
     site_step=site_step,
     head="all_classes",
     max_examples=lambda cfg, spec, n_train: n_train,
+    round_patients=round_patients,
 )

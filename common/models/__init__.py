@@ -12,7 +12,9 @@ Names: ``mlp`` (:class:`MLP`), ``linear`` (:class:`LogisticRegression`), ``conv4
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -21,8 +23,13 @@ from fedmeta.common.models.conv import BatchStatNorm2d, Conv4
 from fedmeta.common.models.mlp import MLP, LogisticRegression
 from fedmeta.common.models.relation import RelationNet, relation_conv4, relation_mlp
 
+if TYPE_CHECKING:
+    from fedmeta.common.config import ExperimentConfig
+    from fedmeta.common.data.registry import DataSpec
+
 __all__ = [
     "MODELS",
+    "ModelSpec",
     "MLP",
     "BatchStatNorm2d",
     "Conv4",
@@ -39,6 +46,48 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "relation-conv4": relation_conv4,
     "relation-mlp": relation_mlp,
 }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild a network: ``build_model(name, **kwargs)``; the one place an experiment's
+    model is decided (:meth:`for_experiment`), for training, for a bundle and for ONNX."""
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, **dict(self.kwargs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def for_experiment(cls, cfg: ExperimentConfig, spec: DataSpec) -> ModelSpec:
+        """The configured network for inputs of ``spec.input_shape``.
+
+        Tables: ``mlp`` or ``linear`` with ``spec.n_classes`` outputs. Images: ``conv4`` with
+        ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1), or one per
+        meta-training class for an algorithm that trains a plain classifier (its record's
+        ``head == "all_classes"``: FedAvg).
+        """
+        from fedmeta.common import algorithms
+        from fedmeta.common.errors import ConfigError
+
+        name = cfg.model.name
+        if spec.kind == "tabular":
+            if name == "conv4":
+                raise ConfigError("model.name = conv4: needs image data; use mlp or linear for tables")
+            if name == "linear":
+                return cls("linear", {"in_features": spec.input_shape[0], "out_features": spec.n_classes})
+            return cls("mlp", {"in_features": spec.input_shape[0], "hidden": list(cfg.model.hidden),
+                               "out_features": spec.n_classes})
+        if name != "conv4":
+            raise ConfigError(f"model.name = {name}: image data needs conv4")
+        width = cfg.model.hidden[0] if cfg.model.hidden else 64
+        head = algorithms.get(cfg.algorithm).head
+        outputs = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
+        return cls("conv4", {"in_channels": spec.input_shape[0], "hidden": width, "out_features": outputs})
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:

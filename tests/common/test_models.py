@@ -93,3 +93,30 @@ def test_build_model_rejects_bad_names_and_arguments() -> None:
         build_model("conv4", image_size=8)
     with pytest.raises(ValueError, match=r"channels \(6\) divisible by groups \(4\)"):
         build_model("conv4", hidden=6)
+
+
+def test_one_model_spec_decides_the_network_for_training_and_for_the_bundle() -> None:
+    """``ModelSpec.for_experiment`` is the one decision: ``build_model_for`` builds exactly it,
+    an image head has one output per class for an algorithm whose record trains a plain
+    classifier (FedAvg) and ``ways`` outputs otherwise, and a wrong family is an error."""
+    import pytest
+
+    from fedmeta.common.config import load_config
+    from fedmeta.common.data.registry import DataSpec
+    from fedmeta.common.errors import ConfigError
+    from fedmeta.common.experiment import build_model_for
+    from fedmeta.common.models import ModelSpec
+
+    images = DataSpec(kind="images", input_shape=(1, 28, 28), n_classes=12, sites=("a",))
+    for algorithm, outputs in (("fedavg", 12), ("protonet", 5), ("reptile", 5)):
+        cfg = load_config(None, [f"algorithm={algorithm}", "model.name=conv4", "model.hidden=[16]",
+                                 "tasks.ways=5"])
+        spec = ModelSpec.for_experiment(cfg, images)
+        assert spec.kwargs["out_features"] == outputs and spec.kwargs["hidden"] == 16
+        built = {k: tuple(v.shape) for k, v in build_model_for(cfg, images).state_dict().items()}
+        assert built == {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    tables = DataSpec(kind="tabular", input_shape=(13,), n_classes=2, sites=("a",))
+    linear = ModelSpec.for_experiment(load_config(None, ["algorithm=reptile", "model.name=linear"]), tables)
+    assert linear.to_dict() == {"name": "linear", "kwargs": {"in_features": 13, "out_features": 2}}
+    with pytest.raises(ConfigError, match="conv4: needs image data"):
+        ModelSpec.for_experiment(load_config(None, ["algorithm=reptile", "model.name=conv4"]), tables)

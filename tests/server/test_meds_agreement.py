@@ -192,7 +192,7 @@ def test_deployed_policy_checks_the_count_request_before_any_data_is_read(consor
 
     with pytest.raises(PolicyRefusal, match="algorithm 'maml' is not allowed here"):
         check_request(policy, request("algorithm=maml"), site=site)
-    with pytest.raises(PolicyRefusal, match=r"a task of support \+ query = 20 patients is below "
+    with pytest.raises(PolicyRefusal, match=r"a task of support \+ query = 20 patients, below "
                                             "this site's min_patients = 30"):
         check_request(policy, request(), site=site)
     check_request(policy, request("tasks.support=15", "tasks.query=15"), site=site)  # allowed

@@ -158,3 +158,16 @@ def test_nothing_derivable_from_the_released_numbers_rests_below_the_floor():
     # enough of both: everything is released
     flat, _ = released_metrics(_hand_result(events=60, n_test=100, negatives_basis=40), ("o",), floor=20)
     assert {"after.accuracy", "after.specificity", "after.prevalence", "events"} <= set(flat)
+
+
+def test_fixed_adaptation_settings_have_one_meaning() -> None:
+    """``eval.adapt_steps = 0`` keeps θ in every path (it used to mean ``inner.steps`` for
+    multi-class outcomes and in ``adapt``); Meta-SGD adapts with its own rates for inner.steps."""
+    from fedmeta.common.config import load_config
+    from fedmeta.common.meta.types import InnerConfig
+    from fedmeta.sitecore.evaluate import fixed_inner
+
+    cfg = load_config(None, ["eval.adapt_steps=0", "eval.adapt_lr=0.2", "eval.proximal=0.5",
+                             "inner.steps=7", "inner.lr=0.03"])
+    assert fixed_inner(cfg) == InnerConfig(steps=0, lr=0.2, proximal=0.5)
+    assert fixed_inner(cfg, learned_rates=True) == InnerConfig(steps=7, lr=0.03, proximal=0.0)

@@ -55,7 +55,7 @@ def test_a_one_patient_test_split_is_refused_with_counts_only() -> None:
 def test_small_tasks_and_small_fedavg_rounds_are_refused() -> None:
     cfg = _cfg("tasks.support=5", "tasks.query=5")
     site = load_site(cfg.data, "Cleveland")
-    with pytest.raises(PolicyRefusal, match=r"a task of support \+ query = 10 patients is below"):
+    with pytest.raises(PolicyRefusal, match=r"a task of support \+ query = 10 patients, below this site"):
         check_sizes(SitePolicy(), cfg, site, phase="train")
     fedavg = _cfg("algorithm=fedavg", "fedavg.local_steps=1", "fedavg.batch_size=8")
     with pytest.raises(PolicyRefusal, match="a FedAvg round would use 8 patients"):
