@@ -356,14 +356,12 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{layout.runs / name}: a run of that name exists; --resume {name} "
                               "continues it, --name picks another")
     spec = data_spec(cfg.data)  # every file the experiment names must be there before submitting
-    if args.secagg and cfg.algorithm != "reptile":
-        raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}"
-                          + (" (the default, auto, chooses among candidates secure aggregation does not "
-                             "carry): add --set algorithm=reptile" if cfg.algorithm == "auto" else ""))
-    if args.secagg and spec.needs_agreement:
-        raise ConfigError(f"--secagg: data.source {cfg.data.source!r} needs the sites' feature "
-                          "agreement first, which secure aggregation runs do not hold; run without "
-                          "--secagg")
+    if args.secagg:
+        from fedmeta.server.secagg_app import refusal
+
+        why = refusal(cfg, spec)
+        if why is not None:
+            raise ConfigError(f"--secagg: {why}")
     _coordinator_env(args)  # then the coordinator must be running
     from fedmeta.server.audit import open_log
 

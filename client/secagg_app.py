@@ -1,9 +1,11 @@
-"""fedmeta's ClientApp for secure aggregation (``fedmeta run --secagg``): Reptile deltas via SecAgg+.
+"""fedmeta's ClientApp for secure aggregation (``fedmeta run --secagg``): updates via SecAgg+.
 
 The coordinator's :mod:`fedmeta.server.secagg_app` sends θ as legacy parameters (arrays in the
 order of :func:`fedmeta.common.experiment.initial_parameters`) and the experiment as JSON in the
-round config; this app computes the site's Reptile delta with the same local code as the
-plain ClientApp (:func:`fedmeta.sitecore.train.train_update`) and hands it to ``secaggplus_mod``.
+round config; this app computes the site's update (a Reptile delta, or a MAML/FOMAML/ProtoNet
+meta-gradient; an algorithm whose record says secure aggregation cannot carry it is refused)
+with the same local code as the plain ClientApp (:func:`fedmeta.sitecore.train.train_update`)
+and hands it to ``secaggplus_mod``.
 
 The request is parsed once (:func:`fedmeta.protocol.request.parse_request`). At a deployed site
 the worker parses it, checks it against the site's policy and serves it with :func:`serving`, so
@@ -23,6 +25,7 @@ from flwr.common import parameters_to_ndarrays
 
 from fedmeta.client.app import site_of
 from fedmeta.client.secagg import make_secagg_client_app
+from fedmeta.common import algorithms
 from fedmeta.common.experiment import initial_parameters, site_rng
 from fedmeta.protocol.flower_compat import Mod, arrayrecord_to_parameters
 from fedmeta.protocol.request import RequestError, SecAggBounds, SiteRequest, parse_request
@@ -55,11 +58,15 @@ def request_of(msg: Message) -> SiteRequest:
     return request
 
 
-def reptile_delta(msg: Message, context: Context) -> tuple[list[np.ndarray], int, SecAggBounds | None]:
-    """This site's Reptile delta for one round, as a list in θ's parameter order."""
+def site_update(msg: Message, context: Context) -> tuple[list[np.ndarray], int, SecAggBounds | None]:
+    """This site's update for one round (a delta or a meta-gradient, as the experiment's
+    algorithm computes it), as a list in θ's parameter order."""
     request = request_of(msg)
     assert request.arrays is not None  # the parse requires the parameters
     cfg = request.experiment
+    why = algorithms.get(cfg.algorithm).secure_aggregation
+    if why:
+        raise RequestError(f"secure aggregation cannot carry algorithm {cfg.algorithm!r}: {why}")
     theta = [np.asarray(a) for a in parameters_to_ndarrays(arrayrecord_to_parameters(request.arrays, keep_input=True))]
     site = site_of(context, cfg)
     spec = spec_of(site)
@@ -75,7 +82,7 @@ def reptile_delta(msg: Message, context: Context) -> tuple[list[np.ndarray], int
 
 def make_app(mods: Sequence[Mod] = ()) -> ClientApp:
     """The SecAgg+ ClientApp; ``mods`` run before the protocol's own."""
-    return make_secagg_client_app(reptile_delta, mods=mods)
+    return make_secagg_client_app(site_update, mods=mods)
 
 
 app = make_app()

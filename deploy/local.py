@@ -259,13 +259,13 @@ def deploy_local(
     if cfg.federation.min_nodes > sites:
         raise ConfigError(f"federation.min_nodes = {cfg.federation.min_nodes}: more than the "
                           f"{sites} sites started")
-    if secagg and cfg.algorithm != "reptile":
-        raise ConfigError(f"--secagg carries Reptile deltas; algorithm is {cfg.algorithm!r}"
-                          + (" (the default, auto, chooses among candidates secure aggregation does not "
-                             "carry): add --set algorithm=reptile" if cfg.algorithm == "auto" else ""))
-    if secagg and cfg.data.source in ("meds", "synth-meds"):
-        raise ConfigError("--secagg: MEDS sites agree on their features first, which secure "
-                          "aggregation runs do not hold; run without --secagg")
+    if secagg:
+        from fedmeta.common.data.registry import data_spec
+        from fedmeta.server.secagg_app import refusal
+
+        why = refusal(cfg, data_spec(cfg.data))
+        if why is not None:
+            raise ConfigError(f"--secagg: {why}")
     site_names(cfg, sites)  # the data source and its sites, before anything is written
     t0 = time.monotonic()
     out = out.resolve()

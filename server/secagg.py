@@ -1,12 +1,15 @@
-"""Secure aggregation of Reptile deltas with Flower's SecAgg+ (Bell et al. 2020, CCS).
+"""Secure aggregation of the sites' updates with Flower's SecAgg+ (Bell et al. 2020, CCS).
 
 Flower 1.39 implements SecAgg+ only on its legacy path: a ``LegacyContext`` running
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy ``Strategy`` on the server,
 and ``secaggplus_mod`` on every ClientApp. The protocol masks each site's *legacy FitRes
 parameters* and reveals only their example-weighted mean to the server. It is value-agnostic, so
-it carries Reptile deltas as well as weights: a site returns ``Δ_i = φ_i − θ`` as its "parameters"
-and the server receives ``Δ̄ = Σ n_i Δ_i / Σ n_i`` (:class:`SecureReptile` then applies
-``θ ← θ + β Δ̄``). What it costs, and why it is a separate path from the Message-API strategy:
+it carries updates as well as weights: a site returns its round's update (a Reptile delta
+``Δ_i = φ_i − θ``, or a MAML/FOMAML/ProtoNet meta-gradient) as its "parameters" and the server
+receives ``Σ n_i Δ_i / Σ n_i`` (:class:`SecureMean` then applies ``θ ← θ + β Δ̄`` for deltas, an
+outer step along the mean gradient for gradients; the algorithm record says which one it can
+carry: ``Algorithm.secure_aggregation``). What it costs, and why it is a separate path from the
+Message-API strategy:
 
 * Values are clipped to ``[-R, R]`` and stochastically quantised to ``Q`` levels before masking,
   so the mean is exact only up to ``2R/Q`` per coordinate (unbiased). :func:`secagg_settings`
@@ -106,10 +109,11 @@ def secagg_settings(
     )
 
 
-class SecureReptile(FedAvg):
-    """Legacy strategy for SecAgg+: receives the securely averaged delta and hands ``−Δ̄`` to the
-    experiment's outer optimiser (SGD with ``lr = β`` is Reptile's ``θ + β Δ̄``; momentum, Adam
-    and Yogi act on the same direction, as in the plain path).
+class SecureMean(FedAvg):
+    """Legacy strategy for SecAgg+: receives the securely averaged update and hands the
+    experiment's outer optimiser its direction: ``−Δ̄`` for deltas (SGD with ``lr = β`` is
+    Reptile's ``θ + β Δ̄``), the mean meta-gradient itself for gradients (MAML, FOMAML,
+    ProtoNets); momentum, Adam and Yogi act on the same direction, as in the plain path.
 
     Under ``SecAggPlusWorkflow`` every ``FitRes`` handed to :meth:`aggregate_fit` carries the same
     aggregate (the workflow writes it into each); this class takes it once. ``on_round`` is called
@@ -123,6 +127,7 @@ class SecureReptile(FedAvg):
         outer: OuterConfig,
         min_sites: int,
         on_round: Callable[[int, list[np.ndarray], list[np.ndarray]], None] | None = None,
+        update_kind: str = "delta",
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -136,6 +141,9 @@ class SecureReptile(FedAvg):
         self._optimizer = OuterOptimizer(
             {n: np.array(t, copy=True) for n, t in zip(self._names, theta, strict=True)}, outer)
         self.on_round = on_round
+        if update_kind not in ("delta", "gradient"):
+            raise ValueError(f"update_kind {update_kind!r}: delta or gradient")
+        self._sign = -1.0 if update_kind == "delta" else 1.0
 
     @property
     def theta(self) -> list[np.ndarray]:
@@ -157,7 +165,7 @@ class SecureReptile(FedAvg):
         if len(mean_delta) != len(theta) or any(
                 d.shape != t.shape for d, t in zip(mean_delta, theta, strict=True)):
             raise ValueError("the secure aggregate does not match θ's arrays")
-        self._optimizer.step({n: -np.asarray(d, dtype=t.dtype)
+        self._optimizer.step({n: self._sign * np.asarray(d, dtype=t.dtype)
                               for n, d, t in zip(self._names, mean_delta, theta, strict=True)})
         if self.on_round is not None:
             self.on_round(server_round, mean_delta, self.theta)
@@ -168,7 +176,7 @@ class SecureReptile(FedAvg):
 
 
 def run_secure_rounds(
-    grid: Grid, context: Context, strategy: SecureReptile, *, rounds: int, settings: SecAggSettings
+    grid: Grid, context: Context, strategy: SecureMean, *, rounds: int, settings: SecAggSettings
 ) -> None:
     """Run ``rounds`` rounds of SecAgg+ with ``strategy`` (Flower's legacy workflow)."""
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
@@ -187,7 +195,7 @@ def run_secure_rounds(
 
 
 def make_secagg_server_app(
-    strategy: SecureReptile, *, rounds: int, settings: SecAggSettings
+    strategy: SecureMean, *, rounds: int, settings: SecAggSettings
 ) -> ServerApp:
     """A ServerApp running ``rounds`` rounds of SecAgg+ with ``strategy``."""
     app = ServerApp()

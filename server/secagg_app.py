@@ -1,14 +1,16 @@
-"""fedmeta's ServerApp for secure aggregation (``fedmeta run --secagg``): Reptile over SecAgg+.
+"""fedmeta's ServerApp for secure aggregation (``fedmeta run --secagg``): rounds over SecAgg+.
 
-Reads the same run config as :mod:`fedmeta.server.app` and runs ``rounds`` rounds of Reptile in
-which the coordinator only ever sees the example-weighted mean of the sites' deltas (see
+Reads the same run config as :mod:`fedmeta.server.app` and runs ``rounds`` rounds of the
+experiment's algorithm (any whose record allows it: Reptile, MAML, FOMAML, ProtoNets; see
+:func:`refusal`) in which the coordinator only ever sees the example-weighted mean of the sites'
+updates (see
 :mod:`fedmeta.server.secagg` for what this protects and rules out). The protocol's settings come
 from :func:`~fedmeta.server.secagg.secagg_settings` for the sites connected at the start: every
 site is a neighbour of every other and one may drop out per round. Sites clip their deltas to
 ``privacy.clip`` in L2 and, with ``privacy.dp``, add their share of the Gaussian noise sized for
 the worst case the dropout threshold allows, so that the released sum always carries at least
 ``privacy.noise_multiplier × privacy.clip``; ε at ``privacy.delta`` is reported per round. The
-experiment's outer optimiser applies the mean delta. Writes ``summary.json``, ``rounds.jsonl``
+experiment's outer optimiser applies the mean update. Writes ``summary.json``, ``rounds.jsonl``
 and ``final.safetensors`` into ``out``; no per-site evaluation (that would need per-site replies,
 which is what this mode hides).
 """
@@ -23,7 +25,9 @@ import numpy as np
 from flwr.app import Context
 from flwr.server import Grid, ServerApp
 
-from fedmeta.common.config import ExperimentConfig
+from fedmeta.common import algorithms
+from fedmeta.common.config import AUTO, ExperimentConfig
+from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.params import l2_norm
 from fedmeta.common.privacy import epsilon
@@ -31,35 +35,49 @@ from fedmeta.protocol import keys as K
 from fedmeta.server import audit as audit_log
 from fedmeta.server.handshake import wait_for_nodes
 from fedmeta.server.runfolder import RunFolder
-from fedmeta.server.secagg import SecAggSettings, SecureReptile, run_secure_rounds, secagg_settings
+from fedmeta.server.secagg import SecAggSettings, SecureMean, run_secure_rounds, secagg_settings
 
 log = logging.getLogger(__name__)
 
 
-def settings_for(cfg: ExperimentConfig, n_sites: int) -> SecAggSettings:
-    """SecAgg+ settings for ``n_sites`` sites of experiment ``cfg`` (one may drop out)."""
-    t = cfg.tasks
-    per_round = t.meta_batch * (t.support + t.query) * t.meta_batches  # a site's weight
+def settings_for(cfg: ExperimentConfig, spec: DataSpec, n_sites: int) -> SecAggSettings:
+    """SecAgg+ settings for ``n_sites`` sites of experiment ``cfg`` (one may drop out); a site's
+    weight is bounded by the most examples its algorithm's reply may claim."""
+    per_round = algorithms.get(cfg.algorithm).max_examples(cfg, spec, 0)
     return secagg_settings(n_sites=n_sites, l2_bound=cfg.privacy.clip, max_examples=per_round,
                            dropout_tolerance=1, timeout=cfg.federation.timeout_s)
 
 
-def secure_reptile(grid: Grid, context: Context, cfg: ExperimentConfig, out: Path) -> dict:
-    """Run ``cfg`` (Reptile) over SecAgg+; returns the summary written to ``out``."""
+def refusal(cfg: ExperimentConfig, spec: DataSpec) -> str | None:
+    """Why a secure-aggregation run of ``cfg`` cannot be held (None: it can): the one check for
+    ``fedmeta run --secagg``, ``fedmeta deploy local --secagg`` and this ServerApp."""
+    if cfg.algorithm == AUTO:
+        carried = ", ".join(a for a in algorithms.names() if not algorithms.get(a).secure_aggregation)
+        return (f"algorithm {AUTO} chooses among candidates (the federated GLM first) that secure "
+                f"aggregation does not carry; set one it carries ({carried}), e.g. --set algorithm=reptile")
+    why = algorithms.get(cfg.algorithm).secure_aggregation
+    if why:
+        return f"secure aggregation cannot carry algorithm {cfg.algorithm!r}: {why}"
+    if spec.needs_agreement:
+        return (f"data.source {cfg.data.source!r}: the sites agree on their features first, which "
+                "secure aggregation runs do not hold; run without secure aggregation")
+    return None
+
+
+def secure_rounds(grid: Grid, context: Context, cfg: ExperimentConfig, out: Path) -> dict:
+    """Run ``cfg`` over SecAgg+; returns the summary written to ``out``."""
     from fedmeta.common.data.registry import data_spec
     from fedmeta.common.experiment import initial_parameters
 
-    if cfg.algorithm != "reptile":
-        raise ConfigError(f"secure aggregation carries Reptile deltas; algorithm is {cfg.algorithm!r}")
-    folder = RunFolder(out)
     spec = data_spec(cfg.data)
-    if spec.needs_agreement:
-        raise ConfigError(f"data.source {cfg.data.source!r}: the sites' feature agreement is not "
-                          "held in secure aggregation runs; run without secure aggregation")
+    why = refusal(cfg, spec)
+    if why is not None:
+        raise ConfigError(why)
+    folder = RunFolder(out)
     theta0 = initial_parameters(cfg, spec)
     names = list(theta0)
     n_sites = len(wait_for_nodes(grid, max(cfg.federation.min_nodes, 3), cfg.federation.timeout_s))
-    settings = settings_for(cfg, n_sites)
+    settings = settings_for(cfg, spec, n_sites)
     noise_sites = int(settings.reconstruction_threshold)
     log.info("effective configuration: %s; SecAgg+ %s", cfg.to_json(), settings)
     audit = audit_log.from_env()
@@ -76,25 +94,25 @@ def secure_reptile(grid: Grid, context: Context, cfg: ExperimentConfig, out: Pat
             "epsilon": eps, "wall_s": round(time.monotonic() - t_round[0], 4),
         })
         t_round[0] = time.monotonic()
-        log.info("round %d/%d: secure mean delta applied (ε = %s)", server_round, cfg.rounds, eps)
+        log.info("round %d/%d: secure mean update applied (ε = %s)", server_round, cfg.rounds, eps)
 
-    strategy = SecureReptile(theta=[theta0[n] for n in names], outer=cfg.outer, min_sites=n_sites,
-                             on_round=on_round)
+    strategy = SecureMean(theta=[theta0[n] for n in names], outer=cfg.outer, min_sites=n_sites,
+                          on_round=on_round, update_kind=algorithms.get(cfg.algorithm).update_kind)
     strategy.on_fit_config_fn = lambda r: {  # type: ignore[assignment]
         K.EXPERIMENT: cfg.to_json(), K.ROUND: r, K.SECAGG_L2_BOUND: cfg.privacy.clip,
         K.SECAGG_NOISE: cfg.privacy.noise_multiplier if cfg.privacy.dp else 0.0,
         K.SECAGG_N_SITES: noise_sites,
     }
     if audit is not None:
-        audit.record("run_started", run_id=int(context.run_id), algorithm="reptile+secagg",
+        audit.record("run_started", run_id=int(context.run_id), algorithm=f"{cfg.algorithm}+secagg",
                      rounds=cfg.rounds, config_sha256="", nodes=sorted(grid.get_node_ids()))
     run_secure_rounds(grid, context, strategy, rounds=cfg.rounds, settings=settings)
     theta = dict(zip(names, strategy.theta, strict=True))
-    folder.save_final(theta, {"algorithm": "reptile", "rounds": cfg.rounds, "secure_aggregation": True,
+    folder.save_final(theta, {"algorithm": cfg.algorithm, "rounds": cfg.rounds, "secure_aggregation": True,
                               "config": cfg.to_json()})
     done = folder.read_rounds(cfg.rounds)
     summary = {
-        "algorithm": "reptile", "secure_aggregation": True, "rounds": cfg.rounds,
+        "algorithm": cfg.algorithm, "secure_aggregation": True, "rounds": cfg.rounds,
         "rounds_completed": len(done), "wall_s": round(time.monotonic() - t0, 3),
         "config": cfg.to_dict(),
         "secagg": {"sites": n_sites, "num_shares": settings.num_shares,
@@ -123,4 +141,4 @@ def main(grid: Grid, context: Context) -> None:
     rc = dict(context.run_config)
     cfg = experiment_from_run_config(rc)
     name = run_name.chosen(str(rc.get("run-name", "")), "secagg")
-    secure_reptile(grid, context, cfg, runs_root() / name)
+    secure_rounds(grid, context, cfg, runs_root() / name)

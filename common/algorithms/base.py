@@ -169,6 +169,9 @@ class Algorithm:
     #: words)``: the fewest patients one of a round's released numbers rests on, which a site's
     #: policy holds to its ``min_patients`` (:func:`task_patients` unless the record says).
     round_patients: Callable[[ExperimentConfig, str, int | None], tuple[int, str]] = task_patients
+    #: Why secure aggregation (SecAgg+, where the coordinator sees only the weighted mean of the
+    #: sites' updates) cannot carry it; empty: it can.
+    secure_aggregation: str = ""
     #: How the coordinator drives it: ``rounds`` of ``site_step`` and an outer update, or
     #: ``newton`` steps on the sites' summed gradients and Hessians (the federated GLM).
     procedure: Literal["rounds", "newton"] = "rounds"
@@ -178,6 +181,9 @@ class Algorithm:
             raise ValueError(f"algorithm {self.name}: update_kind {self.update_kind!r}")
         if self.extra_state is not _no_extra and not self.extra_prefix:
             raise ValueError(f"algorithm {self.name}: extra state needs an extra_prefix")
+        if not self.secure_aggregation and (self.extra_prefix or self.procedure != "rounds"):
+            raise ValueError(f"algorithm {self.name}: secure aggregation carries the mean update of "
+                             "θ alone; say why it cannot carry this one (secure_aggregation)")
 
     # -- the broadcast state: θ plus the extra state, one flat dict on the wire -------------------
     def initial_state(self, theta: NDArrays, cfg: ExperimentConfig) -> NDArrays:

@@ -54,4 +54,6 @@ ALGORITHM = Algorithm(
     head="all_classes",
     max_examples=lambda cfg, spec, n_train: n_train,
     round_patients=round_patients,
+    secure_aggregation="a FedAvg reply is weighted by the site's training rows, which SecAgg+'s "
+                       "bounded weight cannot carry",
 )

@@ -30,4 +30,5 @@ ALGORITHM = Algorithm(
     site_step=site_step,
     procedure="newton",
     max_examples=lambda cfg, spec, n_train: n_train,
+    secure_aggregation="its Newton steps need the sites' gradient and Hessian sums, not a mean update",
 )

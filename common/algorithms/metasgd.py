@@ -60,4 +60,6 @@ ALGORITHM = Algorithm(
     extra_prefix=PREFIX,
     extra_state=initial_rates,
     summary=rate_summary,
+    secure_aggregation="its learned per-parameter rates are extra state that a SecAgg+ round does "
+                       "not carry",
 )

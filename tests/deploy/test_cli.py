@@ -107,7 +107,11 @@ def test_secure_aggregation_with_the_default_auto_is_refused_before_anything_sta
     from fedmeta.common.errors import ConfigError
     from fedmeta.deploy.local import deploy_local
 
-    with pytest.raises(ConfigError, match="--secagg carries Reptile deltas; algorithm is 'auto' .* add --set "
-                                          "algorithm=reptile"):
+    with pytest.raises(ConfigError, match="--secagg: algorithm auto chooses among candidates .* "
+                                          "--set algorithm=reptile"):
         deploy_local(sites=3, rounds=1, out=tmp_path / "out", secagg=True)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--secagg: secure aggregation cannot carry algorithm 'fedavg': a "
+                                          "FedAvg reply is weighted by the site's training rows"):
+        deploy_local(sites=3, rounds=1, out=tmp_path / "out", secagg=True, overrides=["algorithm=fedavg"])
     assert not (tmp_path / "out").exists()

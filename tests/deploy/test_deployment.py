@@ -253,18 +253,20 @@ def test_federated_run_over_tls_with_owner_only_state(consortium: Consortium) ->
         assert stat.S_IMODE(status.stat().st_mode) == 0o600
 
 
-def test_secure_aggregation_run_over_tls(consortium: Consortium) -> None:
-    """Reptile over SecAgg+ through the real SuperLink and the site workers; sites clip to
-    privacy.clip, so the securely averaged delta cannot exceed it."""
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
+def test_secure_aggregation_run_over_tls(consortium: Consortium, algorithm: str) -> None:
+    """Reptile deltas and FOMAML meta-gradients over SecAgg+ through the real SuperLink and the
+    site workers; sites clip to privacy.clip, so the securely averaged update cannot exceed it."""
     d = consortium
-    cfg = load_config(None, ["algorithm=reptile", "rounds=1", "privacy.clip=0.05", "tasks.meta_batch=4"])
+    cfg = load_config(None, [f"algorithm={algorithm}", "rounds=1", "privacy.clip=0.05", "tasks.meta_batch=4"])
     assert d.co.control is not None
     run_id = submit_run(d.co.control, d.co.layout.flwr_home, secure_aggregation=True,
-                        run_config={"experiment": cfg.to_json(), "run-name": "secagg"})
+                        run_config={"experiment": cfg.to_json(), "run-name": f"secagg-{algorithm}"})
     assert wait_run(d.co.control, run_id, timeout=300) == "finished:completed"
-    folder = d.co.layout.runs / "secagg"
+    folder = d.co.layout.runs / f"secagg-{algorithm}"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["secure_aggregation"] is True and summary["rounds_completed"] == 1
+    assert summary["algorithm"] == algorithm
     assert summary["secagg"]["sites"] == 3 and summary["secagg"]["noise_shared_by"] == 2
     (r1,) = _rounds(folder)
     assert 0 < r1["mean_delta_norm"] <= 0.05 + 1e-5
