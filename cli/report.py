@@ -12,6 +12,7 @@ into the same folder (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -44,17 +45,14 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, int | float) else math.nan
 
 
-def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the two PNGs and ``report.md``; returns their paths."""
+def _figures(summary: dict[str, Any], rounds: list[dict[str, Any]], sites: list[str],
+             out_dir: Path) -> list[Path]:
+    """``curves.png`` and ``adaptation.png`` (matplotlib: the ``reports`` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-
-    summary, rounds = read_run(run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sites = sorted(summary["sites"])
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r["round"] for r in rounds]
@@ -92,6 +90,17 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
     bars = out_dir / "adaptation.png"
     fig.savefig(bars, dpi=120)
     plt.close(fig)
+    return [curves, bars]
+
+
+def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Write ``report.md`` and, with matplotlib installed (``pip install 'fedmeta[reports]'``),
+    its figures; returns their paths."""
+    summary, rounds = read_run(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sites = sorted(summary["sites"])
+    plots = importlib.util.find_spec("matplotlib") is not None
+    written = _figures(summary, rounds, sites, out_dir) if plots else []
 
     def fmt(v: Any) -> str:
         x = _num(v)
@@ -134,14 +143,16 @@ def write_report(run_dir: Path, out_dir: Path) -> list[Path]:
             mark = " **(chosen)**" if (row["candidate"], row["rounds"]) == (sel["chosen"], sel["rounds"]) else ""
             lines.append(f"| {row['candidate']}{mark} | {row['rounds']} | {fmt(row['val_log_loss'])} | "
                          f"{fmt(row.get('val_log_loss_se'))} | {row['val_patients']} | {fmt(row['val_auroc_mean'])} |")
-    written = [curves, bars]
-    diagram = _reliability(summary, out_dir)
+    diagram = _reliability(summary, out_dir) if plots else None
     if diagram is not None:
         written.append(diagram)
     lines += _clinical_tables(summary)
     rejected = sum(len(r.get("rejected", {})) for r in rounds)
-    lines += ["", f"Rejected replies over the run: {rejected}.", "", "![learning curves](curves.png)", "",
-              "![before/after adaptation](adaptation.png)", ""]
+    lines += ["", f"Rejected replies over the run: {rejected}.", ""]
+    if plots:
+        lines += ["![learning curves](curves.png)", "", "![before/after adaptation](adaptation.png)", ""]
+    else:
+        lines += ["(No figures: matplotlib is not installed; `pip install 'fedmeta[reports]'` adds them.)", ""]
     if diagram is not None:
         lines += ["![calibration after adaptation](reliability.png)", ""]
     report = out_dir / "report.md"

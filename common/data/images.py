@@ -170,10 +170,10 @@ def load_npz_site(
 
 def _read_one(path: Path, *, size: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
     """One image file as float32 ``(C, H, W)`` in [0, 1]."""
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - Pillow is a dependency
-        raise DataError("reading image folders needs Pillow (pip install pillow)") from e
+    from fedmeta.common import extras
+
+    extras.require("images")
+    from PIL import Image
     if path.suffix.lower() in DICOM_SUFFIXES:
         try:
             import pydicom
@@ -469,6 +469,7 @@ register_source(
     Source(
         lambda cfg: images_spec_from(_images_root(cfg), cfg),
         lambda cfg, name: _images_load_from(_images_root(cfg), cfg, name),
+        needs=lambda cfg: ("images",),
     ),
 )
 register_source(

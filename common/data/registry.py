@@ -49,6 +49,8 @@ class DataSpec:
 class Source:
     spec: Callable[[DataConfig], DataSpec]
     load: Callable[[DataConfig, str], Site]
+    #: The extras (:mod:`fedmeta.common.extras`) reading this source needs under ``cfg``.
+    needs: Callable[[DataConfig], tuple[str, ...]] = lambda cfg: ()
 
 
 _SOURCES: dict[str, Source] = {}
@@ -97,8 +99,18 @@ def simulation_sites(cfg: DataConfig) -> tuple[str, ...]:
     return training_sites(cfg) + tuple(cfg.holdout)
 
 
+def check_installed(cfg: DataConfig) -> None:
+    """Raise :class:`fedmeta.common.extras.MissingExtra`, naming the extra to install, when
+    reading ``cfg``'s data needs a package that is not installed (before anything starts)."""
+    from fedmeta.common import extras
+
+    for extra in _source(cfg).needs(cfg):
+        extras.require(extra)
+
+
 def load_site(cfg: DataConfig, name: str) -> Site:
     """Load one site's own rows (training and test splits)."""
+    check_installed(cfg)
     spec = data_spec(cfg)
     if name not in spec.sites:
         raise ConfigError(f"site {name!r} is not in source {cfg.source!r}: {', '.join(spec.sites)}")
@@ -116,7 +128,8 @@ def _heart_load(cfg: DataConfig, name: str) -> Site:
     )
 
 
-register_source("fed-heart", Source(_heart_spec, _heart_load))
+register_source("fed-heart", Source(_heart_spec, _heart_load,
+                                    needs=lambda cfg: () if cfg.path else ("demo",)))
 
 
 def _load_builtin_sources() -> None:

@@ -99,3 +99,15 @@ def test_adapt_refuses_shots_that_cannot_hold_both_classes(run_dir, capsys):
     code = main(["adapt", "--params", str(run_dir / "final.safetensors"), "--site-name", "Hungary", "--shots", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "need at least 2 patients, one of each class" in err and "Traceback" not in err
+
+
+def test_report_without_matplotlib_writes_the_markdown_and_says_how_to_get_figures(run_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "lean-report"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    md = (out / "report.md").read_text()
+    assert "| Cleveland |" in md and "pip install 'fedmeta[reports]'" in md and ".png" not in md

