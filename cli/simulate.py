@@ -74,12 +74,12 @@ def simulate(
     ``backend="ray"`` uses Flower's simulation engine; ``"local"`` an in-process grid
     (:class:`fedmeta.server.local_grid.LocalGrid`) with the same ServerApp driver and ClientApp.
     """
-    from fedmeta.client.app import app as default_client_app
+    from fedmeta.client.app import make_client_app
     from fedmeta.server.app import make_server_app
     from fedmeta.server.driver import run_experiment
     from fedmeta.server.local_grid import LocalGrid
 
-    client_app = client_app or default_client_app
+    client_app = client_app or make_client_app(simulated=True)
 
     n_nodes = simulated_nodes(cfg)
     set_threads(cfg.engine.threads)

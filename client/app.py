@@ -172,7 +172,10 @@ HANDLERS: dict[str, Callable[[SiteRequest, Context], RecordDict]] = {
 
 
 def answer(request: SiteRequest, context: Context) -> RecordDict:
-    """The reply's content for a parsed request (at a deployed site: the request its policy checked)."""
+    """The reply's content for a parsed request (at a deployed site: the request its policy
+    checked). A node without a patient floor (neither the site worker nor fedmeta's simulation
+    set one) answers nothing."""
+    patient_floor(context.node_config)
     return HANDLERS[request.phase](request, context)
 
 
@@ -182,9 +185,18 @@ def _serve(msg: Message, context: Context) -> Message:
     return Message(content=answer(request, context), reply_to=msg)
 
 
-def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """A ClientApp with fedmeta's handlers; ``mods`` wrap every message (e.g. DP, auditing)."""
-    client_app = ClientApp(mods=list(mods))
+def simulated_node(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A node of fedmeta's simulation holds this machine's own data under no site policy: its
+    patient floor is :data:`~fedmeta.protocol.keys.SIMULATED_FLOOR` (a deployed site's worker
+    sets its own from ``node.yaml``; a node with neither releases nothing)."""
+    context.node_config.setdefault(K.MIN_PATIENTS, K.SIMULATED_FLOOR)
+    return call_next(msg, context)
+
+
+def make_client_app(mods: Sequence[Mod] = (), *, simulated: bool = False) -> ClientApp:
+    """A ClientApp with fedmeta's handlers; ``mods`` wrap every message (e.g. DP, auditing).
+    ``simulated``: for fedmeta's simulation (:func:`simulated_node` first)."""
+    client_app = ClientApp(mods=[simulated_node, *mods] if simulated else list(mods))
     client_app.query()(_serve)
     client_app.train()(_serve)
     client_app.evaluate()(_serve)

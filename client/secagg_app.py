@@ -30,6 +30,7 @@ from fedmeta.common.experiment import initial_parameters, site_rng
 from fedmeta.protocol.flower_compat import Mod, arrayrecord_to_parameters
 from fedmeta.protocol.request import RequestError, SecAggBounds, SiteRequest, parse_request
 from fedmeta.sitecore.data import spec_of
+from fedmeta.sitecore.policy import patient_floor
 from fedmeta.sitecore.train import train_update
 
 _CHECKED: ContextVar[SiteRequest | None] = ContextVar("fedmeta_checked_request", default=None)
@@ -61,6 +62,7 @@ def request_of(msg: Message) -> SiteRequest:
 def site_update(msg: Message, context: Context) -> tuple[list[np.ndarray], int, SecAggBounds | None]:
     """This site's update for one round (a delta or a meta-gradient, as the experiment's
     algorithm computes it), as a list in θ's parameter order."""
+    patient_floor(context.node_config)  # a node without a floor (no worker, no simulation) sends nothing
     request = request_of(msg)
     assert request.arrays is not None  # the parse requires the parameters
     cfg = request.experiment

@@ -27,8 +27,11 @@ class MissingExtra(FedmetaError):
 
 
 def installed(extra: str) -> bool:
+    """Whether ``extra``'s module is installed (a bare folder of that name in the working
+    directory, such as Ray's ``/tmp/ray``, is a namespace package, not the module)."""
     module, _ = EXTRAS[extra]
-    return importlib.util.find_spec(module) is not None
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin not in (None, "namespace")
 
 
 def require(extra: str) -> None:

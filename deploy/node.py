@@ -17,10 +17,11 @@ Written by ``fedmeta provision`` into each site bundle, edited and owned by the 
     app:
       version: 0.2.0                          # the fedmeta this hospital installed and accepts
       code_sha256: null                       # `fedmeta site pin` records the installed code
-    policy:                                   # see fedmeta.sitecore.policy
+    policy:                                   # every value (sitecore.policy.SitePolicy); none may be left out
       min_patients: 20
       require_dp: false
       max_rounds: 1000
+      ...
 
 This is not the hospital's data description (``site.yaml``, ``kind: ehr``/``images``), which
 ``fedmeta data check --site`` reads; each loader recognises the other file and says so.
@@ -136,8 +137,21 @@ class NodeConfig(DeployModel):
     state: SomePath = Path("state")
     poll_interval_s: Annotated[float, number(gt=0, le=30)] = 0.5
     app: AppPin | None = None
-    policy: SitePolicy = Field(default_factory=SitePolicy)
+    policy: SitePolicy
     source: str = Field(default="<memory>", exclude=True)
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _every_policy_value(cls, value: Any) -> Any:
+        """A deployed site states every policy value: a missing one is an error, never a
+        default (a renamed or forgotten key would otherwise loosen the site without a word)."""
+        if isinstance(value, dict):
+            missing = [k for k in SitePolicy.model_fields if k not in value]
+            if missing:
+                raise fail(f"{{key}}: missing {', '.join(missing)}: node.yaml states every policy value "
+                           "(fedmeta provision writes them all, with the recommended values); a "
+                           "missing one is an error, never a default")
+        return value
 
     @field_validator("data", mode="before")
     @classmethod
@@ -194,6 +208,11 @@ class NodeConfig(DeployModel):
         return self.state
 
 
+def recommended_policy() -> dict[str, Any]:
+    """Every policy value, as ``fedmeta provision`` writes it into a new ``node.yaml``."""
+    return SitePolicy().model_dump(mode="json")
+
+
 def render_node_yaml(*, site: str, superlink: str, runtime_port: int, data: str | dict[str, Any] | None,
                      version: str, plaintext_key: bool) -> str:
     """The template written into a bundle (paths relative to the bundle folder)."""
@@ -210,8 +229,7 @@ def render_node_yaml(*, site: str, superlink: str, runtime_port: int, data: str 
         "data": data,
         "state": "state",
         "app": {"version": version, "code_sha256": None},
-        "policy": {"min_patients": 20, "require_dp": False, "max_rounds": 1000,
-                   "allow_secure_aggregation": True},
+        "policy": recommended_policy(),
     })
     header = (
         f"# fedmeta node file for {site!r}. Keep supernode.key secret (mode 0600).\n"

@@ -21,6 +21,9 @@ from __future__ import annotations
 # the node config entry that carries the site's patient floor (set by the site worker from its
 # policy; read by every handler through fedmeta.sitecore.policy.patient_floor)
 MIN_PATIENTS = "min-patients"
+#: The floor of a node of fedmeta's simulation (one machine's own data, no site policy), set
+#: by the simulation itself; a node with no floor at all releases nothing.
+SIMULATED_FLOOR = 1
 
 # records
 CONFIG = "config"

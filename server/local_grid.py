@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 Tamper = Callable[[Message], Message]
 
 
+def _simulated(node_config: dict[str, Any]) -> dict[str, Any]:
+    """A simulated node's config: the simulation's patient floor unless the caller set one."""
+    return {K.MIN_PATIENTS: K.SIMULATED_FLOOR, **node_config}
+
+
 def _roundtrip(msg: Message) -> Message:
     return serde.message_from_proto(serde.message_to_proto(msg))
 
@@ -45,7 +50,7 @@ class LocalGrid(Grid):
         for i, node_config in enumerate(node_configs):
             node_id = 1000 + i
             self.nodes[node_id] = Context(
-                run_id=run_id, node_id=node_id, node_config=dict(node_config),
+                run_id=run_id, node_id=node_id, node_config=_simulated(node_config),
                 state=RecordDict(), run_config={},
             )
         self.run_id = run_id
@@ -57,7 +62,7 @@ class LocalGrid(Grid):
     def add_node(self, node_config: dict[str, Any]) -> int:
         """Connect another site (e.g. one that joins after the run started); returns its node id."""
         node_id = 1000 + len(self.nodes)
-        self.nodes[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config=dict(node_config),
+        self.nodes[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config=_simulated(node_config),
                                       state=RecordDict(), run_config={})
         return node_id
 

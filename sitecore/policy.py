@@ -272,12 +272,14 @@ def check_glm(policy: SitePolicy, site: Site, request: SiteRequest | None = None
 
 def patient_floor(node_config: Mapping[str, object]) -> int:
     """The floor under every number this node releases: the ``min-patients`` entry the site
-    worker sets from its policy on every deployed request; 1 (no floor) in a simulation, whose
-    nodes have no policy. One reader, so that the key cannot drift between the worker and a
-    handler; a malformed value is an error, never a lower floor."""
+    worker sets from its policy on every deployed request, and fedmeta's simulation sets to
+    :data:`~fedmeta.protocol.keys.SIMULATED_FLOOR` for its nodes. One reader, so that the key cannot drift between the
+    worker and a handler; a missing or malformed value is an error, never a lower floor (a node
+    that runs fedmeta's ClientApp without the site worker releases nothing)."""
     value = node_config.get(K.MIN_PATIENTS)
     if value is None:
-        return 1
+        raise ConfigError(f"node config has no {K.MIN_PATIENTS}: a deployed site's worker sets it from "
+                          "its policy and fedmeta's simulation for its nodes; without it nothing is released")
     try:
         floor = int(str(value))
     except ValueError:

@@ -52,7 +52,7 @@ def ray_run(tmp_path_factory):
     captured = root / "captured"
     captured.mkdir()
     cfg = load_config(None, OVERRIDES)
-    summary = simulate(cfg, root / "run", client_app=make_client_app([capture_mod(captured)]))
+    summary = simulate(cfg, root / "run", client_app=make_client_app([capture_mod(captured)], simulated=True))
     return root, summary
 
 

@@ -362,3 +362,21 @@ def test_the_gate_and_the_handler_read_the_same_decoded_arrays() -> None:
     request = parse_request(message)
     assert request is not None
     assert request.decoded is request.decoded and set(request.decoded) == {"beta"}
+
+
+def test_fedmeta_s_client_app_without_the_worker_or_the_simulation_releases_nothing() -> None:
+    """A stock SuperNode could run fedmeta's ClientApp itself, without the site worker that sets
+    the policy's floor: the handlers then have no floor and refuse (they used to read a missing
+    floor as 1). fedmeta's simulation sets its own floor for its nodes (the control arm)."""
+    from fedmeta.client.app import app, make_client_app
+    from fedmeta.common.errors import ConfigError
+
+    overrides = ["algorithm=reptile", "tasks.meta_batch=2"]
+    message = _train_message({K.CONFIG: _config(overrides)}, _theta(overrides))
+    bare = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="node config has no min-patients"):
+        app(message, bare)
+    simulated = Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(), run_config={})
+    reply = make_client_app(simulated=True)(message, simulated)
+    assert not reply.has_error() and K.UPDATE in reply.content
+    assert simulated.node_config[K.MIN_PATIENTS] == K.SIMULATED_FLOOR

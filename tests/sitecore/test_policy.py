@@ -120,7 +120,9 @@ def test_the_patient_floor_has_one_reader_and_fails_closed_on_a_malformed_value(
     from fedmeta.sitecore.policy import patient_floor
 
     assert patient_floor({K.MIN_PATIENTS: 20}) == 20 and patient_floor({K.MIN_PATIENTS: "25"}) == 25
-    assert patient_floor({"partition-id": 0}) == 1  # a simulated node: no policy, no floor
+    with pytest.raises(ConfigError, match="node config has no min-patients"):
+        patient_floor({"partition-id": 0})  # a node with no floor releases nothing (fails closed)
+    assert patient_floor({"partition-id": 0, K.MIN_PATIENTS: K.SIMULATED_FLOOR}) == 1
     for bad in ("twenty", 0, -3, "1.5"):
         with pytest.raises(ConfigError, match="min-patients"):
             patient_floor({K.MIN_PATIENTS: bad})
