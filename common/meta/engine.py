@@ -39,7 +39,7 @@ from fedmeta.common.meta.inner import (
 from fedmeta.common.meta.types import InnerConfig, TaskBatch
 from fedmeta.common.models import MLP, BatchStatNorm2d, Conv4, LogisticRegression, RelationNet
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 Impl = Literal["vmap", "loop"]
 IMPLS = ("auto", "vmap", "loop")
@@ -194,7 +194,7 @@ def _verdict(model: nn.Module, device: torch.device, probe: TaskBatch | None, lo
     key = (type(model), device)
     if key not in _VERDICTS:
         if probe is None:
-            logger.info(
+            log.info(
                 "%s is not known to be right under vmap and no meta-batch was given to check it "
                 "with; using the per-task loop", type(model).__name__,
             )
@@ -202,10 +202,10 @@ def _verdict(model: nn.Module, device: torch.device, probe: TaskBatch | None, lo
         agrees, detail = vmap_matches_loop(model, probe, device=device, loss=loss)
         _VERDICTS[key] = "vmap" if agrees else "loop"
         if agrees:
-            logger.info("%s on %s: vmap and the per-task loop agree (%s); using vmap",
+            log.info("%s on %s: vmap and the per-task loop agree (%s); using vmap",
                         type(model).__name__, device, detail)
         else:
-            logger.warning("%s on %s: %s; using the per-task loop", type(model).__name__, device, detail)
+            log.warning("%s on %s: %s; using the per-task loop", type(model).__name__, device, detail)
     return _VERDICTS[key]
 
 
@@ -335,7 +335,7 @@ def compile_applies(model: nn.Module, impl: Impl, buffers: dict[str, torch.Tenso
     (False, with a log line, otherwise: the per-task loop runs uncompiled)."""
     if impl == "vmap" and buffers is None:
         return True
-    logger.info(
+    log.info(
         "compile=True ignored for %s: it applies to the vmap implementation of a model without "
         "buffers (here impl=%r, buffers: %s)", type(model).__name__, impl, sorted(buffers) if buffers else "none",
     )
@@ -350,6 +350,6 @@ def compiled(model: nn.Module, key: tuple[object, ...], build: Callable[[], Call
     """
     cache = _COMPILED.setdefault(model, {})
     if key not in cache:
-        logger.info("compiling %s for %s (backend %s)", key[0], type(model).__name__, COMPILE_BACKEND)
+        log.info("compiling %s for %s (backend %s)", key[0], type(model).__name__, COMPILE_BACKEND)
         cache[key] = torch.compile(build(), backend=COMPILE_BACKEND)
     return cache[key]
