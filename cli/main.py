@@ -13,7 +13,7 @@ import sys
 
 from fedmeta.common.errors import FedmetaError
 
-COMMAND_MODULES = ("simulate", "report", "adapt", "predict", "export", "data", "bench", "deploy")
+COMMAND_MODULES = ("simulate", "report", "track", "adapt", "predict", "export", "data", "bench", "deploy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("ray", "local"), default="ray",
                    help="ray: Flower's simulation engine, one actor per site (default); local: all "
                         "sites in this process, messages still serialised as on the wire (no Ray start)")
+    p.add_argument("--track", default=None, metavar="URI",
+                   help="log the finished run to MLflow at URI (a local database such as "
+                        "sqlite:///mlflow.db, or a server); needs the tracking extra")
     p.set_defaults(func=_run)
 
 
@@ -211,10 +214,12 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(resolve_config(args.config), args.overrides, allow_empty=False)
         out_dir = args.out or default_run_dir(cfg)
     simulated_nodes(cfg)  # the data settings hold before the run folder is made
-    if args.backend == "ray":
-        from fedmeta.common import extras
+    from fedmeta.common import extras
 
+    if args.backend == "ray":
         extras.require("simulation")
+    if args.track:
+        extras.require("tracking")
     _log_to_run_folder(out_dir, verbose=args.verbose)
     start = time.monotonic()
 
@@ -230,5 +235,10 @@ def _run(args: argparse.Namespace) -> int:
         f"{summary['comm']['bytes_up']:,} bytes up, {summary['comm']['bytes_down']:,} bytes down"
     )
     _say(f"outputs: {out_dir}/summary.json, rounds.jsonl, final.safetensors, run.log")
+    if args.track:
+        from fedmeta.cli.track import track_run
+
+        run_id = track_run(out_dir, tracking_uri=args.track)
+        _say(f"logged to MLflow at {args.track} (experiment fedmeta, run {run_id})")
     sys.stdout.flush()
     return 0

