@@ -19,6 +19,7 @@ BENCHMARKS = {
     "meds": "meds",
     "deploy": "deploy",
     "real": "real",
+    "scale": "scale",
 }
 
 
