@@ -260,9 +260,10 @@ class SiteWorker:
             code = classify(e)
             log.error("run %d, %s of round %d: %s: %s\n%s", run_id, kind, server_round,
                       type(e).__name__, e, traceback.format_exc())
+            rule = {"rule": str(e)[:200]} if code is SiteErrorCode.POLICY_REFUSAL else {}
             self.audit("request_failed", run_id=run_id, round=server_round, phase=kind,
                        algorithm=request.algorithm if request is not None else None,
-                       category=reason(code)[:200])
+                       category=reason(code)[:200], **rule)  # a refusal's rule: policy values and counts
             return Message(Error(code=int(code), reason=reason(code, e)), reply_to=message)
         self.served += 1
         examples = None
@@ -279,10 +280,19 @@ class SiteWorker:
                secagg_threshold: int | None = None) -> None:
         from fedmeta.client.app import site_of
 
-        check_request(self.settings.policy, request, site=lambda: site_of(context, request.experiment),
-                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
+        policy = self.settings.policy
+        run_id = int(context.run_id)
+
+        def spend_epsilon() -> None:  # before any data is read; a greeting only checks
+            if request.phase in (K.HELLO, K.COUNTS, K.TRAIN):
+                self.ledger.spend_epsilon(policy, request.experiment, run_id=run_id,
+                                          release=request.phase == K.TRAIN)
+
+        check_request(policy, request, site=lambda: site_of(context, request.experiment),
+                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold,
+                      before_data=spend_epsilon)
         kind = {MessageType.EVALUATE: "evaluate", MessageType.TRAIN: "train"}.get(request.message_type, "query")
-        self.ledger.charge(self.settings.policy, run_id=int(context.run_id), kind=kind)
+        self.ledger.charge(policy, run_id=run_id, kind=kind)
 
     def _serve_secagg(self, message: Message, context: Context, request: SiteRequest | None) -> Message:
         """A SecAgg+ step: the protocol's own steps (no experiment, no data) go straight to
