@@ -47,6 +47,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedmeta.client.app import answer
+from fedmeta.common import deadline
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
@@ -93,9 +94,11 @@ def retry_invoker(max_time: float | None) -> RetryInvoker:
     )
 
 
-def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+def task_heartbeat(client: RuntimeHttpClient, lost: threading.Event | None = None) -> Callable[[], bool]:
     """A task's heartbeat to the SuperNode that never signals the process (Flower's sends
-    SIGINT when the SuperNode no longer knows the task); a lost task is only logged."""
+    SIGINT when the SuperNode no longer knows the task); a lost task is logged and ``lost`` is
+    set, so that the request's loops stop computing a reply nobody will take
+    (:mod:`fedmeta.common.deadline`)."""
     import httpx
 
     request = SendTaskHeartbeatRequest()
@@ -108,8 +111,10 @@ def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
             return False
         if not res.success and not warned.is_set():
             warned.set()
-            log.warning("the SuperNode no longer knows the task in progress (it restarted); "
-                        "its reply will be refused")
+            if lost is not None:
+                lost.set()
+            log.warning("the SuperNode no longer knows the task in progress (it restarted, or "
+                        "the task ended); its work is abandoned")
         return True
 
     return beat
@@ -202,7 +207,8 @@ class SiteWorker:
         """Serve one task: check its app, answer with the installed ClientApp, push the reply."""
         client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                               RuntimeTokenHttpInterceptor(token), retry_s=TASK_RETRY_S)
-        heartbeat = HeartbeatSender(task_heartbeat(client))
+        lost = threading.Event()
+        heartbeat = HeartbeatSender(task_heartbeat(client, lost))
         heartbeat.start()
         message: Message | None = None
         context: Context | None = None
@@ -225,7 +231,7 @@ class SiteWorker:
                 context.node_config = {**self.settings.node_config,
                                        K.MIN_PATIENTS: self.settings.policy.min_patients}
                 reply = self._answer(message, context, run_id=int(run.run_id),
-                                     secure_aggregation=verdict.secure_aggregation)
+                                     secure_aggregation=verdict.secure_aggregation, cancelled=lost)
                 status, details = SubStatus.COMPLETED, ""
             push_message(client, reply, context)
         except Exception as e:  # noqa: BLE001 - a broken task must never stop the worker
@@ -239,23 +245,27 @@ class SiteWorker:
                 heartbeat.stop()
                 client.close()
 
-    def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool) -> Message:
+    def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool,
+                cancelled: threading.Event | None = None) -> Message:
         """The reply to one request, or a code and category when anything goes wrong.
 
         The request is parsed once; the policy checks that object and the handler computes from
-        it. Nothing else reads the message."""
+        it. Nothing else reads the message. The whole request runs within the policy's
+        ``max_request_seconds`` and stops once ``cancelled`` is set (its task was abandoned),
+        at the next check of its loops (:mod:`fedmeta.common.deadline`)."""
         t0 = time.monotonic()
         kind = message.metadata.message_type
         server_round = _round_of(message)
         request: SiteRequest | None = None
         try:
-            request = parse_request(message, secure_aggregation=secure_aggregation)
-            if secure_aggregation:
-                reply = self._serve_secagg(message, context, request)
-            else:
-                assert request is not None  # a plain run's requests always parse to one
-                self._check(request, context, secure_aggregation=False)
-                reply = Message(content=answer(request, context), reply_to=message)
+            with deadline.within(self.settings.policy.max_request_seconds, cancelled=cancelled):
+                request = parse_request(message, secure_aggregation=secure_aggregation)
+                if secure_aggregation:
+                    reply = self._serve_secagg(message, context, request)
+                else:
+                    assert request is not None  # a plain run's requests always parse to one
+                    self._check(request, context, secure_aggregation=False)
+                    reply = Message(content=answer(request, context), reply_to=message)
         except Exception as e:  # noqa: BLE001 - classified below; the text never leaves the site
             code = classify(e)
             log.error("run %d, %s of round %d: %s: %s\n%s", run_id, kind, server_round,

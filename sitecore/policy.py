@@ -92,6 +92,10 @@ class SitePolicy(YamlModel):
     max_draws: Annotated[int, integer(ge=1)] = 50           # eval.draws
     max_threads: Annotated[int, integer(ge=1)] = 4          # engine.threads
     max_cv_fits: Annotated[int, integer(ge=1)] = 30         # eval.folds x eval.repeats
+    #: the most wall time one request may take here: past it the worker stops computing (at the
+    #: next check of its loops, fedmeta.common.deadline) and answers "request timeout"; the
+    #: coordinator waits at most federation.eval_timeout_s (900 s) for an evaluation anyway
+    max_request_seconds: Annotated[float, number(gt=0)] = 900.0
     #: the disclosure budget (sitecore/ledger.py), kept across runs in the site's state folder;
     #: algorithm auto evaluates each candidate on validation rows (about 25 evaluations a run)
     max_evaluations_per_run: Annotated[int, integer(ge=1)] = 40
