@@ -251,14 +251,15 @@ class SiteWorker:
 
         The request is parsed once; the policy checks that object and the handler computes from
         it. Nothing else reads the message. The whole request runs within the policy's
-        ``max_request_seconds`` and stops once ``cancelled`` is set (its task was abandoned),
-        at the next check of its loops (:mod:`fedmeta.common.deadline`)."""
+        ``max_request_seconds`` and stops once its message expired or ``cancelled`` is set (its
+        task was abandoned), at the next check of its loops (:mod:`fedmeta.common.deadline`)."""
         t0 = time.monotonic()
         kind = message.metadata.message_type
         server_round = _round_of(message)
         request: SiteRequest | None = None
         try:
-            with deadline.within(self.settings.policy.max_request_seconds, cancelled=cancelled):
+            with deadline.within(self.settings.policy.max_request_seconds, cancelled=cancelled,
+                                 expires=_expiry(message)):
                 request = parse_request(message, secure_aggregation=secure_aggregation)
                 if secure_aggregation:
                     reply = self._serve_secagg(message, context, request)
@@ -322,6 +323,16 @@ def _secagg_threshold(context: Context) -> int | None:
     state = context.state.config_records.get("secaggplus_state")
     value = state.get("threshold") if state is not None else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _expiry(message: Message) -> float | None:
+    """When ``message``'s reply would have no time left to live (Flower gives a reply what
+    remains of the request's ``created_at + ttl``, on the same clocks it already relies on)."""
+    meta = message.metadata
+    created, ttl = getattr(meta, "created_at", None), getattr(meta, "ttl", None)
+    if not isinstance(created, int | float) or not isinstance(ttl, int | float) or created <= 0 or ttl <= 0:
+        return None
+    return float(created) + float(ttl)
 
 
 def _round_of(message: Message) -> int:

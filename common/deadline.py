@@ -1,10 +1,12 @@
 """A request's wall-time ceiling and cancellation, checked cooperatively in the compute loops.
 
-The site worker serves each request :func:`within` its policy's ``max_request_seconds`` and an
+The site worker serves each request :func:`within` its policy's ``max_request_seconds``, the
+expiry of the request's message (its ``created_at + ttl``: a reply after it has no time left to
+live and is dropped, so the coordinator, or a run that stopped, no longer waits for it) and an
 event that is set when the request's task is abandoned (the SuperNode no longer knows it). The
 loops that can run long call :func:`check`, which raises :class:`DeadlineExceeded` past the
-ceiling or :class:`RequestCancelled` once the event is set; the worker answers with the matching
-code. Outside :func:`within` (a simulation, a test) :func:`check` does nothing.
+ceiling or :class:`RequestCancelled` past the expiry or once the event is set; the worker answers
+with the matching code. Outside :func:`within` (a simulation, a test) :func:`check` does nothing.
 
 Covered (each checks once per iteration): a training round's meta-batches (every task-based
 algorithm draws its tasks through the check), the per-task loops of Reptile, MAML/FOMAML,
@@ -49,19 +51,22 @@ class _Deadline:
     seconds: float | None
     cancelled: threading.Event | None
     clock: Callable[[], float]
+    expires: float | None
+    wall: Callable[[], float]
 
 
 _CURRENT: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar("fedmeta_deadline", default=None)
 
 
 @contextlib.contextmanager
-def within(seconds: float | None, *, cancelled: threading.Event | None = None,
-           clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
-    """Run the block with a ceiling of ``seconds`` (None: none) and the cancel event ``cancelled``."""
+def within(seconds: float | None, *, cancelled: threading.Event | None = None, expires: float | None = None,
+           clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> Iterator[None]:
+    """Run the block with a ceiling of ``seconds`` (None: none), the cancel event ``cancelled``
+    and ``expires``, the Unix time after which its reply would be dropped (None: never)."""
     if seconds is not None and not seconds > 0:
         raise ValueError(f"a request's wall-time ceiling must be > 0 seconds, got {seconds}")
     at = clock() + seconds if seconds is not None else None
-    token = _CURRENT.set(_Deadline(at, seconds, cancelled, clock))
+    token = _CURRENT.set(_Deadline(at, seconds, cancelled, clock, expires, wall))
     try:
         yield
     finally:
@@ -75,5 +80,7 @@ def check() -> None:
         return
     if d.cancelled is not None and d.cancelled.is_set():
         raise RequestCancelled("the request's task was abandoned (the SuperNode no longer knows it)")
+    if d.expires is not None and d.wall() > d.expires:
+        raise RequestCancelled("the request's message expired: its reply would be dropped")
     if d.at is not None and d.clock() > d.at:
         raise DeadlineExceeded(f"the request ran past this site's max_request_seconds = {d.seconds:g}")

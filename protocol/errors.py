@@ -36,7 +36,7 @@ CATEGORY = {
     SiteErrorCode.INTERNAL_ERROR: "internal error",
     SiteErrorCode.STALE_STATE: "stale state: the node's cached θ differs from the coordinator's",
     SiteErrorCode.TIMEOUT: "request timeout: past the site's max_request_seconds",
-    SiteErrorCode.CANCELLED: "cancelled: the request's task was abandoned",
+    SiteErrorCode.CANCELLED: "cancelled: the request's message expired or its task was abandoned",
 }
 
 

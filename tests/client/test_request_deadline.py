@@ -46,24 +46,24 @@ def _context() -> Context:
                    run_config={})
 
 
-def _message(overrides: list[str], phase: str) -> Message:
+def _message(overrides: list[str], phase: str, ttl: float | None = None) -> Message:
     cfg = load_config(None, overrides)
     theta = {k: np.zeros_like(v) for k, v in
              initial_parameters(cfg, spec_of(site_of(_context(), cfg))).items()}
     config = ConfigRecord({K.EXPERIMENT: cfg.to_json(), K.ROUND: 1, K.PHASE: phase})
     kind = MessageType.TRAIN if phase == K.TRAIN else MessageType.EVALUATE
     return Message(content=RecordDict({K.CONFIG: config, K.ARRAYS: record_from_arrays(theta)}),
-                   message_type=kind, dst_node_id=1)
+                   message_type=kind, dst_node_id=1, ttl=ttl)
 
 
 def _serve(overrides: list[str], phase: str, seconds: float, cancel_after: float | None = None,
-           ) -> tuple[Message, float, list[tuple[str, dict]]]:
+           ttl: float | None = None) -> tuple[Message, float, list[tuple[str, dict]]]:
     audit: list[tuple[str, dict]] = []
     settings = W.WorkerSettings(runtime_address="127.0.0.1:1", secret=b"s" * 32, node_config=NODE,
                                 policy=SitePolicy(max_request_seconds=seconds), version="0")
     worker = W.SiteWorker(settings, audit=lambda e, **f: audit.append((e, f)))
-    message = _message(overrides, phase)
     site_of(_context(), load_config(None, overrides))  # the site's data loaded, as at a running site
+    message = _message(overrides, phase, ttl)
     lost = threading.Event()
     if cancel_after is not None:
         threading.Timer(cancel_after, lost.set).start()
@@ -94,6 +94,15 @@ def test_an_abandoned_task_stops_computing() -> None:
     assert 0.5 < took < 1.5, took
 
 
+def test_a_request_whose_message_expired_stops_computing() -> None:
+    """A message lives ``ttl`` seconds from its creation (a training round's: federation.timeout_s);
+    a reply after that has no time left and is dropped, as it is once the run stopped. The site
+    stops computing then, whatever its own ceiling; the same request in full takes 11 s or more."""
+    reply, took, _ = _serve(SLOW_TRAIN, K.TRAIN, seconds=3600, ttl=1.0)
+    assert reply.has_error() and reply.error.code == SiteErrorCode.CANCELLED
+    assert took < 1.5, took
+
+
 def test_a_lost_task_s_heartbeat_sets_the_cancel_event() -> None:
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse  # pylint: disable=E0611
 
@@ -122,6 +131,12 @@ def test_the_deadline_by_a_clock() -> None:
     deadline.check()  # the request's ceiling ends with it
     with pytest.raises(ValueError, match="must be > 0 seconds"), deadline.within(0):
         pass
+    wall = [1000.0]
+    with deadline.within(None, expires=1010.0, wall=lambda: wall[0]):
+        deadline.check()
+        wall[0] = 1010.5
+        with pytest.raises(deadline.RequestCancelled, match="message expired"):
+            deadline.check()
     cancelled = threading.Event()
     with deadline.within(None, cancelled=cancelled):
         deadline.check()
