@@ -35,6 +35,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import MessageType
 
 from fedmeta.client.app import answer
+from fedmeta.common import deadline
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
@@ -97,9 +98,11 @@ def retry_invoker(max_time: float | None) -> RetryInvoker:
     )
 
 
-def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+def task_heartbeat(client: RuntimeHttpClient, lost: threading.Event | None = None) -> Callable[[], bool]:
     """A task's heartbeat to the SuperNode that never signals the process (Flower's sends
-    SIGINT when the SuperNode no longer knows the task); a lost task is only logged."""
+    SIGINT when the SuperNode no longer knows the task); a lost task is logged and ``lost`` is
+    set, so that the request's loops stop computing a reply nobody will take
+    (:mod:`fedmeta.common.deadline`)."""
     import httpx
 
     request = SendTaskHeartbeatRequest()
@@ -112,8 +115,10 @@ def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
             return False
         if not res.success and not warned.is_set():
             warned.set()
-            log.warning("the SuperNode no longer knows the task in progress (it restarted); "
-                        "its reply will be refused")
+            if lost is not None:
+                lost.set()
+            log.warning("the SuperNode no longer knows the task in progress (it restarted, or "
+                        "the task ended); its work is abandoned")
         return True
 
     return beat
@@ -206,7 +211,8 @@ class SiteWorker:
         """Serve one task: check its app, answer with the installed ClientApp, push the reply."""
         client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                               RuntimeTokenHttpInterceptor(token), retry_s=TASK_RETRY_S)
-        heartbeat = HeartbeatSender(task_heartbeat(client))
+        lost = threading.Event()
+        heartbeat = HeartbeatSender(task_heartbeat(client, lost))
         heartbeat.start()
         message: Message | None = None
         context: Context | None = None
@@ -229,7 +235,7 @@ class SiteWorker:
                 context.node_config = {**self.settings.node_config,
                                        K.MIN_PATIENTS: self.settings.policy.min_patients}
                 reply = self._answer(message, context, run_id=int(run.run_id),
-                                     secure_aggregation=verdict.secure_aggregation)
+                                     secure_aggregation=verdict.secure_aggregation, cancelled=lost)
                 status, details = SubStatus.COMPLETED, ""
             push_message(client, reply, context)
         except Exception as e:  # noqa: BLE001 - a broken task must never stop the worker
@@ -243,30 +249,36 @@ class SiteWorker:
                 heartbeat.stop()
                 client.close()
 
-    def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool) -> Message:
+    def _answer(self, message: Message, context: Context, *, run_id: int, secure_aggregation: bool,
+                cancelled: threading.Event | None = None) -> Message:
         """The reply to one request, or a code and category when anything goes wrong.
 
         The request is parsed once; the policy checks that object and the handler computes from
-        it. Nothing else reads the message."""
+        it. Nothing else reads the message. The whole request runs within the policy's
+        ``max_request_seconds`` and stops once its message expired or ``cancelled`` is set (its
+        task was abandoned), at the next check of its loops (:mod:`fedmeta.common.deadline`)."""
         t0 = time.monotonic()
         kind = message.metadata.message_type
         server_round = _round_of(message)
         request: SiteRequest | None = None
         try:
-            request = parse_request(message, secure_aggregation=secure_aggregation)
-            if secure_aggregation:
-                reply = self._serve_secagg(message, context, request)
-            else:
-                assert request is not None  # a plain run's requests always parse to one
-                self._check(request, context, secure_aggregation=False)
-                reply = Message(content=answer(request, context), reply_to=message)
+            with deadline.within(self.settings.policy.max_request_seconds, cancelled=cancelled,
+                                 expires=_expiry(message)):
+                request = parse_request(message, secure_aggregation=secure_aggregation)
+                if secure_aggregation:
+                    reply = self._serve_secagg(message, context, request)
+                else:
+                    assert request is not None  # a plain run's requests always parse to one
+                    self._check(request, context, secure_aggregation=False)
+                    reply = Message(content=answer(request, context), reply_to=message)
         except Exception as e:  # noqa: BLE001 - classified below; the text never leaves the site
             code = classify(e)
             log.error("run %d, %s of round %d: %s: %s\n%s", run_id, kind, server_round,
                       type(e).__name__, e, traceback.format_exc())
+            rule = {"rule": str(e)[:200]} if code is SiteErrorCode.POLICY_REFUSAL else {}
             self.audit("request_failed", run_id=run_id, round=server_round, phase=kind,
                        algorithm=request.algorithm if request is not None else None,
-                       category=reason(code)[:200])
+                       category=reason(code)[:200], **rule)  # a refusal's rule: policy values and counts
             return Message(Error(code=int(code), reason=reason(code, e)), reply_to=message)
         self.served += 1
         examples = None
@@ -283,10 +295,19 @@ class SiteWorker:
                secagg_threshold: int | None = None) -> None:
         from fedmeta.client.app import site_of
 
-        check_request(self.settings.policy, request, site=lambda: site_of(context, request.experiment),
-                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
+        policy = self.settings.policy
+        run_id = int(context.run_id)
+
+        def spend_epsilon() -> None:  # before any data is read; a greeting only checks
+            if request.phase in (K.HELLO, K.COUNTS, K.TRAIN):
+                self.ledger.spend_epsilon(policy, request.experiment, run_id=run_id,
+                                          release=request.phase == K.TRAIN)
+
+        check_request(policy, request, site=lambda: site_of(context, request.experiment),
+                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold,
+                      before_data=spend_epsilon)
         kind = {MessageType.EVALUATE: "evaluate", MessageType.TRAIN: "train"}.get(request.message_type, "query")
-        self.ledger.charge(self.settings.policy, run_id=int(context.run_id), kind=kind)
+        self.ledger.charge(policy, run_id=run_id, kind=kind)
 
     def _serve_secagg(self, message: Message, context: Context, request: SiteRequest | None) -> Message:
         """A SecAgg+ step: the protocol's own steps (no experiment, no data) go straight to
@@ -306,6 +327,16 @@ def _secagg_threshold(context: Context) -> int | None:
     state = context.state.config_records.get("secaggplus_state")
     value = state.get("threshold") if state is not None else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _expiry(message: Message) -> float | None:
+    """When ``message``'s reply would have no time left to live (Flower gives a reply what
+    remains of the request's ``created_at + ttl``, on the same clocks it already relies on)."""
+    meta = message.metadata
+    created, ttl = getattr(meta, "created_at", None), getattr(meta, "ttl", None)
+    if not isinstance(created, int | float) or not isinstance(ttl, int | float) or created <= 0 or ttl <= 0:
+        return None
+    return float(created) + float(ttl)
 
 
 def _round_of(message: Message) -> int:

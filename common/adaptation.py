@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fedmeta.common import deadline
 from fedmeta.common.clinical.calibration import (
     DIVERGED,
     Calibration,
@@ -326,6 +327,7 @@ def _trajectories(model: nn.Module, theta: Params, free: Sequence[str], x: torch
         if 0 in todo:
             out[0] = logits(phi)
         for step in range(1, todo[-1] + 1):
+            deadline.check()
             g = grad(phi, w)
             phi = {k: v - (lrs[k] if lrs is not None else lr) * (g[k] + proximal * (v - anchor[k]))
                    for k, v in phi.items()}

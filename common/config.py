@@ -422,6 +422,13 @@ class ValidationConfig(YamlModel):
     - ``response_threshold``: the accumulated shortfall at which a site is left out; its score is
       floored at twice this, so a site that reacts like the others again is readmitted within
       ``response_threshold / response_allowance`` rounds.
+    - ``max_weight_share``: under the weighted ``mean``, no site weighs more than this share of
+      a round's aggregate (:func:`fedmeta.server.aggregation.cap_weight_shares`): a site's weight
+      is the examples it claims, bounded only by the training rows it declared itself, so a site
+      declaring 10⁹ rows would otherwise be the aggregate. The largest weights are cut to a
+      common value that gives each exactly this share; a round in which no site holds more is
+      aggregated exactly as before. The default, 0.5, means no site outweighs all the others
+      together (two sites of unequal size are then weighed equally); 1 turns the cap off.
     - ``aggregation``: weighted ``mean``, coordinate ``median`` or ``trimmed_mean`` (dropping
       ``trim`` of the values at each end) of the updates kept.
     - ``clip_norm``: > 0 also scales each update down to that fixed norm.
@@ -432,6 +439,7 @@ class ValidationConfig(YamlModel):
     response_check: Bool = True
     response_allowance: NonNegativeFloat = 0.3
     response_threshold: Positive = 2.0
+    max_weight_share: Annotated[float, number(gt=0, le=1)] = 0.5
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim: Annotated[float, number(ge=0, lt=0.5)] = 0.1
     clip_norm: NonNegativeFloat = 0.0

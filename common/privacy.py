@@ -39,8 +39,8 @@ import numpy as np
 from fedmeta.common.params import ClipStats, NDArrays, clip_update
 
 __all__ = [
-    "RDP_ORDERS", "ClipStats", "add_gaussian_noise", "clip_update", "epsilon", "epsilon_per_round",
-    "gaussian_rdp_epsilon", "privatize", "site_noise_std",
+    "RDP_ORDERS", "ClipStats", "add_gaussian_noise", "clip_update", "composed_epsilon", "epsilon",
+    "epsilon_per_round", "gaussian_rdp_epsilon", "privatize", "site_noise_std",
 ]
 
 # Orders used by dp-accounting's default (and by this module's closed form).
@@ -123,6 +123,36 @@ def epsilon(
                                                           and float(a).is_integer()]
     accountant = rdp_privacy_accountant.RdpAccountant(orders)
     accountant.compose(event, rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def composed_epsilon(releases: Sequence[tuple[int, float]], *, delta: float) -> float:
+    """ε at ``delta`` of several runs together: ``releases`` holds each run's ``(rounds,
+    noise_multiplier)`` (every round taking part, no subsampling).
+
+    The runs are composed in RDP, not by adding their ε: RDP adds up over any sequence of
+    mechanisms, adaptive ones included, so the total Rényi divergence at order ``α`` is
+    ``Σ_i T_i α / (2 z_i²)``, converted to ``(ε, δ)`` once, as :func:`epsilon` does for one run.
+    This is never above the sum of the runs' own ε at the same δ (that sum is the looser bound of
+    basic composition, which also spends δ once per run) and is usually far below it: ten runs of
+    10 rounds at ``z = 1`` are ε = 96.1 at δ = 1e-5 composed, 190.5 summed. One run alone gives
+    exactly :func:`epsilon`. ``noise_multiplier <= 0`` in any run gives ``inf``.
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if any(int(t) < 0 for t, _ in releases):
+        raise ValueError(f"rounds must be >= 0, got {min(int(t) for t, _ in releases)}")
+    spent = [(int(t), float(z)) for t, z in releases if int(t) > 0]
+    if not spent:
+        return 0.0
+    if any(z <= 0 for _, z in spent):
+        return math.inf
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    accountant = rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS))
+    for t, z in spent:
+        accountant.compose(dp_event.GaussianDpEvent(z), t)
     return float(accountant.get_epsilon(delta))
 
 

@@ -23,6 +23,8 @@ class SiteErrorCode(IntEnum):
     BAD_REQUEST = 4500
     INTERNAL_ERROR = 4600
     STALE_STATE = 4700
+    TIMEOUT = 4800
+    CANCELLED = 4900
 
 
 CATEGORY = {
@@ -33,13 +35,21 @@ CATEGORY = {
     SiteErrorCode.BAD_REQUEST: "bad request",
     SiteErrorCode.INTERNAL_ERROR: "internal error",
     SiteErrorCode.STALE_STATE: "stale state: the node's cached θ differs from the coordinator's",
+    SiteErrorCode.TIMEOUT: "request timeout: past the site's max_request_seconds",
+    SiteErrorCode.CANCELLED: "cancelled: the request's message expired or its task was abandoned",
 }
 
 
 def classify(exc: BaseException) -> SiteErrorCode:
     """The code an exception raised while serving a request is reported under."""
+    from fedmeta.common.deadline import DeadlineExceeded, RequestCancelled
+
     if isinstance(exc, PolicyRefusal):
         return SiteErrorCode.POLICY_REFUSAL
+    if isinstance(exc, DeadlineExceeded):
+        return SiteErrorCode.TIMEOUT
+    if isinstance(exc, RequestCancelled):
+        return SiteErrorCode.CANCELLED
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return SiteErrorCode.OUT_OF_MEMORY
     if isinstance(exc, DataError):

@@ -4,9 +4,12 @@ An update is a dict of arrays with the global parameters' names, shapes and dtyp
 mean is computed from sums and an explicit weight per site (the examples it used), never as an
 average of averages: ``ū = Σ_i w_i u_i / Σ_i w_i``.
 
-Two defences against a hostile participant act before that mean, and neither changes a round in
+Three defences against a hostile participant act before that mean, and none changes a round in
 which no site stands out (the aggregate is then exactly the weighted mean):
 
+- :func:`cap_weight_shares`: no site's weight is more than the agreed share of the round's total
+  (``validation.max_weight_share``, 0.5): a site claiming 10⁹ examples would otherwise be the
+  aggregate, since the coordinator cannot check the training rows a site declares;
 - :func:`clip_outliers`: an update far longer than the round's typical one is shortened to it
   (a scaled reply);
 - :class:`ResponseCheck`: across rounds, a site whose update reacts to θ's movement unlike an
@@ -68,6 +71,35 @@ def weighted_mean(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence
             acc += float(w) * u[k]
         out[k] = (acc / total).astype(ref.dtype)
     return out
+
+
+def cap_weight_shares(weights: Sequence[float], max_share: float) -> list[float]:
+    """``weights`` lowered so that none is more than ``max_share`` of their sum.
+
+    The largest weights are cut to one common value ``c`` (water-filling), chosen so that each
+    cut site's share ``c / Σ_j min(w_j, c)`` is exactly ``max_share``; the others are left as
+    they are, and weights already within the cap come back unchanged (the same list of values).
+    With ``k`` sites cut and ``R`` the sum of the rest, ``c = max_share · R / (1 − k · max_share)``.
+    When ``max_share`` is at most ``1 / n`` no cap is reachable but equal weights, which are
+    returned (each the smallest weight). ``max_share >= 1`` turns the cap off. A site's weight is what it claims (its
+    training rows under FedAvg); the coordinator can bound a claim by what the site declared, but
+    not check the declaration, so this cap, not the claim, is what bounds a site's pull.
+    """
+    w = [float(x) for x in weights]
+    n = len(w)
+    if max_share >= 1 or n <= 1 or max(w) <= max_share * sum(w):
+        return w
+    if max_share * n <= 1:
+        return [min(w)] * n
+    order = sorted(range(n), key=lambda i: -w[i])
+    for k in range(1, n):
+        if k * max_share >= 1:
+            break
+        rest = sum(w[i] for i in order[k:])
+        c = max_share * rest / (1 - k * max_share)
+        if w[order[k]] <= c:
+            return [min(x, c) for x in w]
+    return [min(w)] * n
 
 
 def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> NDArrays:

@@ -9,7 +9,8 @@ state it learns. Each round it
 2. checks every reply (:func:`fedmeta.server.aggregation.validate_update`; a reply may not claim
    more examples than its algorithm allows for the site), leaves out a site the response check
    flags (:class:`fedmeta.server.aggregation.ResponseCheck`, whose state the checkpoint carries),
-   aggregates the others by their example counts and applies the outer optimiser (:meth:`FedMetaStrategy.aggregate_train`, which
+   aggregates the others by their example counts, no site above ``validation.max_weight_share``
+   of the total, and applies the outer optimiser (:meth:`FedMetaStrategy.aggregate_train`, which
    takes the plan back and returns a :class:`RoundResult`).
 
 Results are values passed on, not attributes another object reaches into. The strategy mirrors
@@ -40,7 +41,7 @@ from fedmeta.common.params import NDArrays, l2_norm
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.errors import refusal_reason
 from fedmeta.protocol.records import arrays_from_record, payload_bytes, record_from_arrays
-from fedmeta.server.aggregation import ResponseCheck, aggregate, validate_update
+from fedmeta.server.aggregation import ResponseCheck, aggregate, cap_weight_shares, validate_update
 from fedmeta.server.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ class FedMetaStrategy:
                             plan.round, record.excluded)
                 keep = [i for i, s in enumerate(record.accepted) if s not in record.excluded]
                 updates, weights = [updates[i] for i in keep], [weights[i] for i in keep]
+        if v.aggregation == "mean":
+            weights = self._cap_weights(plan.round, record, weights)
         aggregated = aggregate(updates, weights, rule=v.aggregation, trim=v.trim, clip_norm=v.clip_norm,
                                relative_clip=v.relative_clip)
         new_state = self._optimizer.step(self.algorithm.direction(aggregated))
@@ -311,6 +314,20 @@ class FedMetaStrategy:
             record.query_loss_after = sums[K.LOSS_AFTER] / sums[K.N_QUERY]
         record.update_norm = l2_norm(aggregated)
         return RoundResult(new_state, record)
+
+    def _cap_weights(self, server_round: int, record: RoundLog, weights: list[float]) -> list[float]:
+        """The aggregate's weights, none above ``validation.max_weight_share`` of their sum; each
+        kept site's share goes into its ``site_metrics`` (``weight_share``)."""
+        kept = [s for s in record.accepted if s not in record.excluded]
+        capped = cap_weight_shares(weights, self.cfg.validation.max_weight_share)
+        cut = [s for s, a, b in zip(kept, weights, capped, strict=True) if b < a]
+        if cut:
+            log.warning("round %d: the weight of %s cut to %.3g of the aggregate "
+                        "(validation.max_weight_share)", server_round, cut, self.cfg.validation.max_weight_share)
+        total = sum(capped)
+        for site, w in zip(kept, capped, strict=True):
+            record.site_metrics[site]["weight_share"] = w / total
+        return capped
 
     def _read_train_reply(self, msg: Message, site: str, declared: int | None) -> tuple[NDArrays, dict[str, float]]:
         if msg.has_error():

@@ -6,7 +6,8 @@ asked, what it refused and what it served, with counts and ids only.
 ``site_stopped``          site, served, refused
 ``app_refused``           run_id, app, version, bundle_sha256, reason
 ``request_served``        run_id, round, phase, step, algorithm, num_examples, seconds
-``request_failed``        run_id, round, phase, algorithm, category
+``request_failed``        run_id, round, phase, algorithm, category, rule (a policy refusal's
+                          rule, e.g. the ε budget's spent and asked-for figures; else absent)
 ``node_restarted``        attempt, wait_s, reason
 ========================  ==============================================================
 """
@@ -20,7 +21,7 @@ EVENTS: dict[str, frozenset[str]] = {
     "site_stopped": frozenset({"site", "served", "refused"}),
     "app_refused": frozenset({"run_id", "app", "version", "bundle_sha256", "reason"}),
     "request_served": frozenset({"run_id", "round", "phase", "step", "algorithm", "num_examples", "seconds"}),
-    "request_failed": frozenset({"run_id", "round", "phase", "algorithm", "category"}),
+    "request_failed": frozenset({"run_id", "round", "phase", "algorithm", "category", "rule"}),
     "node_restarted": frozenset({"attempt", "wait_s", "reason"}),
 }
 

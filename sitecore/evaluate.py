@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmeta.common import algorithms
+from fedmeta.common import algorithms, deadline
 from fedmeta.common.adaptation import (
     AdaptationResult,
     AdaptationSettings,
@@ -217,6 +217,7 @@ def evaluate_outcome(
     adapted: Params | None = None
     steps, scope, n_used = 0, "none", len(y_tr)
     for _ in range(n_draws):
+        deadline.check()
         if 0 < k < len(y_tr):
             idx, note = draw_shots(y_tr, k, rng, outcome)
             if note:
@@ -304,6 +305,7 @@ def evaluate_site(
     extra = from_numpy(extra_np, device=device) if algorithm.evaluation == "learned_rates" else None
     results: dict[str, OutcomeResult] = {}
     for j, outcome in enumerate(site.outcomes):
+        deadline.check()
         x_tr, y_tr = labelled_rows(site, "train", j)
         x_te, y_te = labelled_rows(site, "test", j)
         if len(y_te) == 0 or len(y_tr) == 0:

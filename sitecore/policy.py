@@ -28,6 +28,8 @@ from fedmeta.common.yamlio import Bool, YamlModel, fail, integer, number
 from fedmeta.protocol import keys as K
 from fedmeta.protocol.request import SiteRequest
 
+_GLM_NOT_DP = "this site requires differential privacy, and the federated GLM's sums carry no noise"
+
 
 def _algorithm_names(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
@@ -71,6 +73,10 @@ class SitePolicy(YamlModel):
     glm_max_coefficient: Annotated[float, number(gt=0)] = 25.0
     #: δ of every ε this site accounts; a request with a larger privacy.delta is refused
     dp_delta: Annotated[float, number(gt=0, lt=1)] = 1e-5
+    #: the most ε (at dp_delta) this site spends over all runs together, for as long as its state
+    #: folder lives (sitecore/ledger.py): required with require_dp, never defaulted; privacy loss
+    #: does not expire, so there is no period after which it starts again
+    dp_epsilon_budget: Annotated[float, number(gt=0)] | None = None
     #: resource ceilings: the most one request may make this site compute
     max_inner_steps: Annotated[int, integer(ge=1)] = 100   # inner.steps, fedavg.local_steps
     max_adapt_steps: Annotated[int, integer(ge=0)] = 1000  # eval.adapt_steps
@@ -80,6 +86,10 @@ class SitePolicy(YamlModel):
     max_draws: Annotated[int, integer(ge=1)] = 50           # eval.draws
     max_threads: Annotated[int, integer(ge=1)] = 4          # engine.threads
     max_cv_fits: Annotated[int, integer(ge=1)] = 30         # eval.folds x eval.repeats
+    #: the most wall time one request may take here: past it the worker stops computing (at the
+    #: next check of its loops, fedmeta.common.deadline) and answers "request timeout"; the
+    #: coordinator waits at most federation.eval_timeout_s (900 s) for an evaluation anyway
+    max_request_seconds: Annotated[float, number(gt=0)] = 900.0
     #: the disclosure budget (sitecore/ledger.py), kept across runs in the site's state folder;
     #: algorithm auto evaluates each candidate on validation rows (about 25 evaluations a run)
     max_evaluations_per_run: Annotated[int, integer(ge=1)] = 40
@@ -91,6 +101,12 @@ class SitePolicy(YamlModel):
         if self.require_dp and self.max_epsilon is None:
             raise ValueError("require_dp needs max_epsilon: without a ceiling any noise, even none, "
                              "would satisfy it")
+        if self.require_dp and self.dp_epsilon_budget is None:
+            raise ValueError("require_dp needs dp_epsilon_budget: max_epsilon holds per run, and runs "
+                             "are unlimited")
+        if self.dp_epsilon_budget is not None and not self.require_dp:
+            raise ValueError("dp_epsilon_budget needs require_dp: true: a run without DP would spend "
+                             "nothing against it")
         return self
 
 
@@ -106,6 +122,8 @@ def check_experiment(policy: SitePolicy, cfg: ExperimentConfig, *, secure_aggreg
     check_splits(policy, cfg)
     if cfg.privacy.dp or policy.require_dp:
         check_privacy(policy, cfg)
+    if policy.require_dp and cfg.algorithm == "glm":
+        raise PolicyRefusal(_GLM_NOT_DP)
     check_resources(policy, cfg)
     floor = policy.min_patients
     if 0 < cfg.eval.shots < floor:
@@ -200,17 +218,24 @@ def check_agreement(policy: SitePolicy, cfg: ExperimentConfig) -> None:
 
 
 def check_request(policy: SitePolicy, request: SiteRequest, *, site: Callable[[], Site],
-                  secure_aggregation: bool = False, secagg_threshold: int | None = None) -> None:
+                  secure_aggregation: bool = False, secagg_threshold: int | None = None,
+                  before_data: Callable[[], None] | None = None) -> None:
     """The site's gate: check the parsed request that the handler will then compute from.
 
     ``site`` loads the site's data (called only when the experiment itself passed, and never for
-    the feature agreement, which runs before the site is tabularised). ``secagg_threshold`` is
+    the feature agreement, which runs before the site is tabularised). ``before_data`` runs once
+    the experiment passed and before any data is read (the site's ε ledger: a run that would
+    overspend is refused there). ``secagg_threshold`` is
     the SecAgg+ reconstruction threshold this node was set up with: the noise of a secure round
     is shared by that many sites, so a round claiming more sharers (and so adding less noise per
     site) is refused.
     """
     cfg = request.experiment
     check_experiment(policy, cfg, secure_aggregation=secure_aggregation)
+    if request.phase == K.GLM and policy.require_dp:
+        raise PolicyRefusal(_GLM_NOT_DP)
+    if before_data is not None:
+        before_data()
     if request.phase == K.COUNTS:
         check_agreement(policy, cfg)
         return

@@ -9,12 +9,13 @@ sums/counts: never rows, labels or per-example values.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedmeta.common import algorithms
+from fedmeta.common import algorithms, deadline
 from fedmeta.common.algorithms.base import SiteWork
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.base import Site, TabularSite
@@ -79,6 +80,13 @@ def n_way(cfg: ExperimentConfig, site: Site) -> int:
     return 2 if isinstance(site, TabularSite) else cfg.tasks.ways
 
 
+def _checked(draw: Callable[[], TaskBatch]) -> TaskBatch:
+    """A meta-batch, drawn only while the request is within its deadline (every task-based
+    algorithm draws its meta-batches through here: see :mod:`fedmeta.common.deadline`)."""
+    deadline.check()
+    return draw()
+
+
 def train_update(
     cfg: ExperimentConfig, spec: DataSpec, site: Site, state: NDArrays, *, rng: np.random.Generator
 ) -> Update:
@@ -94,7 +102,7 @@ def train_update(
         theta=theta,
         extra=from_numpy(extra_np, device=device),
         inner=inner_config(cfg),
-        draw_tasks=lambda: sample_tasks(cfg, site, rng).to(device),
+        draw_tasks=lambda: _checked(lambda: sample_tasks(cfg, site, rng).to(device)),
         training_rows=lambda: _on(device, *training_rows(site)),
         impl=choose_impl(model, device, cfg.engine.impl),
         kind="tabular" if isinstance(site, TabularSite) else "images",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedmeta.common import deadline
 from fedmeta.common.meta.inner import check_task, forward, task_loss
 from fedmeta.common.meta.types import MetaStats, Params
 
@@ -51,6 +52,7 @@ def local_sgd(
     order = torch.empty(0, dtype=torch.long)
     with torch.enable_grad():
         for _ in range(steps):
+            deadline.check()
             if order.numel() < batch_size:
                 order = torch.cat([order, torch.randperm(n, generator=generator)])
             idx, order = order[:batch_size].to(x.device), order[batch_size:]

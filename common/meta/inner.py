@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fedmeta.common import deadline
 from fedmeta.common.meta.types import InnerConfig, Params, TaskBatch
 
 Loss = Literal["cross_entropy", "mse"]
@@ -215,6 +216,7 @@ def adapt_autograd(
             lrs = {k: v.detach() for k, v in lrs.items()} if lrs is not None else None
         second_order = create_graph and not inner.first_order
         for _ in range(inner.steps):
+            deadline.check()  # the autograd path only: the functional one may be vmapped or compiled
             value = task_loss(forward(model, fast, x, buffers), y, loss)
             grads = torch.autograd.grad(
                 value,

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedmeta.common import deadline
 from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import (
     adapt_autograd,
@@ -128,6 +129,7 @@ def meta_gradient(
     if compile:
         fn = _compiled_objective_grad(model, inner, loss=loss, with_lrs=alpha is not None)
         for start in range(0, n_tasks, step):
+            deadline.check()
             sl = slice(start, start + step)
             grads, after = fn(
                 {k: v.detach() for k, v in theta.items()},
@@ -160,6 +162,7 @@ def meta_gradient(
                     randomness="different",
                 )
                 for start in range(0, n_tasks, step):
+                    deadline.check()
                     sl = slice(start, start + step)
                     after = batched(
                         theta, alpha, batched_buffers(buffers, tasks.xs[sl].shape[0]),
@@ -169,6 +172,7 @@ def meta_gradient(
                     loss_after += float(after.detach().sum())
             else:
                 for t in range(n_tasks):
+                    deadline.check()
                     phi = adapt_autograd(
                         model, theta, tasks.xs[t], tasks.ys[t], inner, loss=loss, lrs=alpha,
                         create_graph=True, buffers=buffers,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedmeta.common import deadline
 from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import (
     adapt_autograd,
@@ -109,6 +110,7 @@ def reptile_step(
         delta = {k: torch.zeros_like(v) for k, v in theta.items()}
         loss_after = 0.0
         for t in range(tasks.n_tasks):
+            deadline.check()
             d, a = one_task(theta, buffers, tasks.xs[t], tasks.ys[t], tasks.xq[t], tasks.yq[t])
             for k in delta:
                 delta[k] += d[k]

@@ -380,3 +380,77 @@ def test_fedmeta_s_client_app_without_the_worker_or_the_simulation_releases_noth
     reply = make_client_app(simulated=True)(message, simulated)
     assert not reply.has_error() and K.UPDATE in reply.content
     assert simulated.node_config[K.MIN_PATIENTS] == K.SIMULATED_FLOOR
+
+
+def test_runs_past_the_site_s_epsilon_budget_are_refused_before_any_data_is_read(tmp_path, monkeypatch) -> None:
+    """Each run of σ = 2 over 10 rounds is ε = 8.08 at the site's δ, under its max_epsilon = 10;
+    runs are unlimited, so the site spends ε across them against its dp_epsilon_budget = 20
+    (composed in RDP: 8.08, 12.3, 15.9, 19.1 after four runs; a fifth would be 22.0). Control arm:
+    the worker without the ε ledger, as before, serves all five."""
+    import fedmeta.client.app as A
+    from fedmeta.common.privacy import composed_epsilon
+    from fedmeta.sitecore.ledger import RequestLedger
+
+    policy = SitePolicy(min_patients=20, algorithms=("reptile",), require_dp=True, max_epsilon=10.0,
+                        dp_epsilon_budget=20.0)
+    dp = [*COMPLIANT, "rounds=10", "privacy.dp=true", "privacy.noise_multiplier=2", "tasks.meta_batch=2",
+          "inner.steps=2"]
+    theta = _theta(dp)
+
+    def worker(ledger: str) -> tuple[W.SiteWorker, list[tuple[str, dict]]]:
+        audit: list[tuple[str, dict]] = []
+        settings = W.WorkerSettings(runtime_address="127.0.0.1:1", secret=b"s" * 32, node_config=NODE,
+                                    policy=policy, version="0", ledger_path=tmp_path / ledger)
+        return W.SiteWorker(settings, audit=lambda e, **f: audit.append((e, f))), audit
+
+    def context(run: int) -> Context:
+        return Context(run_id=run, node_id=1, node_config={**NODE, "min-patients": 20},
+                       state=RecordDict(), run_config={})
+
+    def hello() -> Message:
+        config = _config(dp, phase=K.HELLO)
+        config.pop(K.ROUND)
+        return Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY, dst_node_id=1)
+
+    def run(w: W.SiteWorker, run_id: int) -> list[Message]:
+        return [w._answer(m, context(run_id), run_id=run_id, secure_aggregation=False)
+                for m in (hello(), _train_message({K.CONFIG: _config(dp)}, theta))]
+
+    # control: without the ε ledger (the site before it) every run passes its per-run check
+    with monkeypatch.context() as m:
+        m.setattr(RequestLedger, "spend_epsilon", lambda *a, **k: None)
+        unfixed, _ = worker("unfixed.json")
+        assert all(not r.has_error() for run_id in range(1, 6) for r in run(unfixed, run_id))
+    assert composed_epsilon([(10, 2.0)] * 5, delta=policy.dp_delta) == pytest.approx(22.02, abs=0.01)
+
+    site, audit = worker("ledger.json")
+    for run_id in range(1, 5):
+        assert all(not r.has_error() for r in run(site, run_id))
+    assert site.ledger.epsilon_spent(policy) == pytest.approx(19.05, abs=0.01)
+    monkeypatch.setattr(A, "site_of", lambda *a, **k: pytest.fail("no data may be read"))
+    refused = run(W.SiteWorker(site.settings, audit=lambda e, **f: audit.append((e, f))), 5)  # restarted too
+    for reply in refused:
+        assert reply.has_error() and reply.error.code == SiteErrorCode.POLICY_REFUSAL
+        assert reply.error.reason == ("policy refusal: run 5's 10 rounds at noise_multiplier 2 would bring "
+                                      "this site's ε to 22 (at δ = 1e-05, 19.1 spent before), past its "
+                                      "dp_epsilon_budget = 20")
+    failed = [f for e, f in audit if e == "request_failed"]
+    assert [(f["run_id"], f["category"], "dp_epsilon_budget = 20" in f["rule"]) for f in failed] == [
+        (5, "policy refusal", True)] * 2
+    assert site.ledger.epsilon_spent(policy) == pytest.approx(19.05, abs=0.01)  # the refusals spent nothing
+
+
+def test_a_dp_run_sending_more_rounds_than_it_declared_is_refused_at_the_first_extra_one(tmp_path) -> None:
+    policy = SitePolicy(min_patients=20, algorithms=("reptile",), require_dp=True, max_epsilon=10.0,
+                        dp_epsilon_budget=20.0)
+    dp = [*COMPLIANT, "rounds=2", "privacy.dp=true", "privacy.noise_multiplier=2", "tasks.meta_batch=2",
+          "inner.steps=2"]
+    settings = W.WorkerSettings(runtime_address="127.0.0.1:1", secret=b"s" * 32, node_config=NODE,
+                                policy=policy, version="0", ledger_path=tmp_path / "ledger.json")
+    worker = W.SiteWorker(settings, audit=lambda *a, **k: None)
+    theta = _theta(dp)
+    replies = [worker._answer(_train_message({K.CONFIG: _config(dp)}, theta), _context(), run_id=1,
+                              secure_aggregation=False) for _ in range(3)]
+    assert [r.has_error() for r in replies] == [False, False, True]
+    assert replies[2].error.reason == ("policy refusal: run 1 declared 2 rounds and has had 2 DP releases; "
+                                       "this site charged ε for 2 only")

@@ -27,8 +27,8 @@ def test_defaults_allow_the_default_experiment() -> None:
 @pytest.mark.parametrize(("policy", "overrides", "message"), [
     ({"algorithms": ["reptile"]}, ["algorithm=maml"], r"algorithm 'maml' is not allowed here \(allowed: reptile\)"),
     ({"max_rounds": 10}, ["rounds=11"], r"rounds = 11 exceeds this site's max_rounds = 10"),
-    ({"require_dp": True, "max_epsilon": 10.0}, [], r"requires differential privacy"),
-    ({"require_dp": True, "max_epsilon": 5.0}, ["privacy.dp=true", "rounds=30"],
+    ({"require_dp": True, "max_epsilon": 10.0, "dp_epsilon_budget": 50.0}, [], r"requires differential privacy"),
+    ({"require_dp": True, "max_epsilon": 5.0, "dp_epsilon_budget": 50.0}, ["privacy.dp=true", "rounds=30"],
      r"the run's ε = .* after 30 rounds \(at δ = 1e-05\) exceeds this site's max_epsilon = 5"),
     ({}, ["eval.shots=5"], r"eval.shots = 5 is below this site's min_patients = 20"),
 ])
@@ -69,8 +69,8 @@ def test_dp_that_is_not_dp_is_refused() -> None:
     from fedmeta.common.privacy import epsilon
 
     with pytest.raises(ConfigError, match="require_dp needs max_epsilon"):
-        validate(SitePolicy, {"require_dp": True}, source="node.yaml")
-    policy = SitePolicy(require_dp=True, max_epsilon=50.0)
+        validate(SitePolicy, {"require_dp": True, "dp_epsilon_budget": 100.0}, source="node.yaml")
+    policy = SitePolicy(require_dp=True, max_epsilon=50.0, dp_epsilon_budget=100.0)
     with pytest.raises(PolicyRefusal, match="privacy.noise_multiplier = 0 adds no noise"):
         check_experiment(policy, _cfg("privacy.dp=true", "privacy.noise_multiplier=0"))
     with pytest.raises(PolicyRefusal, match="privacy.delta = 0.9 exceeds this site's dp_delta = 1e-05"):
@@ -79,8 +79,37 @@ def test_dp_that_is_not_dp_is_refused() -> None:
     eps = epsilon(rounds=30, noise_multiplier=1.0, delta=1e-5)
     assert 39 < eps < 41
     with pytest.raises(PolicyRefusal, match=r"ε = 39.8 after 30 rounds \(at δ = 1e-05\) exceeds this site's max_epsilon = 20"):
-        check_experiment(SitePolicy(require_dp=True, max_epsilon=20.0), _cfg("privacy.dp=true", "rounds=30"))
+        check_experiment(SitePolicy(require_dp=True, max_epsilon=20.0, dp_epsilon_budget=100.0),
+                         _cfg("privacy.dp=true", "rounds=30"))
     check_experiment(policy, _cfg("privacy.dp=true", "rounds=30"))  # within 50
+
+
+def test_the_epsilon_budget_is_required_with_require_dp_and_never_defaulted() -> None:
+    """A per-run ceiling alone holds per run, and runs are unlimited: require_dp without a budget
+    across runs is an error when node.yaml is read, and a budget without require_dp (a run
+    without DP would spend nothing against it) is one too."""
+    from fedmeta.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="require_dp needs dp_epsilon_budget: max_epsilon holds per run"):
+        validate(SitePolicy, {"require_dp": True, "max_epsilon": 10.0}, source="node.yaml")
+    with pytest.raises(ConfigError, match="dp_epsilon_budget needs require_dp: true"):
+        validate(SitePolicy, {"dp_epsilon_budget": 10.0}, source="node.yaml")
+    with pytest.raises(ConfigError, match="dp_epsilon_budget"):
+        validate(SitePolicy, {"require_dp": True, "max_epsilon": 10.0, "dp_epsilon_budget": 0},
+                 source="node.yaml")
+    assert SitePolicy().dp_epsilon_budget is None  # DP optional: no budget, none needed
+    policy = validate(SitePolicy, {"require_dp": True, "max_epsilon": 10.0, "dp_epsilon_budget": 40.0},
+                      source="node.yaml")
+    assert policy.dp_epsilon_budget == 40.0
+
+
+def test_a_site_requiring_dp_releases_no_glm_sums() -> None:
+    """The federated GLM's gradient and Hessian sums carry no noise: a site requiring DP refuses
+    the algorithm at the greeting."""
+    policy = SitePolicy(require_dp=True, max_epsilon=50.0, dp_epsilon_budget=100.0)
+    with pytest.raises(PolicyRefusal, match="requires differential privacy, and the federated GLM's sums carry no noise"):
+        check_experiment(policy, load_config(None, ["algorithm=glm", "model.name=linear", "privacy.dp=true"]))
+    check_experiment(SitePolicy(), load_config(None, ["algorithm=glm", "model.name=linear"]))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
