@@ -361,10 +361,13 @@ def test_the_superlink_keeps_its_state_in_memory_unless_asked_to_persist_it(prov
 
     _, out = provisioned
     layout = CoordinatorLayout(out, tmp_path / "state")
-    args = dict(key_path="/proc/self/fd/9", fleet_address="127.0.0.1:1", control_host="127.0.0.1",
-                control_port=2)
+    args = dict(key_path="/proc/self/fd/9", fleet_address="127.0.0.1:1", secret_path="/proc/self/fd/8")
     default = superlink_argv(layout, **args)  # type: ignore[arg-type]
     assert "--database" not in default and "--enable-supernode-auth" in default
+    # the Control API on the state folder's socket, no TCP port for it; the SuperLink starts nothing
+    assert default[default.index("--control-socket") + 1] == str(tmp_path / "state" / "superlink.sock")
+    assert "--host" not in default and "--port" not in default
+    assert default[default.index("--isolation") + 1] == "process"
     persisted = superlink_argv(layout, persist_state=True, **args)  # type: ignore[arg-type]
     at = persisted.index("--database")
     assert Path(persisted[at + 1]) == tmp_path / "state" / "superlink.db"
@@ -385,3 +388,4 @@ def test_a_passphrase_file_readable_by_others_is_refused_unless_it_is_a_systemd_
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ProvisionError, match="readable by others"):
         Passphrase(file=creds / "key-passphrase").read()
+
