@@ -160,7 +160,7 @@ def _provision(args: argparse.Namespace) -> int:
     from fedmeta.deploy.provision import add_site, provision, revoke_site
 
     if args.revoke:
-        rec = revoke_site(args.out, args.revoke, reason=args.reason)
+        rec = revoke_site(args.out, args.revoke, reason=args.reason, passphrase=_passphrase(args))
         print(f"revoked {rec.name} (key {rec.fingerprint}); a coordinator started from now on "
               "unregisters it; `fedmeta coordinator revoke` tells a running one")
         return 0
@@ -245,7 +245,7 @@ def _coordinator_env(args: argparse.Namespace) -> dict[str, str]:
 def _coordinator_revoke(args: argparse.Namespace) -> int:
     from fedmeta.deploy.coordinator import load_node_ids, unregister_site
     from fedmeta.deploy.launch import CoordinatorLayout
-    from fedmeta.deploy.provision import Registry, revoke_site
+    from fedmeta.deploy.provision import Registry, record_revocation
     from fedmeta.server.audit import open_log
 
     layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
@@ -253,7 +253,7 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
     if record is None:
         raise ProvisionError(f"{args.deployment / 'registry.json'}: no site named {args.site!r}")
     if record.status == "active":
-        revoke_site(args.deployment, args.site, reason=args.reason)
+        record_revocation(args.deployment, args.site, reason=args.reason)
     if args.site in load_node_ids(layout):
         from fedmeta.deploy.control import Control
 

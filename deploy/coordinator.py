@@ -14,6 +14,7 @@ folder through its environment, and names every node by its key (:mod:`fedmeta.s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -177,10 +178,13 @@ def start_coordinator(
     it, and reconcile the sites (state in memory unless ``persist_state``:
     :func:`fedmeta.deploy.launch.superlink_argv`)."""
     layout = CoordinatorLayout(deployment=deployment, state=state)
+    Registry.load(deployment)  # signed by the consortium CA, or nothing starts
     os.umask(0o077)
     secure_state(state)
     secure_folder(layout.runs)
     env = coordinator_env(layout)
+    # the registry is checked against this CA certificate only, for as long as this coordinator runs
+    env[ENV.CA_SHA256] = hashlib.sha256(layout.ca.read_bytes()).hexdigest()
     key = None if insecure else decrypted_pem(layout.key, passphrase)
     secret = MemoryFile("superexec-secret", secrets.token_bytes(32))
     argv = superlink_argv(layout, key_path=key.path if key else None, fleet_address=fleet_address,

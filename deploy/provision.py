@@ -11,6 +11,14 @@ coordinator, then one bundle per hospital, then the registry. The output folder:
       sites/<site>/              the bundle shipped to a hospital: ca.crt, supernode.key (0600),
                                  supernode.pub, node.yaml
 
+``registry.json`` is signed with the consortium CA's key whenever it is written (provisioning,
+``--add-site``, ``--revoke``) and checked against the CA certificate (``coordinator/ca.crt``)
+wherever it is read (:meth:`Registry.load`, which the coordinator's reconciliation and the
+ServerApp's naming of nodes both use): a registry changed by anyone but the CA key's holder is an
+error naming the file, never a fallback. A revocation on the coordinator host, which does not
+hold the CA key, goes to ``revocations.json`` beside it (:func:`record_revocation`): it can only
+take a site out, never let one in.
+
 A hospital's identity is its SuperNode key pair; the coordinator admits it by registering the
 public key with the SuperLink. Adding a hospital therefore needs neither the CA key nor any change
 to the other hospitals, and revoking one means unregistering its key (``fedmeta provision
@@ -19,7 +27,10 @@ to the other hospitals, and revoking one means unregistering its key (``fedmeta 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +38,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.certs import (
@@ -40,12 +56,65 @@ from fedmeta.deploy.certs import (
 from fedmeta.deploy.consortium import Consortium, SiteSettings
 from fedmeta.deploy.keys import fingerprint, load_public_key, make_site_keys
 from fedmeta.deploy.node import NODE_FILE, render_node_yaml
-from fedmeta.deploy.secrets import Passphrase
+from fedmeta.deploy.secrets import Passphrase, load_private_key
 from fedmeta.protocol.app import installed_version
+from fedmeta.protocol.environment import CA_SHA256
 
 logger = logging.getLogger(__name__)
 
 REGISTRY = "registry.json"
+#: Revocations made on the coordinator host (no CA key there): names only; they only take out.
+REVOCATIONS = "revocations.json"
+SIGNATURE = "signature"
+_SIGNATURE_HASH = hashes.SHA384()
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    """The bytes a registry's signature covers: its document without the signature, as
+    canonical JSON (sorted keys, no spaces, ASCII)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def registry_ca(out: Path) -> Path:
+    """The CA certificate a registry in ``out`` is checked against (present on the operator's
+    machine and on the coordinator host alike)."""
+    return out / "coordinator" / "ca.crt"
+
+
+def _verify(path: Path, raw: dict[str, Any], ca_path: Path) -> None:
+    sig = raw.pop(SIGNATURE, None)
+    if not isinstance(sig, str) or not sig:
+        raise ProvisionError(f"{path}: the registry is not signed by the consortium CA; refusing it "
+                             "(re-issue it with `fedmeta provision` on the machine holding ca.key)")
+    try:
+        ca_bytes = ca_path.read_bytes()
+        ca = x509.load_pem_x509_certificate(ca_bytes)
+    except (OSError, ValueError) as e:
+        raise ProvisionError(f"{path}: cannot check the registry's signature: {ca_path}: {e}") from e
+    pinned = os.environ.get(CA_SHA256, "")
+    if pinned and hashlib.sha256(ca_bytes).hexdigest() != pinned:
+        raise ProvisionError(f"{path}: {ca_path} is not the CA certificate the coordinator started "
+                             "with; refusing the registry")
+    key = ca.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ProvisionError(f"{path}: {ca_path} holds no EC key to check the registry with")
+    try:
+        key.verify(base64.b64decode(sig, validate=True), _canonical(raw), ec.ECDSA(_SIGNATURE_HASH))
+    except (InvalidSignature, binascii.Error, ValueError) as e:
+        raise ProvisionError(f"{path}: the registry's signature does not verify against {ca_path} "
+                             "(changed since the consortium CA signed it); refusing it") from e
+
+
+def _revocations(out: Path) -> dict[str, str]:
+    """Site -> reason of the revocations recorded on the coordinator host."""
+    path = out / REVOCATIONS
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): str(v) for k, v in dict(raw).items()}
+    except (OSError, ValueError, TypeError) as e:
+        raise ProvisionError(f"{path}: unreadable revocations: {e}") from e
 
 
 @dataclass
@@ -71,6 +140,8 @@ class Registry:
 
     @classmethod
     def load(cls, out: Path) -> Registry:
+        """The registry in ``out``, after its signature is checked against the consortium CA
+        (:func:`registry_ca`); the coordinator host's own revocations are applied."""
         path = out / REGISTRY
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -80,20 +151,38 @@ class Registry:
             ) from e
         except (OSError, json.JSONDecodeError) as e:
             raise ProvisionError(f"{path}: unreadable registry: {e}") from e
-        return cls(
-            consortium=raw["consortium"],
-            created_at=raw["created_at"],
-            sites={k: SiteRecord(**v) for k, v in raw["sites"].items()},
-        )
+        if not isinstance(raw, dict):
+            raise ProvisionError(f"{path}: unreadable registry: not a JSON object")
+        _verify(path, raw, registry_ca(out))
+        try:
+            registry = cls(
+                consortium=raw["consortium"],
+                created_at=raw["created_at"],
+                sites={k: SiteRecord(**v) for k, v in raw["sites"].items()},
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ProvisionError(f"{path}: unreadable registry: {type(e).__name__}: {e}") from e
+        for name, reason in _revocations(out).items():
+            record = registry.sites.get(name)
+            if record is not None and record.status == "active":
+                record.status, record.reason = "revoked", reason
+        return registry
 
-    def save(self, out: Path) -> None:
+    def save(self, out: Path, passphrase: Passphrase) -> None:
+        """Write ``registry.json`` signed with the consortium CA's key (``out/ca/ca.key``)."""
         path = out / REGISTRY
-        tmp = path.with_suffix(".tmp")
+        ca_key = out / "ca" / "ca.key"
+        if not ca_key.is_file():
+            raise ProvisionError(f"{ca_key}: the consortium CA key signs registry.json; bring it back "
+                                 "from offline storage to change the registry")
+        key = load_private_key(ca_key, passphrase)
         doc: dict[str, Any] = {
             "consortium": self.consortium,
             "created_at": self.created_at,
             "sites": {k: asdict(v) for k, v in self.sites.items()},
         }
+        doc[SIGNATURE] = base64.b64encode(key.sign(_canonical(doc), ec.ECDSA(_SIGNATURE_HASH))).decode("ascii")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
 
@@ -212,7 +301,7 @@ def provision(consortium: Consortium, out: Path, *, passphrase: Passphrase) -> R
     registry = Registry(consortium=consortium.name, created_at=_now_iso(), sites={})
     for site in consortium.sites:
         _build_site(consortium, out, site, registry, passphrase=passphrase)
-    registry.save(out)
+    registry.save(out, passphrase)
     logger.info(
         "provisioned consortium %s: CA, coordinator %s, %d sites in %s",
         consortium.name, consortium.coordinator.host, len(consortium.sites), out,
@@ -232,12 +321,13 @@ def add_site(consortium: Consortium, out: Path, name: str, *, passphrase: Passph
         )
     bundle = _build_site(consortium, out, consortium.site(name), registry, passphrase=passphrase,
                          public_key=public_key)
-    registry.save(out)
+    registry.save(out, passphrase)
     return bundle
 
 
-def revoke_site(out: Path, name: str, *, reason: str) -> SiteRecord:
-    """Mark a hospital revoked and delete the copy of its private key kept in ``out``.
+def revoke_site(out: Path, name: str, *, reason: str, passphrase: Passphrase) -> SiteRecord:
+    """Mark a hospital revoked (the registry re-signed with the CA key) and delete the copy of its
+    private key kept in ``out``.
 
     The coordinator stops admitting it once its key is unregistered from the SuperLink
     (:func:`fedmeta.deploy.launch.unregister_site`, run by ``fedmeta coordinator revoke``);
@@ -254,8 +344,31 @@ def revoke_site(out: Path, name: str, *, reason: str) -> SiteRecord:
     record.status = "revoked"
     record.revoked_at = _now_iso()
     record.reason = reason
+    registry.save(out, passphrase)
     (out / "sites" / name / "supernode.key").unlink(missing_ok=True)
     (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
-    registry.save(out)
     logger.info("revoked site %s (key %s): %s", name, record.fingerprint, reason)
+    return record
+
+
+def record_revocation(out: Path, name: str, *, reason: str) -> SiteRecord:
+    """Revoke a hospital on the coordinator host, which does not hold the CA key: the signed
+    registry is left as it is and the site goes to ``revocations.json`` (read with it by
+    :meth:`Registry.load`; it can only take sites out). Its stored public key is deleted. The
+    operator revokes it in the signed registry too (``fedmeta provision --revoke``)."""
+    registry = Registry.load(out)
+    if name not in registry.sites:
+        raise ProvisionError(f"{out / REGISTRY}: no site named {name!r} (known: {sorted(registry.sites)})")
+    record = registry.sites[name]
+    if record.status == "revoked":
+        raise ProvisionError(f"{out / REGISTRY}: site {name!r} is already revoked")
+    revocations = {**_revocations(out), name: reason}
+    path = out / REVOCATIONS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(revocations, indent=2) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
+    record.status, record.reason = "revoked", reason
+    logger.info("revoked site %s (key %s) on this coordinator: %s", name, record.fingerprint, reason)
     return record

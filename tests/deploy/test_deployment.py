@@ -551,6 +551,64 @@ def test_a_key_registered_outside_the_registry_never_takes_part(consortium: Cons
     wait_nodes_online(d.co.control, d.ids(STARTED), timeout=90)  # type: ignore[arg-type]
 
 
+def test_a_registry_changed_without_the_ca_key_is_refused(consortium: Consortium) -> None:
+    """The symptom's last step: an intruder's key is registered and a plain Flower SuperNode
+    joins with it; then its key is written into ``registry.json`` as an active site (which every
+    run re-reads). Control arm: the same entry signed with the consortium CA key (what
+    ``fedmeta provision --add-site`` writes) makes the node a site the next run greets. Written
+    without the CA key, the next run refuses the registry, naming the file, and greets no one;
+    ``fedmeta coordinator start`` refuses it before starting anything."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedmeta.deploy.provision import Registry, SiteRecord
+
+    d = consortium
+    assert d.co.control is not None
+    intruder = make_site_keys(d.root / "intruder", comment="intruder", passphrase=None)
+    fp = fingerprint(intruder.public.read_bytes())
+    node_id = d.co.control.register(intruder.public.read_bytes(), "intruder")
+    key = serialization.load_pem_private_key(intruder.private.read_bytes(), None)
+    openssh = intruder.private.with_suffix(".openssh")
+    openssh.write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    d.procs.start("intruder", [bin_path("flower-supernode"), "--grpc-rere", "--superlink", d.co.fleet_address,
+                               "--root-certificates", str(d.pki / "ca" / "ca.crt"),
+                               "--auth-supernode-private-key", str(openssh), "--port", str(free_port())],
+                  env=d.site_env)
+    path = d.pki / "registry.json"
+    original = path.read_bytes()
+    entry = SiteRecord(name="intruder", fingerprint=fp, public_key=intruder.public.read_text().strip(),
+                       issued_at="2026-01-01T00:00:00+00:00")
+    try:
+        wait_nodes_online(d.co.control, [node_id], timeout=60)
+        doc = json.loads(original)
+        doc["sites"]["intruder"] = entry.__dict__
+        path.write_text(json.dumps(doc, indent=2))  # the signature is the one the CA made before
+        run_id, status, folder = _run(d, "tampered-registry", ["rounds=1"])
+        assert status == "finished:failed"
+        assert (f"error: the run failed: {path}: the registry's signature does not verify against "
+                f"{d.pki / 'coordinator' / 'ca.crt'}") in (folder / "run.log").read_text()
+        assert not [e for e in _audit(d, run_id) if e["event"] in ("run_started", "contribution", "site_excluded")]
+        with Processes(d.root / "tampered-start") as procs:
+            with pytest.raises(ProvisionError, match=f"^{re.escape(str(path))}: the registry's signature"):
+                start_coordinator(procs, deployment=d.pki, state=d.root / "tampered-state", passphrase=PASS,
+                                  fleet_address=f"{LOOPBACK}:{free_port()}")
+            assert procs.procs == {}  # nothing was started
+        # control arm: the same entry, signed with the CA key, makes the intruder a site
+        path.write_bytes(original)
+        registry = Registry.load(d.pki)
+        registry.sites["intruder"] = entry
+        registry.save(d.pki, PASS)
+        run_id, status, folder = _run(d, "signed-registry", ["rounds=1"])
+        events = _audit(d, run_id)
+        assert not [e for e in events if e["event"] == "node_refused" and e["node_id"] == node_id]
+        assert [e for e in events if e.get("site") == "intruder"], events  # greeted as a site
+    finally:
+        path.write_bytes(original)
+        d.procs.stop("intruder")
+        reconcile(d.co.layout, d.co.control)  # unregisters the intruder's key
+
+
 # -- faults -------------------------------------------------------------------------------------------
 
 
@@ -601,7 +659,7 @@ def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(conso
 def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium) -> None:
     d = consortium
     revoked_fp = fingerprint((d.pki / "coordinator" / "authorized" / "site-2.pub").read_bytes())
-    revoke_site(d.pki, "site-2", reason="left the consortium")
+    revoke_site(d.pki, "site-2", reason="left the consortium", passphrase=PASS)
     revoked_node = d.co.node_ids["site-2"]
     assert d.co.control is not None
     assert "site-2" not in reconcile(d.co.layout, d.co.control)  # what every start runs

@@ -168,7 +168,7 @@ def test_compose_paths_are_mounted_where_the_commands_read_and_write() -> None:
         mounts = _mounts(service)
         if name == "coordinator":
             source, mode = mounts[str(args.deployment)]
-            assert mode == "rw", "coordinator revoke rewrites registry.json: mount the pki read-write"
+            assert mode == "rw", "coordinator revoke writes revocations.json beside the registry: mount the pki read-write"
             assert source.startswith("./") and "sites" not in source, "the coordinator gets no site bundle"
             assert mounts[str(args.state)][0] in named, "the coordinator state lives on a named volume"
             secret = args.passphrase_file

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no site named 'nowhere'"):
         add_site(load_consortium(src2), out, "nowhere", passphrase=PASS)
 
-    rec = revoke_site(out, "hungary", reason="left the consortium")
+    rec = revoke_site(out, "hungary", reason="left the consortium", passphrase=PASS)
     assert rec.status == "revoked" and rec.reason == "left the consortium"
     reg = Registry.load(out)
     assert [s.name for s in reg.active()] == ["cleveland", "zurich"]
@@ -218,7 +219,7 @@ def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     assert _digest(out / "sites" / "cleveland" / "supernode.key") == before[
         out / "sites" / "cleveland" / "supernode.key"]
     with pytest.raises(ProvisionError, match="already revoked"):
-        revoke_site(out, "hungary", reason="again")
+        revoke_site(out, "hungary", reason="again", passphrase=PASS)
     with pytest.raises(ProvisionError, match="already provisioned"):
         provision(load_consortium(src), out, passphrase=PASS)
 
@@ -389,3 +390,69 @@ def test_a_passphrase_file_readable_by_others_is_refused_unless_it_is_a_systemd_
     with pytest.raises(ProvisionError, match="readable by others"):
         Passphrase(file=creds / "key-passphrase").read()
 
+
+# -- the registry is signed by the consortium CA ------------------------------------------------------
+
+
+def _copy(out: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    dest = tmp_path / name
+    shutil.copytree(out, dest)
+    return dest
+
+
+def test_a_changed_or_unsigned_registry_is_refused_by_both_readers(provisioned, tmp_path, monkeypatch):
+    """An entry added to registry.json by anyone without the CA key (the attack: a run wrote its
+    own key in), a signature removed, or a registry signed by another CA: each is an error that
+    names the file, from the provisioning reader and from the ServerApp's, never a fallback."""
+    from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
+    from fedmeta.server.identity import Registry as NodeRegistry
+
+    _, out = provisioned
+    original = NodeRegistry.load(out / "registry.json")  # the signed registry reads
+    assert sorted(original.active.values()) == ["cleveland", "hungary"]
+    tampered = _copy(out, tmp_path, "tampered")
+    doc = json.loads((tampered / "registry.json").read_text())
+    doc["sites"]["intruder"] = {**doc["sites"]["cleveland"], "name": "intruder", "fingerprint": "SHA256:x"}
+    (tampered / "registry.json").write_text(json.dumps(doc))
+    unsigned = _copy(out, tmp_path, "unsigned")
+    doc = json.loads((unsigned / "registry.json").read_text())
+    del doc["signature"]
+    (unsigned / "registry.json").write_text(json.dumps(doc))
+    other_ca = _copy(out, tmp_path, "other-ca")
+    other = make_ca(common_name="not ours", organization="x", validity_days=1)
+    write_public_bytes(other_ca / "coordinator" / "ca.crt", cert_pem(other.cert))
+    cases = [(tampered, "signature does not verify"), (unsigned, "is not signed by the consortium CA"),
+             (other_ca, "signature does not verify")]
+    for folder, why in cases:
+        path = folder / "registry.json"
+        with pytest.raises(ProvisionError, match=rf"^{re.escape(str(path))}: .*{why}"):
+            Registry.load(folder)
+        with pytest.raises(ProvisionError, match=rf"^{re.escape(str(path))}: .*{why}"):
+            NodeRegistry.load(path)
+    # the coordinator pins the CA certificate it started with: a swapped one is refused too
+    monkeypatch.setenv("FEDMETA_CA_SHA256", "0" * 64)
+    with pytest.raises(ProvisionError, match="is not the CA certificate the coordinator started with"):
+        NodeRegistry.load(out / "registry.json")
+
+
+def test_changing_the_registry_needs_the_ca_key_and_the_coordinator_revokes_without_it(provisioned, tmp_path):
+    from fedmeta.deploy.provision import record_revocation
+
+    _, out = provisioned
+    coordinator = tmp_path / "coordinator-pki"  # what the coordinator host holds: no ca/
+    coordinator.mkdir()
+    import shutil
+
+    shutil.copytree(out / "coordinator", coordinator / "coordinator")
+    shutil.copyfile(out / "registry.json", coordinator / "registry.json")
+    with pytest.raises(ProvisionError, match=r"ca/ca\.key: the consortium CA key signs registry\.json"):
+        revoke_site(coordinator, "hungary", reason="x", passphrase=PASS)
+    rec = record_revocation(coordinator, "hungary", reason="left")
+    assert rec.status == "revoked"
+    assert [s.name for s in Registry.load(coordinator).active()] == ["cleveland"]
+    assert (coordinator / "registry.json").read_bytes() == (out / "registry.json").read_bytes()
+    assert not (coordinator / "coordinator" / "authorized" / "hungary.pub").exists()
+    with pytest.raises(ProvisionError, match="already revoked"):
+        record_revocation(coordinator, "hungary", reason="again")
