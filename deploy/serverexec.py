@@ -168,6 +168,7 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
     context: Context | None = None
     status, details = SubStatus.FAILED, "Task failed with unknown error."
     exit_code = ExitCode.SUCCESS
+    refusal: str | None = None
 
     def on_exit() -> None:
         grid._retry_invoker.max_tries = 1
@@ -201,16 +202,15 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
                                       client=grid._runtime_client)
         verdict = check_bundle(fab.content, fab_id=run.fab_id, fab_version=run.fab_version,
                                version=installed_version(), allow_secure_aggregation=True)
-        if not verdict.accepted:
-            log.error("run %d refused: %s (bundle %s); none of its code ran", run.run_id,
-                      verdict.reason, fab.hash_str)
+        if not verdict.accepted:  # the run ends as failed; this process has nothing to report
+            refusal = (f"fedmeta refused run {run.run_id}: {verdict.reason} (bundle {fab.hash_str}); "
+                       "none of its code ran")
             audit = audit_log.from_env()
             if audit is not None:
                 audit.record("app_refused", run_id=int(run.run_id), app=run.fab_id[:100],
                              version=run.fab_version[:50], bundle_sha256=fab.hash_str,
                              reason=verdict.reason[:200])
             details = f"app refused: {verdict.reason}"[:300]
-            exit_code = ExitCode.SERVERAPP_EXCEPTION
         else:
             if verdict.secure_aggregation:
                 from fedmeta.server.secagg_app import app
@@ -227,7 +227,7 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
         log.error("ServerApp raised an exception", exc_info=ex)
         details = f"ServerApp failed with exception: {ex}"
         exit_code = ExitCode.SERVERAPP_EXCEPTION
-    flwr_exit(code=exit_code, event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE)
+    flwr_exit(code=exit_code, message=refusal, event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE)
 
 
 def main() -> None:
