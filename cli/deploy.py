@@ -77,8 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--fleet-address", default=None,
                    help="bind address of the gRPC Fleet API (default <coordinator host>:<fleet_port> "
                         "from provisioning; 0.0.0.0:PORT binds every interface)")
-    s.add_argument("--control-host", default="127.0.0.1",
-                   help="bind host of the HTTPS Control API (default 127.0.0.1: this host only)")
     s.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
     s.add_argument("--persist-state", action="store_true",
                    help="keep the SuperLink's state in <state>/superlink.db (SQLite) instead of memory: "
@@ -162,7 +160,7 @@ def _provision(args: argparse.Namespace) -> int:
     from fedmeta.deploy.provision import add_site, provision, revoke_site
 
     if args.revoke:
-        rec = revoke_site(args.out, args.revoke, reason=args.reason)
+        rec = revoke_site(args.out, args.revoke, reason=args.reason, passphrase=_passphrase(args))
         print(f"revoked {rec.name} (key {rec.fingerprint}); a coordinator started from now on "
               "unregisters it; `fedmeta coordinator revoke` tells a running one")
         return 0
@@ -213,20 +211,19 @@ def _coordinator_start(args: argparse.Namespace) -> int:
     with Processes(args.state / "run") as procs:
         handle = start_coordinator(
             procs, deployment=args.deployment, state=args.state, passphrase=passphrase,
-            fleet_address=fleet, control_host=args.control_host,
-            control_port=int(str(settings["control_port"])), insecure=args.insecure,
-            persist_state=args.persist_state,
+            fleet_address=fleet, insecure=args.insecure, persist_state=args.persist_state,
         )
         print(f"coordinator up: Fleet API (gRPC, TLS) {handle.fleet_address}, "
-              f"Control API {handle.control_address}, {len(handle.node_ids)} sites registered "
+              f"Control API on {handle.control_address} (this user only), {len(handle.node_ids)} sites registered "
               f"({', '.join(sorted(handle.node_ids))}); runs in {handle.layout.runs}; Ctrl-C to stop")
         signal.signal(signal.SIGTERM, _raise_stop)
         try:
-            while handle.process.alive():
+            while handle.alive():
                 procs.refresh_children()
                 time.sleep(1.0)
-            print(f"superlink exited with code {handle.process.popen.returncode}; see "
-                  f"{handle.process.log_path}", file=sys.stderr)
+            gone = handle.process if not handle.process.alive() else handle.executor
+            print(f"{gone.name} exited with code {gone.popen.poll()}; see {gone.log_path}",
+                  file=sys.stderr)
             return 1
         except (_Stop, KeyboardInterrupt):
             return 0
@@ -237,10 +234,10 @@ def _coordinator_env(args: argparse.Namespace) -> dict[str, str]:
     from fedmeta.deploy.launch import CoordinatorLayout
 
     layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
-    if not (layout.flwr_home / "config.toml").is_file():
+    if not layout.socket.is_socket():
         raise ProvisionError(
-            f"{layout.flwr_home / 'config.toml'}: missing; is `fedmeta coordinator start "
-            f"--state {args.state}` running?"
+            f"{layout.socket}: no Control API socket; is `fedmeta coordinator start "
+            f"--state {args.state}` running (as this user)?"
         )
     return coordinator_env(layout)
 
@@ -248,7 +245,7 @@ def _coordinator_env(args: argparse.Namespace) -> dict[str, str]:
 def _coordinator_revoke(args: argparse.Namespace) -> int:
     from fedmeta.deploy.coordinator import load_node_ids, unregister_site
     from fedmeta.deploy.launch import CoordinatorLayout
-    from fedmeta.deploy.provision import Registry, revoke_site
+    from fedmeta.deploy.provision import Registry, record_revocation
     from fedmeta.server.audit import open_log
 
     layout = CoordinatorLayout(deployment=args.deployment, state=args.state)
@@ -256,12 +253,12 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
     if record is None:
         raise ProvisionError(f"{args.deployment / 'registry.json'}: no site named {args.site!r}")
     if record.status == "active":
-        revoke_site(args.deployment, args.site, reason=args.reason)
+        record_revocation(args.deployment, args.site, reason=args.reason)
     if args.site in load_node_ids(layout):
         from fedmeta.deploy.control import Control
 
         _coordinator_env(args)
-        with Control(layout.flwr_home) as control:
+        with Control(layout.socket) as control:
             node_id = unregister_site(layout, control, args.site)
         open_log(layout.audit).record("node_unregistered", site=args.site, node_id=node_id,
                                       reason=args.reason, fingerprint=record.fingerprint)
@@ -277,7 +274,7 @@ def _coordinator_nodes(args: argparse.Namespace) -> int:
     from fedmeta.deploy.launch import CoordinatorLayout
 
     _coordinator_env(args)
-    with Control(CoordinatorLayout(args.deployment, args.state).flwr_home) as control:
+    with Control(CoordinatorLayout(args.deployment, args.state).socket) as control:
         for node in control.nodes():
             print(json.dumps({"node-id": node.node_id, "status": node.status, "name": node.name,
                               "fingerprint": fingerprint_of_bytes(node.public_key)}))
@@ -365,7 +362,7 @@ def _run(args: argparse.Namespace) -> int:
     _coordinator_env(args)  # then the coordinator must be running
     from fedmeta.server.audit import open_log
 
-    with Control(layout.flwr_home) as control:
+    with Control(layout.socket) as control:
         run_id = submit_run(control, layout.flwr_home,
                             run_config={"experiment": cfg.to_json(), "run-name": name,
                                         "resume": bool(args.resume)},

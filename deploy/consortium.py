@@ -11,7 +11,8 @@ Example::
       sans: [coordinator.example.org, 10.0.0.5]   # default [host]; host, localhost and
                                                   # 127.0.0.1 are always included
       fleet_port: 9092                    # gRPC Fleet API, the only port hospitals reach
-      control_port: 9093                  # HTTPS Control/Runtime API, operators only
+      control_port: 9093                  # unused: the Control API is a Unix socket in the
+                                          # coordinator's state folder (kept for older files)
       validity_days: 825                  # default 825, at most the CA's
     sites:
       - name: cleveland                   # required, [a-z0-9-], unique
@@ -123,8 +124,8 @@ class CoordinatorSettings(DeployModel):
         sans = list(self.sans) or [self.host]
         if self.host not in sans:
             sans.insert(0, self.host)
-        # The SuperLink's own ServerApp runner reaches its Runtime API on the loopback address
-        # over TLS with this certificate, so loopback names are always included.
+        # `fedmeta coordinator start` checks the Fleet API's TLS handshake on the loopback address
+        # when it is bound to every interface, so loopback names are always included.
         sans += [s for s in LOOPBACK_SANS if s not in sans]
         if self.fleet_port == self.control_port:
             raise fail(f"{{key}} must differ from coordinator.fleet_port (both {self.fleet_port})",

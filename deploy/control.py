@@ -1,21 +1,19 @@
 """The SuperLink's Control API, called in this process (no ``flwr`` subprocess per request).
 
-Each ``flwr`` command starts a Python process that imports Flower: seconds of CPU per call, paid
-for every registration and every status poll. :class:`Control` keeps one Control API client
-(Flower's own ``ControlHttpClient``, over TLS to the coordinator's certificate) and offers what
-fedmeta's operator commands need: register, unregister and list nodes (with the public key each
-authenticates with), start a run from a bundle folder, read a run's status, stop a run and
-stream its logs.
+The coordinator's SuperLink serves its Control API (and its Runtime API) on a Unix socket in the
+owner-only state folder (:mod:`fedmeta.deploy.superlink`), so only the coordinator's own user can
+reach it. :class:`Control` keeps one Control API client (Flower's own ``ControlHttpClient``, its
+HTTP connection made over that socket) and offers what fedmeta's operator commands need:
+register, unregister and list nodes (with the public key each authenticates with), start a run
+from a bundle folder, read a run's status, stop a run and stream its logs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,22 +22,18 @@ from fedmeta.common.errors import ProvisionError
 
 log = logging.getLogger(__name__)
 
-_ENV_LOCK = threading.Lock()
+#: The base URL of the API behind the socket (the host name is never resolved).
+SOCKET_URL = "http://superlink"
+_TIMEOUT_S = 30.0
 
 
-@contextmanager
-def _flwr_home(path: Path) -> Iterator[None]:
-    """Flower's client reads its settings from ``$FLWR_HOME``: set it while one is built."""
-    with _ENV_LOCK:
-        old = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = str(path)
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("FLWR_HOME", None)
-            else:
-                os.environ["FLWR_HOME"] = old
+def over_socket(client: Any, path: Path) -> None:
+    """Make Flower's protobuf-over-HTTP ``client`` (``ControlHttpClient``, ``RuntimeHttpClient``)
+    talk to the API behind the Unix socket ``path``: its HTTP connection pool is replaced by one
+    whose transport is the socket (the client's URLs, interceptors and retries are unchanged)."""
+    from fedmeta.protocol import flower_compat
+
+    flower_compat.serve_over_unix_socket(client, str(path), timeout_s=_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -53,22 +47,31 @@ class NodeRecord:
 
 
 class Control:
-    """One Control API client for the coordinator whose ``FLWR_HOME`` is ``flwr_home``."""
+    """One Control API client for the coordinator whose API socket is ``socket``."""
 
-    def __init__(self, flwr_home: Path, connection: str = "fedmeta") -> None:
+    def __init__(self, socket: Path) -> None:
         from fedmeta.protocol.flower_compat import (
-            init_http_client_from_connection,
-            read_superlink_connection,
+            CliClientHttpInterceptor,
+            ControlHttpClient,
+            RuntimeVersionHttpInterceptor,
         )
 
-        self.flwr_home = flwr_home
-        with _flwr_home(flwr_home):
-            try:
-                conn = read_superlink_connection(connection)
-                self._client = init_http_client_from_connection(conn)
-            except (Exception, SystemExit) as e:  # noqa: BLE001 - Flower's CLI raises click errors
-                raise ProvisionError(f"{flwr_home}: cannot reach the coordinator's Control API "
-                                     f"({type(e).__name__}: {e}); is it running?") from None
+        self.socket: Path | None = socket
+        if not socket.is_socket():
+            raise ProvisionError(f"{socket}: no Control API socket; is `fedmeta coordinator start` "
+                                 "running with this --state, as this user?")
+        self._client = ControlHttpClient(SOCKET_URL, interceptors=[
+            CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+        over_socket(self._client, socket)
+
+    @classmethod
+    def with_client(cls, client: Any) -> Control:
+        """A :class:`Control` over another Flower Control API client (e.g. one reaching a
+        SuperLink on a TCP port, as Flower runs it by default)."""
+        self = cls.__new__(cls)
+        self.socket = None
+        self._client = client
+        return self
 
     def close(self) -> None:
         self._client.close()

@@ -1,7 +1,10 @@
 """The coordinator's side of a deployment: ``fedmeta coordinator start`` and ``revoke``.
 
 :func:`start_coordinator` makes the state folder owner-only, decrypts the TLS key into memory,
-starts the SuperLink, checks that its Fleet API speaks gRPC over TLS, and reconciles the
+starts the SuperLink (its Control API on a Unix socket in that folder, launching nothing) and
+fedmeta's ServerApp executor beside it (the only thing that starts a ServerApp on this host: the
+installed fedmeta one, for a fedmeta bundle), checks that its Fleet API speaks gRPC over TLS,
+and reconciles the
 SuperLink's node registrations with the consortium registry (:func:`reconcile`): every active
 site's key is registered; a revoked site's key, and any key registered some other way (e.g.
 ``flwr supernode register`` through the Control API), is unregistered and written to the audit
@@ -11,9 +14,11 @@ folder through its environment, and names every node by its key (:mod:`fedmeta.s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,10 +31,11 @@ from fedmeta.deploy.launch import (
     CoordinatorLayout,
     base_env,
     check_fleet_is_grpc,
+    executor_argv,
     superlink_argv,
     superlink_uses_grpc_fleet,
     wait_for_port,
-    write_flwr_config,
+    wait_for_socket,
 )
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.provision import Registry
@@ -39,22 +45,23 @@ from fedmeta.server.audit import open_log
 
 logger = logging.getLogger(__name__)
 
-#: How often the SuperLink's executor looks for a ServerApp to start (Flower's default: 1 s).
-SUPEREXEC_POLL_S = "0.1"
-
-
 @dataclass
 class CoordinatorHandle:
-    """A started coordinator: its layout, environment for ``flwr``, addresses and node ids."""
+    """A started coordinator: its layout, environment, addresses, processes and node ids."""
 
     layout: CoordinatorLayout
     env: dict[str, str]
     fleet_address: str
-    control_address: str
-    process: Managed
+    control_address: str  # the Control API's Unix socket
+    process: Managed  # the SuperLink
+    executor: Managed  # fedmeta's ServerApp executor
     node_ids: dict[str, int] = field(default_factory=dict)
     key: MemoryFile | None = None
+    secret: MemoryFile | None = None
     control: Control | None = None
+
+    def alive(self) -> bool:
+        return self.process.alive() and self.executor.alive()
 
 
 def load_node_ids(layout: CoordinatorLayout) -> dict[str, int]:
@@ -135,12 +142,12 @@ def unregister_site(layout: CoordinatorLayout, control: Control, name: str) -> i
 
 
 def coordinator_env(layout: CoordinatorLayout) -> dict[str, str]:
-    """The environment of the SuperLink (and so of the ServerApp it starts) and of ``flwr``."""
+    """The environment of the SuperLink and of the executor (and so of the ServerApp)."""
     env = base_env(layout.flwr_home)
     env[ENV.AUDIT_LOG] = str(layout.audit.resolve())
     env[ENV.REGISTRY] = str(layout.registry.resolve())
     env[ENV.RUNS_DIR] = str(layout.runs.resolve())
-    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL_S
+    env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)  # Flower's gRPC Control API (TCP): never
     return env
 
 
@@ -163,33 +170,35 @@ def start_coordinator(
     state: Path,
     passphrase: Passphrase,
     fleet_address: str,
-    control_host: str,
-    control_port: int,
     insecure: bool = False,
     persist_state: bool = False,
     timeout: float = 60.0,
 ) -> CoordinatorHandle:
-    """Start ``flower-superlink`` for a provisioned ``deployment`` and reconcile the sites
-    (state in memory unless ``persist_state``: :func:`fedmeta.deploy.launch.superlink_argv`)."""
+    """Start the SuperLink for a provisioned ``deployment``, fedmeta's ServerApp executor beside
+    it, and reconcile the sites (state in memory unless ``persist_state``:
+    :func:`fedmeta.deploy.launch.superlink_argv`)."""
     layout = CoordinatorLayout(deployment=deployment, state=state)
+    Registry.load(deployment)  # signed by the consortium CA, or nothing starts
     os.umask(0o077)
     secure_state(state)
     secure_folder(layout.runs)
     env = coordinator_env(layout)
-    write_flwr_config(
-        layout.flwr_home,
-        control_address=f"{control_host}:{control_port}",
-        root_certificates=None if insecure else layout.ca,
-    )
+    # the registry is checked against this CA certificate only, for as long as this coordinator runs
+    env[ENV.CA_SHA256] = hashlib.sha256(layout.ca.read_bytes()).hexdigest()
     key = None if insecure else decrypted_pem(layout.key, passphrase)
+    secret = MemoryFile("superexec-secret", secrets.token_bytes(32))
     argv = superlink_argv(layout, key_path=key.path if key else None, fleet_address=fleet_address,
-                          control_host=control_host, control_port=control_port, insecure=insecure,
-                          persist_state=persist_state)
-    proc = procs.start("superlink", argv, env=env, pass_fds=[key.fd] if key else [])
+                          secret_path=secret.path, insecure=insecure, persist_state=persist_state)
+    for name in ("serverexec", "superlink"):  # a restart: the previous pair must be gone
+        if name in procs.procs:
+            procs.stop(name)
+    proc = procs.start("superlink", argv, env=env, pass_fds=[secret.fd] + ([key.fd] if key else []))
     fleet_host, _, fleet_port = fleet_address.rpartition(":")
-    wait_for_port(control_host, control_port, timeout=timeout, proc_alive=proc.alive)
+    wait_for_socket(layout.socket, timeout=timeout, proc_alive=proc.alive)
     wait_for_port(fleet_host if fleet_host not in ("0.0.0.0", "") else "127.0.0.1", int(fleet_port),
                   timeout=timeout, proc_alive=proc.alive)
+    executor = procs.start("serverexec", executor_argv(layout, secret_path=secret.path, superlink_pid=proc.pid),
+                           env=env, pass_fds=[secret.fd])
     bound = superlink_uses_grpc_fleet(proc.log_path)
     if bound is None:
         time.sleep(1.0)
@@ -200,13 +209,11 @@ def start_coordinator(
         )
     check_host = fleet_address if fleet_host not in ("0.0.0.0", "") else f"127.0.0.1:{fleet_port}"
     check_fleet_is_grpc(check_host, ca=None if insecure else layout.ca)
-    logger.info("SuperLink up: Fleet API gRPC-rere on %s, Control API https://%s:%d",
-                bound, control_host, control_port)
-    control = Control(layout.flwr_home)
+    logger.info("SuperLink up: Fleet API gRPC-rere on %s, Control API on %s", bound, layout.socket)
+    control = Control(layout.socket)
     ids = {} if insecure else reconcile(layout, control)
     procs.refresh_children()
     return CoordinatorHandle(
-        layout=layout, env=env, fleet_address=fleet_address,
-        control_address=f"{control_host}:{control_port}", process=proc, node_ids=ids, key=key,
-        control=control,
+        layout=layout, env=env, fleet_address=fleet_address, control_address=str(layout.socket),
+        process=proc, executor=executor, node_ids=ids, key=key, secret=secret, control=control,
     )

@@ -1,13 +1,17 @@
 """Flower's deployment commands for a provisioned consortium (Flower 1.39), built and run by
 fedmeta.
 
-* Coordinator: ``flower-superlink`` with TLS on every API (``--ssl-ca-certfile/--ssl-certfile/
-  --ssl-keyfile``, the key decrypted into memory), ``--enable-supernode-auth`` (only registered
-  SuperNode keys are admitted), its state in memory (Flower's default; a SQLite database only with
-  ``persist_state``, see :func:`superlink_argv`), the gRPC request-response Fleet API for the
-  hospitals and the HTTPS Control API for ``flwr`` (loopback by default).
-* Operator: ``flwr supernode register|unregister|list`` and ``flwr run|log|list|stop`` against a
-  private ``FLWR_HOME`` whose ``config.toml`` names the SuperLink's Control API and the CA.
+* Coordinator: Flower's SuperLink (``python -m fedmeta.deploy.superlink``: ``flower-superlink``
+  with its HTTP API on a Unix socket in the owner-only state folder) with TLS on the Fleet API
+  (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``, the key decrypted into memory),
+  ``--enable-supernode-auth`` (only registered SuperNode keys are admitted), its state in memory
+  (Flower's default; a SQLite database only with ``persist_state``, see :func:`superlink_argv`),
+  and ``--isolation process``: the SuperLink launches nothing; fedmeta's executor
+  (:mod:`fedmeta.deploy.serverexec`) runs the installed fedmeta ServerApp for a fedmeta bundle
+  and refuses any other.
+* Operator: fedmeta's commands call the Control API over that socket
+  (:class:`fedmeta.deploy.control.Control`): register, unregister and list nodes, start, follow
+  and stop runs. Only the coordinator's own user can open the socket.
 * Runs are submitted as a bundle holding only a generated ``pyproject.toml``
   (:func:`fedmeta.protocol.app.render_pyproject`): no code and no source folder is needed, and
   nothing is installed at run time.
@@ -18,12 +22,10 @@ authentication: Flower refuses).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -82,6 +84,11 @@ class CoordinatorLayout:
         return self.deployment / "registry.json"
 
     @property
+    def socket(self) -> Path:
+        """The SuperLink's Control and Runtime API (a Unix socket, 0600, in the 0700 state folder)."""
+        return self.state / "superlink.sock"
+
+    @property
     def database(self) -> Path:
         return self.state / "superlink.db"
 
@@ -124,12 +131,17 @@ def superlink_argv(
     *,
     key_path: str | None,
     fleet_address: str,
-    control_host: str,
-    control_port: int,
+    secret_path: str,
     insecure: bool = False,
     persist_state: bool = False,
 ) -> list[str]:
-    """``flower-superlink`` command line for the coordinator (``key_path``: the decrypted key).
+    """The coordinator's SuperLink command line (``key_path``: the decrypted TLS key;
+    ``secret_path``: the secret its Runtime API shares with fedmeta's ServerApp executor).
+
+    Its Control and Runtime API are on the Unix socket :attr:`CoordinatorLayout.socket`
+    (:mod:`fedmeta.deploy.superlink`), it runs in ``process`` isolation (it starts no ServerApp:
+    :mod:`fedmeta.deploy.serverexec` does, after checking the bundle), and only an executor
+    holding the secret may take its tasks.
 
     The SuperLink keeps its state (node registrations, runs, the messages and their objects in
     transit) in memory unless ``persist_state``, which stores it in ``layout.database``
@@ -139,9 +151,12 @@ def superlink_argv(
     SuperLink restarts: the registrations are rebuilt from the consortium registry at every
     start (:func:`fedmeta.deploy.coordinator.reconcile`), and runs resume from fedmeta's own
     checkpoints in the runs folder. What only the database keeps: Flower's own run history
-    (``flwr ls``, ``flwr log``) across SuperLink restarts.
+    across SuperLink restarts.
     """
-    argv = [bin_path("flower-superlink")]
+    from fedmeta.deploy.superlink import check_socket_path
+
+    check_socket_path(layout.socket)
+    argv = [sys.executable, "-m", "fedmeta.deploy.superlink", "--control-socket", str(layout.socket)]
     if insecure:
         logger.warning(INSECURE_WARNING)
         argv += ["--insecure"]
@@ -161,27 +176,33 @@ def superlink_argv(
     argv += [
         "--fleet-api-type", "grpc-rere",
         "--fleet-api-address", fleet_address,
-        "--host", control_host,
-        "--port", str(control_port),
+        "--isolation", "process",
+        "--superexec-auth-secret-file", secret_path,
         "--disable-runtime-dependency-installation",
     ]
     return argv
 
 
-def write_flwr_config(
-    flwr_home: Path, *, control_address: str, root_certificates: Path | None
-) -> Path:
-    """Write ``FLWR_HOME/config.toml`` with one SuperLink connection named ``fedmeta``."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f'address = "{control_address}"']
-    if root_certificates is None:
-        lines.append("insecure = true")
-    else:
-        lines.append(f'root-certificates = "{root_certificates.resolve()}"')
-    path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def executor_argv(layout: CoordinatorLayout, *, secret_path: str, superlink_pid: int) -> list[str]:
+    """fedmeta's ServerApp executor beside the SuperLink (:mod:`fedmeta.deploy.serverexec`)."""
+    return [sys.executable, "-m", "fedmeta.deploy.serverexec", "--socket", str(layout.socket),
+            "--secret-file", secret_path, "--superlink-pid", str(superlink_pid)]
+
+
+def wait_for_socket(path: Path, *, timeout: float, proc_alive: object = None) -> None:
+    """Wait until the Unix socket ``path`` accepts connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(proc_alive) and not proc_alive():
+            raise ProvisionError(f"the process serving {path} exited before it listened")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise ProvisionError(f"{path} did not accept connections within {timeout:.0f} s")
 
 
 def wait_for_port(host: str, port: int, *, timeout: float, proc_alive: object = None) -> None:
@@ -227,31 +248,6 @@ def superlink_uses_grpc_fleet(log_path: Path) -> str | None:
         return None
     m = FLEET_GRPC_LOG.search(log_path.read_text(errors="replace"))
     return m.group(1) if m else None
-
-
-def flwr(args: list[str], env: Mapping[str, str], *, timeout: float = 60.0) -> dict[str, object]:
-    """Run ``flwr ARGS --format json`` and return its JSON document."""
-    argv = [bin_path("flwr"), *args, "--format", "json"]
-    try:
-        res = subprocess.run(  # noqa: S603 - fixed argv
-            argv, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as e:
-        raise ProvisionError(f"`flwr {' '.join(args)}` timed out after {timeout:.0f} s") from e
-    out = res.stdout.strip()
-    start = out.find("{")
-    try:
-        doc: dict[str, object] = json.loads(out[start:]) if start >= 0 else {}
-    except json.JSONDecodeError as e:
-        raise ProvisionError(
-            f"`flwr {' '.join(args)}` printed no JSON (exit {res.returncode}): {out[-400:]} "
-            f"{res.stderr[-400:]}"
-        ) from e
-    if not doc.get("success", False):
-        raise ProvisionError(
-            f"`flwr {' '.join(args)}` failed: {doc.get('error-message', res.stderr[-400:])}"
-        )
-    return doc
 
 
 def stage_app(dest: Path, *, secure_aggregation: bool = False) -> Path:

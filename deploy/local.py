@@ -297,8 +297,7 @@ def deploy_local(
         try:
             co = start_coordinator(
                 procs, deployment=deployment, state=state, passphrase=passphrase,
-                fleet_address=f"{LOOPBACK}:{fleet_port}", control_host=LOOPBACK,
-                control_port=control_port, insecure=insecure)
+                fleet_address=f"{LOOPBACK}:{fleet_port}", insecure=insecure)
             site_env = base_env(work / "flwr-home-sites")
             site_env.update({k: v for k, v in env.items() if k == PASSPHRASE_ENV})
             for plan in plans:

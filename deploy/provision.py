@@ -11,6 +11,14 @@ coordinator, then one bundle per hospital, then the registry. The output folder:
       sites/<site>/              the bundle shipped to a hospital: ca.crt, supernode.key (0600),
                                  supernode.pub, node.yaml
 
+``registry.json`` is signed with the consortium CA's key whenever it is written (provisioning,
+``--add-site``, ``--revoke``) and checked against the CA certificate (``coordinator/ca.crt``)
+wherever it is read (:meth:`Registry.load`, which the coordinator's reconciliation and the
+ServerApp's naming of nodes both use): a registry changed by anyone but the CA key's holder is an
+error naming the file, never a fallback. A revocation on the coordinator host, which does not
+hold the CA key, goes to ``revocations.json`` beside it (:func:`record_revocation`): it can only
+take a site out, never let one in.
+
 A hospital's identity is its SuperNode key pair; the coordinator admits it by registering the
 public key with the SuperLink. Adding a hospital therefore needs neither the CA key nor any change
 to the other hospitals, and revoking one means unregistering its key (``fedmeta provision
@@ -19,6 +27,7 @@ to the other hospitals, and revoking one means unregistering its key (``fedmeta 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import logging
@@ -27,6 +36,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.certs import (
@@ -40,65 +51,47 @@ from fedmeta.deploy.certs import (
 from fedmeta.deploy.consortium import Consortium, SiteSettings
 from fedmeta.deploy.keys import fingerprint, load_public_key, make_site_keys
 from fedmeta.deploy.node import NODE_FILE, render_node_yaml
-from fedmeta.deploy.secrets import Passphrase
+from fedmeta.deploy.secrets import Passphrase, load_private_key
 from fedmeta.protocol.app import installed_version
+from fedmeta.protocol.registry import (
+    REGISTRY,
+    REVOCATIONS,
+    SIGNATURE,
+    SIGNATURE_HASH,
+    SiteRecord,
+    canonical,
+    revocations,
+)
+from fedmeta.protocol.registry import Registry as SignedRegistry
 
 logger = logging.getLogger(__name__)
 
-REGISTRY = "registry.json"
+__all__ = ["REGISTRY", "REVOCATIONS", "Registry", "SiteRecord", "add_site", "provision", "record_revocation",
+           "revoke_site"]
 
 
 @dataclass
-class SiteRecord:
-    """What the coordinator knows of a hospital: never data, only identity and status."""
+class Registry(SignedRegistry):
+    """``registry.json``: the consortium's sites; rewritten atomically, and signed with the
+    consortium CA's key, on every change (read and checked by :mod:`fedmeta.protocol.registry`)."""
 
-    name: str
-    fingerprint: str
-    public_key: str
-    issued_at: str
-    status: str = "active"  # "active" | "revoked"
-    revoked_at: str | None = None
-    reason: str | None = None
-
-
-@dataclass
-class Registry:
-    """``registry.json``: the consortium's sites; rewritten atomically on every change."""
-
-    consortium: str
-    created_at: str
-    sites: dict[str, SiteRecord]
-
-    @classmethod
-    def load(cls, out: Path) -> Registry:
+    def save(self, out: Path, passphrase: Passphrase) -> None:
+        """Write ``registry.json`` signed with the consortium CA's key (``out/ca/ca.key``)."""
         path = out / REGISTRY
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ProvisionError(
-                f"{path}: no registry; run `fedmeta provision --consortium FILE --out {out}` first"
-            ) from e
-        except (OSError, json.JSONDecodeError) as e:
-            raise ProvisionError(f"{path}: unreadable registry: {e}") from e
-        return cls(
-            consortium=raw["consortium"],
-            created_at=raw["created_at"],
-            sites={k: SiteRecord(**v) for k, v in raw["sites"].items()},
-        )
-
-    def save(self, out: Path) -> None:
-        path = out / REGISTRY
-        tmp = path.with_suffix(".tmp")
+        ca_key = out / "ca" / "ca.key"
+        if not ca_key.is_file():
+            raise ProvisionError(f"{ca_key}: the consortium CA key signs registry.json; bring it back "
+                                 "from offline storage to change the registry")
+        key = load_private_key(ca_key, passphrase)
         doc: dict[str, Any] = {
             "consortium": self.consortium,
             "created_at": self.created_at,
             "sites": {k: asdict(v) for k, v in self.sites.items()},
         }
+        doc[SIGNATURE] = base64.b64encode(key.sign(canonical(doc), ec.ECDSA(SIGNATURE_HASH))).decode("ascii")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-
-    def active(self) -> list[SiteRecord]:
-        return [s for s in self.sites.values() if s.status == "active"]
 
 
 def _now_iso() -> str:
@@ -212,7 +205,7 @@ def provision(consortium: Consortium, out: Path, *, passphrase: Passphrase) -> R
     registry = Registry(consortium=consortium.name, created_at=_now_iso(), sites={})
     for site in consortium.sites:
         _build_site(consortium, out, site, registry, passphrase=passphrase)
-    registry.save(out)
+    registry.save(out, passphrase)
     logger.info(
         "provisioned consortium %s: CA, coordinator %s, %d sites in %s",
         consortium.name, consortium.coordinator.host, len(consortium.sites), out,
@@ -232,12 +225,13 @@ def add_site(consortium: Consortium, out: Path, name: str, *, passphrase: Passph
         )
     bundle = _build_site(consortium, out, consortium.site(name), registry, passphrase=passphrase,
                          public_key=public_key)
-    registry.save(out)
+    registry.save(out, passphrase)
     return bundle
 
 
-def revoke_site(out: Path, name: str, *, reason: str) -> SiteRecord:
-    """Mark a hospital revoked and delete the copy of its private key kept in ``out``.
+def revoke_site(out: Path, name: str, *, reason: str, passphrase: Passphrase) -> SiteRecord:
+    """Mark a hospital revoked (the registry re-signed with the CA key) and delete the copy of its
+    private key kept in ``out``.
 
     The coordinator stops admitting it once its key is unregistered from the SuperLink
     (:func:`fedmeta.deploy.launch.unregister_site`, run by ``fedmeta coordinator revoke``);
@@ -254,8 +248,31 @@ def revoke_site(out: Path, name: str, *, reason: str) -> SiteRecord:
     record.status = "revoked"
     record.revoked_at = _now_iso()
     record.reason = reason
+    registry.save(out, passphrase)
     (out / "sites" / name / "supernode.key").unlink(missing_ok=True)
     (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
-    registry.save(out)
     logger.info("revoked site %s (key %s): %s", name, record.fingerprint, reason)
+    return record
+
+
+def record_revocation(out: Path, name: str, *, reason: str) -> SiteRecord:
+    """Revoke a hospital on the coordinator host, which does not hold the CA key: the signed
+    registry is left as it is and the site goes to ``revocations.json`` (read with it by
+    :meth:`Registry.load`; it can only take sites out). Its stored public key is deleted. The
+    operator revokes it in the signed registry too (``fedmeta provision --revoke``)."""
+    registry = Registry.load(out)
+    if name not in registry.sites:
+        raise ProvisionError(f"{out / REGISTRY}: no site named {name!r} (known: {sorted(registry.sites)})")
+    record = registry.sites[name]
+    if record.status == "revoked":
+        raise ProvisionError(f"{out / REGISTRY}: site {name!r} is already revoked")
+    revoked = {**revocations(out), name: reason}
+    path = out / REVOCATIONS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(revoked, indent=2) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
+    record.status, record.reason = "revoked", reason
+    logger.info("revoked site %s (key %s) on this coordinator: %s", name, record.fingerprint, reason)
     return record

@@ -4,8 +4,9 @@ A run is submitted as a Flower app bundle (FAB) holding one file, the ``pyprojec
 by :func:`render_pyproject`: publisher ``fedmeta``, name ``fedmeta``, the installed version, and
 the components (``fedmeta.server.app:app`` and ``fedmeta.client.app:app``, or the SecAgg+ pair).
 The bundle carries no code: the coordinator and every hospital run the fedmeta they installed.
-A site accepts a bundle only when it is exactly that (:func:`check_bundle`), and can pin the
-installed code itself by :func:`code_digest`.
+Both accept a bundle only when it is exactly that (:func:`check_bundle`: the site worker before
+it serves a task, the coordinator's executor before it starts the ServerApp), and a site can pin
+the installed code itself by :func:`code_digest`.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def render_pyproject(*, version: str, secure_aggregation: bool = False) -> str:
 
 @dataclass(frozen=True)
 class BundleVerdict:
-    """Whether a site accepts a bundle; ``secure_aggregation`` says which fedmeta ClientApp
-    serves it; ``reason`` (when refused) is for the site's own log."""
+    """Whether a bundle is accepted; ``secure_aggregation`` says which fedmeta pair serves it;
+    ``reason`` (when refused) is for the refusing side's own log."""
 
     accepted: bool
     reason: str = ""
@@ -101,7 +102,7 @@ def check_bundle(content: bytes, *, fab_id: str, fab_version: str, version: str,
             extra = sorted(names - BUNDLE_FILES)
             if extra:
                 return BundleVerdict(False, f"the bundle carries files ({', '.join(extra[:5])}); "
-                                            "fedmeta sites run only their installed code")
+                                            "fedmeta runs only its installed code")
             project = tomllib.loads(z.read("pyproject.toml").decode("utf-8"))
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         return BundleVerdict(False, f"not a readable app bundle: {type(e).__name__}")

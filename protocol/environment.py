@@ -7,3 +7,6 @@ AUDIT_LOG = "FEDMETA_AUDIT_LOG"
 REGISTRY = "FEDMETA_REGISTRY"
 #: Where run folders go (``STATE/runs``).
 RUNS_DIR = "FEDMETA_RUNS_DIR"
+#: SHA-256 of the CA certificate the coordinator started with: the registry's signature is
+#: checked against that certificate only.
+CA_SHA256 = "FEDMETA_CA_SHA256"

@@ -43,11 +43,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the real types for the type checker; at run time names import lazily
     from flwr.cli.build import build_fab_from_disk as build_fab_from_disk
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor as CliClientHttpInterceptor
     from flwr.cli.flower_config import read_superlink_connection as read_superlink_connection
     from flwr.cli.utils import init_http_client_from_connection as init_http_client_from_connection
     from flwr.clientapp.typing import Mod as Mod
+    from flwr.common.config import flatten_dict as flatten_dict
+    from flwr.common.config import fuse_dicts as fuse_dicts
     from flwr.common.constant import SubStatus as SubStatus
+    from flwr.common.serde import context_from_proto as context_from_proto
+    from flwr.common.serde import context_to_proto as context_to_proto
+    from flwr.common.serde import fab_from_proto as fab_from_proto
     from flwr.common.serde import fab_to_proto as fab_to_proto
+    from flwr.common.serde import run_from_proto as run_from_proto
     from flwr.common.serde import user_config_to_proto as user_config_to_proto
     from flwr.compat.common.recorddict_compat import (
         arrayrecord_to_parameters as arrayrecord_to_parameters,
@@ -63,13 +70,25 @@ if TYPE_CHECKING:  # the real types for the type checker; at run time names impo
         UnregisterNodeRequest as UnregisterNodeRequest,
     )
     from flwr.proto.runtime_pb2 import AcquireTaskRequest as AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullTaskInputRequest as PullTaskInputRequest
+    from flwr.proto.runtime_pb2 import PushTaskOutputRequest as PushTaskOutputRequest
     from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
         SendTaskHeartbeatRequest as SendTaskHeartbeatRequest,
     )
     from flwr.server.client_proxy import ClientProxy as ClientProxy
+    from flwr.server.run_serverapp import run as run_serverapp  # noqa: F401 - served under this name
+    from flwr.supercore.app_utils import (
+        start_parent_process_monitor as start_parent_process_monitor,
+    )
     from flwr.supercore.constant import TaskType as TaskType
+    from flwr.supercore.control.control_http_client import ControlHttpClient as ControlHttpClient
+    from flwr.supercore.exit import ExitCode as ExitCode
+    from flwr.supercore.exit import flwr_exit as flwr_exit
+    from flwr.supercore.exit import register_signal_handlers as register_signal_handlers
     from flwr.supercore.fab import Fab as Fab
     from flwr.supercore.heartbeat import HeartbeatSender as HeartbeatSender
+    from flwr.supercore.heartbeat import make_task_heartbeat_fn_http as make_task_heartbeat_fn_http
+    from flwr.supercore.http_logging import get_uvicorn_log_config as get_uvicorn_log_config
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor as RuntimeTokenHttpInterceptor,
     )
@@ -79,10 +98,22 @@ if TYPE_CHECKING:  # the real types for the type checker; at run time names impo
     from flwr.supercore.interceptors import (
         SuperExecAuthHttpInterceptor as SuperExecAuthHttpInterceptor,
     )
+    from flwr.supercore.logger import console_handler as console_handler
+    from flwr.supercore.logger import flush_logs as flush_logs
+    from flwr.supercore.logger import mirror_output_to_queue as mirror_output_to_queue
+    from flwr.supercore.logger import start_log_uploader as start_log_uploader
+    from flwr.supercore.logger import stop_log_uploader as stop_log_uploader
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes as public_key_to_bytes
     from flwr.supercore.retry import RetryInvoker as RetryInvoker
     from flwr.supercore.retry import exponential as exponential
+    from flwr.supercore.retry import (
+        make_simple_http_retry_invoker as make_simple_http_retry_invoker,
+    )
     from flwr.supercore.runtime import RuntimeHttpClient as RuntimeHttpClient
+    from flwr.supercore.task_identity import TaskIdentity as TaskIdentity
+    from flwr.supercore.telemetry import EventType as EventType
+    from flwr.superlink.grid import HttpGrid as HttpGrid
+    from flwr.superlink.main import create_app as create_app
     from flwr.supernode.runtime.run_clientapp import pull_task_input as pull_task_input
     from flwr.supernode.runtime.run_clientapp import push_message as push_message
     from flwr.supernode.runtime.run_clientapp import push_task_output as push_task_output
@@ -127,6 +158,35 @@ NAMES: dict[str, tuple[str, str]] = {
     "ClientProxy": ("flwr.server.client_proxy", "ClientProxy"),
     "arrayrecord_to_parameters": ("flwr.compat.common.recorddict_compat", "arrayrecord_to_parameters"),
     "fitres_to_recorddict": ("flwr.compat.common.recorddict_compat", "fitres_to_recorddict"),
+    # the coordinator's own ServerApp executor and SuperLink on a Unix socket
+    # (fedmeta.deploy.serverexec, fedmeta.deploy.superlink, fedmeta.deploy.control)
+    "CliClientHttpInterceptor": ("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor"),
+    "ControlHttpClient": ("flwr.supercore.control.control_http_client", "ControlHttpClient"),
+    "make_simple_http_retry_invoker": ("flwr.supercore.retry", "make_simple_http_retry_invoker"),
+    "flatten_dict": ("flwr.common.config", "flatten_dict"),
+    "fuse_dicts": ("flwr.common.config", "fuse_dicts"),
+    "context_from_proto": ("flwr.common.serde", "context_from_proto"),
+    "context_to_proto": ("flwr.common.serde", "context_to_proto"),
+    "fab_from_proto": ("flwr.common.serde", "fab_from_proto"),
+    "run_from_proto": ("flwr.common.serde", "run_from_proto"),
+    "PullTaskInputRequest": ("flwr.proto.runtime_pb2", "PullTaskInputRequest"),
+    "PushTaskOutputRequest": ("flwr.proto.runtime_pb2", "PushTaskOutputRequest"),
+    "run_serverapp": ("flwr.server.run_serverapp", "run"),
+    "start_parent_process_monitor": ("flwr.supercore.app_utils", "start_parent_process_monitor"),
+    "ExitCode": ("flwr.supercore.exit", "ExitCode"),
+    "flwr_exit": ("flwr.supercore.exit", "flwr_exit"),
+    "register_signal_handlers": ("flwr.supercore.exit", "register_signal_handlers"),
+    "make_task_heartbeat_fn_http": ("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http"),
+    "flush_logs": ("flwr.supercore.logger", "flush_logs"),
+    "mirror_output_to_queue": ("flwr.supercore.logger", "mirror_output_to_queue"),
+    "start_log_uploader": ("flwr.supercore.logger", "start_log_uploader"),
+    "stop_log_uploader": ("flwr.supercore.logger", "stop_log_uploader"),
+    "console_handler": ("flwr.supercore.logger", "console_handler"),
+    "TaskIdentity": ("flwr.supercore.task_identity", "TaskIdentity"),
+    "EventType": ("flwr.supercore.telemetry", "EventType"),
+    "HttpGrid": ("flwr.superlink.grid", "HttpGrid"),
+    "get_uvicorn_log_config": ("flwr.supercore.http_logging", "get_uvicorn_log_config"),
+    "create_app": ("flwr.superlink.main", "create_app"),
 }
 
 
@@ -221,6 +281,26 @@ def run_supernode() -> None:
     flower_supernode()
 
 
+def superlink_cli() -> Any:
+    """Flower's ``flower-superlink`` module (``flwr.superlink.cli.flower_superlink``; the package
+    exports a function of the same name), whose config parser and lifespan
+    :mod:`fedmeta.deploy.superlink` runs with its API on a Unix socket."""
+    return import_module("flwr.superlink.cli.flower_superlink")
+
+
+def serve_over_unix_socket(client: Any, path: str, *, timeout_s: float) -> None:
+    """Make one of Flower's protobuf-over-HTTP clients (``ControlHttpClient``,
+    ``RuntimeHttpClient``, the deployed grid's) talk to the API behind the Unix socket ``path``:
+    its private HTTP connection pool (``_client``) is replaced by one whose transport is the
+    socket (its URLs, interceptors and retries are unchanged)."""
+    import httpx
+
+    old = client._client
+    client._client = httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=timeout_s,
+                                  follow_redirects=True)
+    old.close()
+
+
 def set_task_identity(*, run_id: int | None = None, node_id: int | None = None,
                       task_id: int | None = None) -> None:
     """Who Flower thinks is computing in this process (it stamps messages built in a ClientApp
@@ -291,6 +371,22 @@ def missing() -> list[str]:
             continue
         if text not in source:
             out.append(f"{what}: {module} no longer logs {text!r}")
+    try:
+        cli = superlink_cli()
+        for attribute in ("_parse_superlink_lifespan_config", "SuperLinkLifespan", "_run_superlink_http_api"):
+            if not hasattr(cli, attribute):
+                out.append(f"flwr.superlink.cli.flower_superlink.{attribute} is gone")
+        from flwr.supercore.control.control_http_client import ControlHttpClient
+        from flwr.supercore.protobuf.client import ProtobufClient
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        if "self._client = httpx.Client(" not in inspect.getsource(ProtobufClient):
+            out.append("ProtobufClient no longer keeps its HTTP pool in _client")
+        for cls in (ControlHttpClient, RuntimeHttpClient):
+            if not issubclass(cls, ProtobufClient):
+                out.append(f"{cls.__name__} is no longer a ProtobufClient")
+    except ImportError as e:
+        out.append(f"SuperLink entry points: {e}")
     try:
         from flwr.supercore.task_identity import TaskIdentity
 

@@ -95,7 +95,7 @@ run_s=$((SECONDS - t))
 step "revoking site-2 from inside the coordinator container"
 "${COMPOSE[@]}" exec -T coordinator fedmeta coordinator revoke --deployment /pki \
     --state /var/lib/fedmeta --site site-2 --reason "kit check"
-grep -q '"status": "revoked"' coordinator-pki/registry.json || fail "registry.json not rewritten"
+grep -q '"site-2"' coordinator-pki/revocations.json || fail "revocations.json does not name site-2"
 [ ! -e coordinator-pki/coordinator/authorized/site-2.pub ] || fail "authorized/site-2.pub not deleted"
 "${COMPOSE[@]}" exec -T coordinator fedmeta coordinator nodes --deployment /pki --state /var/lib/fedmeta \
     | grep '"name": "site-2"' | grep -q '"status": "unregistered"' || fail "site-2 still registered"

@@ -18,6 +18,8 @@ Events and their fields:
 ``round_completed``       run_id, round, accepted, rejected, missing
 ``run_finished``          run_id, status, rounds_completed
 ``checkpoint_resumed``    run_id, round
+``app_refused``           run_id, app, version, bundle_sha256, reason (a submitted bundle
+                          that is not fedmeta's: none of its code ran)
 ========================  ==============================================================
 
 The ServerApp finds the log through the environment variable ``FEDMETA_AUDIT_LOG`` (set by
@@ -58,6 +60,7 @@ EVENTS: dict[str, frozenset[str]] = {
     "round_completed": frozenset({"run_id", "round", "accepted", "rejected", "missing"}),
     "run_finished": frozenset({"run_id", "status", "rounds_completed"}),
     "checkpoint_resumed": frozenset({"run_id", "round"}),
+    "app_refused": frozenset({"run_id", "app", "version", "bundle_sha256", "reason"}),
 }
 
 

@@ -13,7 +13,6 @@ machine, named by what it answers to the greeting.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -47,13 +46,17 @@ class Registry:
 
     @classmethod
     def load(cls, path: Path) -> Registry:
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            sites = raw["sites"].values()
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise FedmetaError(f"{path}: cannot read the consortium registry: {e}") from e
-        active = {s["fingerprint"]: s["name"] for s in sites if s.get("status") == "active"}
-        revoked = {s["fingerprint"]: s["name"] for s in sites if s.get("status") != "active"}
+        """The registry at ``path`` (a ``registry.json``), read by the one reader that checks its
+        signature (:meth:`fedmeta.protocol.registry.Registry.load`): a registry the consortium CA
+        did not sign is an error naming the file, never a fallback."""
+        from fedmeta.protocol.registry import REGISTRY
+        from fedmeta.protocol.registry import Registry as SignedRegistry
+
+        if path.name != REGISTRY:
+            raise FedmetaError(f"{path}: the consortium registry must be a file named {REGISTRY}")
+        sites = SignedRegistry.load(path.parent).sites.values()
+        active = {s.fingerprint: s.name for s in sites if s.status == "active"}
+        revoked = {s.fingerprint: s.name for s in sites if s.status != "active"}
         return cls(active, revoked, str(path))
 
     @classmethod

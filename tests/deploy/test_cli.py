@@ -39,7 +39,11 @@ def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     c.write_text(yaml.safe_dump(doc))
     assert main(["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late", *pw]) == 0
     assert (out / "sites" / "late" / "node.yaml").is_file()
-    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 0
+    capsys.readouterr()
+    # the registry is re-signed with the CA key: revoking needs its passphrase
+    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 2
+    assert "encrypted with a passphrase: give --passphrase-file" in capsys.readouterr().err
+    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test", *pw]) == 0
     assert "revoked a" in capsys.readouterr().out
 
 
@@ -115,3 +119,25 @@ def test_secure_aggregation_with_the_default_auto_is_refused_before_anything_sta
                                           "FedAvg reply is weighted by the site's training rows"):
         deploy_local(sites=3, rounds=1, out=tmp_path / "out", secagg=True, overrides=["algorithm=fedavg"])
     assert not (tmp_path / "out").exists()
+
+
+def test_coordinator_revoke_needs_no_ca_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On the coordinator host (no ca/ folder) a revocation goes beside the signed registry, which
+    is left as the CA signed it; the site reads as revoked from then on."""
+    import shutil
+
+    from fedmeta.deploy.provision import Registry
+
+    c = _consortium(tmp_path)
+    out = tmp_path / "pki"
+    secret = tmp_path / "key.pass"
+    secret.write_text("a passphrase of some length\n")
+    secret.chmod(0o600)
+    assert main(["provision", "--consortium", str(c), "--out", str(out), "--passphrase-file", str(secret)]) == 0
+    shutil.rmtree(out / "ca")  # what the coordinator host holds
+    signed = (out / "registry.json").read_bytes()
+    assert main(["coordinator", "revoke", "--deployment", str(out), "--state", str(tmp_path / "state"),
+                 "--site", "a", "--reason", "left"]) == 0
+    assert "a was not registered with this coordinator; marked revoked" in capsys.readouterr().out
+    assert (out / "registry.json").read_bytes() == signed
+    assert Registry.load(out).sites["a"].status == "revoked"

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,15 +34,16 @@ from fedmeta.common.data.schema import Feature, Schema, save_schema
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
 from fedmeta.deploy.consortium import load_consortium
+from fedmeta.deploy.control import Control
 from fedmeta.deploy.coordinator import CoordinatorHandle, reconcile, start_coordinator
 from fedmeta.deploy.keys import fingerprint, fingerprint_of_bytes, make_site_keys
 from fedmeta.deploy.launch import (
     base_env,
     bin_path,
     check_fleet_is_grpc,
-    flwr,
     submit_run,
     superlink_uses_grpc_fleet,
+    wait_for_port,
     wait_run,
 )
 from fedmeta.deploy.local import (
@@ -51,7 +55,7 @@ from fedmeta.deploy.local import (
     wait_nodes_online,
     write_local_consortium,
 )
-from fedmeta.deploy.processes import Processes, descendants
+from fedmeta.deploy.processes import Managed, Processes, descendants
 from fedmeta.deploy.provision import provision, revoke_site
 from fedmeta.deploy.secrets import MemoryFile, Passphrase, decrypted_pem
 from fedmeta.protocol.app import PUBLISHER, installed_version
@@ -90,7 +94,7 @@ class Consortium:
         self.procs.kill("superlink")
         self.co = start_coordinator(
             self.procs, deployment=self.pki, state=self.root / "coordinator", passphrase=PASS,
-            fleet_address=f"{LOOPBACK}:{self.fleet}", control_host=LOOPBACK, control_port=self.control)
+            fleet_address=f"{LOOPBACK}:{self.fleet}")
 
 
 def _policy(bundle: Path, **policy: object) -> None:
@@ -121,8 +125,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     co = None
     try:
         co = start_coordinator(procs, deployment=pki, state=root / "coordinator", passphrase=PASS,
-                               fleet_address=f"{LOOPBACK}:{fleet}", control_host=LOOPBACK,
-                               control_port=control)
+                               fleet_address=f"{LOOPBACK}:{fleet}")
         site_env = base_env(root / "flwr-home-sites")
         for site in STARTED:
             start_local_site(procs, pki / "sites" / site, env=site_env)
@@ -222,6 +225,184 @@ def test_a_node_without_a_registered_key_or_the_ca_cannot_connect(consortium: Co
     assert online_nodes(d.co.control) == before  # type: ignore[arg-type]
 
 
+# -- who may run code on the coordinator and use its Control API -----------------------------------
+
+HOSTILE = Path(__file__).parent / "hostile"
+LOCAL_USER = HOSTILE / "local_user.py"
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def _stock_superlink(d: Consortium, name: str, *, fleet: int, control: int,
+                     env: dict[str, str] | None = None) -> tuple[Managed, MemoryFile]:
+    """Flower's SuperLink as Flower runs it by default (the arrangement before this fix): the
+    HTTP Control and Runtime API on a TCP port of 127.0.0.1, ``subprocess`` isolation (it starts
+    ``flower-superexec``, which starts ``flwr-serverapp`` for any bundle), with the coordinator's
+    TLS key decrypted into memory as fedmeta hands it over."""
+    key = decrypted_pem(d.pki / "coordinator" / "server.key", PASS)
+    co = d.pki / "coordinator"
+    argv = [bin_path("flower-superlink"), "--ssl-ca-certfile", str(co / "ca.crt"),
+            "--ssl-certfile", str(co / "server.crt"), "--ssl-keyfile", key.path, "--enable-supernode-auth",
+            "--fleet-api-type", "grpc-rere", "--fleet-api-address", f"{LOOPBACK}:{fleet}",
+            "--host", LOOPBACK, "--port", str(control), "--disable-runtime-dependency-installation"]
+    m = d.procs.start(name, argv, env=env or d.co.env, pass_fds=[key.fd])
+    wait_for_port(LOOPBACK, control, timeout=60, proc_alive=m.alive)
+    wait_for_port(LOOPBACK, fleet, timeout=60, proc_alive=m.alive)
+    return m, key
+
+
+def _tcp_control(d: Consortium, port: int) -> Control:
+    """The Control API of a stock SuperLink, over TCP with TLS (as ``flwr`` reaches it)."""
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    client = ControlHttpClient.from_server_address(
+        f"{LOOPBACK}:{port}", insecure=False, root_certificates=(d.pki / "ca" / "ca.crt").read_bytes(),
+        interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+    return Control.with_client(client)
+
+
+def _as_nobody(*args: str) -> dict:
+    """Run the local-user attack (``hostile/local_user.py``) as uid ``nobody``; its JSON report."""
+    res = subprocess.run([*NOBODY, sys.executable, str(LOCAL_USER), *args], capture_output=True, text=True,
+                         timeout=120, check=False, env={"PATH": os.environ["PATH"], "HOME": "/tmp"},
+                         cwd="/")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _tcp_listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (from its socket inodes and /proc/net/tcp*)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+THEFT_APP = (
+    "import json, os\n"
+    "from pathlib import Path\n"
+    "from flwr.serverapp import ServerApp\n"
+    "serverapp = ServerApp()\n"
+    "@serverapp.main()\n"
+    "def main(grid, context):\n"
+    "    stolen = False\n"
+    "    for proc in Path('/proc').iterdir():\n"
+    "        try:\n"
+    "            if b'superlink' not in (proc / 'cmdline').read_bytes():\n"
+    "                continue\n"
+    "            for fd in (proc / 'fd').iterdir():\n"
+    "                if os.readlink(fd).startswith('/memfd:') and b'PRIVATE KEY' in fd.read_bytes():\n"
+    "                    stolen = True\n"
+    "        except OSError:\n"
+    "            continue\n"
+    "    Path(MARKER).write_text(json.dumps({'uid': os.getuid(), 'stole_tls_key': stolen}))\n"
+)
+
+
+def _theft_bundle(folder: Path, marker: Path, *, publisher: str, name: str, version: str) -> Path:
+    """An app whose ServerApp looks for the SuperLink's decrypted TLS key in its memory files
+    (``/proc/PID/fd/N``) and writes what it found to ``marker``."""
+    folder.mkdir()
+    (folder / "theft_app.py").write_text(f"MARKER = {str(marker)!r}\n" + THEFT_APP)
+    (folder / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "{version}"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "theft_app:serverapp"\nclientapp = "theft_app:serverapp"\n')
+    return folder
+
+
+def test_the_coordinator_runs_only_fedmeta_s_own_serverapp(consortium: Consortium, tmp_path: Path) -> None:
+    """A run of another app, and one that claims to be fedmeta but carries code, submitted
+    through the Control API. Control arm: Flower's own arrangement runs each bundle's ServerApp
+    as the SuperLink's user, which finds the SuperLink's decrypted TLS key in its memory files.
+    fedmeta's coordinator refuses both before any of their code runs, writes the refusal to its
+    audit log and ends the run as failed; nothing reaches a site."""
+    d = consortium
+    apps = {"evil": ("evil", "evil", "0.0.1"), "impostor": (PUBLISHER, "fedmeta", installed_version())}
+    stock, key = _stock_superlink(d, "stock-superlink", fleet=free_port(), control=free_port())
+    try:
+        control = _tcp_control(d, int(stock.popen.args[stock.popen.args.index("--port") + 1]))
+        for label, (publisher, name, version) in apps.items():
+            marker = tmp_path / f"stock-{label}.json"
+            run_id = control.start_run(_theft_bundle(tmp_path / f"stock-{label}", marker, publisher=publisher,
+                                                     name=name, version=version), {})
+            _wait_for(marker.exists, 90, f"stock arm, {label}: the foreign ServerApp ran")
+            assert json.loads(marker.read_text()) == {"uid": os.getuid(), "stole_tls_key": True}, label
+            control.stop_run(run_id)
+        control.close()
+    finally:
+        d.procs.stop("stock-superlink")
+        key.close()
+    assert d.co.control is not None
+    reasons = {"evil": "app 'evil/evil' is not 'fedmeta/fedmeta'",
+               "impostor": "the bundle carries files (theft_app.py); fedmeta runs only its installed code"}
+    for label, (publisher, name, version) in apps.items():
+        marker = tmp_path / f"fixed-{label}.json"
+        run_id = d.co.control.start_run(_theft_bundle(tmp_path / f"fixed-{label}", marker, publisher=publisher,
+                                                      name=name, version=version), {})
+        assert wait_run(d.co.control, run_id, timeout=60) == "finished:failed", label
+        refused = [e for e in _audit(d, run_id) if e["event"] == "app_refused"]
+        assert [(e["app"], e["reason"]) for e in refused] == [(f"{publisher}/{name}", reasons[label])]
+        assert not marker.exists(), label  # none of its code ran
+        for site in STARTED:
+            assert not [e for e in _site_audit(d, site) if e.get("run_id") == run_id], site
+    assert "flower-superexec" not in " ".join(
+        Path(f"/proc/{p}/cmdline").read_text() for p in descendants(d.co.process.pid))
+
+
+def test_another_local_user_cannot_use_the_control_api(consortium: Consortium, tmp_path: Path) -> None:
+    """uid ``nobody`` on the coordinator host lists the nodes, registers a key of its own and
+    starts a run of its own app. Control arm: Flower's Control API on 127.0.0.1 lets it do all
+    three. fedmeta's SuperLink listens on TCP only for the Fleet API; its Control API is a 0600
+    socket in the 0700 state folder (here under a folder anyone may enter, as /var/lib is), and
+    every attempt fails on the file permissions; nothing changed on the SuperLink."""
+    d = consortium
+    port = free_port()
+    stock, key = _stock_superlink(d, "stock-superlink-2", fleet=free_port(), control=port)
+    try:
+        got = _as_nobody("--tcp", f"{LOOPBACK}:{port}")
+        assert set(got) == {"list_nodes", "register_node", "start_run"}
+        assert all("ok" in v for v in got.values()), got  # the attack works on the stock arrangement
+        assert got["register_node"]["ok"] > 0 and got["start_run"]["ok"] > 0
+    finally:
+        d.procs.stop("stock-superlink-2")
+        key.close()
+    open_parent = Path(tempfile.mkdtemp(prefix="fedmeta-coordinator-", dir="/tmp"))
+    try:
+        os.chmod(open_parent, 0o755)
+        with Processes(d.root / "open-run") as procs:
+            co = start_coordinator(procs, deployment=d.pki, state=open_parent / "state", passphrase=PASS,
+                                   fleet_address=f"{LOOPBACK}:{free_port()}")
+            try:
+                assert co.control is not None
+                before = co.control.nodes()
+                assert stat.S_IMODE(co.layout.state.stat().st_mode) == 0o700
+                assert stat.S_IMODE(co.layout.socket.stat().st_mode) == 0o600
+                assert _tcp_listening_ports(co.process.pid) == {int(co.fleet_address.rsplit(":", 1)[1])}
+                got = _as_nobody("--socket", str(co.layout.socket))
+                assert {k: v.get("error") for k, v in got.items()} == dict.fromkeys(
+                    ("list_nodes", "register_node", "start_run"), "ConnectError"), got
+                assert all("Permission denied" in v["text"] for v in got.values()), got
+                assert co.control.nodes() == before
+                assert not any(e["event"] in ("run_started", "app_refused") for e in read_log(co.layout.audit))
+            finally:
+                if co.control is not None:
+                    co.control.close()
+    finally:
+        shutil.rmtree(open_parent, ignore_errors=True)
+
+
 # -- a run, and what stays where --------------------------------------------------------------------
 
 
@@ -270,57 +451,6 @@ def test_secure_aggregation_run_over_tls(consortium: Consortium, algorithm: str)
     assert summary["secagg"]["sites"] == 3 and summary["secagg"]["noise_shared_by"] == 2
     (r1,) = _rounds(folder)
     assert 0 < r1["mean_delta_norm"] <= 0.05 + 1e-5
-
-
-def test_foreign_app_bundles_are_refused_at_every_site(consortium: Consortium, tmp_path: Path) -> None:
-    """A hostile operator with Control API access submits an app of its own, and one that claims
-    to be fedmeta but carries code. Neither runs at any site; each site logs the refusal."""
-    d = consortium
-    marker = tmp_path / "pwned"
-    code = (
-        "from pathlib import Path\n"
-        "from flwr.app import Message, RecordDict\n"
-        "from flwr.clientapp import ClientApp\n"
-        "from flwr.serverapp import ServerApp\n"
-        "clientapp = ClientApp()\n"
-        "@clientapp.query()\n"
-        "def steal(msg, context):\n"
-        f"    Path({str(marker)!r}).write_text(repr(dict(context.node_config)))\n"
-        "    return Message(RecordDict(), reply_to=msg)\n"
-        "serverapp = ServerApp()\n"
-        "@serverapp.main()\n"
-        "def main(grid, context):\n"
-        "    ids = list(grid.get_node_ids())\n"
-        "    grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type='query') for n in ids], timeout=30)\n"
-    )
-    apps = {
-        "evil": ("evil", "evil", "0.0.1"),
-        "impostor": (PUBLISHER, "fedmeta", installed_version()),  # fedmeta's identity, plus code
-    }
-    assert d.co.control is not None
-    for label, (publisher, name, version) in apps.items():
-        app = tmp_path / label
-        app.mkdir()
-        (app / "evil_app.py").write_text(code)
-        (app / "pyproject.toml").write_text(
-            f'[project]\nname = "{name}"\nversion = "{version}"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
-            '[tool.flwr.app.components]\nserverapp = "evil_app:serverapp"\nclientapp = "evil_app:clientapp"\n')
-        run_id = d.co.control.start_run(app, {})
-
-        def refused_everywhere(run_id: int = run_id) -> bool:
-            return all(any(e["event"] == "app_refused" and e["run_id"] == run_id for e in _site_audit(d, s))
-                       for s in STARTED)
-
-        _wait_for(refused_everywhere, 90, f"{label}: app_refused at every site")
-        d.co.control.stop_run(run_id)
-        reasons = {e["reason"] for s in STARTED for e in _site_audit(d, s)
-                   if e["event"] == "app_refused" and e["run_id"] == run_id}
-        assert reasons == ({"app 'evil/evil' is not 'fedmeta/fedmeta'"} if label == "evil"
-                           else {"the bundle carries files (evil_app.py); fedmeta sites run only their installed code"})
-    assert not marker.exists()  # no foreign code ran anywhere
-    # ... and a fedmeta run still works afterwards.
-    _, status, _ = _run(d, "after-foreign", ["rounds=1"])
-    assert status == "finished:completed"
 
 
 def test_the_site_policy_refuses_a_one_patient_test_split(consortium: Consortium) -> None:
@@ -382,15 +512,15 @@ def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> N
 
 
 def test_a_key_registered_outside_the_registry_never_takes_part(consortium: Consortium) -> None:
-    """An outsider with Control API access registers its own key with Flower's CLI and joins with
-    a plain Flower SuperNode (which would run any app). It is never greeted or sampled; the
-    reconciliation every coordinator start runs removes its registration, and a restarted
-    SuperLink (state in memory) does not know it at all."""
+    """An outsider with Control API access registers its own key (as ``flwr supernode register``
+    does) and joins with a plain Flower SuperNode (which would run any app). It is never greeted
+    or sampled; the reconciliation every coordinator start runs removes its registration, and a
+    restarted SuperLink (state in memory) does not know it at all."""
     d = consortium
     outsider = make_site_keys(d.root / "outsider", comment="outsider", passphrase=None)
     fp = fingerprint(outsider.public.read_bytes())
-    doc = flwr(["supernode", "register", str(outsider.public), "fedmeta"], d.co.env)
-    node_id = int(str(doc["node-id"]))
+    assert d.co.control is not None
+    node_id = d.co.control.register(outsider.public.read_bytes(), "fedmeta")
     argv = [bin_path("flower-supernode"), "--grpc-rere", "--superlink", d.co.fleet_address,
             "--root-certificates", str(d.pki / "ca" / "ca.crt"),
             "--auth-supernode-private-key", str(outsider.private.with_suffix(".openssh")),
@@ -421,6 +551,64 @@ def test_a_key_registered_outside_the_registry_never_takes_part(consortium: Cons
                                          for s in SITES}
     d.procs.stop("outsider")
     wait_nodes_online(d.co.control, d.ids(STARTED), timeout=90)  # type: ignore[arg-type]
+
+
+def test_a_registry_changed_without_the_ca_key_is_refused(consortium: Consortium) -> None:
+    """The symptom's last step: an intruder's key is registered and a plain Flower SuperNode
+    joins with it; then its key is written into ``registry.json`` as an active site (which every
+    run re-reads). Control arm: the same entry signed with the consortium CA key (what
+    ``fedmeta provision --add-site`` writes) makes the node a site the next run greets. Written
+    without the CA key, the next run refuses the registry, naming the file, and greets no one;
+    ``fedmeta coordinator start`` refuses it before starting anything."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedmeta.deploy.provision import Registry, SiteRecord
+
+    d = consortium
+    assert d.co.control is not None
+    intruder = make_site_keys(d.root / "intruder", comment="intruder", passphrase=None)
+    fp = fingerprint(intruder.public.read_bytes())
+    node_id = d.co.control.register(intruder.public.read_bytes(), "intruder")
+    key = serialization.load_pem_private_key(intruder.private.read_bytes(), None)
+    openssh = intruder.private.with_suffix(".openssh")
+    openssh.write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    d.procs.start("intruder", [bin_path("flower-supernode"), "--grpc-rere", "--superlink", d.co.fleet_address,
+                               "--root-certificates", str(d.pki / "ca" / "ca.crt"),
+                               "--auth-supernode-private-key", str(openssh), "--port", str(free_port())],
+                  env=d.site_env)
+    path = d.pki / "registry.json"
+    original = path.read_bytes()
+    entry = SiteRecord(name="intruder", fingerprint=fp, public_key=intruder.public.read_text().strip(),
+                       issued_at="2026-01-01T00:00:00+00:00")
+    try:
+        wait_nodes_online(d.co.control, [node_id], timeout=60)
+        doc = json.loads(original)
+        doc["sites"]["intruder"] = entry.__dict__
+        path.write_text(json.dumps(doc, indent=2))  # the signature is the one the CA made before
+        run_id, status, folder = _run(d, "tampered-registry", ["rounds=1"])
+        assert status == "finished:failed"
+        assert (f"error: the run failed: {path}: the registry's signature does not verify against "
+                f"{d.pki / 'coordinator' / 'ca.crt'}") in (folder / "run.log").read_text()
+        assert not [e for e in _audit(d, run_id) if e["event"] in ("run_started", "contribution", "site_excluded")]
+        with Processes(d.root / "tampered-start") as procs:
+            with pytest.raises(ProvisionError, match=f"^{re.escape(str(path))}: the registry's signature"):
+                start_coordinator(procs, deployment=d.pki, state=d.root / "tampered-state", passphrase=PASS,
+                                  fleet_address=f"{LOOPBACK}:{free_port()}")
+            assert procs.procs == {}  # nothing was started
+        # control arm: the same entry, signed with the CA key, makes the intruder a site
+        path.write_bytes(original)
+        registry = Registry.load(d.pki)
+        registry.sites["intruder"] = entry
+        registry.save(d.pki, PASS)
+        run_id, status, folder = _run(d, "signed-registry", ["rounds=1"])
+        events = _audit(d, run_id)
+        assert not [e for e in events if e["event"] == "node_refused" and e["node_id"] == node_id]
+        assert [e for e in events if e.get("site") == "intruder"], events  # greeted as a site
+    finally:
+        path.write_bytes(original)
+        d.procs.stop("intruder")
+        reconcile(d.co.layout, d.co.control)  # unregisters the intruder's key
 
 
 # -- faults -------------------------------------------------------------------------------------------
@@ -456,8 +644,7 @@ def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(conso
     missing = [e for e in first if e["event"] == "contribution" and e["site"] == "site-1"]
     assert missing[0]["accepted"] is False and "no reply" in missing[0]["reason"]
     d.co = start_coordinator(d.procs, deployment=d.pki, state=d.root / "coordinator", passphrase=PASS,
-                             fleet_address=f"{LOOPBACK}:{d.fleet}", control_host=LOOPBACK,
-                             control_port=d.control)
+                             fleet_address=f"{LOOPBACK}:{d.fleet}")
     wait_nodes_online(d.co.control, d.ids(SITES), timeout=150)  # type: ignore[arg-type]
     restarts = [e for e in _site_audit(d, "site-1") if e["event"] == "node_restarted"]
     assert restarts, "site-1's node was not restarted by fedmeta site start"
@@ -474,7 +661,7 @@ def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(conso
 def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium) -> None:
     d = consortium
     revoked_fp = fingerprint((d.pki / "coordinator" / "authorized" / "site-2.pub").read_bytes())
-    revoke_site(d.pki, "site-2", reason="left the consortium")
+    revoke_site(d.pki, "site-2", reason="left the consortium", passphrase=PASS)
     revoked_node = d.co.node_ids["site-2"]
     assert d.co.control is not None
     assert "site-2" not in reconcile(d.co.layout, d.co.control)  # what every start runs
@@ -498,12 +685,11 @@ def test_a_persisted_superlink_keeps_its_registrations_across_a_restart(consorti
     and a restarted SuperLink finds its registrations there (same node ids, nothing re-registered);
     the default (in memory) starts empty and registers every active site again."""
     d = consortium
-    state, fleet, control = d.root / "persisted", free_port(), free_port()
+    state, fleet = d.root / "persisted", free_port()
     with Processes(d.root / "persisted-run") as procs:
         def start() -> CoordinatorHandle:
             return start_coordinator(procs, deployment=d.pki, state=state, passphrase=PASS,
-                                     fleet_address=f"{LOOPBACK}:{fleet}", control_host=LOOPBACK,
-                                     control_port=control, persist_state=True)
+                                     fleet_address=f"{LOOPBACK}:{fleet}", persist_state=True)
 
         co = start()
         try:
@@ -527,9 +713,80 @@ def test_a_persisted_superlink_keeps_its_registrations_across_a_restart(consorti
     assert d.co.node_ids and not d.co.layout.database.exists()
 
 
-# -- a hostile coordinator (runs last: it restarts the coordinator with a hostile ServerApp) ---------
+# -- a hostile coordinator (runs last: the coordinator is replaced by Flower's own SuperLink) --------
 
-HOSTILE = Path(__file__).parent / "hostile"
+LIVE = ["site-0", "site-1"]  # site-2 was revoked above
+
+
+def _hostile_coordinator(d: Consortium) -> Control:
+    """Replace the coordinator by one whose operator is hostile: Flower's own SuperLink on the
+    consortium's Fleet port and certificate, which runs whatever ServerApp a bundle names (with
+    ``hostile_server`` and a shadow ``fedmeta.server.app`` on its PYTHONPATH), the live sites'
+    keys registered. Started once; later tests reuse it."""
+    if getattr(d, "hostile", None) is not None:
+        return d.hostile  # type: ignore[no-any-return]
+    if d.co.control is not None:
+        d.co.control.close()
+    d.procs.stop("serverexec")
+    d.procs.stop("superlink")
+    env = {**d.co.env, "PYTHONPATH": os.pathsep.join([str(HOSTILE / "shadow"), str(HOSTILE)])}
+    port = free_port()
+    _, key = _stock_superlink(d, "hostile-superlink", fleet=d.fleet, control=port, env=env)
+    control = _tcp_control(d, port)
+    ids = [control.register((d.pki / "coordinator" / "authorized" / f"{s}.pub").read_bytes(), s) for s in LIVE]
+    wait_nodes_online(control, ids, timeout=120)
+    d.hostile = control  # type: ignore[attr-defined]
+    d.hostile_key = key  # type: ignore[attr-defined]
+    return control
+
+
+def test_foreign_app_bundles_are_refused_at_every_site(consortium: Consortium, tmp_path: Path) -> None:
+    """A hostile coordinator (Flower's own SuperLink, which runs any ServerApp: fedmeta's
+    coordinator would refuse these bundles itself) runs an app of its own, and one that claims to
+    be fedmeta but carries code. Neither runs at any site; each site logs the refusal."""
+    d = consortium
+    control = _hostile_coordinator(d)
+    marker = tmp_path / "pwned"
+    code = (
+        "from pathlib import Path\n"
+        "from flwr.app import Message, RecordDict\n"
+        "from flwr.clientapp import ClientApp\n"
+        "from flwr.serverapp import ServerApp\n"
+        "clientapp = ClientApp()\n"
+        "@clientapp.query()\n"
+        "def steal(msg, context):\n"
+        f"    Path({str(marker)!r}).write_text(repr(dict(context.node_config)))\n"
+        "    return Message(RecordDict(), reply_to=msg)\n"
+        "serverapp = ServerApp()\n"
+        "@serverapp.main()\n"
+        "def main(grid, context):\n"
+        "    ids = list(grid.get_node_ids())\n"
+        "    grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type='query') for n in ids], timeout=30)\n"
+    )
+    apps = {
+        "evil": ("evil", "evil", "0.0.1"),
+        "impostor": (PUBLISHER, "fedmeta", installed_version()),  # fedmeta's identity, plus code
+    }
+    for label, (publisher, name, version) in apps.items():
+        app = tmp_path / label
+        app.mkdir()
+        (app / "evil_app.py").write_text(code)
+        (app / "pyproject.toml").write_text(
+            f'[project]\nname = "{name}"\nversion = "{version}"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "evil_app:serverapp"\nclientapp = "evil_app:clientapp"\n')
+        run_id = control.start_run(app, {})
+
+        def refused_everywhere(run_id: int = run_id) -> bool:
+            return all(any(e["event"] == "app_refused" and e["run_id"] == run_id for e in _site_audit(d, s))
+                       for s in LIVE)
+
+        _wait_for(refused_everywhere, 90, f"{label}: app_refused at every site")
+        control.stop_run(run_id)
+        reasons = {e["reason"] for s in LIVE for e in _site_audit(d, s)
+                   if e["event"] == "app_refused" and e["run_id"] == run_id}
+        assert reasons == ({"app 'evil/evil' is not 'fedmeta/fedmeta'"} if label == "evil"
+                           else {"the bundle carries files (evil_app.py); fedmeta runs only its installed code"})
+    assert not marker.exists()  # no foreign code ran at any site
 
 
 def _hostile_bundle(folder: Path, serverapp: str) -> Path:
@@ -546,9 +803,10 @@ def _hostile_bundle(folder: Path, serverapp: str) -> Path:
 
 def test_a_decoy_record_extracts_nothing_even_from_fedmeta_s_own_serverapp_name(
         consortium: Consortium, tmp_path: Path) -> None:
-    """The decoy attack with a real SuperLink: a TRAIN message with a compliant experiment in a
-    record that sorts first and a one-patient linear FedAvg in ``config``. Before requests were
-    parsed once, every site served it and each reply's last-layer delta was a patient's row.
+    """The decoy attack with a real SuperLink run by a hostile operator: a TRAIN message with a
+    compliant experiment in a record that sorts first and a one-patient linear FedAvg in
+    ``config``. Before requests were parsed once, every site served it and each reply's
+    last-layer delta was a patient's row.
 
     1. The hostile ServerApp under its own name: every site refuses the bundle (its ServerApp is
        not fedmeta's).
@@ -559,18 +817,8 @@ def test_a_decoy_record_extracts_nothing_even_from_fedmeta_s_own_serverapp_name(
     from fedmeta.common.experiment import initial_parameters
 
     d = consortium
-    live = ["site-0", "site-1"]  # site-2 was revoked above
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HOSTILE / "shadow"), str(HOSTILE)])
-    try:
-        d.restart_coordinator()
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-    assert d.co.control is not None
-    wait_nodes_online(d.co.control, d.ids(live), timeout=90)
+    control = _hostile_coordinator(d)
+    live = LIVE
     compliant = load_config(None, [*FAST, "algorithm=reptile", "rounds=5"])
     extract = load_config(None, ["algorithm=fedavg", "rounds=100000", "model.name=linear",
                                  "fedavg.batch_size=1", "fedavg.local_steps=1", "fedavg.lr=1.0"])
@@ -581,7 +829,7 @@ def test_a_decoy_record_extracts_nothing_even_from_fedmeta_s_own_serverapp_name(
         ("fedmeta-name", "fedmeta.server.app:app", "request_failed", "bad request"),
     ]:
         out = tmp_path / f"{arm}.json"
-        run_id = d.co.control.start_run(_hostile_bundle(tmp_path / arm, serverapp), {
+        run_id = control.start_run(_hostile_bundle(tmp_path / arm, serverapp), {
             "out": str(out), "compliant": compliant.to_json(), "extract": extract.to_json(),
             "shapes": json.dumps(shapes), "nodes": len(live)})
         _wait_for(out.exists, 150, f"{arm}: the hostile ServerApp's record of the replies")
@@ -597,4 +845,4 @@ def test_a_decoy_record_extracts_nothing_even_from_fedmeta_s_own_serverapp_name(
             key = "reason" if event == "app_refused" else "category"
             assert entries[0][key] == reason
             assert not any(e["event"] == "request_served" for e in entries)
-        d.co.control.stop_run(run_id)
+        control.stop_run(run_id)

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no site named 'nowhere'"):
         add_site(load_consortium(src2), out, "nowhere", passphrase=PASS)
 
-    rec = revoke_site(out, "hungary", reason="left the consortium")
+    rec = revoke_site(out, "hungary", reason="left the consortium", passphrase=PASS)
     assert rec.status == "revoked" and rec.reason == "left the consortium"
     reg = Registry.load(out)
     assert [s.name for s in reg.active()] == ["cleveland", "zurich"]
@@ -218,7 +219,7 @@ def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     assert _digest(out / "sites" / "cleveland" / "supernode.key") == before[
         out / "sites" / "cleveland" / "supernode.key"]
     with pytest.raises(ProvisionError, match="already revoked"):
-        revoke_site(out, "hungary", reason="again")
+        revoke_site(out, "hungary", reason="again", passphrase=PASS)
     with pytest.raises(ProvisionError, match="already provisioned"):
         provision(load_consortium(src), out, passphrase=PASS)
 
@@ -369,10 +370,13 @@ def test_the_superlink_keeps_its_state_in_memory_unless_asked_to_persist_it(prov
 
     _, out = provisioned
     layout = CoordinatorLayout(out, tmp_path / "state")
-    args = dict(key_path="/proc/self/fd/9", fleet_address="127.0.0.1:1", control_host="127.0.0.1",
-                control_port=2)
+    args = dict(key_path="/proc/self/fd/9", fleet_address="127.0.0.1:1", secret_path="/proc/self/fd/8")
     default = superlink_argv(layout, **args)  # type: ignore[arg-type]
     assert "--database" not in default and "--enable-supernode-auth" in default
+    # the Control API on the state folder's socket, no TCP port for it; the SuperLink starts nothing
+    assert default[default.index("--control-socket") + 1] == str(tmp_path / "state" / "superlink.sock")
+    assert "--host" not in default and "--port" not in default
+    assert default[default.index("--isolation") + 1] == "process"
     persisted = superlink_argv(layout, persist_state=True, **args)  # type: ignore[arg-type]
     at = persisted.index("--database")
     assert Path(persisted[at + 1]) == tmp_path / "state" / "superlink.db"
@@ -414,3 +418,70 @@ def test_the_documented_node_yaml_states_every_policy_value_and_is_valid(tmp_pat
     (tmp_path / "node.yaml").write_text(yaml.safe_dump(doc))
     node = load_node_config(tmp_path / "node.yaml")
     assert node.policy == SitePolicy.model_validate({**doc["policy"]})
+
+
+# -- the registry is signed by the consortium CA ------------------------------------------------------
+
+
+def _copy(out: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    dest = tmp_path / name
+    shutil.copytree(out, dest)
+    return dest
+
+
+def test_a_changed_or_unsigned_registry_is_refused_by_both_readers(provisioned, tmp_path, monkeypatch):
+    """An entry added to registry.json by anyone without the CA key (the attack: a run wrote its
+    own key in), a signature removed, or a registry signed by another CA: each is an error that
+    names the file, from the provisioning reader and from the ServerApp's, never a fallback."""
+    from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
+    from fedmeta.server.identity import Registry as NodeRegistry
+
+    _, out = provisioned
+    original = NodeRegistry.load(out / "registry.json")  # the signed registry reads
+    assert sorted(original.active.values()) == ["cleveland", "hungary"]
+    tampered = _copy(out, tmp_path, "tampered")
+    doc = json.loads((tampered / "registry.json").read_text())
+    doc["sites"]["intruder"] = {**doc["sites"]["cleveland"], "name": "intruder", "fingerprint": "SHA256:x"}
+    (tampered / "registry.json").write_text(json.dumps(doc))
+    unsigned = _copy(out, tmp_path, "unsigned")
+    doc = json.loads((unsigned / "registry.json").read_text())
+    del doc["signature"]
+    (unsigned / "registry.json").write_text(json.dumps(doc))
+    other_ca = _copy(out, tmp_path, "other-ca")
+    other = make_ca(common_name="not ours", organization="x", validity_days=1)
+    write_public_bytes(other_ca / "coordinator" / "ca.crt", cert_pem(other.cert))
+    cases = [(tampered, "signature does not verify"), (unsigned, "is not signed by the consortium CA"),
+             (other_ca, "signature does not verify")]
+    for folder, why in cases:
+        path = folder / "registry.json"
+        with pytest.raises(ProvisionError, match=rf"^{re.escape(str(path))}: .*{why}"):
+            Registry.load(folder)
+        with pytest.raises(ProvisionError, match=rf"^{re.escape(str(path))}: .*{why}"):
+            NodeRegistry.load(path)
+    # the coordinator pins the CA certificate it started with: a swapped one is refused too
+    monkeypatch.setenv("FEDMETA_CA_SHA256", "0" * 64)
+    with pytest.raises(ProvisionError, match="is not the CA certificate the coordinator started with"):
+        NodeRegistry.load(out / "registry.json")
+
+
+def test_changing_the_registry_needs_the_ca_key_and_the_coordinator_revokes_without_it(provisioned, tmp_path):
+    from fedmeta.deploy.provision import record_revocation
+
+    _, out = provisioned
+    coordinator = tmp_path / "coordinator-pki"  # what the coordinator host holds: no ca/
+    coordinator.mkdir()
+    import shutil
+
+    shutil.copytree(out / "coordinator", coordinator / "coordinator")
+    shutil.copyfile(out / "registry.json", coordinator / "registry.json")
+    with pytest.raises(ProvisionError, match=r"ca/ca\.key: the consortium CA key signs registry\.json"):
+        revoke_site(coordinator, "hungary", reason="x", passphrase=PASS)
+    rec = record_revocation(coordinator, "hungary", reason="left")
+    assert rec.status == "revoked"
+    assert [s.name for s in Registry.load(coordinator).active()] == ["cleveland"]
+    assert (coordinator / "registry.json").read_bytes() == (out / "registry.json").read_bytes()
+    assert not (coordinator / "coordinator" / "authorized" / "hungary.pub").exists()
+    with pytest.raises(ProvisionError, match="already revoked"):
+        record_revocation(coordinator, "hungary", reason="again")
