@@ -20,6 +20,8 @@ def test_the_experiment_is_the_same_at_every_size(n_sites: int) -> None:
     assert (cfg.algorithm, cfg.rounds, cfg.data.synth_sites, cfg.federation.min_nodes) == \
         ("reptile", 10, n_sites, n_sites)
     assert cfg.model.hidden == (32, 32) and cfg.eval.bootstrap == 0
+    # every site's greeting must fit the wait: 200 Ray actors on 2 cores greet about 2.5 a second
+    assert cfg.federation.timeout_s >= max(120, 3 * n_sites)
 
 
 def test_the_run_s_memory_is_its_process_tree_summed() -> None:
