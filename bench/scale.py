@@ -86,8 +86,8 @@ def measure(n_sites: int, rounds: int, out_dir: Path, *, timeout_s: float = 3600
             "--set", *overrides(n_sites, rounds)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
-    with open(out_dir / f"sites-{n_sites}.log", "w") as log:
-        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(out_dir / f"sites-{n_sites}.log", "w") as run_log:
+        child = subprocess.Popen(argv, stdout=run_log, stderr=subprocess.STDOUT, env=env)
         proc = psutil.Process(child.pid)
         peak_own = peak_total = 0
         first_round_s = float("nan")
@@ -108,7 +108,7 @@ def measure(n_sites: int, rounds: int, out_dir: Path, *, timeout_s: float = 3600
                 child.kill()
     run_s = time.monotonic() - t0
     if child.returncode != 0:
-        raise RuntimeError(f"{n_sites} sites: simulate exited {child.returncode}; see {log.name}")
+        raise RuntimeError(f"{n_sites} sites: simulate exited {child.returncode}; see {run_log.name}")
     records = [json.loads(x) for x in rounds_file.read_text().splitlines() if x.strip()]
     round_s = [float(r["wall_s"]) for r in records]
     return {"sites": n_sites, "rounds": len(records), "round_s_median": statistics.median(round_s),

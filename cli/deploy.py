@@ -270,8 +270,8 @@ def _coordinator_revoke(args: argparse.Namespace) -> int:
 
 def _coordinator_nodes(args: argparse.Namespace) -> int:
     from fedmeta.deploy.control import Control
-    from fedmeta.deploy.keys import fingerprint_of_bytes
     from fedmeta.deploy.launch import CoordinatorLayout
+    from fedmeta.deploy.sitekeys import fingerprint_of_bytes
 
     _coordinator_env(args)
     with Control(CoordinatorLayout(args.deployment, args.state).socket) as control:
@@ -301,8 +301,8 @@ def _site_start(args: argparse.Namespace) -> int:
 
 
 def _site_keygen(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.keys import make_site_keys
     from fedmeta.deploy.secrets import secure_folder
+    from fedmeta.deploy.sitekeys import make_site_keys
 
     passphrase = _passphrase(args)
     folder = secure_folder(args.out)

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.secrets import Passphrase, load_private_key, private_pem
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CURVE = ec.SECP384R1()
 HASH = hashes.SHA384()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.control import Control
-from fedmeta.deploy.keys import fingerprint_of_bytes
 from fedmeta.deploy.launch import (
     CoordinatorLayout,
     base_env,
@@ -40,10 +39,11 @@ from fedmeta.deploy.launch import (
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.provision import Registry
 from fedmeta.deploy.secrets import MemoryFile, Passphrase, decrypted_pem, secure_folder
+from fedmeta.deploy.sitekeys import fingerprint_of_bytes
 from fedmeta.protocol import environment as ENV
 from fedmeta.server.audit import open_log
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 @dataclass
 class CoordinatorHandle:
@@ -102,7 +102,7 @@ def reconcile(layout: CoordinatorLayout, control: Control) -> dict[str, int]:
         control.unregister(node.node_id)
         audit.record("node_unregistered", site=record.name if record else None, node_id=node.node_id,
                      reason=why, fingerprint=fp)
-        logger.warning("unregistered node %d (key %s): %s", node.node_id, fp, why)
+        log.warning("unregistered node %d (key %s): %s", node.node_id, fp, why)
     for record in registry.active():
         if record.name in ids:
             continue
@@ -112,18 +112,18 @@ def reconcile(layout: CoordinatorLayout, control: Control) -> dict[str, int]:
         except OSError as e:
             why = f"its public key {pub} cannot be read ({e.strerror or e}); copy it from the provisioning folder"
             audit.record("node_refused", fingerprint=record.fingerprint, reason=why[:200])
-            logger.error("site %s not registered: %s", record.name, why)
+            log.error("site %s not registered: %s", record.name, why)
             continue
         if fingerprint_of_bytes(key) != record.fingerprint:
             why = (f"{pub} holds key {fingerprint_of_bytes(key)}, not the registry's {record.fingerprint} "
                    "(replaced or corrupted)")
             audit.record("node_refused", fingerprint=record.fingerprint, reason=why[:200])
-            logger.error("site %s not registered: %s", record.name, why)
+            log.error("site %s not registered: %s", record.name, why)
             continue
         ids[record.name] = control.register(key, record.name)
         audit.record("node_registered", site=record.name, node_id=ids[record.name],
                      fingerprint=record.fingerprint)
-        logger.info("registered site %s as node %d (key %s)", record.name, ids[record.name],
+        log.info("registered site %s as node %d (key %s)", record.name, ids[record.name],
                     record.fingerprint)
     _save_node_ids(layout, ids)
     return ids
@@ -137,7 +137,7 @@ def unregister_site(layout: CoordinatorLayout, control: Control, name: str) -> i
     node_id = ids.pop(name)
     control.unregister(node_id)
     _save_node_ids(layout, ids)
-    logger.info("unregistered site %s (node %d)", name, node_id)
+    log.info("unregistered site %s (node %d)", name, node_id)
     return node_id
 
 
@@ -209,7 +209,7 @@ def start_coordinator(
         )
     check_host = fleet_address if fleet_host not in ("0.0.0.0", "") else f"127.0.0.1:{fleet_port}"
     check_fleet_is_grpc(check_host, ca=None if insecure else layout.ca)
-    logger.info("SuperLink up: Fleet API gRPC-rere on %s, Control API on %s", bound, layout.socket)
+    log.info("SuperLink up: Fleet API gRPC-rere on %s, Control API on %s", bound, layout.socket)
     control = Control(layout.socket)
     ids = {} if insecure else reconcile(layout, control)
     procs.refresh_children()

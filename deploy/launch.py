@@ -39,7 +39,7 @@ from fedmeta.deploy.control import Control
 from fedmeta.protocol import flower_compat
 from fedmeta.protocol.app import installed_version, render_pyproject
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CONNECTION = "fedmeta"
 INSECURE_WARNING = (
@@ -158,7 +158,7 @@ def superlink_argv(
     check_socket_path(layout.socket)
     argv = [sys.executable, "-m", "fedmeta.deploy.superlink", "--control-socket", str(layout.socket)]
     if insecure:
-        logger.warning(INSECURE_WARNING)
+        log.warning(INSECURE_WARNING)
         argv += ["--insecure"]
     else:
         for p in (layout.ca, layout.cert, layout.key):
@@ -265,7 +265,7 @@ def submit_run(control: Control, flwr_home: Path, *, run_config: Mapping[str, st
     staged = stage_app(flwr_home / ("staged-secagg" if secure_aggregation else "staged-app"),
                        secure_aggregation=secure_aggregation)
     run_id = control.start_run(staged, run_config)
-    logger.info("submitted run %d (%s)", run_id, {k: v for k, v in run_config.items() if k != "experiment"})
+    log.info("submitted run %d (%s)", run_id, {k: v for k, v in run_config.items() if k != "experiment"})
     return run_id
 
 

@@ -44,7 +44,7 @@ from fedmeta.deploy.provision import provision
 from fedmeta.deploy.secrets import PASSPHRASE_ENV, Passphrase
 from fedmeta.protocol.run_name import new as new_run_name
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 
@@ -125,7 +125,7 @@ def site_names(cfg: ExperimentConfig, n_sites: int) -> list[str]:
     chosen = (meets + [n for n in names if n not in meets])[:n_sites]
     for n in chosen:
         if n not in meets:
-            logger.warning("site %s will decline under the default policy: %d training and %d test "
+            log.warning("site %s will decline under the default policy: %d training and %d test "
                         "patients, below min_patients = %d", n, *sizes[n], floor)
     return chosen
 
@@ -321,7 +321,7 @@ def deploy_local(
                 co.control.close()  # an open connection holds the SuperLink's shutdown
     leftovers = procs.leftovers()
     if leftovers:
-        logger.error("processes still running after stop: %s", leftovers)
+        log.error("processes still running after stop: %s", leftovers)
     if status != "finished:completed":
         run_log = state / "runs" / run_name / "run.log"
         errors = [line.split(" error: ", 1)[1] for line in

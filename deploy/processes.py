@@ -24,7 +24,7 @@ from types import TracebackType
 
 from fedmeta.common.errors import ProvisionError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,11 +138,11 @@ class Processes:
         os.chmod(log_path.parent, 0o700)
         full_env = dict(os.environ if env is None else env)
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "ab") as log:
+        with os.fdopen(fd, "ab") as log_file:
             try:
                 popen = subprocess.Popen(  # noqa: S603 - argv is built by this package
                     list(argv),
-                    stdout=log,
+                    stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     env=full_env,
@@ -154,7 +154,7 @@ class Processes:
         managed = Managed(name=name, pid=popen.pid, log_path=log_path, popen=popen)
         self.procs[name] = managed
         self._record()
-        logger.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
         return managed
 
     def refresh_children(self) -> None:
@@ -178,7 +178,7 @@ class Processes:
         try:
             m.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing", name, m.pid, timeout)
+            log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing", name, m.pid, timeout)
             _signal(m.pid, signal.SIGKILL)
             m.popen.wait(timeout=5)
         deadline = time.monotonic() + 3.0
@@ -186,11 +186,11 @@ class Processes:
             time.sleep(0.1)
         for p in pids:
             if not _is_zombie_or_gone(p):
-                logger.warning("killing leftover child %d of %s", p, name)
+                log.warning("killing leftover child %d of %s", p, name)
                 _signal(p, signal.SIGKILL)
         self._known_children[name] = pids
         self._record()
-        logger.info("stopped %s (pid %d, exit %s)", name, m.pid, m.popen.returncode)
+        log.info("stopped %s (pid %d, exit %s)", name, m.pid, m.popen.returncode)
         return m.popen.returncode
 
     def kill(self, name: str) -> None:
@@ -205,7 +205,7 @@ class Processes:
         m.popen.wait(timeout=10)
         self._known_children[name] = pids
         self._record()
-        logger.info("killed %s (pid %d) and %d children", name, m.pid, len(pids))
+        log.info("killed %s (pid %d) and %d children", name, m.pid, len(pids))
 
     def stop_all(self) -> None:
         """Stop every process, newest first; never raises for a process already gone."""
@@ -213,7 +213,7 @@ class Processes:
             try:
                 self.stop(name)
             except Exception:  # noqa: BLE001 - keep stopping the others, then re-raise none
-                logger.exception("failed to stop %s (pid %d)", name, self.procs[name].pid)
+                log.exception("failed to stop %s (pid %d)", name, self.procs[name].pid)
 
     def leftovers(self) -> list[int]:
         """PIDs started here (or spawned by them) that are still running: should be empty."""

@@ -49,9 +49,9 @@ from fedmeta.deploy.certs import (
     write_public_bytes,
 )
 from fedmeta.deploy.consortium import Consortium, SiteSettings
-from fedmeta.deploy.keys import fingerprint, load_public_key, make_site_keys
 from fedmeta.deploy.node import NODE_FILE, render_node_yaml
 from fedmeta.deploy.secrets import Passphrase, load_private_key
+from fedmeta.deploy.sitekeys import fingerprint, load_public_key, make_site_keys
 from fedmeta.protocol.app import installed_version
 from fedmeta.protocol.registry import (
     REGISTRY,
@@ -64,7 +64,7 @@ from fedmeta.protocol.registry import (
 )
 from fedmeta.protocol.registry import Registry as SignedRegistry
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = ["REGISTRY", "REVOCATIONS", "Registry", "SiteRecord", "add_site", "provision", "record_revocation",
            "revoke_site"]
@@ -187,7 +187,7 @@ def _build_site(consortium: Consortium, out: Path, site: SiteSettings, registry:
     registry.sites[site.name] = SiteRecord(
         name=site.name, fingerprint=fp, public_key=public.strip(), issued_at=_now_iso(),
     )
-    logger.info("provisioned site %s (key %s) in %s", site.name, fp, bundle)
+    log.info("provisioned site %s (key %s) in %s", site.name, fp, bundle)
     return bundle
 
 
@@ -206,7 +206,7 @@ def provision(consortium: Consortium, out: Path, *, passphrase: Passphrase) -> R
     for site in consortium.sites:
         _build_site(consortium, out, site, registry, passphrase=passphrase)
     registry.save(out, passphrase)
-    logger.info(
+    log.info(
         "provisioned consortium %s: CA, coordinator %s, %d sites in %s",
         consortium.name, consortium.coordinator.host, len(consortium.sites), out,
     )
@@ -251,7 +251,7 @@ def revoke_site(out: Path, name: str, *, reason: str, passphrase: Passphrase) ->
     registry.save(out, passphrase)
     (out / "sites" / name / "supernode.key").unlink(missing_ok=True)
     (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
-    logger.info("revoked site %s (key %s): %s", name, record.fingerprint, reason)
+    log.info("revoked site %s (key %s): %s", name, record.fingerprint, reason)
     return record
 
 
@@ -274,5 +274,5 @@ def record_revocation(out: Path, name: str, *, reason: str) -> SiteRecord:
     os.replace(tmp, path)
     (out / "coordinator" / "authorized" / f"{name}.pub").unlink(missing_ok=True)
     record.status, record.reason = "revoked", reason
-    logger.info("revoked site %s (key %s) on this coordinator: %s", name, record.fingerprint, reason)
+    log.info("revoked site %s (key %s) on this coordinator: %s", name, record.fingerprint, reason)
     return record

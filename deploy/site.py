@@ -39,7 +39,7 @@ from fedmeta.protocol import flower_compat
 from fedmeta.protocol.app import code_digest, installed_version
 from fedmeta.sitecore.audit import SiteAudit
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 INSECURE_WARNING = (
     "--insecure: TLS is OFF. Model updates and credentials cross the network unencrypted and "
@@ -85,7 +85,7 @@ def supernode_argv(node: NodeConfig, *, key_path: str | None, secret_path: str, 
     argv = [sys.executable, "-m", "fedmeta.deploy.supernode", "--grpc-rere",
             "--superlink", superlink or node.superlink]
     if insecure:
-        logger.warning(INSECURE_WARNING)
+        log.warning(INSECURE_WARNING)
         argv += ["--insecure"]
     else:
         if use_ca:
@@ -109,7 +109,7 @@ class SiteRunner:
         self.superlink = superlink
         self.use_ca = use_ca
         self.max_restarts = max_restarts
-        self.say = say if callable(say) else (lambda text: logger.info("%s", text))
+        self.say = say if callable(say) else (lambda text: log.info("%s", text))
         self.state = secure_folder(node.state_dir())
         self.audit = SiteAudit(self.state / "audit.jsonl")
         self.procs = Processes(self.state / "run")

@@ -2,7 +2,7 @@
 
 The coordinator matches the SuperLink's node records with the consortium registry by it
 (:mod:`fedmeta.server.identity`), and provisioning writes it into the registry
-(:mod:`fedmeta.deploy.keys`). The format is OpenSSH's: ``SHA256:`` and the unpadded base64 of the
+(:mod:`fedmeta.deploy.sitekeys`). The format is OpenSSH's: ``SHA256:`` and the unpadded base64 of the
 SHA-256 of the key blob.
 """
 

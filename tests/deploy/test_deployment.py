@@ -36,7 +36,6 @@ from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
 from fedmeta.deploy.consortium import load_consortium
 from fedmeta.deploy.control import Control
 from fedmeta.deploy.coordinator import CoordinatorHandle, reconcile, start_coordinator
-from fedmeta.deploy.keys import fingerprint, fingerprint_of_bytes, make_site_keys
 from fedmeta.deploy.launch import (
     base_env,
     bin_path,
@@ -58,6 +57,7 @@ from fedmeta.deploy.local import (
 from fedmeta.deploy.processes import Managed, Processes, descendants
 from fedmeta.deploy.provision import provision, revoke_site
 from fedmeta.deploy.secrets import MemoryFile, Passphrase, decrypted_pem
+from fedmeta.deploy.sitekeys import fingerprint, fingerprint_of_bytes, make_site_keys
 from fedmeta.protocol.app import PUBLISHER, installed_version
 from fedmeta.server.audit import read_log
 

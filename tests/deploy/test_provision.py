@@ -354,7 +354,7 @@ def test_reconcile_registers_only_keys_that_match_the_registry(provisioned, tmp_
     refused = [e for e in read_log(layout.audit) if e["event"] == "node_refused"]
     assert len(refused) == 1 and "hungary.pub cannot be read" in str(refused[0]["reason"])
     # a key file replaced by another key is refused too
-    from fedmeta.deploy.keys import make_site_keys
+    from fedmeta.deploy.sitekeys import make_site_keys
 
     other = make_site_keys(tmp_path / "other", comment="other", passphrase=None)
     shutil.copy(other.public, authorized / "hungary.pub")
