@@ -28,7 +28,7 @@ from fedmeta.common.errors import ProvisionError
 from fedmeta.deploy.control import Control
 from fedmeta.deploy.launch import (
     CoordinatorLayout,
-    base_env,
+    app_env,
     check_fleet_is_grpc,
     executor_argv,
     superlink_argv,
@@ -141,9 +141,10 @@ def unregister_site(layout: CoordinatorLayout, control: Control, name: str) -> i
     return node_id
 
 
-def coordinator_env(layout: CoordinatorLayout) -> dict[str, str]:
-    """The environment of the SuperLink and of the executor (and so of the ServerApp)."""
-    env = base_env(layout.flwr_home)
+def coordinator_env(layout: CoordinatorLayout, *, passphrase_env: str | None = None) -> dict[str, str]:
+    """The environment of the SuperLink and of the executor (and so of the ServerApp): no key
+    passphrase in it (:func:`fedmeta.deploy.launch.app_env`)."""
+    env = app_env(layout.flwr_home, passphrase_env=passphrase_env)
     env[ENV.AUDIT_LOG] = str(layout.audit.resolve())
     env[ENV.REGISTRY] = str(layout.registry.resolve())
     env[ENV.RUNS_DIR] = str(layout.runs.resolve())
@@ -182,7 +183,7 @@ def start_coordinator(
     os.umask(0o077)
     secure_state(state)
     secure_folder(layout.runs)
-    env = coordinator_env(layout)
+    env = coordinator_env(layout, passphrase_env=passphrase.env)
     # the registry is checked against this CA certificate only, for as long as this coordinator runs
     env[ENV.CA_SHA256] = hashlib.sha256(layout.ca.read_bytes()).hexdigest()
     key = None if insecure else decrypted_pem(layout.key, passphrase)

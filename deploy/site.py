@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import ConfigError
-from fedmeta.deploy.launch import base_env
+from fedmeta.deploy.launch import app_env
 from fedmeta.deploy.node import NodeConfig
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.secrets import MemoryFile, decrypted_pem, secure_folder
@@ -151,7 +151,7 @@ class SiteRunner:
         argv = supernode_argv(self.node, key_path=self._key.path if self._key else None,
                               secret_path=self._secret.path, runtime_port=self.runtime_port,
                               insecure=self.insecure, superlink=self.superlink, use_ca=self.use_ca)
-        env = base_env(self.state / "flwr-home")
+        env = app_env(self.state / "flwr-home", passphrase_env=self.node.key_passphrase_env)
         env[POLL_ENV] = str(self.node.poll_interval_s)
         fds = [self._secret.fd] + ([self._key.fd] if self._key else [])
         self.node_process = self.procs.start("supernode", argv, env=env, pass_fds=fds)

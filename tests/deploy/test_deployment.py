@@ -192,14 +192,21 @@ def test_fleet_api_is_grpc_over_tls_and_keys_stay_in_memory(consortium: Consorti
     superlink = d.co.process.popen.args
     assert "--enable-supernode-auth" in superlink
     assert superlink[superlink.index("--ssl-keyfile") + 1].startswith("/dev/fd/")  # decrypted in memory
+    secret = f"{PASS.env}=".encode()
+    # control arm: the fedmeta processes that decrypt the keys have the passphrase (as given) ...
+    assert secret in Path(f"/proc/{d.procs.procs[f'site-{STARTED[0]}'].pid}/environ").read_bytes()
+    # ... and no Flower process, nor the ServerApp's executor, has it: keys reach them in memory
+    for name in ("superlink", "serverexec"):
+        assert secret not in Path(f"/proc/{d.procs.procs[name].pid}/environ").read_bytes(), name
     for site in STARTED:
-        node = [a for p in descendants(d.procs.procs[f"site-{site}"].pid)
-                if b"fedmeta.deploy.supernode" in (a := Path(f"/proc/{p}/cmdline").read_bytes())]
-        assert len(node) == 1, site
-        argv = node[0].split(b"\0")
+        nodes = [p for p in descendants(d.procs.procs[f"site-{site}"].pid)
+                 if b"fedmeta.deploy.supernode" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(nodes) == 1, site
+        argv = Path(f"/proc/{nodes[0]}/cmdline").read_bytes().split(b"\0")
         assert b"--root-certificates" in argv and b"--insecure" not in argv
         assert argv[argv.index(b"--isolation") + 1] == b"process"  # the SuperNode launches nothing
         assert argv[argv.index(b"--auth-supernode-private-key") + 1].startswith(b"/dev/fd/")
+        assert secret not in Path(f"/proc/{nodes[0]}/environ").read_bytes(), site
 
 
 def test_a_node_without_a_registered_key_or_the_ca_cannot_connect(consortium: Consortium) -> None:

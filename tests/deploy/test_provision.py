@@ -485,3 +485,17 @@ def test_changing_the_registry_needs_the_ca_key_and_the_coordinator_revokes_with
     assert not (coordinator / "coordinator" / "authorized" / "hungary.pub").exists()
     with pytest.raises(ProvisionError, match="already revoked"):
         record_revocation(coordinator, "hungary", reason="again")
+
+
+def test_no_passphrase_reaches_a_flower_process_s_environment(tmp_path: Path, monkeypatch) -> None:
+    """fedmeta decrypts every key into memory before it starts the SuperLink, the executor or a
+    SuperNode; their environment (and so any app's) holds no passphrase, the default variable or
+    the one the operator named. Control arm: the environment fedmeta's own processes get keeps it."""
+    from fedmeta.deploy.launch import app_env, base_env
+
+    monkeypatch.setenv("FEDMETA_KEY_PASSPHRASE", "a passphrase of some length")
+    monkeypatch.setenv("SITE_KEY_PASS", "another passphrase here")
+    assert {"FEDMETA_KEY_PASSPHRASE", "SITE_KEY_PASS"} <= set(base_env(tmp_path))
+    env = app_env(tmp_path, passphrase_env="SITE_KEY_PASS")
+    assert "FEDMETA_KEY_PASSPHRASE" not in env and "SITE_KEY_PASS" not in env
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_HOME"] == str(tmp_path)
