@@ -217,9 +217,21 @@ def _check_meds(config: MedsSiteConfig, data: DataConfig, tasks: TaskConfig | No
 
 
 _LOADED: dict[str, Site] = {}
-#: How many loaded sites a process keeps (the most recently used): a run uses one or two
-#: (training and validation views); each distinct data section costs a copy of the rows.
+#: How many loaded copies of one node's site a process keeps (the most recently used): a run
+#: uses one or two (training and validation views); each distinct data section costs a copy of
+#: the rows. The bound is per node: a deployed site's worker serves one node, while a simulation
+#: process serves many, and each keeps its own rows loaded between rounds (with one bound for the
+#: whole process, 200 simulated sites on 2 actors reloaded their rows at every message, and with
+#: them the source's whole site list: a round grew with the square of the sites).
 _MAX_LOADED = 4
+
+
+def _node_key(node_config: Mapping[str, object]) -> str:
+    return json.dumps({k: str(v) for k, v in node_config.items()}, sort_keys=True)
+
+
+def _node_key_of(cache_key: str) -> str:
+    return json.dumps(json.loads(cache_key)["node"], sort_keys=True)
 
 
 def _cache_key(node_config: Mapping[str, object], cfg: ExperimentConfig) -> str:
@@ -334,8 +346,10 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
     if cfg.data.score_on == "validation":
         site = validation_view(site, fraction=cfg.data.validation_fraction, seed=cfg.data.split_seed)
     _LOADED[key] = site
-    while len(_LOADED) > _MAX_LOADED:  # a coordinator varying the data settings cannot fill memory
-        _LOADED.pop(next(iter(_LOADED)))
+    node = _node_key(node_config)
+    mine = [k for k in _LOADED if _node_key_of(k) == node]
+    for old in mine[:-_MAX_LOADED]:  # a coordinator varying the data settings cannot fill memory
+        _LOADED.pop(old)
     return site
 
 

@@ -306,7 +306,27 @@ def test_the_loaded_site_cache_is_bounded() -> None:
 
     for i in range(12):  # a coordinator varying a setting the site ignores
         site_of(_context(), load_config(None, [*COMPLIANT, f"data.holdout=[h{i}]"]))
-    assert len(D._LOADED) <= D._MAX_LOADED
+    node = D._node_key(_context().node_config)
+    assert sum(D._node_key_of(k) == node for k in D._LOADED) == D._MAX_LOADED
+
+
+def test_a_process_serving_many_simulated_sites_keeps_each_one_loaded(monkeypatch) -> None:
+    """One simulation process serves many nodes: each keeps its rows between rounds (with one
+    bound for the whole process, 200 simulated sites reloaded theirs at every message)."""
+    import fedmeta.sitecore.data as D
+
+    monkeypatch.setattr(D, "_LOADED", {})
+    cfg = load_config(None, COMPLIANT)
+    n = D._MAX_LOADED + 2  # more nodes than one node's bound (the old bound for the whole process)
+    contexts = [Context(run_id=1, node_id=i, node_config={"source": "fed-heart", "partition-id": i % 4,
+                                                         "node": i, "min-patients": 20},
+                        state=RecordDict(), run_config={}) for i in range(n)]
+    loads: list[object] = []
+    real = D.load_site
+    monkeypatch.setattr(D, "load_site", lambda *a, **k: loads.append(a) or real(*a, **k))
+    first = [site_of(c, cfg) for c in contexts]
+    again = [site_of(c, cfg) for c in contexts]  # the next round: every node's rows still loaded
+    assert len(loads) == n and all(a is b for a, b in zip(first, again, strict=True))
 
 
 def _glm_message(beta: np.ndarray) -> Message:
