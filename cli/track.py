@@ -86,6 +86,14 @@ def run_metrics(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]
     return per_round, final
 
 
+def _artefact_root(tracking_uri: str) -> str | None:
+    """Where a local database's artefacts go: beside it (``mlflow-artifacts/``), not in whatever
+    folder the command runs from (MLflow's default, ``./mlruns``); a server decides its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlflow-artifacts").as_uri()
+
+
 def _metric_key(key: str) -> str:
     # MLflow allows letters, digits, _ - . / and spaces in names; a site name may hold others
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
@@ -110,7 +118,8 @@ def track_run(run_dir: Path, *, tracking_uri: str = DEFAULT_URI, experiment: str
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     try:
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        experiment_id = (found.experiment_id if found is not None
+                         else client.create_experiment(experiment, artifact_location=_artefact_root(tracking_uri)))
         run = client.create_run(experiment_id, run_name=run_dir.resolve().name, tags={
             "fedmeta.algorithm": str(summary.get("algorithm", "")),
             "fedmeta.run_folder": run_dir.resolve().name, "fedmeta.version": _fedmeta_version()})

@@ -46,6 +46,7 @@ def test_a_run_is_logged_as_its_folder_says(run_dir: Path, tmp_path: Path, monke
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path / "elsewhere" if (tmp_path / "elsewhere").mkdir() is None else tmp_path)
     run_id = track_run(run_dir, tracking_uri=uri, experiment="tests")
     assert attempts == []  # a local store: no connection at all (MLflow's telemetry is off)
 
@@ -63,6 +64,8 @@ def test_a_run_is_logged_as_its_folder_says(run_dir: Path, tmp_path: Path, monke
     logged = {a.path for a in client.list_artifacts(run_id)}
     assert {"summary.json", "rounds.jsonl", "report.md", "curves.png"} <= logged
     assert run.info.status == "FINISHED"
+    # the artefacts lie beside the database, not in the folder the command ran from
+    assert (tmp_path / "mlflow-artifacts").is_dir() and not any((tmp_path / "elsewhere").iterdir())
 
 
 def test_mlflow_alone_would_send_its_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
