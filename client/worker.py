@@ -40,6 +40,7 @@ from fedmeta.protocol import keys as K
 from fedmeta.protocol.app import check_bundle
 from fedmeta.protocol.errors import SiteErrorCode, classify, reason
 from fedmeta.protocol.flower_compat import (
+    SUPEREXEC_PROTECTED_METHODS,
     AcquireTaskRequest,
     HeartbeatSender,
     RetryInvoker,
@@ -61,8 +62,6 @@ from fedmeta.sitecore.policy import SitePolicy, check_request
 
 log = logging.getLogger(__name__)
 
-_ACQUIRE = ("/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
-            "/flwr.proto.Runtime/ClaimTask")
 
 Audit = Callable[..., object]
 
@@ -189,7 +188,7 @@ class SiteWorker:
         polling = transport.Polling.up_to(self.settings.poll_s)
         acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
-                                                            protected_methods=_ACQUIRE),
+                                                            protected_methods=SUPEREXEC_PROTECTED_METHODS),
                                retry_s=0)  # the loop below waits and asks again
         try:
             while not self._stop.is_set():

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 #: The base URL of the API behind the socket (the host name is never resolved).
 SOCKET_URL = "http://superlink"
-_TIMEOUT_S = 30.0
+TIMEOUT_S = 30.0
 
 
 def over_socket(client: Any, path: Path) -> None:
@@ -33,7 +33,7 @@ def over_socket(client: Any, path: Path) -> None:
     whose transport is the socket (the client's URLs, interceptors and retries are unchanged)."""
     from fedmeta.protocol import flower_compat
 
-    flower_compat.serve_over_unix_socket(client, str(path), timeout_s=_TIMEOUT_S)
+    flower_compat.serve_over_unix_socket(client, str(path), timeout_s=TIMEOUT_S)
 
 
 @dataclass(frozen=True)

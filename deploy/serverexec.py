@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 
 #: The child's environment variable holding its task's token.
 TOKEN_ENV = "FEDMETA_SERVERAPP_TOKEN"
-#: The Runtime API calls that need the executor's signature (Flower's SuperExec set).
-_ACQUIRE = ("/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
-            "/flwr.proto.Runtime/ClaimTask")
 POLL_S = 0.1
 
 
@@ -60,6 +57,7 @@ def _runtime_client(socket: Path, *interceptors: Any, retry: bool = True) -> Any
 def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
     """Take ServerApp tasks and start one ``--serve`` child for each, until the SuperLink exits."""
     from fedmeta.protocol.flower_compat import (
+        SUPEREXEC_PROTECTED_METHODS,
         AcquireTaskRequest,
         RuntimeVersionHttpInterceptor,
         SuperExecAuthHttpInterceptor,
@@ -67,7 +65,8 @@ def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
     )
 
     client = _runtime_client(socket, RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                             SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=_ACQUIRE),
+                             SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                          protected_methods=SUPEREXEC_PROTECTED_METHODS),
                              retry=False)
     children: list[subprocess.Popen[bytes]] = []
     while superlink_pid is None or _alive(superlink_pid):
@@ -125,26 +124,28 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
     import httpx
     from flwr.app import Context
 
-    from fedmeta.deploy.control import SOCKET_URL, over_socket
+    from fedmeta.deploy.control import SOCKET_URL, TIMEOUT_S
     from fedmeta.protocol.app import check_bundle, installed_version
     from fedmeta.protocol.flower_compat import (
         EventType,
         ExitCode,
         HeartbeatSender,
-        HttpGrid,
         PullTaskInputRequest,
         PushTaskOutputRequest,
         SubStatus,
-        TaskIdentity,
         context_from_proto,
         context_to_proto,
         fab_from_proto,
         flush_logs,
         flwr_exit,
+        grid_runtime_client,
+        last_try,
         make_task_heartbeat_fn_http,
         mirror_output_to_queue,
         register_signal_handlers,
         run_from_proto,
+        set_task_identity,
+        socket_grid,
         start_log_uploader,
         start_parent_process_monitor,
         stop_log_uploader,
@@ -152,16 +153,11 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
     from fedmeta.protocol.flower_compat import run_serverapp as run_app
     from fedmeta.server import audit as audit_log
 
-    class SocketGrid(HttpGrid):
-        def _connect(self) -> None:
-            super()._connect()
-            over_socket(self._client, socket)
-
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     log_queue: Queue[str | None] = Queue()
     mirror_output_to_queue(log_queue)
-    grid = SocketGrid(runtime_api_address=SOCKET_URL.split("//", 1)[1], insecure=True, token=token)
+    grid = socket_grid(str(socket), url=SOCKET_URL, token=token, timeout_s=TIMEOUT_S)
     uploader = None
     heartbeat = None
     context: Context | None = None
@@ -170,11 +166,11 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
     refusal: str | None = None
 
     def on_exit() -> None:
-        grid._retry_invoker.max_tries = 1
+        last_try(grid)
         if uploader:
             flush_logs(log_queue)
         try:
-            grid._runtime_client.PushTaskOutput(PushTaskOutputRequest(
+            grid_runtime_client(grid).PushTaskOutput(PushTaskOutputRequest(
                 context=context_to_proto(context) if context else None, sub_status=status, details=details))
         except httpx.HTTPError as err:
             log.error("failed to push the task's output: %s", err)
@@ -187,18 +183,16 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
     register_signal_handlers(event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE,
                              exit_message="Task stopped by user.", exit_handlers=[on_exit])
     try:
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid._runtime_client))
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid_runtime_client(grid)))
         heartbeat.start()
-        res = grid._runtime_client.PullTaskInput(PullTaskInputRequest())
-        TaskIdentity.task_id = res.task_id
-        TaskIdentity.run_id = res.run.run_id
-        TaskIdentity.node_id = res.context.node_id
+        res = grid_runtime_client(grid).PullTaskInput(PullTaskInputRequest())
+        set_task_identity(run_id=res.run.run_id, node_id=res.context.node_id, task_id=res.task_id)
         context = context_from_proto(res.context)
         run = run_from_proto(res.run)
         fab = fab_from_proto(res.fab)
         grid.set_run(run)
         uploader = start_log_uploader(log_queue=log_queue, node_id=0, run_id=run.run_id,
-                                      client=grid._runtime_client)
+                                      client=grid_runtime_client(grid))
         verdict = check_bundle(fab.content, fab_id=run.fab_id, fab_version=run.fab_version,
                                version=installed_version(), allow_secure_aggregation=True)
         if not verdict.accepted:  # the run ends as failed; this process has nothing to report

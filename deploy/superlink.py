@@ -31,10 +31,10 @@ MAX_SOCKET_PATH = 107
 
 def patch_points_present() -> bool:
     """Whether the pinned Flower still has what this module calls
-    (:func:`fedmeta.protocol.flower_compat.missing` names anything that moved)."""
+    (:func:`fedmeta.protocol.flower_compat.superlink_problems` names anything that moved)."""
     from fedmeta.protocol import flower_compat
 
-    return not flower_compat.missing()
+    return not flower_compat.superlink_problems()
 
 
 def check_socket_path(path: Path) -> None:

@@ -121,6 +121,11 @@ if TYPE_CHECKING:  # the real types for the type checker; at run time names impo
 #: The Flower release every name and patch point here was checked against.
 PINNED = "1.39.0"
 
+#: The Runtime API calls Flower signs with the SuperExec secret (the site worker's and the
+#: coordinator executor's task claims): gRPC method paths of Flower's ``Runtime`` service.
+SUPEREXEC_PROTECTED_METHODS = ("/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
+                               "/flwr.proto.Runtime/ClaimTask")
+
 #: name -> (module, attribute) of each internal fedmeta uses as it is.
 NAMES: dict[str, tuple[str, str]] = {
     # the site worker: serving the SuperNode's tasks over its Runtime API (fedmeta.client.worker)
@@ -258,7 +263,7 @@ def set_supernode_waits(*, idle_sleep: Callable[[float], None], heartbeat_s: int
     sleeps 3 s between two polls of the SuperLink when idle, 0.5 s while it waits for its worker)
     and announce a heartbeat of ``heartbeat_s`` (at least Flower's minimum); returns the
     heartbeat interval set."""
-    problems = [p for p in _supernode_problems()]
+    problems = _supernode_problems()
     if problems:
         raise RuntimeError(f"this Flower no longer has the SuperNode waits fedmeta sets ({'; '.join(problems)}); "
                            f"pin flwr {PINNED} or update fedmeta.protocol.flower_compat")
@@ -299,6 +304,29 @@ def serve_over_unix_socket(client: Any, path: str, *, timeout_s: float) -> None:
     client._client = httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=timeout_s,
                                   follow_redirects=True)
     old.close()
+
+
+def socket_grid(path: str, *, url: str, token: str, timeout_s: float) -> Any:
+    """Flower's deployed grid (``HttpGrid``) for the task ``token``, reaching the SuperLink's
+    Runtime API behind the Unix socket ``path`` (``url``: the URL its requests carry)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    class SocketGrid(HttpGrid):  # type: ignore[misc]
+        def _connect(self) -> None:
+            super()._connect()
+            serve_over_unix_socket(self._client, path, timeout_s=timeout_s)
+
+    return SocketGrid(runtime_api_address=url.split("//", 1)[1], insecure=True, token=token)
+
+
+def grid_runtime_client(grid: Any) -> Any:
+    """The Runtime API client of a deployed grid (connected on first use)."""
+    return grid._runtime_client
+
+
+def last_try(grid: Any) -> None:
+    """Make a deployed grid's calls try once more at most (a process on its way out)."""
+    grid._retry_invoker.max_tries = 1
 
 
 def set_task_identity(*, run_id: int | None = None, node_id: int | None = None,
@@ -344,6 +372,32 @@ def _supernode_problems() -> list[str]:
     return problems
 
 
+def superlink_problems() -> list[str]:
+    """What the SuperLink on a Unix socket (:mod:`fedmeta.deploy.superlink`, the executor and the
+    Control client) relies on and this Flower no longer has (empty: all present)."""
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+    from flwr.supercore.protobuf.client import ProtobufClient
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.main import create_app  # noqa: F401
+
+    problems = []
+    cli = superlink_cli()
+    for attribute in ("_parse_superlink_lifespan_config", "SuperLinkLifespan", "_run_superlink_http_api"):
+        if not hasattr(cli, attribute):
+            problems.append(f"flwr.superlink.cli.flower_superlink.{attribute} is gone")
+    if "self._client = httpx.Client(" not in inspect.getsource(ProtobufClient):
+        problems.append("ProtobufClient no longer keeps its HTTP pool in _client")
+    for cls in (ControlHttpClient, RuntimeHttpClient):
+        if not issubclass(cls, ProtobufClient):
+            problems.append(f"{cls.__name__} is no longer a ProtobufClient")
+    grid = inspect.getsource(HttpGrid)
+    for part in ("def _connect(", "def _runtime_client(", "self._retry_invoker = ", "self._client: "):
+        if part not in grid:
+            problems.append(f"HttpGrid no longer has {part.strip('(: =')}")
+    return problems
+
+
 def missing() -> list[str]:
     """What a Flower upgrade moved: each entry names a name, patch point or log line fedmeta
     relies on that this Flower no longer has where fedmeta expects it (empty: all present)."""
@@ -372,19 +426,7 @@ def missing() -> list[str]:
         if text not in source:
             out.append(f"{what}: {module} no longer logs {text!r}")
     try:
-        cli = superlink_cli()
-        for attribute in ("_parse_superlink_lifespan_config", "SuperLinkLifespan", "_run_superlink_http_api"):
-            if not hasattr(cli, attribute):
-                out.append(f"flwr.superlink.cli.flower_superlink.{attribute} is gone")
-        from flwr.supercore.control.control_http_client import ControlHttpClient
-        from flwr.supercore.protobuf.client import ProtobufClient
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        if "self._client = httpx.Client(" not in inspect.getsource(ProtobufClient):
-            out.append("ProtobufClient no longer keeps its HTTP pool in _client")
-        for cls in (ControlHttpClient, RuntimeHttpClient):
-            if not issubclass(cls, ProtobufClient):
-                out.append(f"{cls.__name__} is no longer a ProtobufClient")
+        out += superlink_problems()
     except ImportError as e:
         out.append(f"SuperLink entry points: {e}")
     try:
