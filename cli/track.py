@@ -111,7 +111,7 @@ def track_run(run_dir: Path, *, tracking_uri: str = DEFAULT_URI, experiment: str
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
-    from fedmeta.common.bundle import _fedmeta_version
+    from fedmeta.protocol.app import installed_version
 
     per_round, final = run_metrics(summary, rounds)
     params = [Param(k, str(v)[:500]) for k, v in _flat("", summary.get("config", {}))]
@@ -122,7 +122,7 @@ def track_run(run_dir: Path, *, tracking_uri: str = DEFAULT_URI, experiment: str
                          else client.create_experiment(experiment, artifact_location=_artefact_root(tracking_uri)))
         run = client.create_run(experiment_id, run_name=run_dir.resolve().name, tags={
             "fedmeta.algorithm": str(summary.get("algorithm", "")),
-            "fedmeta.run_folder": run_dir.resolve().name, "fedmeta.version": _fedmeta_version()})
+            "fedmeta.run_folder": run_dir.resolve().name, "fedmeta.version": installed_version()})
         run_id = run.info.run_id
         metrics = [Metric(_metric_key(k), v, 0, step) for k, steps in per_round.items() for step, v in steps]
         metrics += [Metric(_metric_key(k), v, 0, 0) for k, v in final.items()]

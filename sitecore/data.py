@@ -216,7 +216,7 @@ def _check_meds(config: MedsSiteConfig, data: DataConfig, tasks: TaskConfig | No
     )
 
 
-_LOADED: dict[str, Site] = {}
+_LOADED: dict[tuple[str, str], Site] = {}
 #: How many loaded copies of one node's site a process keeps (the most recently used): a run
 #: uses one or two (training and validation views); each distinct data section costs a copy of
 #: the rows. The bound is per node: a deployed site's worker serves one node, while a simulation
@@ -226,21 +226,13 @@ _LOADED: dict[str, Site] = {}
 _MAX_LOADED = 4
 
 
-def _node_key(node_config: Mapping[str, object]) -> str:
-    return json.dumps({k: str(v) for k, v in node_config.items()}, sort_keys=True)
-
-
-def _node_key_of(cache_key: str) -> str:
-    return json.dumps(json.loads(cache_key)["node"], sort_keys=True)
-
-
-def _cache_key(node_config: Mapping[str, object], cfg: ExperimentConfig) -> str:
-    """What a loaded site depends on: the node's config and the experiment's data settings, the
-    agreed vocabulary by its fingerprint."""
+def _cache_key(node_config: Mapping[str, object], cfg: ExperimentConfig) -> tuple[str, str]:
+    """What a loaded site depends on: ``(the node's config, the experiment's data settings)``,
+    the agreed vocabulary by its fingerprint (the first part alone names the node)."""
     data = cfg.to_dict()["data"]
     data["meds"].pop("vocabulary", None)  # the fingerprint stands for it
-    return json.dumps({"node": {k: str(v) for k, v in node_config.items()}, "data": data},
-                      sort_keys=True)
+    return (json.dumps({k: str(v) for k, v in node_config.items()}, sort_keys=True),
+            json.dumps(data, sort_keys=True))
 
 
 def _node_data(node_config: Mapping[str, object], cfg: ExperimentConfig) -> DataConfig:
@@ -346,8 +338,7 @@ def site_for_node(node_config: Mapping[str, object], cfg: ExperimentConfig) -> S
     if cfg.data.score_on == "validation":
         site = validation_view(site, fraction=cfg.data.validation_fraction, seed=cfg.data.split_seed)
     _LOADED[key] = site
-    node = _node_key(node_config)
-    mine = [k for k in _LOADED if _node_key_of(k) == node]
+    mine = [k for k in _LOADED if k[0] == key[0]]  # this node's copies, least recently used first
     for old in mine[:-_MAX_LOADED]:  # a coordinator varying the data settings cannot fill memory
         _LOADED.pop(old)
     return site

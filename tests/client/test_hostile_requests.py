@@ -306,8 +306,8 @@ def test_the_loaded_site_cache_is_bounded() -> None:
 
     for i in range(12):  # a coordinator varying a setting the site ignores
         site_of(_context(), load_config(None, [*COMPLIANT, f"data.holdout=[h{i}]"]))
-    node = D._node_key(_context().node_config)
-    assert sum(D._node_key_of(k) == node for k in D._LOADED) == D._MAX_LOADED
+    node, _ = D._cache_key(_context().node_config, load_config(None, COMPLIANT))
+    assert sum(k[0] == node for k in D._LOADED) == D._MAX_LOADED
 
 
 def test_a_process_serving_many_simulated_sites_keeps_each_one_loaded(monkeypatch) -> None:
