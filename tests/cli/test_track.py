@@ -70,11 +70,16 @@ def test_a_run_is_logged_as_its_folder_says(run_dir: Path, tmp_path: Path, monke
 
 def test_mlflow_alone_would_send_its_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control arm of the no-connection check: without fedmeta's switches, MLflow's own
-    usage telemetry is on."""
+    usage telemetry is on. MLflow also stays quiet when it believes it runs under CI or its own
+    tests (read once at import from variables such as CI); that belief is set aside here, since
+    a hospital's host has neither."""
+    from mlflow.telemetry import utils
     from mlflow.telemetry.utils import is_telemetry_disabled
 
     for name in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(utils, "_IS_IN_CI_ENV_OR_TESTING", False)
+    monkeypatch.setattr(utils, "_IS_MLFLOW_DEV_VERSION", False)
     assert not is_telemetry_disabled()
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     assert is_telemetry_disabled()
