@@ -174,7 +174,7 @@ def new_hospital(cohort: str, base: list[str], out_dir: Path, *, shots: Sequence
         spec = data_spec(cfg.data)
         model = build_model_for(cfg, spec)
         params = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(folder / "final.safetensors")).items()}
-        evaluation = algorithms.get(cfg.algorithm).evaluation
+        algorithm = algorithms.get(cfg.algorithm)
         x_o = np.vstack([sites[o].x_train for o in others])
         y_o = np.concatenate([sites[o].y_train[:, 0] for o in others])
         pooled = _lr(x_o, y_o)
@@ -186,7 +186,7 @@ def new_hospital(cohort: str, base: list[str], out_dir: Path, *, shots: Sequence
                 rng = np.random.default_rng([17, d, k])
                 idx = _draw(y_tr, k, rng)
                 cfg_k = load_config(None, ["eval.shots=0", "eval.bootstrap=0"], base=cfg.to_dict())
-                res = evaluate_outcome(cfg_k, model, params, None, evaluation=evaluation,
+                res = evaluate_outcome(cfg_k, model, params, None, algorithm=algorithm,
                                        x_tr=torch.from_numpy(s.x_train[idx]), y_tr=y_tr[idx],
                                        x_te=torch.from_numpy(s.x_test), y_te=y_te, outcome=cohort, rng=rng)
                 scores.setdefault("fedmeta auto (default) + adaptation", []).append(

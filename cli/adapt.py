@@ -122,7 +122,7 @@ def _table(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, cf
     from fedmeta.common import algorithms
     from fedmeta.common.adaptation import (
         AdaptationResult,
-        PrototypeHead,
+        SupportHead,
         describe_shots,
         stratified_shots,
     )
@@ -153,14 +153,14 @@ def _table(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, cf
              if args.shots else " (the whole training split)"))
     t0 = time.perf_counter()
     extra = from_numpy(extra_np) if algorithm.evaluation == "learned_rates" else None
-    result = evaluate_outcome(cfg, model, from_numpy(theta_np), extra, evaluation=algorithm.evaluation,
+    result = evaluate_outcome(cfg, model, from_numpy(theta_np), extra, algorithm=algorithm,
                               x_tr=torch.from_numpy(x_tr), y_tr=y_tr, x_te=torch.from_numpy(x_te), y_te=y_te,
                               outcome=outcome, rng=rng)
     took = time.perf_counter() - t0
     b, a = result.before.values, result.after.values
     adaptation = result.adaptation
     choice = (adaptation.choice.text() if isinstance(adaptation, AdaptationResult)
-              else "prototypes of the labelled patients" if isinstance(adaptation, PrototypeHead)
+              else f"{adaptation.metric.text} (the labelled patients)" if isinstance(adaptation, SupportHead)
               else f"fixed: {result.adapt_steps} steps")
     print(f"  adaptation: {choice} ({took:.1f} s)")
     print(f"  scored on {result.n_test} test patients ({result.events} with {outcome}); threshold "
@@ -176,9 +176,10 @@ def _table(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, cf
     if isinstance(adaptation, AdaptationResult):
         bundle = SiteModelBundle.from_adaptation(model_spec, None, local.preprocessing, outcome, adaptation,
                                                  prov, id_column=local.id_column, metrics=metrics)
-    elif isinstance(adaptation, PrototypeHead):
-        bundle = SiteModelBundle.from_prototypes(model_spec, from_numpy(theta_np), local.preprocessing, outcome,
-                                                 adaptation, prov, id_column=local.id_column, metrics=metrics)
+    elif isinstance(adaptation, SupportHead):
+        bundle = SiteModelBundle.from_support(model_spec, from_numpy(theta_np), local.preprocessing, outcome,
+                                              algorithm.name, adaptation, prov, id_column=local.id_column,
+                                              metrics=metrics)
     else:  # eval.adaptation: fixed — the adapted network, uncalibrated, flagged at 0.5
         assert result.params is not None
         counts = {"0": int((y_tr == 0).sum()), "1": int((y_tr == 1).sum())}
@@ -208,15 +209,16 @@ def _save(args: argparse.Namespace, bundle: Any, site: Any, card: str, card_path
 
 def _images(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, cfg: Any, local: Any,
             rng: Any) -> int:
-    """Images: K labelled images per class from the training split; a ProtoNet keeps their
-    prototypes, a Conv-4 of ``tasks.ways`` outputs is fine-tuned on them (the site must have
-    exactly that many classes). Scored on the whole test split."""
+    """Images: K labelled images per class from the training split; a metric learner (ProtoNet,
+    Matching or Relation Network) keeps its classifier of them, a Conv-4 of ``tasks.ways``
+    outputs is fine-tuned on them (the site must have exactly that many classes). Scored on the
+    whole test split."""
     import numpy as np
     import torch
 
     from fedmeta.cli.model_card import card_path, render_model_card
     from fedmeta.common import algorithms
-    from fedmeta.common.adaptation import prototype_head, prototype_logits
+    from fedmeta.common.adaptation import support_head
     from fedmeta.common.bundle import SiteModelBundle
     from fedmeta.common.clinical.calibration import Calibration
     from fedmeta.common.meta.inner import adapt
@@ -244,20 +246,20 @@ def _images(args: argparse.Namespace, *, params: Path, meta: dict, state: Any, c
     xq, yq = torch.from_numpy(site.x_test), site.y_test
     theta = from_numpy(theta_np)
     prov = _provenance(args, cfg, meta, site)
-    if algorithm.evaluation == "prototypes":
-        head = prototype_head(model, theta, xs, ys, n_classes=site.n_classes, threshold=cfg.eval.threshold)
-        with torch.no_grad():
-            z = torch.func.functional_call(model, theta, (xq,)).flatten(start_dim=1).double()
-            logits = prototype_logits(z, head.prototypes).numpy()
+    if algorithm.metric is not None:
+        head = support_head(algorithm.metric, model, theta, xs, ys, n_classes=site.n_classes,
+                            threshold=cfg.eval.threshold)
+        logits = head.logits(model, theta, xq).double().numpy()
         scores = multiclass_metrics(yq, logits)
-        bundle = SiteModelBundle.from_prototypes(model_spec, theta, local.preprocessing, "class", head, prov,
-                                                 classes=names, metrics={"test": scores})
+        bundle = SiteModelBundle.from_support(model_spec, theta, local.preprocessing, "class", algorithm.name, head,
+                                              prov, classes=names, metrics={"test": scores})
     else:
         outputs = model_spec.kwargs.get("out_features")
         if outputs != site.n_classes:
             raise DataError(f"site {site.name} has {site.n_classes} classes but the run's network has "
                             f"{outputs} outputs (tasks.ways); fine-tuning needs one output per class. "
-                            "Hint: use a ProtoNet run, which classifies any number of classes")
+                            "Hint: use a metric learner's run (protonet, matching, relation), which classifies "
+                            "any number of classes")
         lrs = from_numpy(extra_np) if algorithm.evaluation == "learned_rates" else None
         inner = fixed_inner(cfg, learned_rates=lrs is not None)
         phi = theta if inner.steps == 0 else adapt(model, theta, xs, ys, inner, lrs=lrs)

@@ -15,8 +15,11 @@ Inside the graph:
 - images: one ``float`` input ``images (N, C, H, W)`` with values in [0, 1], then the per-channel
   normalisation when the bundle has one.
 - networks: ``linear``, ``mlp`` (``Gemm``/``Relu``) and ``conv4`` with group norm or none
-  (``Conv``, group norm from plain reductions, ``Relu``, ``MaxPool``); a ProtoNet head computes
-  ``−||f(x) − c_k||²`` against the bundled prototypes.
+  (``Conv``, group norm from plain reductions, ``Relu``, ``MaxPool``), and a Relation Network's
+  encoder and relation module; a metric learner's classifier writes its own scores against the
+  bundled support-set tensors (:class:`fedmeta.common.meta.episodic.MetricHead` ``onnx``): the
+  ProtoNet's ``−||f(x) − c_k||²``, the Matching Network's attention over the support set, the
+  Relation Network's relation module on ``[c_k, f(x)]``.
 - outputs: binary ``risk (N)`` = ``σ(a + b·s)`` and ``decision (N)`` = ``risk ≥ threshold``;
   multiclass ``probabilities (N, C)`` and ``decision (N)`` (class index); and ``input_ok (N)``,
   false where a categorical value is outside the model's categories or a Fed-Heart-Disease
@@ -231,6 +234,8 @@ def _module(g: _Graph, x: str, m: nn.Module, params: Mapping[str, np.ndarray], p
         return _linear(g, x, m, params, prefix)
     if isinstance(m, nn.ReLU):
         return g.op("Relu", [x])
+    if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+        return g.op("Flatten", [x], axis=1)
     if isinstance(m, nn.Identity):
         return x
     if isinstance(m, nn.Conv2d):
@@ -276,17 +281,18 @@ def build_onnx(bundle: SiteModelBundle) -> Any:
         ok = g.op("Cast", [g.op("ReduceMin", [g.op("Cast", [finite], to=T.FLOAT),
                                               g.const([1, 2, 3], "ax", np.int64)], keepdims=0)], to=T.BOOL)
     network = build_model(bundle.model.name, **dict(bundle.model.kwargs))
-    out = _module(g, x, network, bundle.params, "")
-    if bundle.head == "prototypes":
-        assert bundle.prototypes is not None
-        z = g.op("Cast", [g.op("Flatten", [out], axis=1)], to=T.DOUBLE)
-        protos = bundle.prototypes.astype(np.float64)
-        zz = g.op("ReduceSumSquare", [z, g.const([1], "ax", np.int64)], keepdims=1)
-        zp = g.op("MatMul", [z, g.const(protos.T, "protos")])
-        pp = g.const((protos ** 2).sum(axis=1)[None, :], "pp")
-        logits = g.op("Neg", [g.op("Add", [g.op("Sub", [zz, g.op("Mul", [zp, g.const(2.0)])]), pp])])
+    metric = SiteModel(bundle).metric
+    if metric is None:
+        logits = g.op("Cast", [_module(g, x, network, bundle.params, "")], to=T.DOUBLE)
     else:
-        logits = g.op("Cast", [out], to=T.DOUBLE)
+        if metric.onnx is None:
+            raise ExportError(f"no ONNX export for the {bundle.head} classifier")
+        encoder = network.get_submodule(metric.encoder) if metric.encoder else network
+        z = _module(g, x, encoder, bundle.params, f"{metric.encoder}." if metric.encoder else "")
+        if metric.flatten:
+            z = g.op("Cast", [g.op("Flatten", [z], axis=1)], to=T.DOUBLE)
+        logits = metric.onnx(g, z, bundle.memory, model=network,
+                             module=lambda inp, m, prefix: _module(g, inp, m, bundle.params, prefix))
     ok_rows = g.op("Squeeze", [ok, g.const([1], "ax", np.int64)]) if not isinstance(pre, ImagePreprocessing) else ok
     g.output(ok_rows, "input_ok", T.BOOL, ["N"])
     if bundle.binary:

@@ -33,8 +33,8 @@ out-of-fold scores then fit a recalibration (Platt 1999, or intercept only; see
 out-of-fold risks by the stated policy (:mod:`fedmeta.common.clinical.thresholds`).
 
 :func:`stratified_shots` draws K labelled patients with every class present (or refuses).
-:func:`prototype_head` does the same job for Prototypical Networks, whose classifier is the
-prototypes of the site's support set.
+:func:`support_head` does the same job for the metric learners (Prototypical, Matching and
+Relation Networks), whose classifier is what they keep of the site's support set.
 
 Example::
 
@@ -73,6 +73,7 @@ from fedmeta.common.clinical.calibration import (
 from fedmeta.common.clinical.metrics import MIN_EVENTS
 from fedmeta.common.clinical.thresholds import Threshold, ThresholdPolicy, choose_threshold
 from fedmeta.common.errors import DataError
+from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.meta.inner import adapt
 from fedmeta.common.meta.types import InnerConfig, Params
 from fedmeta.common.metrics import EPS, auroc
@@ -611,68 +612,68 @@ def describe_shots(y: np.ndarray, *, outcome: str = "the outcome") -> str:
     return f"{labels.size} labelled patients: {pos} with {outcome}, {labels.size - pos} without"
 
 
-# --- Prototypical Networks --------------------------------------------------------------------
+# --- metric learners (Prototypical, Matching and Relation Networks) -----------------------------
 
 
 @dataclass(frozen=True)
-class PrototypeHead:
-    """A ProtoNet's classifier at a site: class prototypes ``(C, D)`` of its support set, and
-    (binary) a calibration of ``s = logit₁ − logit₀`` and a threshold, fitted on leave-one-out
-    scores."""
+class SupportHead:
+    """A metric learner's classifier at a site: what it keeps of the site's labelled support set
+    (``memory``: prototypes, the embedded support set, class features; see
+    :class:`fedmeta.common.meta.episodic.MetricHead`), the class counts, and (binary) a calibration
+    of ``s = score₁ − score₀`` and a threshold, fitted on leave-one-out scores."""
 
-    prototypes: torch.Tensor
+    metric: MetricHead
+    memory: dict[str, torch.Tensor]
     class_counts: tuple[int, ...]
     calibration: Calibration
     threshold: Threshold | None
     warnings: tuple[str, ...] = ()
 
+    def logits(self, model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Class scores ``(n, C)`` of inputs ``x`` against this support set."""
+        with torch.no_grad():
+            z = self.metric.embed(model, params, x)
+            return self.metric.scores(model, params, z, self.memory)
 
-def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``−||z − c_k||²`` for embeddings ``(n, D)`` and prototypes ``(C, D)`` (Snell et al. 2017)."""
-    return -((z[:, None, :] - prototypes[None, :, :]) ** 2).sum(dim=-1)
 
+def support_head(metric: MetricHead, model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *,
+                 n_classes: int = 2, threshold: str = "prevalence") -> SupportHead:
+    """The classifier ``metric`` builds from the support set ``(x, y)`` (every class needs a
+    support patient).
 
-def prototype_head(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *,
-                   n_classes: int = 2, threshold: str = "prevalence",
-                   calibration: CalibrationMethod = "intercept") -> PrototypeHead:
-    """Prototypes ``c_k = mean f(x_i), y_i = k`` of the support set ``(x, y)``.
-
-    Binary: each support patient is also scored against prototypes computed without it
-    (leave-one-out, ``c_k^{−i} = (n_k c_k − f(x_i)) / (n_k − 1)``), and those held-out scores fit
-    the calibration and choose the threshold. Every class needs a support patient.
+    Binary: each support patient is also scored by the classifier of the support set without it
+    (leave-one-out), and those held-out scores fit the calibration (``metric.calibration``) and
+    choose the threshold.
     """
     labels = y.detach().to("cpu").numpy().astype(np.int64).reshape(-1)
     counts = tuple(int((labels == c).sum()) for c in range(n_classes))
     if min(counts) == 0:
-        raise DataError(f"a ProtoNet needs a support patient of every class; class counts "
+        raise DataError(f"a {metric.name} classifier needs a support patient of every class; class counts "
                         f"{dict(enumerate(counts))}")
     with torch.no_grad():
-        z = functional_call(model, params, (x,)).flatten(start_dim=1).to(torch.float64)
+        z = metric.embed(model, params, x)
         onehot = F.one_hot(y.to(z.device), n_classes).to(z.dtype)
-        sums = onehot.T @ z
-        n_k = onehot.sum(dim=0)
-        protos = sums / n_k[:, None]
+        memory = metric.memory(z, onehot)
     if n_classes != 2:
-        return PrototypeHead(protos, counts, Calibration("none"), None)
+        return SupportHead(metric, memory, counts, Calibration("none"), None)
     warnings: list[str] = []
     scores = np.full(len(labels), np.nan)
     with torch.no_grad():
         for i in range(len(labels)):
-            k = int(labels[i])
-            if n_k[k] < 2:
+            if counts[int(labels[i])] < 2:
                 continue
-            loo = protos.clone()
-            loo[k] = (sums[k] - z[i]) / (n_k[k] - 1)
-            lg = prototype_logits(z[i:i + 1], loo)[0]
+            keep = torch.arange(len(labels), device=z.device) != i
+            lg = metric.scores(model, params, z[i:i + 1], metric.memory(z[keep], onehot[keep]))[0]
             scores[i] = float(lg[1] - lg[0])
     ok = np.isfinite(scores)
     if ok.sum() < len(labels):
         warnings.append(f"{int((~ok).sum())} support patient(s) alone in their class could not be "
                         "scored out of sample")
     if ok.any() and 0 < labels[ok].sum() < ok.sum():
-        cal = fit_calibration(scores[ok], labels[ok], method=calibration)
+        method: CalibrationMethod = "platt" if metric.calibration == "platt" else "intercept"
+        cal = fit_calibration(scores[ok], labels[ok], method=method)
         thr = choose_threshold(labels[ok], cal.apply(scores[ok]), threshold)
     else:
         cal, thr = Calibration("none", n=int(ok.sum())), Threshold(0.5, "fixed:0.5", note="too few support patients")
         warnings.append("too few support patients per class to calibrate or choose a threshold")
-    return PrototypeHead(protos.to(next(iter(params.values())).dtype), counts, cal, thr, tuple(warnings))
+    return SupportHead(metric, memory, counts, cal, thr, tuple(warnings))

@@ -1,12 +1,16 @@
 """The site model bundle: one pickle-free file a hospital can apply to tomorrow's patients.
 
 A bundle is a safetensors file. Its tensors are the network's weights (``param/<name>``) and, for
-a Prototypical Network, the class prototypes of the site's support set (``head/prototypes``: they
-*are* the classifier). Its metadata key ``fedmeta_bundle`` holds one JSON document:
+a metric learner, what its classifier keeps of the site's support set (``head/<name>``: the
+class prototypes of a Prototypical Network, the embedded support patients and their labels of a
+Matching Network, the class features of a Relation Network; they *are* the classifier). Its
+metadata key ``fedmeta_bundle`` holds one JSON document:
 
 - ``format`` / ``format_version``: ``fedmeta-site-model``, :data:`FORMAT_VERSION`;
 - ``model``: the registry name and keyword arguments that rebuild the network
-  (:func:`fedmeta.common.models.build_model`); ``head``: ``logits`` or ``prototypes``;
+  (:func:`fedmeta.common.models.build_model`); ``head``: ``logits``, or the name of the metric
+  learner whose classifier the ``head/`` tensors are (``protonet``, ``matching``, ``relation``;
+  format 1 wrote ``prototypes`` for ``protonet``);
 - ``preprocessing``: the fitted preprocessing (:mod:`fedmeta.common.preprocessing`);
 - ``outcome``, ``classes``, ``id_column``;
 - ``calibration`` (``risk = σ(a + b·s)`` of the positive-class logit ``s``) and ``threshold``
@@ -36,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -46,13 +50,13 @@ from torch.func import functional_call
 
 from fedmeta.common.adaptation import (
     AdaptationResult,
-    PrototypeHead,
+    SupportHead,
     positive_logit,
-    prototype_logits,
 )
 from fedmeta.common.clinical.calibration import Calibration
 from fedmeta.common.clinical.thresholds import Threshold
 from fedmeta.common.errors import DataError, FedmetaError
+from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.models import ModelSpec
 from fedmeta.common.preprocessing import (
     EhrPreprocessing,
@@ -68,7 +72,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "fedmeta-site-model"
-FORMAT_VERSION = 1
+#: 2: ``head`` names the metric learner and its ``head/`` tensors are whatever it keeps (1 knew
+#: ProtoNets alone, as ``prototypes``).
+FORMAT_VERSION = 2
+V1_HEADS = {"prototypes": "protonet"}
 META_KEY = "fedmeta_bundle"
 SUFFIX = ".fedmeta"
 
@@ -144,8 +151,8 @@ class SiteModelBundle:
     outcome: str
     classes: tuple[str, ...]
     provenance: Provenance
-    head: Literal["logits", "prototypes"] = "logits"
-    prototypes: np.ndarray | None = None
+    head: str = "logits"
+    memory: Mapping[str, np.ndarray] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     threshold: Threshold | None = None
     adaptation: Mapping[str, Any] = field(default_factory=dict)
@@ -155,8 +162,13 @@ class SiteModelBundle:
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
             raise ValueError(f"a bundle needs at least 2 classes, got {self.classes}")
-        if self.head == "prototypes" and (self.prototypes is None or len(self.prototypes) != len(self.classes)):
-            raise ValueError("a prototype head needs one prototype per class")
+        if self.head != "logits":
+            keeps = sorted(_metric(self.head).memory(torch.zeros(1, 1), torch.ones(1, 1)))  # its tensors' names
+            if sorted(self.memory) != keeps:
+                raise ValueError(f"a {self.head} head keeps {keeps} of the support set, the bundle has "
+                                 f"{sorted(self.memory)}")
+        elif self.memory:
+            raise ValueError("a logits head keeps nothing of the support set")
         if self.binary and self.threshold is None:
             raise ValueError("a binary bundle needs a decision threshold")
 
@@ -181,27 +193,25 @@ class SiteModelBundle:
                    adaptation=adaptation_result.summary(), metrics=metrics, id_column=id_column)
 
     @classmethod
-    def from_prototypes(cls, model_spec: ModelSpec, params: Mapping[str, torch.Tensor],
-                        preprocessing: Preprocessing, outcome: str, head: PrototypeHead,
-                        provenance: Provenance, *, classes: Sequence[str] | None = None,
-                        id_column: str | None = None, metrics: Mapping[str, Any] | None = None
-                        ) -> SiteModelBundle:
-        """A ProtoNet bundle: the embedding network and the support set's prototypes."""
-        names = tuple(classes) if classes is not None else tuple(str(i) for i in range(len(head.prototypes)))
+    def from_support(cls, model_spec: ModelSpec, params: Mapping[str, torch.Tensor], preprocessing: Preprocessing,
+                     outcome: str, algorithm: str, head: SupportHead, provenance: Provenance, *,
+                     classes: Sequence[str] | None = None, id_column: str | None = None,
+                     metrics: Mapping[str, Any] | None = None) -> SiteModelBundle:
+        """A metric learner's bundle (``algorithm``: its name): the network and what its
+        classifier keeps of the support set."""
+        names = tuple(classes) if classes is not None else tuple(str(i) for i in range(len(head.class_counts)))
         prov = replace(provenance, n_labelled=int(sum(head.class_counts)),
                        class_counts={c: int(k) for c, k in zip(names, head.class_counts, strict=True)})
-        return cls(model_spec, _to_numpy(params), preprocessing, outcome, names, prov, head="prototypes",
-                   prototypes=head.prototypes.detach().to("cpu", torch.float32).numpy(),
-                   calibration=head.calibration, threshold=head.threshold,
-                   adaptation={"choice": {"scope": "prototypes", "text": "prototypes of the support set"},
+        return cls(model_spec, _to_numpy(params), preprocessing, outcome, names, prov, head=algorithm,
+                   memory=_to_numpy(head.memory), calibration=head.calibration, threshold=head.threshold,
+                   adaptation={"choice": {"scope": "support", "text": head.metric.text},
                                "warnings": list(head.warnings)},
                    metrics=metrics, id_column=id_column)
 
     # -- file ------------------------------------------------------------------------------
     def tensors(self) -> dict[str, np.ndarray]:
         out = {f"param/{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in self.params.items()}
-        if self.prototypes is not None:
-            out["head/prototypes"] = np.ascontiguousarray(self.prototypes, dtype=np.float32)
+        out.update({f"head/{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in self.memory.items()})
         return out
 
     def document(self) -> dict[str, Any]:
@@ -269,7 +279,8 @@ class SiteModelBundle:
                 ModelSpec(str(doc["model"]["name"]), dict(doc["model"]["kwargs"])), params,
                 preprocessing_from_dict(doc["preprocessing"]), str(doc["outcome"]),
                 tuple(str(c) for c in doc["classes"]), Provenance.from_dict(doc["provenance"]),
-                head=doc["head"], prototypes=tensors.get("head/prototypes"),
+                head=V1_HEADS.get(doc["head"], doc["head"]) if version == 1 else doc["head"],
+                memory={k[len("head/"):]: v for k, v in tensors.items() if k.startswith("head/")},
                 calibration=Calibration.from_dict(doc["calibration"]),
                 threshold=Threshold.from_dict(th) if th else None,
                 adaptation=doc.get("adaptation") or {}, metrics=doc.get("metrics"),
@@ -277,6 +288,18 @@ class SiteModelBundle:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{p}: the bundle's description is incomplete or invalid: {e!r}") from e
+
+
+def _metric(head: str) -> MetricHead:
+    """The metric learner whose classifier a bundle's ``head`` names."""
+    from fedmeta.common import algorithms
+
+    if head not in algorithms.names():
+        raise ValueError(f"head {head!r} is neither 'logits' nor a metric learner this fedmeta knows")
+    metric = algorithms.get(head).metric
+    if metric is None:
+        raise ValueError(f"head {head!r}: algorithm {head} has no support-set classifier")
+    return metric
 
 
 def _to_numpy(params: Mapping[str, torch.Tensor] | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -331,7 +354,8 @@ class SiteModel:
         except DataError as e:
             raise BundleError(f"{e} (model {bundle.model.name!r} {dict(bundle.model.kwargs)})") from e
         self.params = {k: torch.as_tensor(v) for k, v in bundle.params.items()}
-        self.prototypes = torch.as_tensor(bundle.prototypes) if bundle.prototypes is not None else None
+        self.metric = _metric(bundle.head) if bundle.head != "logits" else None
+        self.memory = {k: torch.as_tensor(v) for k, v in bundle.memory.items()}
         self.network.eval()
 
     @property
@@ -364,10 +388,12 @@ class SiteModel:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Class logits ``(n, C)`` of preprocessed inputs (float64)."""
         with torch.no_grad():
-            out = functional_call(self.network, self.params, (torch.as_tensor(x, dtype=torch.float32),))
-            if self.bundle.head == "prototypes":
-                assert self.prototypes is not None
-                out = prototype_logits(out.flatten(start_dim=1).double(), self.prototypes.double())
+            xt = torch.as_tensor(x, dtype=torch.float32)
+            if self.metric is None:
+                out = functional_call(self.network, self.params, (xt,))
+            else:
+                z = self.metric.embed(self.network, self.params, xt)
+                out = self.metric.scores(self.network, self.params, z, self.memory)
             return out.to(torch.float64).numpy()
 
     def score(self, x: np.ndarray) -> np.ndarray:

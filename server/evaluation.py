@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 METRICS = ("accuracy", "auroc", "loss")
 PHASES = ("before", "after")
 #: ``adapt_scope`` codes of the replies (:data:`fedmeta.sitecore.evaluate.SCOPE_CODES`).
-SCOPES = {0: "none", 1: "intercept", 2: "last", 3: "all", 4: "fixed", 5: "prototypes"}
+SCOPES = {0: "none", 1: "intercept", 2: "last", 3: "all", 4: "fixed", 5: "support"}
 _COUNTS = ("n_train", "n_test", "events", "adapt_steps", "draws", "withheld")
 
 

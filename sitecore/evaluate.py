@@ -6,8 +6,9 @@ rows by the adaptation policy (:func:`fedmeta.common.adaptation.adapt_with_polic
 adapt — not at all, the intercept only, the last layer or every parameter, how many steps and how
 strong a pull toward θ — chosen by cross-validated log-loss on the site's own rows; then
 recalibrated and given a decision threshold), unless ``eval.adaptation: fixed``. Meta-SGD adapts
-with its learned per-parameter rates, ProtoNets classify by the prototypes of the site's labelled
-patients (recalibrated on leave-one-out scores). With ``eval.shots`` = K the site adapts on K
+with its learned per-parameter rates; the metric learners (Prototypical, Matching and Relation
+Networks) classify with what they keep of the site's labelled patients (recalibrated on
+leave-one-out scores). With ``eval.shots`` = K the site adapts on K
 patients drawn stratified ``eval.draws`` times and reports the mean and the spread over draws.
 
 "before" is θ's risk at 0.5; "after" the adapted, calibrated risk — accuracy at 0.5 (comparable
@@ -32,14 +33,14 @@ from fedmeta.common import algorithms, deadline
 from fedmeta.common.adaptation import (
     AdaptationResult,
     AdaptationSettings,
-    PrototypeHead,
+    SupportHead,
     adapt_with_policy,
     positive_logit,
     predict_logit,
-    prototype_head,
-    prototype_logits,
     stratified_shots,
+    support_head,
 )
+from fedmeta.common.algorithms import Algorithm
 from fedmeta.common.clinical.calibration import ReliabilityCurve, reliability_curve, sigmoid
 from fedmeta.common.clinical.metrics import METRICS, clinical_metrics
 from fedmeta.common.config import ExperimentConfig
@@ -49,8 +50,8 @@ from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import DataError
 from fedmeta.common.experiment import build_model_for
 from fedmeta.common.meta.engine import resolve_device
+from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.meta.inner import adapt
-from fedmeta.common.meta.protonet import protonet_logits
 from fedmeta.common.meta.types import InnerConfig, Params
 from fedmeta.common.metrics import BinaryCounts, multiclass_metrics
 from fedmeta.common.params import NDArrays, from_numpy, to_numpy
@@ -59,7 +60,7 @@ from fedmeta.sitecore.train import labelled_rows
 log = logging.getLogger(__name__)
 
 #: What a scope is called in replies (a number: replies carry numbers only).
-SCOPE_CODES = {"none": 0, "intercept": 1, "last": 2, "all": 3, "fixed": 4, "prototypes": 5}
+SCOPE_CODES = {"none": 0, "intercept": 1, "last": 2, "all": 3, "fixed": 4, "support": 5}
 #: Metrics computed over the whole test split; the others rest on a part of it.
 _BASIS_PART = {"sensitivity": "events", "specificity": "non_events", "ppv": "flagged", "npv": "unflagged"}
 
@@ -151,7 +152,7 @@ class OutcomeResult:
     draws: int
     adapt_steps: int
     scope: str
-    adaptation: AdaptationResult | PrototypeHead | None = None
+    adaptation: AdaptationResult | SupportHead | None = None
     params: Params | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -199,7 +200,7 @@ def _mean_scores(parts: list[PhaseScores]) -> tuple[PhaseScores, dict[str, float
 
 
 def evaluate_outcome(
-    cfg: ExperimentConfig, model: nn.Module, params: Params, extra: Params | None, *, evaluation: str,
+    cfg: ExperimentConfig, model: nn.Module, params: Params, extra: Params | None, *, algorithm: Algorithm,
     x_tr: torch.Tensor, y_tr: np.ndarray, x_te: torch.Tensor, y_te: np.ndarray, outcome: str,
     rng: np.random.Generator,
 ) -> OutcomeResult:
@@ -209,11 +210,11 @@ def evaluate_outcome(
     k = e.shots
     n_draws = e.draws if 0 < k < len(y_tr) else 1
     n_boot = e.bootstrap if n_draws == 1 else 0
-    settings = adaptation_settings(cfg, learned_rates=evaluation == "learned_rates")
+    settings = adaptation_settings(cfg, learned_rates=algorithm.evaluation == "learned_rates")
     warnings: list[str] = []
     befores: list[PhaseScores] = []
     afters: list[PhaseScores] = []
-    last: AdaptationResult | PrototypeHead | None = None
+    last: AdaptationResult | SupportHead | None = None
     adapted: Params | None = None
     steps, scope, n_used = 0, "none", len(y_tr)
     for _ in range(n_draws):
@@ -228,23 +229,22 @@ def evaluate_outcome(
         ys_np = y_tr[idx]
         ys = torch.from_numpy(ys_np).to(device)
         n_used = len(idx)
-        if evaluation == "prototypes":
-            few = rng.choice(len(idx), size=min(cfg.tasks.support, len(idx)), replace=False)
-            s_before = _proto_score(model, params, xs[torch.from_numpy(few).to(device)], ys[torch.from_numpy(few).to(device)], x_te)
+        if algorithm.metric is not None:
+            metric = algorithm.metric
+            few = torch.from_numpy(rng.choice(len(idx), size=min(cfg.tasks.support, len(idx)), replace=False))
+            s_before = _support_score(metric, model, params, xs[few.to(device)], ys[few.to(device)], x_te)
             p_before = sigmoid(s_before)
-            head = prototype_head(model, params, xs, ys, threshold=e.threshold, calibration="intercept") \
+            head = support_head(metric, model, params, xs, ys, threshold=e.threshold) \
                 if len(set(ys_np.tolist())) == 2 else None
             if head is None:
                 p_after, t_after = p_before, 0.5
-                warnings.append(f"{outcome}: the labelled patients hold one class; no prototypes")
+                warnings.append(f"{outcome}: the labelled patients hold one class; no {metric.name} classifier")
             else:
-                with torch.no_grad():
-                    z = torch.func.functional_call(model, params, (x_te,)).flatten(start_dim=1).double()
-                    lg = prototype_logits(z, head.prototypes.to(z.device))
+                lg = head.logits(model, params, x_te).double()
                 p_after = head.calibration.apply(positive_logit(lg).cpu().numpy())
                 t_after = head.threshold.value if head.threshold else 0.5
                 warnings += list(head.warnings)
-            last, scope = head, "prototypes"
+            last, scope = head, "support"
         else:
             s_before = predict_logit(model, params, x_te)
             p_before = sigmoid(s_before)
@@ -271,13 +271,14 @@ def evaluate_outcome(
                          int(steps), scope, last, adapted, sorted(set(warnings)))
 
 
-def _proto_score(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor) -> np.ndarray:
-    """Positive-class logit of ProtoNet prototypes from ``(xs, ys)``; 0 where a class is absent."""
+def _support_score(metric: MetricHead, model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor,
+                   xq: torch.Tensor) -> np.ndarray:
+    """Positive-class score of ``metric``'s classifier of ``(xs, ys)``; 0 where a class is absent."""
     present = sorted(set(ys.cpu().tolist()))
     if present != [0, 1]:
         return np.zeros(len(xq))
     with torch.no_grad():
-        lg = protonet_logits(model, params, xs, ys, xq, n_way=2)
+        lg = metric.logits(model, params, xs, ys, xq, n_way=2)
     return positive_logit(lg).to("cpu", torch.float64).numpy()
 
 
@@ -311,7 +312,7 @@ def evaluate_site(
         if len(y_te) == 0 or len(y_tr) == 0:
             continue
         results[outcome] = evaluate_outcome(
-            cfg, model, params, extra, evaluation=algorithm.evaluation,
+            cfg, model, params, extra, algorithm=algorithm,
             x_tr=torch.from_numpy(x_tr).to(device), y_tr=y_tr, x_te=torch.from_numpy(x_te).to(device),
             y_te=y_te, outcome=outcome, rng=rng)
     if not results:
@@ -419,9 +420,9 @@ def evaluate_episodes(
     """Few-shot accuracy on ``n_episodes`` ``ways``-way episodes from the site's test split (of
     its novel classes when ``data.novel_classes`` > 0).
 
-    "before": θ applied to the query images with no adaptation (gradient methods) or prototypes
-    from one shot per class (ProtoNets); "after": adapted on the K-shot support set with
-    ``inner.steps`` steps (Meta-SGD: its learned rates), or prototypes from all K shots. Metrics
+    "before": θ applied to the query images with no adaptation (gradient methods) or a metric
+    learner's classifier of one shot per class; "after": adapted on the K-shot support set with
+    ``inner.steps`` steps (Meta-SGD: its learned rates), or the classifier of all K shots. Metrics
     pool every query of every episode (sums and counts, not a mean of episode means).
     """
     algorithm = algorithms.get(cfg.algorithm)
@@ -442,11 +443,11 @@ def evaluate_episodes(
     for i in range(eps.n_tasks):
         xs, ys, xq = eps.xs[i], eps.ys[i], eps.xq[i]
         labels.append(eps.yq[i].cpu().numpy())
-        if algorithm.evaluation == "prototypes":
+        if algorithm.metric is not None:
             one = torch.stack([torch.nonzero(ys == c)[0, 0] for c in range(t.ways)])
             with torch.no_grad():
-                zb = protonet_logits(model, params, xs[one], ys[one], xq, n_way=t.ways)
-                za = protonet_logits(model, params, xs, ys, xq, n_way=t.ways)
+                zb = algorithm.metric.logits(model, params, xs[one], ys[one], xq, n_way=t.ways)
+                za = algorithm.metric.logits(model, params, xs, ys, xq, n_way=t.ways)
             logits["before"].append(zb.cpu().double().numpy())
             logits["after"].append(za.cpu().double().numpy())
             continue

@@ -180,10 +180,17 @@ def check_resources(policy: SitePolicy, cfg: ExperimentConfig) -> None:
 
 
 def parameter_count(cfg: ExperimentConfig, n_features: int, n_classes: int = 2) -> int:
-    """The parameters of a table model of ``cfg`` (counted, not built: a hostile width must not
-    allocate anything)."""
-    widths = [n_features, *(cfg.model.hidden if cfg.model.name == "mlp" else ()), n_classes]
-    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    """The parameters of the table model ``cfg`` trains (its algorithm's own network included:
+    a Relation Network's relation module), counted on PyTorch's ``meta`` device, where tensors
+    have shapes and no storage: a hostile width must not allocate anything."""
+    import torch
+
+    from fedmeta.common.data.registry import DataSpec
+    from fedmeta.common.models import ModelSpec
+
+    spec = ModelSpec.for_experiment(cfg, DataSpec("tabular", (n_features,), n_classes, ("outcome",)))
+    with torch.device("meta"):
+        return sum(p.numel() for p in spec.build().parameters())
 
 
 def check_sizes(policy: SitePolicy, cfg: ExperimentConfig, site: Site, *, phase: str) -> None:

@@ -9,8 +9,11 @@ An :class:`Algorithm` says
   (``direction``: ``−Δ̄`` for deltas, ``ḡ`` for gradients, unless the record says otherwise),
 - the extra state the coordinator learns and broadcasts besides θ (``extra_state``: Meta-SGD's
   per-parameter rates, named ``<extra_prefix><param>`` on the wire),
-- how a site scores the learned state (``evaluation``: fine-tuning, the learned rates, or
-  prototypes), and how many examples one round's reply may claim (``max_examples``).
+- how a site scores the learned state (``evaluation``: fine-tuning, the learned rates, or a
+  metric learner's classifier built from the site's support set: ``metric``), and how many
+  examples one round's reply may claim (``max_examples``);
+- the network it trains, when it is not the configured one as it stands (``model``: a Relation
+  Network wraps the configured embedding with a relation module).
 
 Adding an algorithm is one new module defining such a record plus one line in
 :mod:`fedmeta.common.algorithms.registry` (or :func:`~fedmeta.common.algorithms.registry.register`
@@ -27,15 +30,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmeta.common.errors import DataError
+from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.meta.types import InnerConfig, MetaStats, Params, TaskBatch
 from fedmeta.common.params import NDArrays
 
 if TYPE_CHECKING:
     from fedmeta.common.config import ExperimentConfig
     from fedmeta.common.data.registry import DataSpec
+    from fedmeta.common.models import ModelSpec
 
 UpdateKind = Literal["delta", "gradient"]
-Evaluation = Literal["finetune", "learned_rates", "prototypes"]
+Evaluation = Literal["finetune", "learned_rates", "support"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,28 @@ def averaged_meta_gradient(work: SiteWork, step: Callable[[TaskBatch], MetaGradi
     return StepResult(mean_of(grads, n), total, extra_update=mean_of(extra, n))
 
 
+def metric_site_step(metric: MetricHead) -> Callable[[SiteWork], StepResult]:
+    """The site step of a metric learner (``metric``): the gradient of its episodes' query loss
+    with respect to θ, averaged over the site's meta-batches. Binary tables: both classes must
+    be in the training split (an episode needs a support patient of each)."""
+
+    def site_step(work: SiteWork) -> StepResult:
+        missing = [c for c in range(work.n_way) if not work.class_counts.get(c, 0)]
+        if missing and work.n_way == 2:
+            raise DataError(
+                f"site {work.site}: {metric.name} episodes need both classes, but the training split has "
+                f"no patient with outcome {work.outcome} = {missing[0]}; this site can only be scored"
+            )
+
+        def step(tasks: TaskBatch) -> MetaGradient:
+            g, stats = metric.step(work.model, work.theta, tasks, n_way=work.n_way, **work.engine_options())
+            return g, {}, stats
+
+        return averaged_meta_gradient(work, step)
+
+    return site_step
+
+
 def _no_extra(theta: NDArrays, cfg: ExperimentConfig) -> NDArrays:
     return {}
 
@@ -175,12 +203,20 @@ class Algorithm:
     #: How the coordinator drives it: ``rounds`` of ``site_step`` and an outer update, or
     #: ``newton`` steps on the sites' summed gradients and Hessians (the federated GLM).
     procedure: Literal["rounds", "newton"] = "rounds"
+    #: A metric learner's classifier (``evaluation == "support"``): what it keeps of a support
+    #: set and how it scores queries against it, for evaluation, ``adapt`` and the bundle.
+    metric: MetricHead | None = None
+    #: ``(the configured network, config, data spec) -> the network this algorithm trains``;
+    #: None: the configured one.
+    model: Callable[[ModelSpec, ExperimentConfig, DataSpec], ModelSpec] | None = None
 
     def __post_init__(self) -> None:
         if self.update_kind not in ("delta", "gradient"):
             raise ValueError(f"algorithm {self.name}: update_kind {self.update_kind!r}")
         if self.extra_state is not _no_extra and not self.extra_prefix:
             raise ValueError(f"algorithm {self.name}: extra state needs an extra_prefix")
+        if (self.evaluation == "support") != (self.metric is not None):
+            raise ValueError(f"algorithm {self.name}: evaluation 'support' and a metric go together")
         if not self.secure_aggregation and (self.extra_prefix or self.procedure != "rounds"):
             raise ValueError(f"algorithm {self.name}: secure aggregation carries the mean update of "
                              "θ alone; say why it cannot carry this one (secure_aggregation)")

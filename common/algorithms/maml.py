@@ -47,3 +47,6 @@ FIRST_ORDER = Algorithm(
     site_step=site_step,
     first_order=True,
 )
+
+#: Both records, first order first (the registry reads this).
+ALGORITHMS = (FIRST_ORDER, ALGORITHM)

@@ -7,9 +7,21 @@ its name from then on.
 
 from __future__ import annotations
 
-from fedmeta.common.algorithms import fedavg, glm, maml, metasgd, protonet, reptile
+import importlib
+
 from fedmeta.common.algorithms.base import Algorithm
 from fedmeta.common.errors import ConfigError
+
+#: The built-in algorithms' modules under ``fedmeta.common.algorithms``, one line each; a module
+#: defines ``ALGORITHM`` (or ``ALGORITHMS``, several records), registered in this order.
+BUILTINS: tuple[str, ...] = (
+    "reptile",
+    "maml",  # fomaml, maml
+    "metasgd",
+    "protonet",
+    "fedavg",
+    "glm",
+)
 
 _ALGORITHMS: dict[str, Algorithm] = {}
 
@@ -40,13 +52,7 @@ def get(name: str) -> Algorithm:
         raise ConfigError(f"algorithm = {name!r}: expected one of {known}") from None
 
 
-for _builtin in (
-    reptile.ALGORITHM,
-    maml.FIRST_ORDER,
-    maml.ALGORITHM,
-    metasgd.ALGORITHM,
-    protonet.ALGORITHM,
-    fedavg.ALGORITHM,
-    glm.ALGORITHM,
-):
-    register(_builtin)
+for _module in BUILTINS:
+    _records = importlib.import_module(f"fedmeta.common.algorithms.{_module}")
+    for _builtin in getattr(_records, "ALGORITHMS", None) or (_records.ALGORITHM,):
+        register(_builtin)

@@ -14,12 +14,14 @@ episodic training (Snell et al. 2017; Finn et al. 2017).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedmeta.common.meta.engine import choose_impl, compile_applies, compiled, params_device
 from fedmeta.common.meta.inner import batched_buffers, buffer_copies
@@ -75,6 +77,88 @@ def _key(fn: Callable[..., Any]) -> object:
     if isinstance(fn, functools.partial):
         return (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
     return fn
+
+
+def submodule_params(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` under ``prefix`` (``"encoder"``: ``"encoder.0.weight"`` ->
+    ``"0.weight"``); all of them for an empty prefix."""
+    if not prefix:
+        return params
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+
+# (support embeddings (S, ...), one-hot labels (S, N)) -> the tensors the classifier keeps
+MemoryFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# (model, params, query embeddings (Q, ...), memory) -> scores (Q, N)
+QueryFn = Callable[[nn.Module, Params, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MetricHead:
+    """A metric learner, cut where a site's classifier is: an embedding ``f`` (the model, or its
+    submodule ``encoder``), what the classifier keeps of a labelled support set (``memory``: the
+    prototypes, the embedded support set, the class features) and how it scores embedded queries
+    against that memory (``scores``, used as logits: ``softmax`` of them is the class probability
+    and their argmax the predicted class).
+
+    Training, federated evaluation, a new site's classifier, a bundle's predictions and its ONNX
+    graph all go through these same two halves, so each learner's math is written once.
+    ``loss`` is the per-query training loss of the episode scores (cross-entropy unless the paper
+    says otherwise). ``onnx`` writes ``scores`` as ONNX nodes (see
+    :func:`fedmeta.cli.onnx_export.build_onnx`); ``calibration`` is how a binary site rescales
+    ``s = score₁ − score₀`` on leave-one-out scores (``intercept`` when ``s`` is already a
+    log-odds, ``platt`` when its scale is arbitrary).
+    """
+
+    name: str
+    text: str
+    memory: MemoryFn
+    scores: QueryFn
+    loss: LossFn
+    encoder: str = ""
+    flatten: bool = True
+    calibration: str = "intercept"
+    onnx: Callable[..., str] | None = None
+
+    def embed(self, model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """``f(x)``: the embedding network's output, flattened to ``(n, D)`` when ``flatten``."""
+        net = model.get_submodule(self.encoder) if self.encoder else model
+        z = functional_call(net, submodule_params(params, self.encoder), (x,))
+        return z.flatten(start_dim=1) if self.flatten else z
+
+    def episode_scores(self, model: nn.Module, params: Params, xs: torch.Tensor, ys_onehot: torch.Tensor,
+                       xq: torch.Tensor) -> torch.Tensor:
+        """The :data:`ScoreFn` of one episode: support and query embedded in one forward pass."""
+        z = self.embed(model, params, torch.cat([xs, xq], dim=0))
+        zs, zq = z[: xs.shape[0]], z[xs.shape[0]:]
+        return self.scores(model, params, zq, self.memory(zs, ys_onehot))
+
+    def logits(self, model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+               *, n_way: int) -> torch.Tensor:
+        """Query scores ``(Q, N)`` of one episode: support ``xs`` (S, ...), labels ``ys`` (S,) in
+        ``0..n_way−1`` (each class present), queries ``xq`` (Q, ...)."""
+        check_support(ys[None], n_way)
+        dtype = next(iter(params.values())).dtype
+        state = with_buffers(params, buffer_copies(model, xs.device))
+        return self.episode_scores(model, state, xs, onehot(ys, n_way, dtype), xq)
+
+    def step(self, model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto",
+             compile: bool = False, before_stats: bool = True) -> tuple[Params, MetaStats]:
+        """Gradient of the mean query loss over ``episodes`` (:func:`metric_step`)."""
+        return metric_step(self.episode_scores, self.loss, model, params, episodes, n_way=n_way, impl=impl,
+                           compile=compile, before_stats=before_stats)
+
+    def accuracy(self, model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int,
+                 impl: str = "auto") -> tuple[int, int]:
+        """``(n_correct, n_query)`` of classifying every query by its highest score."""
+        pred = predict_episodes(self.episode_scores, model, params, episodes, n_way=n_way, impl=impl)
+        return count_correct(pred, episodes)
+
+
+def cross_entropy(scores: torch.Tensor, yq: torch.Tensor, yq_onehot: torch.Tensor) -> torch.Tensor:
+    """Per-query cross-entropy of scores used as logits."""
+    return F.cross_entropy(scores, yq, reduction="none")
 
 
 def metric_step(

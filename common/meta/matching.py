@@ -27,99 +27,78 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from fedmeta.common.meta.episodic import (
-    ScoreFn,
-    check_support,
-    count_correct,
-    metric_step,
-    onehot,
-    predict_episodes,
-    with_buffers,
-)
-from fedmeta.common.meta.inner import buffer_copies
+from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
-def attention_log_probs(
-    model: nn.Module,
-    params: Params,
-    xs: torch.Tensor,
-    ys_onehot: torch.Tensor,
-    xq: torch.Tensor,
-    *,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """``log P(y = k | x̂, S)`` for one episode, shape ``(Q, N)``."""
-    z = functional_call(model, params, (torch.cat([xs, xq], dim=0),)).flatten(start_dim=1)
-    zs, zq = z[: xs.shape[0]], z[xs.shape[0]:]
-    cos = F.normalize(zq, dim=1, eps=1e-8) @ F.normalize(zs, dim=1, eps=1e-8).T  # (Q, S)
+def support_set(zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classifier a support set leaves: every embedded support example, unit length, and its label."""
+    return {"support": F.normalize(zs, dim=1, eps=1e-8), "labels": ys_onehot}
+
+
+def _attention(scale: float, model: nn.Module, params: Params, zq: torch.Tensor,
+               memory: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``log P(y = k | x̂, S)`` ``(Q, N)``: attention over the support set, summed per class."""
+    zs, ys = memory["support"].to(zq.dtype), memory["labels"].to(zq.dtype)
+    cos = F.normalize(zq, dim=1, eps=1e-8) @ zs.T  # (Q, S)
     log_attention = torch.log_softmax(scale * cos, dim=1)
     # log Σ_{i: y_i = k} a_i: mask other classes with −inf (log of the one-hot entries).
-    mask = torch.log(ys_onehot).unsqueeze(0)  # (1, S, N): 0 or −inf
-    return torch.logsumexp(log_attention.unsqueeze(2) + mask, dim=1)
-
-
-def _scorer(scale: float) -> ScoreFn:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"matching scale must be a finite number > 0, got {scale}")
-    return functools.partial(attention_log_probs, scale=scale)
+    return torch.logsumexp(log_attention.unsqueeze(2) + torch.log(ys).unsqueeze(0), dim=1)
 
 
 def _nll(scores: torch.Tensor, yq: torch.Tensor, yq_onehot: torch.Tensor) -> torch.Tensor:
     return -(scores * yq_onehot).sum(dim=1)
 
 
-def matching_logits(
-    model: nn.Module,
-    params: Params,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    xq: torch.Tensor,
-    *,
-    n_way: int,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """``log P(y = k | x̂, S)`` ``(Q, N)`` of one episode (``ys`` (S,) labels in ``0..n_way−1``)."""
-    check_support(ys[None], n_way)
-    dtype = next(iter(params.values())).dtype
-    state = with_buffers(params, buffer_copies(model, xs.device))
-    return _scorer(scale)(model, state, xs, onehot(ys, n_way, dtype), xq)
+def _onnx(scale: float, g, z: str, memory: Mapping[str, np.ndarray], **_: object) -> str:  # type: ignore[no-untyped-def]
+    """``_attention`` as ONNX nodes on the double embedding ``z`` ``(n, D)``."""
+    norm = g.op("Max", [g.op("ReduceL2", [z, g.const([1], "ax", np.int64)], keepdims=1), g.const(1e-8, "eps")])
+    cos = g.op("MatMul", [g.op("Div", [z, norm]), g.const(memory["support"].astype(np.float64).T, "support")])
+    attention = g.op("Softmax", [g.op("Mul", [cos, g.const(float(scale), "scale")])], axis=1)
+    return g.op("Log", [g.op("MatMul", [attention, g.const(memory["labels"].astype(np.float64), "labels")])])
 
 
-def matching_step(
-    model: nn.Module,
-    params: Params,
-    episodes: TaskBatch,
-    *,
-    n_way: int,
-    impl: str = "auto",
-    scale: float = 1.0,
-    compile: bool = False,
-    before_stats: bool = True,
-) -> tuple[Params, MetaStats]:
-    """Gradient of the mean query negative log-likelihood over ``episodes`` (``compile``,
-    ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
-    return metric_step(
-        _scorer(scale), _nll, model, params, episodes, n_way=n_way, impl=impl,
-        compile=compile, before_stats=before_stats,
+@functools.cache
+def matching_head(scale: float = 1.0) -> MetricHead:
+    """Matching Networks' classifier with cosine similarities multiplied by ``scale`` (1 in the paper)."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"matching scale must be a finite number > 0, got {scale}")
+    return MetricHead(
+        name="matching", text="attention over the embedded support set", memory=support_set,
+        scores=functools.partial(_attention, scale), loss=_nll, onnx=functools.partial(_onnx, scale),
     )
 
 
-def matching_accuracy(
-    model: nn.Module,
-    params: Params,
-    episodes: TaskBatch,
-    *,
-    n_way: int,
-    impl: str = "auto",
+MATCHING = matching_head(1.0)
+
+
+def matching_logits(
+    model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, *, n_way: int,
     scale: float = 1.0,
+) -> torch.Tensor:
+    """``log P(y = k | x̂, S)`` ``(Q, N)`` of one episode (``ys`` (S,) labels in ``0..n_way−1``)."""
+    return matching_head(scale).logits(model, params, xs, ys, xq, n_way=n_way)
+
+
+def matching_step(
+    model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto", scale: float = 1.0,
+    compile: bool = False, before_stats: bool = True,
+) -> tuple[Params, MetaStats]:
+    """Gradient of the mean query negative log-likelihood over ``episodes`` (``compile``,
+    ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
+    return matching_head(scale).step(model, params, episodes, n_way=n_way, impl=impl, compile=compile,
+                                     before_stats=before_stats)
+
+
+def matching_accuracy(
+    model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto", scale: float = 1.0,
 ) -> tuple[int, int]:
     """``(n_correct, n_query)`` of classifying every query by its most probable class."""
-    pred = predict_episodes(_scorer(scale), model, params, episodes, n_way=n_way, impl=impl)
-    return count_correct(pred, episodes)
+    return matching_head(scale).accuracy(model, params, episodes, n_way=n_way, impl=impl)

@@ -25,77 +25,63 @@ Example::
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
+from collections.abc import Mapping
 
-from fedmeta.common.meta.episodic import (
-    check_support,
-    count_correct,
-    metric_step,
-    onehot,
-    predict_episodes,
-    with_buffers,
-)
-from fedmeta.common.meta.inner import buffer_copies
+import numpy as np
+import torch
+from torch import nn
+
+from fedmeta.common.meta.episodic import MetricHead, cross_entropy
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
-def prototype_scores(
-    model: nn.Module, params: Params, xs: torch.Tensor, ys_onehot: torch.Tensor, xq: torch.Tensor
-) -> torch.Tensor:
-    """``−||f(x_q) − c_k||²`` for one episode, from one-hot support labels ``(S, N)``; ``(Q, N)``."""
-    z = functional_call(model, params, (torch.cat([xs, xq], dim=0),)).flatten(start_dim=1)
-    zs, zq = z[: xs.shape[0]], z[xs.shape[0]:]
-    prototypes = (ys_onehot.T @ zs) / ys_onehot.sum(dim=0).unsqueeze(1)
+def prototypes(zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classifier a support set leaves: ``c_k``, the mean embedded support example of class k."""
+    return {"prototypes": (ys_onehot.T @ zs) / ys_onehot.sum(dim=0).unsqueeze(1)}
+
+
+def distance_scores(model: nn.Module, params: Params, zq: torch.Tensor, memory: Mapping[str, torch.Tensor]
+                    ) -> torch.Tensor:
+    """``−||f(x_q) − c_k||²`` ``(Q, N)``."""
+    c = memory["prototypes"].to(zq.dtype)
     # ||a − b||² = ||a||² − 2 a·b + ||b||², one matrix product instead of a (Q, N, D) difference.
-    sq = (zq**2).sum(dim=1, keepdim=True) - 2 * zq @ prototypes.T + (prototypes**2).sum(dim=1)
-    return -sq
+    return -((zq**2).sum(dim=1, keepdim=True) - 2 * zq @ c.T + (c**2).sum(dim=1))
 
 
-def _cross_entropy(scores: torch.Tensor, yq: torch.Tensor, yq_onehot: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(scores, yq, reduction="none")
+def _onnx(g, z: str, memory: Mapping[str, np.ndarray], **_: object) -> str:  # type: ignore[no-untyped-def]
+    """``distance_scores`` as ONNX nodes on the double embedding ``z`` ``(n, D)``."""
+    c = memory["prototypes"].astype(np.float64)
+    zz = g.op("ReduceSumSquare", [z, g.const([1], "ax", np.int64)], keepdims=1)
+    zc = g.op("MatMul", [z, g.const(c.T, "protos")])
+    cc = g.const((c**2).sum(axis=1)[None, :], "pp")
+    return g.op("Neg", [g.op("Add", [g.op("Sub", [zz, g.op("Mul", [zc, g.const(2.0)])]), cc])])
+
+
+PROTOTYPES = MetricHead(
+    name="prototypes", text="prototypes of the support set", memory=prototypes, scores=distance_scores,
+    loss=cross_entropy, onnx=_onnx,
+)
 
 
 def protonet_logits(
-    model: nn.Module,
-    params: Params,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    xq: torch.Tensor,
-    *,
-    n_way: int,
+    model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, *, n_way: int
 ) -> torch.Tensor:
-    """Query logits ``(Q, N)`` of one episode: support ``xs`` (S, ...), labels ``ys`` (S,) in
-    ``0..n_way−1`` (each class present), queries ``xq`` (Q, ...)."""
-    check_support(ys[None], n_way)
-    dtype = next(iter(params.values())).dtype
-    state = with_buffers(params, buffer_copies(model, xs.device))
-    return prototype_scores(model, state, xs, onehot(ys, n_way, dtype), xq)
+    """Query logits ``(Q, N)`` of one episode (:meth:`MetricHead.logits`)."""
+    return PROTOTYPES.logits(model, params, xs, ys, xq, n_way=n_way)
 
 
 def protonet_step(
-    model: nn.Module,
-    params: Params,
-    episodes: TaskBatch,
-    *,
-    n_way: int,
-    impl: str = "auto",
-    compile: bool = False,
-    before_stats: bool = True,
+    model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto",
+    compile: bool = False, before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
     """Gradient of the mean query cross-entropy over ``episodes`` with respect to ``params``
     (``compile``, ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
-    return metric_step(
-        prototype_scores, _cross_entropy, model, params, episodes, n_way=n_way, impl=impl,
-        compile=compile, before_stats=before_stats,
-    )
+    return PROTOTYPES.step(model, params, episodes, n_way=n_way, impl=impl, compile=compile,
+                           before_stats=before_stats)
 
 
 def protonet_accuracy(
     model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto"
 ) -> tuple[int, int]:
     """``(n_correct, n_query)`` of nearest-prototype classification of every query example."""
-    pred = predict_episodes(prototype_scores, model, params, episodes, n_way=n_way, impl=impl)
-    return count_correct(pred, episodes)
+    return PROTOTYPES.accuracy(model, params, episodes, n_way=n_way, impl=impl)

@@ -23,70 +23,76 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta.common.meta.episodic import (
-    check_support,
-    count_correct,
-    metric_step,
-    onehot,
-    predict_episodes,
-    with_buffers,
-)
-from fedmeta.common.meta.inner import buffer_copies
+from fedmeta.common.meta.episodic import MetricHead, submodule_params
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
-def relation_scores(
-    model: nn.Module, params: Params, xs: torch.Tensor, ys_onehot: torch.Tensor, xq: torch.Tensor
-) -> torch.Tensor:
-    """Pre-sigmoid relation logits ``(Q, N)`` of one episode."""
-    return functional_call(model, params, (xs, ys_onehot, xq))
+def class_features(zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classifier a support set leaves: ``c_k = Σ_{i: y_i = k} f(x_i)`` (feature maps or vectors)."""
+    return {"classes": torch.einsum("sn,s...->n...", ys_onehot.to(zs.dtype), zs)}
+
+
+def relate(model: nn.Module, params: Params, zq: torch.Tensor, memory: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Pre-sigmoid relation logits ``g([c_k, f(x_q)])`` ``(Q, N)``, concatenated along dimension 1
+    of the embedding (channels for feature maps, features for vectors)."""
+    classes = memory["classes"].to(zq.dtype)
+    n, q = classes.shape[0], zq.shape[0]
+    pairs = torch.cat([classes.unsqueeze(0).expand(q, *classes.shape),
+                       zq.unsqueeze(1).expand(q, n, *zq.shape[1:])], dim=2)
+    out = functional_call(model.get_submodule("relation"), submodule_params(params, "relation"),
+                          (pairs.reshape(q * n, *pairs.shape[2:]),))
+    return out.reshape(q, n)
 
 
 def _mse(scores: torch.Tensor, yq: torch.Tensor, yq_onehot: torch.Tensor) -> torch.Tensor:
     return ((torch.sigmoid(scores) - yq_onehot) ** 2).mean(dim=1)
 
 
+def _onnx(g, z: str, memory: Mapping[str, np.ndarray], *, module: Callable[..., str], model: nn.Module,  # type: ignore[no-untyped-def]
+          **_: object) -> str:
+    """``relate`` as ONNX nodes: one pass of the relation module per class on ``[c_k, f(x)]``."""
+    classes = memory["classes"].astype(np.float32)
+    zero = g.op("Mul", [z, g.const(0.0, "zero", np.float32)])  # (n, ...) zeros: broadcasts c_k to n rows
+    columns = []
+    for k in range(classes.shape[0]):
+        ck = g.op("Add", [zero, g.const(classes[k][None], "class", np.float32)])
+        columns.append(module(g.op("Concat", [ck, z], axis=1), model.get_submodule("relation"), "relation."))
+    return g.op("Cast", [g.op("Concat", columns, axis=1)], to=11)  # 11: double
+
+
+RELATION = MetricHead(
+    name="relation", text="a learned relation module scoring the class features of the support set",
+    memory=class_features, scores=relate, loss=_mse, encoder="encoder", flatten=False, calibration="platt",
+    onnx=_onnx,
+)
+
+
 def relation_logits(
-    model: nn.Module,
-    params: Params,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    xq: torch.Tensor,
-    *,
-    n_way: int,
+    model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, *, n_way: int
 ) -> torch.Tensor:
     """Pre-sigmoid relation logits ``(Q, N)`` of one episode (``σ`` of them is the relation score)."""
-    check_support(ys[None], n_way)
-    dtype = next(iter(params.values())).dtype
-    state = with_buffers(params, buffer_copies(model, xs.device))
-    return relation_scores(model, state, xs, onehot(ys, n_way, dtype), xq)
+    return RELATION.logits(model, params, xs, ys, xq, n_way=n_way)
 
 
 def relation_step(
-    model: nn.Module,
-    params: Params,
-    episodes: TaskBatch,
-    *,
-    n_way: int,
-    impl: str = "auto",
-    compile: bool = False,
-    before_stats: bool = True,
+    model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto",
+    compile: bool = False, before_stats: bool = True,
 ) -> tuple[Params, MetaStats]:
     """Gradient of the mean relation-score MSE over ``episodes`` with respect to ``params``
     (``compile``, ``before_stats``: see :func:`fedmeta.common.meta.episodic.metric_step`)."""
-    return metric_step(
-        relation_scores, _mse, model, params, episodes, n_way=n_way, impl=impl,
-        compile=compile, before_stats=before_stats,
-    )
+    return RELATION.step(model, params, episodes, n_way=n_way, impl=impl, compile=compile,
+                         before_stats=before_stats)
 
 
 def relation_accuracy(
     model: nn.Module, params: Params, episodes: TaskBatch, *, n_way: int, impl: str = "auto"
 ) -> tuple[int, int]:
     """``(n_correct, n_query)`` of classifying every query by its highest relation score."""
-    pred = predict_episodes(relation_scores, model, params, episodes, n_way=n_way, impl=impl)
-    return count_correct(pred, episodes)
+    return RELATION.accuracy(model, params, episodes, n_way=n_way, impl=impl)

@@ -69,25 +69,31 @@ class ModelSpec:
         Tables: ``mlp`` or ``linear`` with ``spec.n_classes`` outputs. Images: ``conv4`` with
         ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1), or one per
         meta-training class for an algorithm that trains a plain classifier (its record's
-        ``head == "all_classes"``: FedAvg).
+        ``head == "all_classes"``: FedAvg). An algorithm whose record names a ``model`` builds
+        its own network around that one (Relation Networks).
         """
         from fedmeta.common import algorithms
         from fedmeta.common.errors import ConfigError
 
         name = cfg.model.name
+        # ``auto`` (chosen later, among the tabular candidates) builds the configured network
+        algorithm = algorithms.get(cfg.algorithm) if cfg.algorithm in algorithms.names() else None
         if spec.kind == "tabular":
             if name == "conv4":
                 raise ConfigError("model.name = conv4: needs image data; use mlp or linear for tables")
             if name == "linear":
-                return cls("linear", {"in_features": spec.input_shape[0], "out_features": spec.n_classes})
-            return cls("mlp", {"in_features": spec.input_shape[0], "hidden": list(cfg.model.hidden),
-                               "out_features": spec.n_classes})
-        if name != "conv4":
-            raise ConfigError(f"model.name = {name}: image data needs conv4")
-        width = cfg.model.hidden[0] if cfg.model.hidden else 64
-        head = algorithms.get(cfg.algorithm).head
-        outputs = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
-        return cls("conv4", {"in_channels": spec.input_shape[0], "hidden": width, "out_features": outputs})
+                configured = cls("linear", {"in_features": spec.input_shape[0], "out_features": spec.n_classes})
+            else:
+                configured = cls("mlp", {"in_features": spec.input_shape[0], "hidden": list(cfg.model.hidden),
+                                         "out_features": spec.n_classes})
+        else:
+            if name != "conv4":
+                raise ConfigError(f"model.name = {name}: image data needs conv4")
+            width = cfg.model.hidden[0] if cfg.model.hidden else 64
+            head = algorithms.get(cfg.algorithm).head
+            outputs = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
+            configured = cls("conv4", {"in_channels": spec.input_shape[0], "hidden": width, "out_features": outputs})
+        return configured if algorithm is None or algorithm.model is None else algorithm.model(configured, cfg, spec)
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:

@@ -85,8 +85,8 @@ def test_conv4_and_protonet_heads_match_pytorch(tmp_path):
     assert compare_with_pytorch(b, export_onnx(b, tmp_path / "c.onnx"), images) < 1e-5
     emb = ModelSpec("conv4", {"in_channels": 1, "hidden": 8, "out_features": None})
     protos = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
-    pb = SiteModelBundle(emb, _params(emb), pre, "finding", ("0", "1"), PROV, head="prototypes",
-                         prototypes=protos, calibration=CAL, threshold=THR)
+    pb = SiteModelBundle(emb, _params(emb), pre, "finding", ("0", "1"), PROV, head="protonet",
+                         memory={"prototypes": protos}, calibration=CAL, threshold=THR)
     assert compare_with_pytorch(pb, export_onnx(pb, tmp_path / "p.onnx"), images) < 1e-5
 
 

@@ -1,5 +1,6 @@
 """``fedmeta report`` and ``fedmeta adapt`` on a small finished run."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -111,3 +112,47 @@ def test_report_without_matplotlib_writes_the_markdown_and_says_how_to_get_figur
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
     md = (out / "report.md").read_text()
     assert "| Cleveland |" in md and "pip install 'fedmeta[reports]'" in md and ".png" not in md
+
+
+@pytest.mark.parametrize("algorithm", ["protonet"])
+def test_a_metric_learner_runs_federated_then_adapt_predict_and_export(algorithm, tmp_path, capsys):
+    """simulate -> adapt -> predict -> export for each metric learner. The predicted risks are the
+    calibrated scores of an episode whose support set is the hospital's labelled patients and
+    whose queries are its test patients, computed by the training code (the bundle computes them
+    from what it keeps of the support set instead)."""
+    import torch
+
+    from fedmeta.common import algorithms
+    from fedmeta.common.bundle import load_site_model
+    from fedmeta.common.data import heart
+    from fedmeta.common.data.registry import load_site
+    from fedmeta.common.experiment import build_model_for
+    from fedmeta.sitecore.data import spec_of
+
+    cfg = load_config(None, [f"algorithm={algorithm}", "rounds=2", "tasks.meta_batch=4", "model.hidden=[16, 8]",
+                             "data.holdout=[Hungary]", "eval.bootstrap=0"])
+    summary = simulate(cfg, tmp_path / "run", backend="local")
+    assert summary["sites"]["Cleveland"]["adapt_scope"] == "support"
+    out = tmp_path / "hungary.fedmeta"
+    assert main(["adapt", "--params", str(tmp_path / "run" / "final.safetensors"), "--site-name", "Hungary",
+                 "--out", str(out)]) == 0
+    assert f"adaptation: {algorithms.get(algorithm).metric.text}" in capsys.readouterr().out
+    model = load_site_model(out)
+    assert model.bundle.head == algorithm and "support set" in (tmp_path / "hungary.fedmeta.md").read_text()
+    site = load_site(cfg.data, "Hungary")
+    frame = heart.load_frame().set_index("id", drop=False)
+    frame.loc[list(site.row_ids_test)].drop(columns=["num"]).to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", "--model", str(out), "--data", str(tmp_path / "new.csv"),
+                 "--out", str(tmp_path / "risks.csv")]) == 0
+    got = pd.read_csv(tmp_path / "risks.csv")
+    net = build_model_for(cfg, spec_of(site))
+    params = {k: torch.as_tensor(v) for k, v in model.bundle.params.items()}
+    lg = algorithms.get(algorithm).metric.logits(net, params, torch.from_numpy(site.x_train),
+                                                 torch.from_numpy(site.y_train[:, 0]), torch.from_numpy(site.x_test),
+                                                 n_way=2).double()
+    want = model.bundle.calibration.apply((lg[:, 1] - lg[:, 0]).numpy())
+    assert np.allclose(got["risk"], want, rtol=0, atol=1e-5)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert main(["export", "--model", str(out), "--onnx", str(tmp_path / "m.onnx"),
+                     "--check-data", str(tmp_path / "new.csv")]) == 0
+        assert "largest difference" in capsys.readouterr().out

@@ -15,12 +15,15 @@ from fedmeta.common.adaptation import (
     describe_shots,
     positive_logit,
     predict_logit,
-    prototype_head,
     repeated_shots,
     stratified_shots,
+    support_head,
 )
 from fedmeta.common.errors import DataError
 from fedmeta.common.meta.inner import adapt
+from fedmeta.common.meta.matching import MATCHING
+from fedmeta.common.meta.protonet import PROTOTYPES
+from fedmeta.common.meta.relation import RELATION
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import build_model, init_params
 
@@ -222,12 +225,35 @@ def test_prototype_head_means_and_leave_one_out_scores():
     params = init_params(model)
     x = torch.randn(12, 4, dtype=torch.float64)
     y = torch.tensor([0, 1] * 6)
-    head = prototype_head(model, params, x, y, threshold="prevalence")
+    head = support_head(PROTOTYPES, model, params, x, y, threshold="prevalence")
     z = torch.func.functional_call(model, params, (x,))
-    assert torch.allclose(head.prototypes[1], z[y == 1].mean(dim=0))
+    assert torch.allclose(head.memory["prototypes"][1], z[y == 1].mean(dim=0))
     assert head.class_counts == (6, 6) and head.threshold is not None and head.threshold.value == 0.5
+    # the leave-one-out scores behind the calibration, by hand: patient 0 against the prototypes
+    # of the other eleven (c_0 = mean of the other five of its class)
+    c0, c1 = z[2:12:2].mean(dim=0), z[y == 1].mean(dim=0)
+    s0 = -((z[0] - c1) ** 2).sum() + ((z[0] - c0) ** 2).sum()
+    loo = support_head(PROTOTYPES, model, params, x[1:], y[1:], threshold="prevalence")
+    assert torch.allclose(loo.memory["prototypes"][0], c0)
+    assert float(head.logits(model, params, x[:1])[0, 1] - head.logits(model, params, x[:1])[0, 0]) != float(s0)
+    assert float(loo.logits(model, params, x[:1])[0, 1] - loo.logits(model, params, x[:1])[0, 0]) == pytest.approx(float(s0))
     with pytest.raises(DataError, match="every class"):
-        prototype_head(model, params, x, torch.zeros(12, dtype=torch.long))
+        support_head(PROTOTYPES, model, params, x, torch.zeros(12, dtype=torch.long))
+
+
+@pytest.mark.parametrize("metric", [MATCHING, RELATION], ids=lambda m: m.name)
+def test_support_heads_score_as_the_episode_does(metric):
+    """A site's classifier built from its support set scores new rows exactly as an episode with
+    that support set scores its queries (the training objective's scores)."""
+    torch.manual_seed(0)
+    model = (build_model("relation-mlp", in_features=4, hidden=(6,), embed=3) if metric is RELATION
+             else build_model("mlp", in_features=4, hidden=(6, 3), out_features=None)).double()
+    params = init_params(model)
+    x, y, xq = torch.randn(12, 4, dtype=torch.float64), torch.tensor([0, 1] * 6), torch.randn(5, 4, dtype=torch.float64)
+    head = support_head(metric, model, params, x, y, threshold="prevalence")
+    want = metric.logits(model, params, x, y, xq, n_way=2)
+    assert torch.allclose(head.logits(model, params, xq), want)
+    assert head.calibration.method in ("platt", "intercept") and head.threshold is not None
 
 
 def test_docstring_example_runs():

@@ -13,8 +13,8 @@ from fedmeta.common.adaptation import (
     AdaptationSettings,
     adapt_with_policy,
     predict_logit,
-    prototype_head,
     stratified_shots,
+    support_head,
 )
 from fedmeta.common.bundle import (
     META_KEY,
@@ -34,7 +34,7 @@ from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import DataError
 from fedmeta.common.experiment import build_model_for
 from fedmeta.common.meta.inner import adapt
-from fedmeta.common.meta.protonet import protonet_logits
+from fedmeta.common.meta.protonet import PROTOTYPES, protonet_logits
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import init_params
 from fedmeta.common.preprocessing import HeartPreprocessing, ImagePreprocessing
@@ -143,8 +143,8 @@ def test_files_that_are_not_bundles_or_are_newer_are_refused(cleveland, tmp_path
     with pytest.raises(BundleError, match="final.safetensors holds parameters only"):
         load_site_model(tmp_path / "final.safetensors")
     doc = SiteModelBundle.load(path).document()
-    with pytest.raises(BundleError, match=r"newer fedmeta \(bundle format 2; this fedmeta reads up to 1\)"):
-        load_site_model(_rewrite(path, tmp_path / "v2.fedmeta", doc={**doc, "format_version": 2}))
+    with pytest.raises(BundleError, match=r"newer fedmeta \(bundle format 3; this fedmeta reads up to 2\)"):
+        load_site_model(_rewrite(path, tmp_path / "v3.fedmeta", doc={**doc, "format_version": 3}))
     with pytest.raises(BundleError, match="format 'other' is not 'fedmeta-site-model'"):
         load_site_model(_rewrite(path, tmp_path / "o.fedmeta", doc={**doc, "format": "other"}))
     tensors = SiteModelBundle.load(path).tensors()
@@ -198,15 +198,39 @@ def test_binary_protonet_bundle_matches_the_engines_prototype_logits(cleveland, 
     params = init_params(net)
     idx = stratified_shots(site.y_train[:, 0], 12, np.random.default_rng(2))
     xs, ys = torch.from_numpy(site.x_train[idx]), torch.from_numpy(site.y_train[idx, 0])
-    head = prototype_head(net, params, xs, ys, threshold="youden")
+    head = support_head(PROTOTYPES, net, params, xs, ys, threshold="youden")
     pre = HeartPreprocessing.fit(_raw_rows("Cleveland", site)[0])
-    bundle = SiteModelBundle.from_prototypes(spec, params, pre, heart.OUTCOME, head, _provenance(), id_column="id")
+    bundle = SiteModelBundle.from_support(spec, params, pre, heart.OUTCOME, "protonet", head, _provenance(),
+                                          id_column="id")
     model = load_site_model(bundle.save(tmp_path / "proto.fedmeta"))
     out = model.predict_proba(cleveland["test_raw"])
     ref = protonet_logits(net, params, xs, ys, torch.from_numpy(site.x_test), n_way=2).double()
     want = head.calibration.apply((ref[:, 1] - ref[:, 0]).numpy())
     assert np.allclose(out["risk"].to_numpy(), want, atol=1e-5)
-    assert model.bundle.head == "prototypes" and model.bundle.provenance.n_labelled == 12
+    assert model.bundle.head == "protonet" and model.bundle.provenance.n_labelled == 12
+    assert torch.allclose(torch.as_tensor(model.bundle.memory["prototypes"][1]),
+                          torch.func.functional_call(net, params, (xs[ys == 1],)).mean(dim=0), atol=1e-6)
+
+
+def test_a_format_1_protonet_bundle_still_loads(cleveland, tmp_path):
+    """Format 1 named the ProtoNet head ``prototypes``; the same file reads as a ``protonet`` head."""
+    site = cleveland["site"]
+    spec = ModelSpec("mlp", {"in_features": 13, "hidden": [8, 4], "out_features": None})
+    net = spec.build()
+    params = init_params(net)
+    idx = stratified_shots(site.y_train[:, 0], 12, np.random.default_rng(2))
+    head = support_head(PROTOTYPES, net, params, torch.from_numpy(site.x_train[idx]),
+                        torch.from_numpy(site.y_train[idx, 0]))
+    pre = HeartPreprocessing.fit(_raw_rows("Cleveland", site)[0])
+    now = SiteModelBundle.from_support(spec, params, pre, heart.OUTCOME, "protonet", head, _provenance(),
+                                       id_column="id").save(tmp_path / "v2.fedmeta")
+    doc = SiteModelBundle.load(now).document()
+    old = _rewrite(now, tmp_path / "v1.fedmeta", doc={**doc, "format_version": 1, "head": "prototypes"})
+    assert load_site_model(old).bundle.head == "protonet"
+    pd.testing.assert_frame_equal(load_site_model(old).predict_proba(cleveland["test_raw"]),
+                                  load_site_model(now).predict_proba(cleveland["test_raw"]))
+    with pytest.raises(BundleError, match="neither 'logits' nor a metric learner"):  # format 2 has no such head
+        load_site_model(_rewrite(now, tmp_path / "bad.fedmeta", doc={**doc, "head": "prototypes"}))
 
 
 def test_image_protonet_and_conv4_bundles_match_the_engine(tmp_path):
@@ -220,10 +244,10 @@ def test_image_protonet_and_conv4_bundles_match_the_engine(tmp_path):
     params = init_params(net)
     xs = torch.rand(10, 1, 28, 28)
     ys = torch.arange(5).repeat(2)
-    head = prototype_head(net, params, xs, ys, n_classes=5)
+    head = support_head(PROTOTYPES, net, params, xs, ys, n_classes=5)
     classes = ("a", "b", "c", "d", "e")
-    b = SiteModelBundle.from_prototypes(spec, params, pre, "finding", head, _provenance(site="Imaging"),
-                                        classes=classes)
+    b = SiteModelBundle.from_support(spec, params, pre, "finding", "protonet", head, _provenance(site="Imaging"),
+                                     classes=classes)
     out = load_site_model(b.save(tmp_path / "p.fedmeta")).predict_proba(images)
     want = torch.softmax(protonet_logits(net, params, xs, ys, xq, n_way=5).double(), dim=1).numpy()
     assert np.allclose(out[[f"p_{c}" for c in classes]].to_numpy(), want, atol=1e-5)
@@ -245,7 +269,10 @@ def test_bundle_invariants_are_checked(cleveland):
     b = cleveland["bundle"]
     with pytest.raises(ValueError, match="needs a decision threshold"):
         SiteModelBundle(b.model, b.params, b.preprocessing, b.outcome, ("0", "1"), b.provenance)
-    with pytest.raises(ValueError, match="one prototype per class"):
+    with pytest.raises(ValueError, match=r"a protonet head keeps \['prototypes'\] of the support set, the bundle has \[\]"):
         SiteModelBundle(b.model, b.params, b.preprocessing, b.outcome, ("0", "1"), b.provenance,
-                        head="prototypes", threshold=Threshold(0.5, "fixed:0.5"))
+                        head="protonet", threshold=Threshold(0.5, "fixed:0.5"))
+    with pytest.raises(ValueError, match="head 'maml': algorithm maml has no support-set classifier"):
+        SiteModelBundle(b.model, b.params, b.preprocessing, b.outcome, ("0", "1"), b.provenance,
+                        head="maml", threshold=Threshold(0.5, "fixed:0.5"))
     assert Calibration().method == "none"
