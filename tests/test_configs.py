@@ -29,9 +29,9 @@ def test_heart_config_runs_a_round(path, tmp_path):
     assert len(summary["sites"]) == 4
 
 
-@pytest.mark.parametrize("algorithm", ["protonet", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["protonet", "matching", "fedavg"])
 def test_imaging_config_runs_a_round(algorithm, tmp_path):
-    """Episodic ProtoNets and FedAvg's plain classifier (one output per meta-training class)."""
+    """The episodic metric learners and FedAvg's plain classifier (one output per meta-training class)."""
     cfg = load_config(Path(__file__).parent.parent / "configs" / "imaging-synth.yaml",
                       [f"algorithm={algorithm}", "rounds=1", "eval.adapt_steps=2", "tasks.meta_batch=2"])
     summary = simulate(cfg, tmp_path / "run", backend="local")

@@ -19,6 +19,7 @@ BUILTINS: tuple[str, ...] = (
     "maml",  # fomaml, maml
     "metasgd",
     "protonet",
+    "matching",
     "fedavg",
     "glm",
 )
