@@ -20,6 +20,7 @@ BUILTINS: tuple[str, ...] = (
     "metasgd",
     "protonet",
     "matching",
+    "relation",
     "fedavg",
     "glm",
 )

@@ -90,6 +90,26 @@ def test_conv4_and_protonet_heads_match_pytorch(tmp_path):
     assert compare_with_pytorch(pb, export_onnx(pb, tmp_path / "p.onnx"), images) < 1e-5
 
 
+def test_matching_and_relation_heads_match_pytorch(tmp_path):
+    """Each metric learner's classifier, written as ONNX nodes, scores as its PyTorch code does:
+    binary on a table-shaped embedding, five classes on images (Relation: Sung et al.'s Conv-4
+    with its convolutional relation module)."""
+    pre = ImagePreprocessing(1, 28, 28, (0.4,), (0.3,))
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    emb = ModelSpec("conv4", {"in_channels": 1, "hidden": 8, "out_features": None})
+    support = rng.normal(size=(10, 8)).astype(np.float32)
+    labels = np.eye(5, dtype=np.float32)[np.arange(10) % 5]
+    mb = SiteModelBundle(emb, _params(emb), pre, "finding", tuple("abcde"), PROV, head="matching",
+                         memory={"support": support / np.linalg.norm(support, axis=1, keepdims=True), "labels": labels})
+    assert compare_with_pytorch(mb, export_onnx(mb, tmp_path / "m.onnx"), images) < 1e-5
+    rel = ModelSpec("relation-conv4", {"in_channels": 1, "hidden": 8})
+    rb = SiteModelBundle(rel, _params(rel), pre, "finding", ("0", "1"), PROV, head="relation",
+                         memory={"classes": rng.normal(size=(2, 8, 7, 7)).astype(np.float32)},
+                         calibration=CAL, threshold=THR)
+    assert compare_with_pytorch(rb, export_onnx(rb, tmp_path / "r.onnx"), images) < 1e-5
+
+
 def test_batch_statistics_norm_is_refused(tmp_path):
     spec = ModelSpec("conv4", {"in_channels": 1, "hidden": 8, "out_features": 2, "norm": "batch"})
     b = SiteModelBundle(spec, _params(spec), ImagePreprocessing(1, 28, 28), "f", ("0", "1"), PROV,

@@ -114,7 +114,7 @@ def test_report_without_matplotlib_writes_the_markdown_and_says_how_to_get_figur
     assert "| Cleveland |" in md and "pip install 'fedmeta[reports]'" in md and ".png" not in md
 
 
-@pytest.mark.parametrize("algorithm", ["protonet", "matching"])
+@pytest.mark.parametrize("algorithm", ["protonet", "matching", "relation"])
 def test_a_metric_learner_runs_federated_then_adapt_predict_and_export(algorithm, tmp_path, capsys):
     """simulate -> adapt -> predict -> export for each metric learner. The predicted risks are the
     calibrated scores of an episode whose support set is the hospital's labelled patients and

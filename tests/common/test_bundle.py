@@ -34,7 +34,9 @@ from fedmeta.common.data.registry import DataSpec
 from fedmeta.common.errors import DataError
 from fedmeta.common.experiment import build_model_for
 from fedmeta.common.meta.inner import adapt
+from fedmeta.common.meta.matching import MATCHING, matching_logits
 from fedmeta.common.meta.protonet import PROTOTYPES, protonet_logits
+from fedmeta.common.meta.relation import RELATION
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.models import init_params
 from fedmeta.common.preprocessing import HeartPreprocessing, ImagePreprocessing
@@ -210,6 +212,37 @@ def test_binary_protonet_bundle_matches_the_engines_prototype_logits(cleveland, 
     assert model.bundle.head == "protonet" and model.bundle.provenance.n_labelled == 12
     assert torch.allclose(torch.as_tensor(model.bundle.memory["prototypes"][1]),
                           torch.func.functional_call(net, params, (xs[ys == 1],)).mean(dim=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(("algorithm", "metric"), [("matching", MATCHING), ("relation", RELATION)])
+def test_binary_matching_and_relation_bundles_match_the_engine(cleveland, tmp_path, algorithm, metric):
+    """A bundle's risks are the calibrated score of an episode whose support set is the site's
+    labelled patients and whose queries are the new patients, as the engine trains it."""
+    site = cleveland["site"]
+    torch.manual_seed(1)
+    spec = (ModelSpec("relation-mlp", {"in_features": 13, "hidden": [8], "embed": 4}) if metric is RELATION
+            else ModelSpec("mlp", {"in_features": 13, "hidden": [8, 4], "out_features": None}))
+    net = spec.build()
+    params = init_params(net)
+    idx = stratified_shots(site.y_train[:, 0], 12, np.random.default_rng(2))
+    xs, ys = torch.from_numpy(site.x_train[idx]), torch.from_numpy(site.y_train[idx, 0])
+    head = support_head(metric, net, params, xs, ys, threshold="youden")
+    pre = HeartPreprocessing.fit(_raw_rows("Cleveland", site)[0])
+    saved = SiteModelBundle.from_support(spec, params, pre, heart.OUTCOME, algorithm, head, _provenance(),
+                                         id_column="id").save(tmp_path / f"{algorithm}.fedmeta")
+    model = load_site_model(saved)
+    out = model.predict_proba(cleveland["test_raw"])
+    ref = metric.logits(net, params, xs, ys, torch.from_numpy(site.x_test), n_way=2).double()
+    if metric is MATCHING:  # the engine's own formula, written separately
+        assert torch.allclose(ref, matching_logits(net, params, xs, ys, torch.from_numpy(site.x_test), n_way=2).double())
+    else:  # the model's own forward pass (RelationNet.forward) is an independent implementation
+        with torch.no_grad():
+            fwd = net(xs, torch.nn.functional.one_hot(ys, 2).float(), torch.from_numpy(site.x_test)).double()
+        assert torch.allclose(ref, fwd, atol=1e-6)
+    want = head.calibration.apply((ref[:, 1] - ref[:, 0]).numpy())
+    assert np.allclose(out["risk"].to_numpy(), want, atol=1e-5)
+    assert model.bundle.head == algorithm
+    assert model.bundle.provenance.class_counts == {"0": int((ys == 0).sum()), "1": int((ys == 1).sum())}
 
 
 def test_a_format_1_protonet_bundle_still_loads(cleveland, tmp_path):

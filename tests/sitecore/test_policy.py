@@ -132,13 +132,17 @@ def test_a_model_too_large_is_refused_counted_not_built() -> None:
     cfg = _cfg("model.hidden=[8000, 8000]")
     site = load_site(cfg.data, "Cleveland")  # 13 features
     assert parameter_count(cfg, 13) == (13 * 8000 + 8000) + (8000 * 8000 + 8000) + (8000 * 2 + 2)
+    # a Relation Network's relation module (2·8000 -> 16 -> 1) counts too
+    relation = _cfg("model.hidden=[8000, 8000]", "algorithm=relation")
+    assert parameter_count(relation, 13) == (13 * 8000 + 8000) + (8000 * 8000 + 8000) + (16000 * 16 + 16) + (16 + 1)
     with pytest.raises(PolicyRefusal, match=r"the model has 64136002 parameters, more than this site's "
                                             r"max_parameters = 2000000"):
         check_sizes(SitePolicy(), cfg, site, phase="train")
     from fedmeta.common.data.registry import data_spec
     from fedmeta.common.experiment import build_model_for
 
-    for model in (["model.hidden=[64, 64]"], ["model.hidden=[16]"], ["model.name=linear"]):
+    for model in (["model.hidden=[64, 64]"], ["model.hidden=[16]"], ["model.name=linear"],
+                  ["algorithm=relation"], ["algorithm=relation", "model.hidden=[8, 4, 3]"]):
         built = build_model_for(_cfg(*model), data_spec(cfg.data))
         assert parameter_count(_cfg(*model), 13) == sum(p.numel() for p in built.parameters())
 
