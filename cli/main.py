@@ -19,7 +19,7 @@ COMMAND_MODULES = ("simulate", "report", "track", "adapt", "predict", "export", 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmeta",
-        description="Federated meta-learning for hospitals (Reptile, MAML, Meta-SGD, ProtoNets).",
+        description="Federated meta-learning for hospitals (Reptile, MAML, Meta-SGD, ProtoNets, Matching and Relation Networks).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
