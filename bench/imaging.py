@@ -9,6 +9,9 @@ images, the same episodes for every method.
 Methods (all on the same Conv-4, 32 channels, trained 20 rounds, half the sites per round):
 
 - ``FedProto``: federated prototypical networks (Snell et al. 2017), prototypes from the 5 shots;
+- ``Fed Matching Networks`` (Vinyals et al. 2016): attention over the 25 embedded shots;
+- ``Fed Relation Networks`` (Sung et al. 2018): their own Conv-4 (pooling in two blocks) and a
+  relation module scoring the summed embeddings of each class's 5 shots;
 - ``FedMAML (first order)``: FOMAML (Finn et al. 2017), adapted on the 5 shots; first order
   because second-order Conv-4 meta-gradients are ~3x slower on CPU (``fedmeta bench engine``);
 - ``FedAvg + fine-tuning``: FedAvg (McMahan et al. 2017) trained as a plain classifier of the 7
@@ -31,11 +34,11 @@ import torch
 
 from fedmeta.bench import plots, runner
 from fedmeta.bench import rows as R
+from fedmeta.common import algorithms
 from fedmeta.common.data.episodes import EpisodeSampler
 from fedmeta.common.data.images import load_novel_site
 from fedmeta.common.experiment import build_model_for
 from fedmeta.common.meta.inner import adapt
-from fedmeta.common.meta.protonet import protonet_logits
 from fedmeta.common.meta.types import InnerConfig
 from fedmeta.common.metrics import multiclass_metrics
 from fedmeta.common.params import NDArrays, from_numpy
@@ -53,6 +56,8 @@ BASE_CLASSES = 7
 BASE: tuple[str, ...] = ("data.holdout=[site-09,site-10]", "federation.min_nodes=3", "eval.adapt_steps=1")
 METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("protonet", "FedProto", ("algorithm=protonet",)),
+    ("matching", "Fed Matching Networks", ("algorithm=matching",)),
+    ("relation", "Fed Relation Networks", ("algorithm=relation",)),
     ("fomaml", "FedMAML (first order)", ("algorithm=fomaml", "outer.optimizer=adam", "outer.lr=0.001")),
     ("fedavg", "FedAvg + fine-tuning", ("algorithm=fedavg", f"tasks.ways={BASE_CLASSES}", "outer.optimizer=sgd",
                                         "outer.lr=1.0")),
@@ -63,7 +68,7 @@ ADAPT_STEPS, ADAPT_LR = 20, 0.05
 def settings(quick: bool) -> tuple[list[int], int, int, tuple[str, ...]]:
     """(training seeds, rounds, episodes per held-out site, methods)."""
     if quick:
-        return [0], 1, 2, ("protonet", "fedavg")
+        return [0], 1, 2, ("protonet", "relation", "fedavg")
     return [0, 1, 2], 20, EPISODES, tuple(m[0] for m in METHODS)
 
 
@@ -104,7 +109,8 @@ def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
             if seed == seeds[0]:
                 curves[label] = log_rounds
             train_s = t()
-            per_seed += _score_episodes(key, label, state, eval_model, episodes, seed=seed)
+            model = eval_model if algorithms.get(cfg.algorithm).model is None else build_model_for(cfg, runner.spec_of(cfg))
+            per_seed += _score_episodes(key, label, cfg.algorithm, state, model, episodes, seed=seed)
             per_seed.append(R.row(BENCH, label, "train_s", train_s, site="mean", rounds=rounds, seed=seed))
     # mean ± std over training seeds (each value a mean over the site's episodes)
     rows = R.aggregate_seeds(per_seed)
@@ -126,10 +132,11 @@ def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     return rows
 
 
-def _score_episodes(key: str, label: str, state: NDArrays, eval_model: torch.nn.Module,
+def _score_episodes(key: str, label: str, algorithm: str, state: NDArrays, eval_model: torch.nn.Module,
                     episodes: dict, *, seed: int) -> list[R.Row]:
     """One training seed's accuracy per held-out site (mean over its episodes) and their mean."""
     params = from_numpy(state)
+    metric = algorithms.get(algorithm).metric
     if key == "fedavg":
         params = _new_head(params, WAYS)
     rows: list[R.Row] = []
@@ -137,9 +144,9 @@ def _score_episodes(key: str, label: str, state: NDArrays, eval_model: torch.nn.
         accs = []
         for i in range(eps.n_tasks):
             xs, ys, xq, yq = eps.xs[i], eps.ys[i], eps.xq[i], eps.yq[i].numpy()
-            if key == "protonet":
+            if metric is not None:
                 with torch.no_grad():
-                    logits = protonet_logits(eval_model, params, xs, ys, xq, n_way=WAYS)
+                    logits = metric.logits(eval_model, params, xs, ys, xq, n_way=WAYS)
             else:
                 phi = adapt(eval_model, params, xs, ys, InnerConfig(steps=ADAPT_STEPS, lr=ADAPT_LR))
                 with torch.no_grad():

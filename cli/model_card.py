@@ -81,6 +81,12 @@ def _limits(bundle: SiteModelBundle, metrics: Mapping[str, Any] | None) -> list[
             out.append(f"Evaluation: {w}.")
     else:
         out.append("No held-out evaluation is attached to this card.")
+    per_patient = [k for k, v in bundle.memory.items() if prov.n_labelled > len(bundle.classes)
+                   and len(v) == prov.n_labelled]
+    if per_patient:
+        out.append(f"The file keeps one row per labelled patient ({', '.join(f'head/{k}' for k in per_patient)}: "
+                   f"its classifier is {bundle.adaptation.get('choice', {}).get('text', bundle.head)}); "
+                   "store and share it as you would those patients' data.")
     out.append("Validated only at this site and for patients like those it was adapted on; "
                "re-check calibration before use elsewhere or after practice changes.")
     return out

@@ -138,7 +138,10 @@ def test_a_metric_learner_runs_federated_then_adapt_predict_and_export(algorithm
                  "--out", str(out)]) == 0
     assert f"adaptation: {algorithms.get(algorithm).metric.text}" in capsys.readouterr().out
     model = load_site_model(out)
-    assert model.bundle.head == algorithm and "support set" in (tmp_path / "hungary.fedmeta.md").read_text()
+    card = (tmp_path / "hungary.fedmeta.md").read_text()
+    assert model.bundle.head == algorithm and "support set" in card
+    # a Matching Network's file keeps each labelled patient's embedding and label; the card says so
+    assert ("one row per labelled patient (head/support, head/labels" in card) == (algorithm == "matching")
     site = load_site(cfg.data, "Hungary")
     frame = heart.load_frame().set_index("id", drop=False)
     frame.loc[list(site.row_ids_test)].drop(columns=["num"]).to_csv(tmp_path / "new.csv", index=False)
