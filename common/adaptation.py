@@ -653,7 +653,7 @@ def support_head(metric: MetricHead, model: nn.Module, params: Params, x: torch.
     with torch.no_grad():
         z = metric.embed(model, params, x)
         onehot = F.one_hot(y.to(z.device), n_classes).to(z.dtype)
-        memory = metric.memory(z, onehot)
+        memory = metric.memory(model, params, z, onehot)
     if n_classes != 2:
         return SupportHead(metric, memory, counts, Calibration("none"), None)
     warnings: list[str] = []
@@ -663,7 +663,7 @@ def support_head(metric: MetricHead, model: nn.Module, params: Params, x: torch.
             if counts[int(labels[i])] < 2:
                 continue
             keep = torch.arange(len(labels), device=z.device) != i
-            lg = metric.scores(model, params, z[i:i + 1], metric.memory(z[keep], onehot[keep]))[0]
+            lg = metric.scores(model, params, z[i:i + 1], metric.memory(model, params, z[keep], onehot[keep]))[0]
             scores[i] = float(lg[1] - lg[0])
     ok = np.isfinite(scores)
     if ok.sum() < len(labels):

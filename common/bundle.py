@@ -163,7 +163,7 @@ class SiteModelBundle:
         if len(self.classes) < 2:
             raise ValueError(f"a bundle needs at least 2 classes, got {self.classes}")
         if self.head != "logits":
-            keeps = sorted(_metric(self.head).memory(torch.zeros(1, 1), torch.ones(1, 1)))  # its tensors' names
+            keeps = sorted(_metric(self.head).keeps)
             if sorted(self.memory) != keeps:
                 raise ValueError(f"a {self.head} head keeps {keeps} of the support set, the bundle has "
                                  f"{sorted(self.memory)}")

@@ -29,7 +29,7 @@ def test_heart_config_runs_a_round(path, tmp_path):
     assert len(summary["sites"]) == 4
 
 
-@pytest.mark.parametrize("algorithm", ["protonet", "matching", "relation", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["protonet", "matching", "matching-fce", "relation", "fedavg"])
 def test_imaging_config_runs_a_round(algorithm, tmp_path):
     """The episodic metric learners and FedAvg's plain classifier (one output per meta-training class)."""
     cfg = load_config(Path(__file__).parent.parent / "configs" / "imaging-synth.yaml",

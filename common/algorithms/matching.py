@@ -6,12 +6,30 @@ distribution is the attention-weighted sum of the support labels
 gradient of its episodes' query negative log-likelihood with respect to the embedding; the
 coordinator averages by examples and applies its outer optimiser. A new site's classifier is its
 own labelled examples, embedded; no weights move.
+
+``matching-fce``: the same with the paper's full context embeddings
+(:class:`fedmeta.common.models.ContextEmbedding` around the configured network: a bidirectional
+LSTM reads the embedded support set, an attention LSTM each query against it; 3 steps). Its ONNX
+export is refused (the LSTMs are not written as ONNX nodes).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedmeta.common.algorithms.base import Algorithm, metric_site_step
-from fedmeta.common.meta.matching import MATCHING
+from fedmeta.common.meta.matching import MATCHING, MATCHING_FCE
+from fedmeta.common.models import ModelSpec
+
+if TYPE_CHECKING:
+    from fedmeta.common.config import ExperimentConfig
+    from fedmeta.common.data.registry import DataSpec
+
+
+def context_network(configured: ModelSpec, cfg: ExperimentConfig, spec: DataSpec) -> ModelSpec:
+    """The configured network (its outputs are the embedding) with full context embeddings."""
+    return ModelSpec("context-embedding", {"encoder": configured.to_dict(),
+                                           "dim": int(configured.kwargs["out_features"])})
 
 ALGORITHM = Algorithm(
     name="matching",
@@ -22,3 +40,17 @@ ALGORITHM = Algorithm(
     evaluation="support",
     metric=MATCHING,
 )
+
+FULL_CONTEXT = Algorithm(
+    name="matching-fce",
+    title="Federated Matching Networks with full context embeddings",
+    paper="Vinyals, Blundell, Lillicrap, Kavukcuoglu and Wierstra 2016",
+    update_kind="gradient",
+    site_step=metric_site_step(MATCHING_FCE),
+    evaluation="support",
+    metric=MATCHING_FCE,
+    model=context_network,
+)
+
+#: Both records (the registry reads this).
+ALGORITHMS = (ALGORITHM, FULL_CONTEXT)

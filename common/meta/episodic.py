@@ -88,8 +88,8 @@ def submodule_params(params: Params, prefix: str) -> Params:
     return {k[cut:]: v for k, v in params.items() if k.startswith(prefix + ".")}
 
 
-# (support embeddings (S, ...), one-hot labels (S, N)) -> the tensors the classifier keeps
-MemoryFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# (model, params, support embeddings (S, ...), one-hot labels (S, N)) -> the tensors the classifier keeps
+MemoryFn = Callable[[nn.Module, Params, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 # (model, params, query embeddings (Q, ...), memory) -> scores (Q, N)
 QueryFn = Callable[[nn.Module, Params, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -113,6 +113,8 @@ class MetricHead:
 
     name: str
     text: str
+    #: the names of the tensors ``memory`` returns (what a bundle's ``head/`` holds)
+    keeps: tuple[str, ...]
     memory: MemoryFn
     scores: QueryFn
     loss: LossFn
@@ -132,7 +134,7 @@ class MetricHead:
         """The :data:`ScoreFn` of one episode: support and query embedded in one forward pass."""
         z = self.embed(model, params, torch.cat([xs, xq], dim=0))
         zs, zq = z[: xs.shape[0]], z[xs.shape[0]:]
-        return self.scores(model, params, zq, self.memory(zs, ys_onehot))
+        return self.scores(model, params, zq, self.memory(model, params, zs, ys_onehot))
 
     def logits(self, model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                *, n_way: int) -> torch.Tensor:

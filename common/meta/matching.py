@@ -1,5 +1,7 @@
 """Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra 2016, "Matching Networks
-for One Shot Learning"), without full-context embeddings (``f = g``, the paper's simple variant).
+for One Shot Learning"): :data:`MATCHING` without full context embeddings (``f = g``, the paper's
+simple variant), :data:`MATCHING_FCE` with them (:class:`fedmeta.common.models.ContextEmbedding`:
+the support set read by a bidirectional LSTM, each query by an attention LSTM over it).
 
 A query ``x̂`` attends over the support set with a softmax of cosine similarities of embeddings,
 ``a(x̂, x_i) = exp(s·cos(f(x̂), f(x_i))) / Σ_j exp(s·cos(f(x̂), f(x_j)))``, and the predicted
@@ -33,12 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
-def support_set(zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+def support_set(model: nn.Module, params: Params, zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
     """The classifier a support set leaves: every embedded support example, unit length, and its label."""
     return {"support": F.normalize(zs, dim=1, eps=1e-8), "labels": ys_onehot}
 
@@ -71,12 +74,32 @@ def matching_head(scale: float = 1.0) -> MetricHead:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"matching scale must be a finite number > 0, got {scale}")
     return MetricHead(
-        name="matching", text="attention over the embedded support set", memory=support_set,
+        name="matching", text="attention over the embedded support set", keeps=("support", "labels"), memory=support_set,
         scores=functools.partial(_attention, scale), loss=_nll, onnx=functools.partial(_onnx, scale),
     )
 
 
 MATCHING = matching_head(1.0)
+
+
+def context_set(model: nn.Module, params: Params, zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classifier a support set leaves with full context embeddings: ``g(x_i, S)`` of every
+    support example (the bidirectional LSTM's reading of the whole set) and its label."""
+    return {"context": functional_call(model, params, (zs,)), "labels": ys_onehot}
+
+
+def _context_attention(model: nn.Module, params: Params, zq: torch.Tensor, memory: Mapping[str, torch.Tensor]
+                       ) -> torch.Tensor:
+    """``log P(y = k | x̂, S)`` with ``f(x̂, S)`` the attention LSTM's reading of the query."""
+    g = memory["context"].to(zq.dtype)
+    f = functional_call(model, params, (zq, g))
+    return _attention(1.0, model, params, f, {"support": F.normalize(g, dim=1, eps=1e-8), "labels": memory["labels"]})
+
+
+MATCHING_FCE = MetricHead(
+    name="matching-fce", text="attention over the support set, with full context embeddings",
+    keeps=("context", "labels"), memory=context_set, scores=_context_attention, loss=_nll, encoder="encoder",
+)
 
 
 def matching_logits(

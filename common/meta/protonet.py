@@ -35,7 +35,7 @@ from fedmeta.common.meta.episodic import MetricHead, cross_entropy
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
-def prototypes(zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+def prototypes(model: nn.Module, params: Params, zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
     """The classifier a support set leaves: ``c_k``, the mean embedded support example of class k."""
     return {"prototypes": (ys_onehot.T @ zs) / ys_onehot.sum(dim=0).unsqueeze(1)}
 
@@ -58,7 +58,7 @@ def _onnx(g, z: str, memory: Mapping[str, np.ndarray], **_: object) -> str:  # t
 
 
 PROTOTYPES = MetricHead(
-    name="prototypes", text="prototypes of the support set", memory=prototypes, scores=distance_scores,
+    name="prototypes", text="prototypes of the support set", keeps=("prototypes",), memory=prototypes, scores=distance_scores,
     loss=cross_entropy, onnx=_onnx,
 )
 

@@ -34,7 +34,8 @@ from fedmeta.common.meta.episodic import MetricHead, submodule_params
 from fedmeta.common.meta.types import MetaStats, Params, TaskBatch
 
 
-def class_features(zs: torch.Tensor, ys_onehot: torch.Tensor) -> dict[str, torch.Tensor]:
+def class_features(model: nn.Module, params: Params, zs: torch.Tensor, ys_onehot: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
     """The classifier a support set leaves: ``c_k = Σ_{i: y_i = k} f(x_i)`` (feature maps or vectors)."""
     return {"classes": torch.einsum("sn,s...->n...", ys_onehot.to(zs.dtype), zs)}
 
@@ -69,7 +70,7 @@ def _onnx(g, z: str, memory: Mapping[str, np.ndarray], *, module: Callable[..., 
 
 RELATION = MetricHead(
     name="relation", text="a learned relation module scoring the class features of the support set",
-    memory=class_features, scores=relate, loss=_mse, encoder="encoder", flatten=False, calibration="platt",
+    keeps=("classes",), memory=class_features, scores=relate, loss=_mse, encoder="encoder", flatten=False, calibration="platt",
     onnx=_onnx,
 )
 

@@ -7,7 +7,8 @@
 
 Names: ``mlp`` (:class:`MLP`), ``linear`` (:class:`LogisticRegression`), ``conv4``
 (:class:`Conv4`, ``out_features=None`` for an embedding network), ``relation-conv4`` and
-``relation-mlp`` (:class:`RelationNet`, Sung et al. 2018).
+``relation-mlp`` (:class:`RelationNet`, Sung et al. 2018), ``context-embedding``
+(:class:`ContextEmbedding`: Matching Networks' full context embeddings around another network).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from fedmeta.common.meta.types import Params
+from fedmeta.common.models.context import ContextEmbedding, context_embedding
 from fedmeta.common.models.conv import BatchStatNorm2d, Conv4
 from fedmeta.common.models.mlp import MLP, LogisticRegression
 from fedmeta.common.models.relation import RelationNet, relation_conv4, relation_mlp
@@ -35,6 +37,7 @@ __all__ = [
     "Conv4",
     "LogisticRegression",
     "RelationNet",
+    "ContextEmbedding",
     "build_model",
     "init_params",
 ]
@@ -45,6 +48,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "conv4": Conv4,
     "relation-conv4": relation_conv4,
     "relation-mlp": relation_mlp,
+    "context-embedding": context_embedding,
 }
 
 

@@ -63,10 +63,10 @@ def test_unknown_and_duplicate_algorithms_are_refused() -> None:
 
 
 def test_builtin_records_say_what_each_algorithm_is() -> None:
-    assert algorithms.names()[:9] == ("reptile", "fomaml", "maml", "metasgd", "protonet", "matching", "relation",
-                                      "fedavg", "glm")
+    assert algorithms.names()[:10] == ("reptile", "fomaml", "maml", "metasgd", "protonet", "matching", "matching-fce",
+                                      "relation", "fedavg", "glm")
     assert {a: algorithms.get(a).metric.name for a in algorithms.names() if algorithms.get(a).metric} == {
-        "protonet": "prototypes", "matching": "matching", "relation": "relation"}
+        "protonet": "prototypes", "matching": "matching", "matching-fce": "matching-fce", "relation": "relation"}
     assert algorithms.get("fomaml").first_order and not algorithms.get("maml").first_order
     assert algorithms.get("reptile").update_kind == "delta" == algorithms.get("fedavg").update_kind
     metasgd = algorithms.get("metasgd")

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedmeta.common.meta.matching import matching_accuracy, matching_logits, matching_step
+from fedmeta.common.meta.matching import (
+    MATCHING_FCE,
+    matching_accuracy,
+    matching_logits,
+    matching_step,
+)
 from fedmeta.common.meta.protonet import protonet_accuracy, protonet_logits, protonet_step
 from fedmeta.common.meta.relation import relation_logits, relation_step
 from fedmeta.common.meta.types import TaskBatch
@@ -81,6 +86,10 @@ def _episodes(kind: str, n_tasks: int = 3, seed: int = 0) -> tuple[torch.nn.Modu
     elif kind == "relation":
         model = build_model("relation-mlp", in_features=4, hidden=(6,), embed=5, relation_hidden=4)
         shape = (4,)
+    elif kind == "fce":
+        model = build_model("context-embedding", encoder={"name": "mlp", "kwargs": {"in_features": 4, "hidden": [6],
+                                                                                  "out_features": 5}}, dim=5, steps=2)
+        shape = (4,)
     elif kind == "relation-conv":
         model = build_model("relation-conv4", hidden=4, norm="batch", groups=2, image_size=16, relation_hidden=3)
         shape = (1, 16, 16)
@@ -96,12 +105,51 @@ def _episodes(kind: str, n_tasks: int = 3, seed: int = 0) -> tuple[torch.nn.Modu
     return model, theta, episodes
 
 
+def _torch_cell(p, name: str) -> torch.nn.LSTMCell:
+    """PyTorch's own LSTM cell holding the weights of fedmeta's cell ``name`` (same gate order)."""
+    w = p[f"{name}.ih.weight"]
+    cell = torch.nn.LSTMCell(w.shape[1], w.shape[0] // 4).double()
+    return cell, {"weight_ih": w, "weight_hh": p[f"{name}.hh.weight"], "bias_ih": p[f"{name}.ih.bias"],
+                  "bias_hh": torch.zeros_like(p[f"{name}.ih.bias"])}
+
+
+def _fce_embeddings(model, p, zs: torch.Tensor, zq: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vinyals et al.'s appendix A.2 with torch.nn.LSTMCell: g(x_i, S) and f(x̂, S)."""
+    def run(name, x, state):  # type: ignore[no-untyped-def]
+        cell, w = _torch_cell(p, name)
+        return functional_call(cell, w, (x, state))
+
+    fwd, bwd, state = [], [None] * len(zs), None
+    for i in range(len(zs)):
+        state = run("forward_cell", zs[i:i + 1], state)
+        fwd.append(state[0][0])
+    state = None
+    for i in reversed(range(len(zs))):
+        state = run("backward_cell", zs[i:i + 1], state)
+        bwd[i] = state[0][0]
+    g = zs + torch.stack(fwd) + torch.stack(bwd)
+    h, c, r = torch.zeros_like(zq), torch.zeros_like(zq), torch.zeros_like(zq)
+    for _ in range(steps):
+        h_hat, c = run("query_cell", zq, (h + r, c))
+        h = h_hat + zq
+        r = torch.softmax(h @ g.T, dim=1) @ g
+    return g, h
+
+
 def _ref_objective(method: str, model, p, episodes: TaskBatch) -> torch.Tensor:
     """Mean query loss written per episode and per class from the papers, without the engine."""
     total = torch.zeros((), dtype=torch.float64)
     n_way = int(episodes.ys.max()) + 1
     for t in range(episodes.n_tasks):
         xs, ys, xq, yq = episodes.xs[t], episodes.ys[t], episodes.xq[t], episodes.yq[t]
+        if method == "matching-fce":
+            enc = {k[len("encoder."):]: v for k, v in p.items() if k.startswith("encoder.")}
+            zs, zq = functional_call(model.encoder, enc, (xs,)), functional_call(model.encoder, enc, (xq,))
+            g, f = _fce_embeddings(model, p, zs, zq, model.steps)
+            att = torch.softmax(F.cosine_similarity(f[:, None], g[None], dim=2), dim=1)
+            probs = torch.stack([att[:, ys == k].sum(1) for k in range(n_way)], dim=1)
+            total = total + F.nll_loss(torch.log(probs), yq)
+            continue
         if method == "relation":
             s1 = F.one_hot(ys, n_way).double()
             r = torch.sigmoid(functional_call(model, p, (xs, s1, xq)))
@@ -120,8 +168,10 @@ def _ref_objective(method: str, model, p, episodes: TaskBatch) -> torch.Tensor:
     return total / episodes.n_tasks
 
 
-STEPS = {"protonet": protonet_step, "matching": matching_step, "relation": relation_step}
-CASES = [("protonet", "mlp"), ("protonet", "conv"), ("matching", "mlp"), ("matching", "conv"), ("relation", "relation"), ("relation", "relation-conv")]
+STEPS = {"protonet": protonet_step, "matching": matching_step, "relation": relation_step,
+         "matching-fce": MATCHING_FCE.step}
+CASES = [("protonet", "mlp"), ("protonet", "conv"), ("matching", "mlp"), ("matching", "conv"), ("relation", "relation"),
+         ("relation", "relation-conv"), ("matching-fce", "fce")]
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES)

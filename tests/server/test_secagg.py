@@ -126,7 +126,7 @@ def test_which_algorithms_secure_aggregation_carries_is_the_records_word() -> No
 
     spec = data_spec(load_config(None, []).data)
     carried = {a for a in algorithms.names() if refusal(cfg_for(a), spec) is None}
-    assert carried == {"reptile", "maml", "fomaml", "protonet", "matching", "relation"}
+    assert carried == {"reptile", "maml", "fomaml", "protonet", "matching", "matching-fce", "relation"}
     for name, words in (("fedavg", "weighted by the site's training rows"), ("metasgd", "learned per-parameter rates"),
                         ("glm", "Hessian sums"), ("auto", "chooses among candidates")):
         why = refusal(cfg_for(name), spec)
