@@ -9,7 +9,8 @@ images, the same episodes for every method.
 Methods (all on the same Conv-4, 32 channels, trained 20 rounds, half the sites per round):
 
 - ``FedProto``: federated prototypical networks (Snell et al. 2017), prototypes from the 5 shots;
-- ``Fed Matching Networks`` (Vinyals et al. 2016): attention over the 25 embedded shots;
+- ``Fed Matching Networks`` (Vinyals et al. 2016): attention over the 25 embedded shots; ``(FCE)``
+  with the paper's full context embeddings;
 - ``Fed Relation Networks`` (Sung et al. 2018): their own Conv-4 (pooling in two blocks) and a
   relation module scoring the summed embeddings of each class's 5 shots;
 - ``FedMAML (first order)``: FOMAML (Finn et al. 2017), adapted on the 5 shots; first order
@@ -57,6 +58,7 @@ BASE: tuple[str, ...] = ("data.holdout=[site-09,site-10]", "federation.min_nodes
 METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("protonet", "FedProto", ("algorithm=protonet",)),
     ("matching", "Fed Matching Networks", ("algorithm=matching",)),
+    ("matching-fce", "Fed Matching Networks (FCE)", ("algorithm=matching-fce",)),
     ("relation", "Fed Relation Networks", ("algorithm=relation",)),
     ("fomaml", "FedMAML (first order)", ("algorithm=fomaml", "outer.optimizer=adam", "outer.lr=0.001")),
     ("fedavg", "FedAvg + fine-tuning", ("algorithm=fedavg", f"tasks.ways={BASE_CLASSES}", "outer.optimizer=sgd",
@@ -80,10 +82,23 @@ def _new_head(params: dict[str, torch.Tensor], ways: int) -> dict[str, torch.Ten
     return out
 
 
-def run(*, quick: bool, out_dir: Path) -> list[R.Row]:
-    """Run benchmark 4: few-shot accuracy per held-out site and the mean."""
+def check_methods(keys: tuple[str, ...]) -> None:
+    """Refuse method keys this benchmark does not have (before anything runs)."""
+    unknown = [k for k in keys if k not in {m[0] for m in METHODS}]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {unknown[0]!r}; this benchmark has "
+                         f"{', '.join(m[0] for m in METHODS)}")
+
+
+def run(*, quick: bool, out_dir: Path, methods: tuple[str, ...] | None = None) -> list[R.Row]:
+    """Run benchmark 4: few-shot accuracy per held-out site and the mean (``methods``: only those,
+    by key; the same seeds and episodes as a full run)."""
+    if methods:
+        check_methods(methods)
     runner.quiet()
     seeds, rounds, n_episodes, keys = settings(quick)
+    if methods:
+        keys = tuple(k for k in keys if k in methods) if quick else tuple(methods)
     timer = R.Timer()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{BENCH}.md").write_text("")

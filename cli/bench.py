@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="where to write the rows (JSON list)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-results/NAME)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated method keys to run (new-site only; default: all of them)")
+                   help="comma-separated method keys to run (new-site and imaging; default: all of them)")
     p.set_defaults(func=_run)
 
 
