@@ -183,6 +183,7 @@ def _provision(args: argparse.Namespace) -> int:
         provision,
         revoke_site,
     )
+    from fedmeta.deploy.sitekeys import fingerprint
 
     if (args.revoke or args.add_site) and (args.passphrase_file or args.passphrase_env):
         raise ProvisionError("--add-site and --revoke use the CA key only: give its passphrase with "
@@ -200,7 +201,8 @@ def _provision(args: argparse.Namespace) -> int:
         bundle = add_site(consortium, args.out, args.add_site, ca_passphrase=ca_passphrase,
                           public_key=args.public_key, site_keys=args.site_keys)
         made = args.site_keys and not ca_passphrase.none
-        print(f"issued bundle for {args.add_site}: {bundle}" + (
+        fp = (bundle / "supernode.pub").read_bytes()
+        print(f"issued bundle for {args.add_site} (key {fingerprint(fp)}): {bundle}" + (
             f"; its key's passphrase is in {args.out / PASSPHRASES / (args.add_site + '.pass')}: hand it "
             "over apart from the bundle, then delete it" if made else ""))
         return 0

@@ -20,6 +20,8 @@ def _consortium(tmp_path: Path, **extra: object) -> Path:
 
 
 def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmeta.deploy.provision import Registry
+
     c = _consortium(tmp_path)
     out = tmp_path / "pki"
     ca_pw = _secret(tmp_path, "ca.pass", "the CA's own passphrase")
@@ -43,7 +45,9 @@ def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     add = ["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late", "--site-keys"]
     assert main([*add, *ca_pw]) == 0
     assert (out / "sites" / "late" / "node.yaml").is_file()
-    assert "late.pass: hand it over apart from the bundle" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "late.pass: hand it over apart from the bundle" in printed
+    assert f"issued bundle for late (key {Registry.load(out).sites['late'].fingerprint})" in printed
     # the registry is re-signed with the CA key: revoking needs its passphrase, not the coordinator's
     assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 2
     assert "the consortium CA key is encrypted with a passphrase of its own" in capsys.readouterr().err
