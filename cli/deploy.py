@@ -1,9 +1,12 @@
 """Deployment commands: ``fedmeta provision``, ``coordinator``, ``site``, ``run``, ``deploy local``.
 
-* ``fedmeta provision --consortium consortium.yaml --out DIR`` creates the CA, the coordinator's
-  certificate and one bundle per hospital, every private key encrypted with the passphrase;
-  ``--add-site NAME`` issues one more bundle later (``--public-key`` when the hospital made its
-  own key pair) and ``--revoke NAME`` withdraws one, without touching the others.
+* ``fedmeta provision --consortium consortium.yaml --out DIR`` creates the CA (its key
+  encrypted with its own passphrase, ``--ca-passphrase-file``), the coordinator's certificate
+  (its key with another, ``--passphrase-file``) and a bundle for each hospital that sent its
+  public key (``fedmeta site keygen``); ``--add-site NAME --public-key FILE`` issues one more
+  bundle later and ``--revoke NAME`` withdraws one, without touching the others (both need only
+  the CA key). ``--site-keys`` makes the hospitals' key pairs here instead, each with its own
+  random passphrase in ``DIR/passphrases/NAME.pass``.
 * ``fedmeta coordinator start --deployment DIR --state STATE`` runs the SuperLink (TLS, node
   authentication, state database) in the foreground and reconciles its registrations with the
   consortium registry; ``fedmeta coordinator revoke`` unregisters a site from the running one.
@@ -31,24 +34,32 @@ from typing import TYPE_CHECKING
 from fedmeta.common.errors import ConfigError, ProvisionError
 
 if TYPE_CHECKING:
-    from fedmeta.deploy.secrets import Passphrase
+    from fedmeta.deploy.secrets import KeyRole, Passphrase
 
 
-def _passphrase_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("private keys (encrypted at rest)")
+def _passphrase_args(p: argparse.ArgumentParser, *, key: str = "the key") -> argparse._ArgumentGroup:
+    g = p.add_argument_group("private keys (encrypted at rest, each with its own passphrase)")
     g.add_argument("--passphrase-file", type=Path, default=None,
-                   help="file whose first line is the key passphrase (mode 0600)")
+                   help=f"file whose first line is {key}'s passphrase (mode 0600)")
     g.add_argument("--passphrase-env", default=None, metavar="NAME",
-                   help="environment variable holding the passphrase (default FEDMETA_KEY_PASSPHRASE)")
+                   help=f"environment variable holding {key}'s passphrase (default FEDMETA_KEY_PASSPHRASE)")
     g.add_argument("--plaintext-keys", action="store_true",
                    help="write/read private keys unencrypted (test machines only)")
+    return g
 
 
-def _passphrase(args: argparse.Namespace) -> Passphrase:
-    from fedmeta.deploy.secrets import Passphrase
+def _passphrase(args: argparse.Namespace, role: KeyRole | None = None) -> Passphrase:
+    from fedmeta.deploy.secrets import HOST_KEY, Passphrase
 
     return Passphrase.from_options(file=args.passphrase_file, env=args.passphrase_env,
-                                   plaintext=args.plaintext_keys)
+                                   plaintext=args.plaintext_keys, role=role or HOST_KEY)
+
+
+def _ca_passphrase(args: argparse.Namespace) -> Passphrase:
+    from fedmeta.deploy.secrets import CA_KEY, Passphrase
+
+    return Passphrase.from_options(file=args.ca_passphrase_file, env=args.ca_passphrase_env,
+                                   plaintext=args.plaintext_keys, role=CA_KEY)
 
 
 def _set_arg(p: argparse.ArgumentParser) -> None:
@@ -65,9 +76,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-site", metavar="NAME", help="issue the bundle of one new site")
     p.add_argument("--public-key", type=Path, default=None,
                    help="with --add-site: the hospital's own supernode.pub (its private key stays there)")
+    p.add_argument("--site-keys", action="store_true",
+                   help="make the hospitals' key pairs here instead of taking their public keys, each "
+                        "encrypted with its own random passphrase (OUT/passphrases/NAME.pass, 0600) to "
+                        "hand over apart from the bundle")
     p.add_argument("--revoke", metavar="NAME", help="revoke one site's key")
     p.add_argument("--reason", default="revoked by operator", help="why (kept in the registry)")
-    _passphrase_args(p)
+    g = _passphrase_args(p, key="the coordinator key")
+    g.add_argument("--ca-passphrase-file", type=Path, default=None,
+                   help="file whose first line is the CA key's own passphrase (mode 0600)")
+    g.add_argument("--ca-passphrase-env", default=None, metavar="NAME",
+                   help="environment variable holding the CA key's passphrase (default FEDMETA_CA_PASSPHRASE)")
     p.set_defaults(func=_provision)
 
     co = sub.add_parser("coordinator", help="run the coordinator (Flower SuperLink)")
@@ -81,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--persist-state", action="store_true",
                    help="keep the SuperLink's state in <state>/superlink.db (SQLite) instead of memory: "
                         "Flower's run history survives a restart; rounds are about 3x slower")
-    _passphrase_args(s)
+    _passphrase_args(s, key="the coordinator key (coordinator/server.key)")
     s.set_defaults(func=_coordinator_start)
     r = co_sub.add_parser("revoke", help="revoke a site and unregister it from the SuperLink")
     _coordinator_args(r)
@@ -105,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kg = st_sub.add_parser("keygen", help="make this hospital's own key pair (send only the .pub)")
     kg.add_argument("--out", type=Path, required=True, help="folder for supernode.key and supernode.pub")
     kg.add_argument("--name", default="site", help="a comment naming the key")
-    _passphrase_args(kg)
+    _passphrase_args(kg, key="the site key")
     kg.set_defaults(func=_site_keygen)
     pn = st_sub.add_parser("pin", help="record the installed fedmeta code's hash in node.yaml")
     pn.add_argument("--node", type=Path, required=True, help="node.yaml to update")
@@ -157,28 +176,53 @@ def _warn_insecure() -> None:
 
 def _provision(args: argparse.Namespace) -> int:
     from fedmeta.deploy.consortium import load_consortium
-    from fedmeta.deploy.provision import add_site, provision, revoke_site
+    from fedmeta.deploy.provision import (
+        PASSPHRASES,
+        add_site,
+        pending_sites,
+        provision,
+        revoke_site,
+    )
+    from fedmeta.deploy.sitekeys import fingerprint
 
+    if (args.revoke or args.add_site) and (args.passphrase_file or args.passphrase_env):
+        raise ProvisionError("--add-site and --revoke use the CA key only: give its passphrase with "
+                             "--ca-passphrase-file or $FEDMETA_CA_PASSPHRASE, not the coordinator key's")
     if args.revoke:
-        rec = revoke_site(args.out, args.revoke, reason=args.reason, passphrase=_passphrase(args))
+        rec = revoke_site(args.out, args.revoke, reason=args.reason, ca_passphrase=_ca_passphrase(args))
         print(f"revoked {rec.name} (key {rec.fingerprint}); a coordinator started from now on "
               "unregisters it; `fedmeta coordinator revoke` tells a running one")
         return 0
     if args.consortium is None:
         raise ProvisionError("--consortium FILE is required to provision or to --add-site")
     consortium = load_consortium(args.consortium)
-    passphrase = _passphrase(args)
+    ca_passphrase = _ca_passphrase(args)
     if args.add_site:
-        bundle = add_site(consortium, args.out, args.add_site, passphrase=passphrase,
-                          public_key=args.public_key)
-        print(f"issued bundle for {args.add_site}: {bundle}")
+        bundle = add_site(consortium, args.out, args.add_site, ca_passphrase=ca_passphrase,
+                          public_key=args.public_key, site_keys=args.site_keys)
+        made = args.site_keys and not ca_passphrase.none
+        fp = (bundle / "supernode.pub").read_bytes()
+        print(f"issued bundle for {args.add_site} (key {fingerprint(fp)}): {bundle}" + (
+            f"; its key's passphrase is in {args.out / PASSPHRASES / (args.add_site + '.pass')}: hand it "
+            "over apart from the bundle, then delete it" if made else ""))
         return 0
     if args.public_key is not None:
-        raise ProvisionError("--public-key goes with --add-site NAME")
-    registry = provision(consortium, args.out, passphrase=passphrase)
-    print(f"provisioned {consortium.name}: CA and coordinator certificate in {args.out}, "
-          f"{len(registry.sites)} site bundles in {args.out / 'sites'} "
-          f"({passphrase.describe()})")
+        raise ProvisionError("--public-key goes with --add-site NAME (or public_key: in the consortium file)")
+    from fedmeta.deploy.secrets import COORDINATOR_KEY
+
+    passphrase = _passphrase(args, COORDINATOR_KEY)
+    registry = provision(consortium, args.out, ca_passphrase=ca_passphrase, passphrase=passphrase,
+                         site_keys=args.site_keys)
+    print(f"provisioned {consortium.name}: CA (key: {ca_passphrase.describe()}) and coordinator "
+          f"certificate (key: {passphrase.describe()}) in {args.out}, {len(registry.sites)} site "
+          f"bundles in {args.out / 'sites'}")
+    if args.site_keys and not passphrase.none:
+        print(f"each site key has its own passphrase in {args.out / PASSPHRASES}/NAME.pass (0600): hand it "
+              "over apart from the bundle, then delete it")
+    pending = pending_sites(consortium, registry)
+    if pending:
+        print(f"{len(pending)} sites await their public key: {', '.join(pending)}; each runs `fedmeta site "
+              "keygen` and sends supernode.pub, then `fedmeta provision --add-site NAME --public-key FILE`")
     return 0
 
 
@@ -201,13 +245,13 @@ def _coordinator_settings(deployment: Path) -> dict[str, object]:
 def _coordinator_start(args: argparse.Namespace) -> int:
     from fedmeta.deploy.coordinator import start_coordinator
     from fedmeta.deploy.processes import Processes
-    from fedmeta.deploy.secrets import Passphrase
+    from fedmeta.deploy.secrets import COORDINATOR_KEY, Passphrase
 
     if args.insecure:
         _warn_insecure()
     settings = _coordinator_settings(args.deployment)
     fleet = args.fleet_address or f"{settings['host']}:{settings['fleet_port']}"
-    passphrase = Passphrase(none=True) if args.insecure else _passphrase(args)
+    passphrase = Passphrase(none=True) if args.insecure else _passphrase(args, COORDINATOR_KEY)
     with Processes(args.state / "run") as procs:
         handle = start_coordinator(
             procs, deployment=args.deployment, state=args.state, passphrase=passphrase,
@@ -301,10 +345,10 @@ def _site_start(args: argparse.Namespace) -> int:
 
 
 def _site_keygen(args: argparse.Namespace) -> int:
-    from fedmeta.deploy.secrets import secure_folder
+    from fedmeta.deploy.secrets import SITE_KEY, secure_folder
     from fedmeta.deploy.sitekeys import make_site_keys
 
-    passphrase = _passphrase(args)
+    passphrase = _passphrase(args, SITE_KEY)
     folder = secure_folder(args.out)
     keys = make_site_keys(folder, comment=f"fedmeta-{args.name}",
                           passphrase=passphrase.read())

@@ -19,6 +19,9 @@ Example::
         partition_id: 0                   # optional: index into the experiment's data source
         site_config: /srv/fedmeta/site-data.yaml   # optional: data description on that host
         runtime_port: 9094                # the SuperNode's local ClientApp port, default 9094
+        public_key: keys/cleveland.pub    # optional: the supernode.pub the hospital made with
+                                          # `fedmeta site keygen` (relative to this file); a
+                                          # site without one is provisioned once it sends it
 
 Read like every fedmeta YAML file (:mod:`fedmeta.common.yamlio`): validated once, unknown keys
 rejected, and every error names the file, the key and the offending value.
@@ -145,6 +148,7 @@ class SiteSettings(DeployModel):
     partition_id: Annotated[int, bounded_int(0, 1_000_000)] | None = None
     site_config: Text | None = None
     runtime_port: Port = 9094
+    public_key: Text | None = None
 
 
 def _sites(value: Any) -> Any:
@@ -175,6 +179,13 @@ class Consortium(DeployModel):
         ca = self.ca if self.ca.common_name else self.ca.model_copy(
             update={"common_name": f"{self.name} CA"})
         return self.model_copy(update={"ca": ca})
+
+    def public_key(self, site: SiteSettings) -> Path | None:
+        """``site``'s own public key file, relative to the consortium file's folder."""
+        if site.public_key is None:
+            return None
+        path = Path(site.public_key).expanduser()
+        return path if path.is_absolute() else Path(self.source).parent / path
 
     def site(self, name: str) -> SiteSettings:
         for s in self.sites:

@@ -38,7 +38,13 @@ from fedmeta.deploy.launch import (
 )
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.provision import Registry
-from fedmeta.deploy.secrets import MemoryFile, Passphrase, decrypted_pem, secure_folder
+from fedmeta.deploy.secrets import (
+    COORDINATOR_KEY,
+    MemoryFile,
+    Passphrase,
+    decrypted_pem,
+    secure_folder,
+)
 from fedmeta.deploy.sitekeys import fingerprint_of_bytes
 from fedmeta.protocol import environment as ENV
 from fedmeta.server.audit import open_log
@@ -186,7 +192,7 @@ def start_coordinator(
     env = coordinator_env(layout, passphrase_env=passphrase.env)
     # the registry is checked against this CA certificate only, for as long as this coordinator runs
     env[ENV.CA_SHA256] = hashlib.sha256(layout.ca.read_bytes()).hexdigest()
-    key = None if insecure else decrypted_pem(layout.key, passphrase)
+    key = None if insecure else decrypted_pem(layout.key, passphrase, what=COORDINATOR_KEY.what)
     secret = MemoryFile("superexec-secret", secrets.token_bytes(32))
     argv = superlink_argv(layout, key_path=key.path if key else None, fleet_address=fleet_address,
                           secret_path=secret.path, insecure=insecure, persist_state=persist_state)

@@ -111,13 +111,14 @@ class CoordinatorLayout:
 
 def app_env(flwr_home: Path, *, passphrase_env: str | None = None) -> dict[str, str]:
     """Environment of a Flower process (SuperLink, SuperNode, the ServerApp's executor): that of
-    :func:`base_env` without any key passphrase (``$FEDMETA_KEY_PASSPHRASE`` and the variable
-    ``passphrase_env`` the operator named). fedmeta decrypts every key itself, into memory, before
-    it starts them; none of them, nor an app they run, needs a passphrase."""
-    from fedmeta.deploy.secrets import PASSPHRASE_ENV
+    :func:`base_env` without any key passphrase (``$FEDMETA_KEY_PASSPHRASE``,
+    ``$FEDMETA_CA_PASSPHRASE`` and the variable ``passphrase_env`` the operator named). fedmeta
+    decrypts every key itself, into memory, before it starts them; none of them, nor an app they
+    run, needs a passphrase."""
+    from fedmeta.deploy.secrets import PASSPHRASE_ENVS
 
     env = base_env(flwr_home)
-    for name in {PASSPHRASE_ENV, passphrase_env or PASSPHRASE_ENV}:
+    for name in {*PASSPHRASE_ENVS, passphrase_env or PASSPHRASE_ENVS[0]}:
         env.pop(name, None)
     return env
 

@@ -2,7 +2,8 @@
 
 Everything a real consortium does, on 127.0.0.1: the experiment is loaded and validated first
 (a bad config or override stops here, before anything starts); a fresh consortium is provisioned
-with encrypted keys (a random passphrase handed to the processes in their environment); each
+with encrypted keys, each with a random passphrase of its own (the CA's, the coordinator's and
+each hospital's, in owner-only files, never in an environment: :func:`provision_local`); each
 hospital gets its own bundle, its own state folder and its own copy of *its* data only; the
 coordinator (TLS SuperLink, node authentication) and one ``fedmeta site start`` process per
 hospital are started; the run is submitted and its progress shown; its outputs are copied to
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -40,8 +40,15 @@ from fedmeta.deploy.coordinator import start_coordinator
 from fedmeta.deploy.launch import base_env, follow_run, submit_run
 from fedmeta.deploy.node import NODE_FILE
 from fedmeta.deploy.processes import Managed, Processes
-from fedmeta.deploy.provision import provision
-from fedmeta.deploy.secrets import PASSPHRASE_ENV, Passphrase
+from fedmeta.deploy.provision import PASSPHRASES, provision
+from fedmeta.deploy.secrets import (
+    CA_KEY,
+    COORDINATOR_KEY,
+    Passphrase,
+    fresh_passphrase,
+    secure_folder,
+    write_passphrase_file,
+)
 from fedmeta.protocol.run_name import new as new_run_name
 
 log = logging.getLogger(__name__)
@@ -220,12 +227,49 @@ def start_local_site(procs: Processes, bundle: Path, *, insecure: bool = False,
 
 
 def configure_bundle(bundle: Path, *, data: str | dict[str, object], runtime_port: int,
-                     poll_interval_s: float = 0.2) -> None:
-    """Point a provisioned bundle's node file at its data, its own runtime port and state."""
+                     poll_interval_s: float = 0.2, key_passphrase_file: Path | None = None) -> None:
+    """Point a provisioned bundle's node file at its data, its own runtime port and state (and
+    its key's passphrase file, when given)."""
     path = bundle / NODE_FILE
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     doc.update({"data": data, "runtime_port": runtime_port, "poll_interval_s": poll_interval_s})
+    if key_passphrase_file is not None:
+        doc["key_passphrase_file"] = str(key_passphrase_file)
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class LocalKeys:
+    """The passphrases of a throwaway consortium's keys, one each (plaintext when insecure)."""
+
+    ca: Passphrase
+    coordinator: Passphrase
+    deployment: Path
+
+    def site(self, name: str) -> Path | None:
+        """The file holding site ``name``'s key passphrase (None for plaintext keys)."""
+        return None if self.coordinator.none else self.deployment / PASSPHRASES / f"{name}.pass"
+
+
+def provision_local(consortium_path: Path, deployment: Path, *, secrets_dir: Path,
+                    insecure: bool = False) -> LocalKeys:
+    """Provision a throwaway consortium into ``deployment``: the CA key and the coordinator key
+    each encrypted with a random passphrase of its own (``secrets_dir/ca.pass``,
+    ``coordinator.pass``, 0600), and every site key made here with its own
+    (``deployment/passphrases/<site>.pass``). No passphrase goes into an environment. With
+    ``insecure`` the keys are plaintext."""
+    if insecure:
+        ca = coordinator = Passphrase(none=True)
+    else:
+        folder = secure_folder(secrets_dir)
+        ca_secret = fresh_passphrase()
+        write_passphrase_file(folder / "ca.pass", ca_secret)
+        write_passphrase_file(folder / "coordinator.pass", fresh_passphrase([ca_secret]))
+        ca = Passphrase(file=folder / "ca.pass", role=CA_KEY)
+        coordinator = Passphrase(file=folder / "coordinator.pass", role=COORDINATOR_KEY)
+    provision(load_consortium(consortium_path), deployment, ca_passphrase=ca, passphrase=coordinator,
+              site_keys=True)
+    return LocalKeys(ca=ca, coordinator=coordinator, deployment=deployment)
 
 
 def deploy_local(
@@ -278,16 +322,12 @@ def deploy_local(
     fleet_port, control_port = free_port(), free_port()
     consortium_path = write_local_consortium(work / "consortium.yaml", sites=[p.name for p in plans],
                                              fleet_port=fleet_port, control_port=control_port)
-    env = dict(os.environ)
-    passphrase = Passphrase(none=True)
-    if not insecure:
-        env[PASSPHRASE_ENV] = secrets.token_urlsafe(24)
-        os.environ[PASSPHRASE_ENV] = env[PASSPHRASE_ENV]  # this process decrypts the TLS key
-        passphrase = Passphrase(env=PASSPHRASE_ENV)
     deployment = work / "pki"
-    provision(load_consortium(consortium_path), deployment, passphrase=passphrase)
+    keys = provision_local(consortium_path, deployment, secrets_dir=work / "secrets", insecure=insecure)
+    passphrase = keys.coordinator
     for plan in plans:
-        configure_bundle(deployment / "sites" / plan.name, data=plan.data, runtime_port=free_port())
+        configure_bundle(deployment / "sites" / plan.name, data=plan.data, runtime_port=free_port(),
+                         key_passphrase_file=keys.site(plan.name))
     t_prov = time.monotonic()
     run_name = new_run_name(experiment.algorithm)
     state = work / "coordinator"
@@ -299,7 +339,6 @@ def deploy_local(
                 procs, deployment=deployment, state=state, passphrase=passphrase,
                 fleet_address=f"{LOOPBACK}:{fleet_port}", insecure=insecure)
             site_env = base_env(work / "flwr-home-sites")
-            site_env.update({k: v for k, v in env.items() if k == PASSPHRASE_ENV})
             for plan in plans:
                 start_local_site(procs, deployment / "sites" / plan.name, insecure=insecure, env=site_env)
             assert co.control is not None
@@ -341,6 +380,6 @@ def deploy_local(
                        leftovers=leftovers)
 
 
-__all__ = ["LOOPBACK", "LocalResult", "configure_bundle", "deploy_local", "free_port",
-           "online_nodes", "plan_sites", "start_local_site", "wait_nodes_online",
+__all__ = ["LOOPBACK", "LocalKeys", "LocalResult", "configure_bundle", "deploy_local", "free_port",
+           "online_nodes", "plan_sites", "provision_local", "start_local_site", "wait_nodes_online",
            "write_local_consortium"]

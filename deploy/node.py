@@ -46,7 +46,7 @@ from pydantic import (
 from fedmeta.common.errors import ConfigError
 from fedmeta.common.yamlio import Bool, fail, integer, number, read_mapping, validate
 from fedmeta.deploy.consortium import DeployModel
-from fedmeta.deploy.secrets import Passphrase
+from fedmeta.deploy.secrets import KeyRole, Passphrase
 from fedmeta.sitecore.policy import SitePolicy
 
 NODE_FILE = "node.yaml"
@@ -182,9 +182,15 @@ class NodeConfig(DeployModel):
         return self
 
     def passphrase(self) -> Passphrase:
-        """Where this node's key passphrase comes from (``$FEDMETA_KEY_PASSPHRASE`` by default)."""
+        """Where this node's key passphrase comes from (``$FEDMETA_KEY_PASSPHRASE`` when
+        node.yaml names none); a missing one is an error naming the site's key."""
+        role = KeyRole(self.key_name(), "key_passphrase_file:", "key_passphrase_env:")
         return Passphrase.from_options(file=self.key_passphrase_file, env=self.key_passphrase_env,
-                                       plaintext=self.plaintext_key)
+                                       plaintext=self.plaintext_key, role=role)
+
+    def key_name(self) -> str:
+        """How errors name this node's key."""
+        return f"site {self.site}'s key"
 
     def node_config(self) -> dict[str, str | int]:
         """What the site core is told about its data (:func:`fedmeta.sitecore.data.site_for_node`)."""
@@ -234,8 +240,8 @@ def render_node_yaml(*, site: str, superlink: str, runtime_port: int, data: str 
     header = (
         f"# fedmeta node file for {site!r}. Keep supernode.key secret (mode 0600).\n"
         "# data: the path of this hospital's data description (site.yaml, kind: ehr or images).\n"
-        "# The key is encrypted: give its passphrase with key_passphrase_file: FILE (mode 0600) or\n"
-        "# key_passphrase_env: NAME, or set $FEDMETA_KEY_PASSPHRASE.\n"
+        "# The key is encrypted with its own passphrase: give it with key_passphrase_file: FILE\n"
+        "# (mode 0600) or key_passphrase_env: NAME, or set $FEDMETA_KEY_PASSPHRASE.\n"
         "# app pins the fedmeta this hospital installed; `fedmeta site pin --node node.yaml` adds\n"
         "# the installed code's hash. policy: what this site allows (see deploy/README.md).\n"
     )

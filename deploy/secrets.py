@@ -1,8 +1,11 @@
-"""Private keys at rest: encrypted with a passphrase, decrypted only into memory.
+"""Private keys at rest: each encrypted with a passphrase of its own, decrypted only into memory.
 
 Every private key fedmeta writes (the CA's, the coordinator's TLS key, each hospital's SuperNode
-key) is PKCS#8 PEM encrypted with the passphrase (``BestAvailableEncryption``: AES-256-CBC
-under a key stretched by PBKDF2), unless an operator explicitly asks for plaintext keys.
+key) is PKCS#8 PEM encrypted with its own passphrase (``BestAvailableEncryption``: AES-256-CBC
+under a key stretched by PBKDF2), unless an operator explicitly asks for plaintext keys. The
+CA key's passphrase is a separate secret (``--ca-passphrase-file``, ``$FEDMETA_CA_PASSPHRASE``)
+from the one of the key a host runs with (``--passphrase-file``, ``$FEDMETA_KEY_PASSPHRASE``);
+a missing passphrase is an error, never another key's.
 
 A passphrase comes from a file (first line, the file must not be readable by others) or from an
 environment variable; :class:`Passphrase` says which, without holding the secret longer than
@@ -14,7 +17,9 @@ child ``/dev/fd/N``: the plaintext never touches a disk and disappears with the 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +28,34 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmeta.common.errors import ProvisionError
 
-#: Environment variable read for the key passphrase when no file is named.
+#: Environment variable read for the passphrase of the key a host runs with (the coordinator's
+#: TLS key, a site's SuperNode key) when no file is named.
 PASSPHRASE_ENV = "FEDMETA_KEY_PASSPHRASE"
+#: Environment variable read for the consortium CA key's passphrase when no file is named.
+CA_PASSPHRASE_ENV = "FEDMETA_CA_PASSPHRASE"
+#: Every variable fedmeta reads a passphrase from by default: never in a Flower process's environment.
+PASSPHRASE_ENVS = (PASSPHRASE_ENV, CA_PASSPHRASE_ENV)
 MIN_PASSPHRASE = 12
+
+
+@dataclass(frozen=True)
+class KeyRole:
+    """Which key a passphrase unlocks, for the options that give it and for error messages."""
+
+    what: str
+    file_option: str = "--passphrase-file"
+    env_option: str = "--passphrase-env"
+    env: str = PASSPHRASE_ENV
+
+
+#: The passphrase of the key this host runs with (generic: the CLI's ``--passphrase-*``).
+HOST_KEY = KeyRole("the private key")
+#: The coordinator's TLS key (``coordinator/server.key``).
+COORDINATOR_KEY = KeyRole("the coordinator's TLS key")
+#: The consortium CA key (``ca/ca.key``): its own options and variable.
+CA_KEY = KeyRole("the consortium CA key", "--ca-passphrase-file", "--ca-passphrase-env", CA_PASSPHRASE_ENV)
+#: A hospital's SuperNode key (``supernode.key``).
+SITE_KEY = KeyRole("the site's key")
 
 
 @dataclass(frozen=True)
@@ -36,25 +66,29 @@ class Passphrase:
     file: Path | None = None
     env: str | None = None
     none: bool = False
+    role: KeyRole = HOST_KEY
 
     @classmethod
-    def from_options(cls, *, file: Path | None, env: str | None, plaintext: bool) -> Passphrase:
-        """The source named on a command line: a file, a variable, or plaintext keys; with
-        nothing named, ``$FEDMETA_KEY_PASSPHRASE`` when it is set."""
+    def from_options(cls, *, file: Path | None, env: str | None, plaintext: bool,
+                     role: KeyRole = HOST_KEY) -> Passphrase:
+        """The source named on a command line for ``role``'s key: a file, a variable, or
+        plaintext keys; with nothing named, the role's variable (``$FEDMETA_KEY_PASSPHRASE``,
+        ``$FEDMETA_CA_PASSPHRASE`` for the CA key) when it is set. Nothing else: a missing
+        passphrase is an error naming the key, never another key's passphrase."""
         chosen = [x for x in (file is not None, env is not None, plaintext) if x]
         if len(chosen) > 1:
-            raise ProvisionError("give one of --passphrase-file, --passphrase-env, --plaintext-keys")
+            raise ProvisionError(f"give one of {role.file_option}, {role.env_option}, --plaintext-keys")
         if plaintext:
-            return cls(none=True)
+            return cls(none=True, role=role)
         if file is not None:
-            return cls(file=file)
+            return cls(file=file, role=role)
         if env is not None:
-            return cls(env=env)
-        if os.environ.get(PASSPHRASE_ENV):
-            return cls(env=PASSPHRASE_ENV)
+            return cls(env=env, role=role)
+        if os.environ.get(role.env):
+            return cls(env=role.env, role=role)
         raise ProvisionError(
-            "private keys are encrypted with a passphrase: give --passphrase-file FILE, or set "
-            f"${PASSPHRASE_ENV} (or --passphrase-env NAME); --plaintext-keys writes them "
+            f"{role.what} is encrypted with a passphrase of its own: give {role.file_option} FILE, "
+            f"or set ${role.env} (or {role.env_option} NAME); --plaintext-keys writes keys "
             "unencrypted (test machines only)"
         )
 
@@ -67,10 +101,11 @@ class Passphrase:
                 mode = self.file.stat().st_mode
                 text = self.file.read_text(encoding="utf-8")
             except OSError as e:
-                raise ProvisionError(f"{self.file}: cannot read the passphrase file: {e}") from e
+                raise ProvisionError(f"{self.file}: cannot read the passphrase file of "
+                                     f"{self.role.what}: {e}") from e
             if mode & (stat.S_IRWXG | stat.S_IRWXO) and not _systemd_credential(self.file):
                 raise ProvisionError(
-                    f"{self.file}: the passphrase file is readable by others (mode "
+                    f"{self.file}: the passphrase file of {self.role.what} is readable by others (mode "
                     f"{stat.S_IMODE(mode):o}); chmod 600 it"
                 )
             value = text.splitlines()[0] if text.strip() else ""
@@ -79,9 +114,11 @@ class Passphrase:
             assert self.env is not None
             value = os.environ.get(self.env, "")
             where = f"${self.env}"
+        if not value:
+            raise ProvisionError(f"{where}: no passphrase for {self.role.what} (empty or unset)")
         if len(value) < MIN_PASSPHRASE:
             raise ProvisionError(
-                f"{where}: the key passphrase must be at least {MIN_PASSPHRASE} characters"
+                f"{where}: the passphrase of {self.role.what} must be at least {MIN_PASSPHRASE} characters"
             )
         return value.encode("utf-8")
 
@@ -121,17 +158,19 @@ def is_encrypted(path: Path) -> bool:
         raise ProvisionError(f"{path}: cannot read the key file: {e}") from e
 
 
-def load_private_key(path: Path, passphrase: Passphrase) -> ec.EllipticCurvePrivateKey:
-    """Read and decrypt an EC private key written by fedmeta; errors name the file and say why
-    (wrong passphrase, plaintext key where a passphrase was given, not a key)."""
+def load_private_key(path: Path, passphrase: Passphrase, *, what: str | None = None) -> ec.EllipticCurvePrivateKey:
+    """Read and decrypt an EC private key written by fedmeta; errors name the key (``what``,
+    else the passphrase's role) and its file and say why (wrong passphrase, plaintext key where
+    a passphrase was given, not a key), in one line."""
+    what = what or passphrase.role.what
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ProvisionError(f"{path}: cannot read the key file: {e}") from e
+        raise ProvisionError(f"{path}: cannot read {what}: {e}") from e
     encrypted = b"ENCRYPTED PRIVATE KEY" in data[:64]
     secret = passphrase.read()
     if encrypted and secret is None:
-        raise ProvisionError(f"{path}: the key is encrypted; give its passphrase")
+        raise ProvisionError(f"{path}: {what} is encrypted; give its passphrase")
     key: object
     try:
         if b"OPENSSH PRIVATE KEY" in data[:64]:
@@ -139,8 +178,8 @@ def load_private_key(path: Path, passphrase: Passphrase) -> ec.EllipticCurvePriv
         else:
             key = serialization.load_pem_private_key(data, password=secret if encrypted else None)
     except (ValueError, TypeError) as e:
-        reason = "wrong passphrase or damaged key" if encrypted else str(e)
-        raise ProvisionError(f"{path}: cannot load the private key: {reason}") from e
+        reason = f"wrong passphrase ({passphrase.describe()}) or damaged key" if encrypted else str(e)
+        raise ProvisionError(f"{path}: cannot load {what}: {reason}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ProvisionError(f"{path}: expected an EC private key, got {type(key).__name__}")
     return key
@@ -174,13 +213,37 @@ class MemoryFile:
         self.close()
 
 
-def decrypted_pem(path: Path, passphrase: Passphrase, *, openssh: bool = False) -> MemoryFile:
+def decrypted_pem(path: Path, passphrase: Passphrase, *, openssh: bool = False,
+                  what: str | None = None) -> MemoryFile:
     """``path``'s key decrypted into memory, as PKCS#8 PEM (TLS) or OpenSSH (SuperNode
     authentication), for a child process to read from ``/dev/fd/N``."""
-    key = load_private_key(path, passphrase)
+    key = load_private_key(path, passphrase, what=what)
     fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
     data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
     return MemoryFile(path.name, data)
+
+
+def fresh_passphrase(avoid: Iterable[bytes] = ()) -> bytes:
+    """A new random passphrase (32 bytes from the operating system's CSPRNG, as URL-safe text),
+    equal to none of ``avoid`` (the CA's, the coordinator's, the other keys' passphrases)."""
+    taken = set(avoid)
+    for _ in range(3):
+        value = secrets.token_urlsafe(32).encode("ascii")
+        if value not in taken:
+            return value
+    raise ProvisionError("could not draw a passphrase different from the other keys'")
+
+
+def write_passphrase_file(path: Path, value: bytes) -> None:
+    """Write a passphrase (one line) to ``path``, created 0600 and never over an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as e:
+        raise ProvisionError(f"{path}: refusing to overwrite an existing passphrase file") from e
+    with os.fdopen(fd, "wb") as f:
+        f.write(value + b"\n")
+    os.chmod(path, 0o600)
 
 
 def secure_folder(path: Path) -> Path:

@@ -1,8 +1,8 @@
 """A hospital's side of a deployment: ``fedmeta site start --node node.yaml``.
 
-Before anything starts, the site checks everything it can: the node file, the installed fedmeta
-against the hospital's pin (version and, when pinned, the code's hash), its data (loaded and
-validated), and its key (decrypted with its passphrase). Then it runs two things until stopped:
+Before anything starts, the site checks everything it can: the node file, its key (decrypted
+with its own passphrase), the installed fedmeta against the hospital's pin (version and, when
+pinned, the code's hash) and its data (loaded and validated). Then it runs two things until stopped:
 
 - Flower's SuperNode (``python -m fedmeta.deploy.supernode``, gRPC with TLS to the coordinator,
   authenticated by the hospital's key, in ``process`` isolation: it launches nothing), restarted
@@ -125,9 +125,10 @@ class SiteRunner:
         """Check everything, then start the SuperNode and the worker; returns the checks' result."""
         from fedmeta.client.worker import SiteWorker, WorkerSettings
 
+        if not self.insecure:  # the key first: a missing or wrong passphrase stops here, at once
+            self._key = decrypted_pem(self.node.auth_private_key, self.node.passphrase(), openssh=True,
+                                      what=self.node.key_name())
         checked = preflight(self.node)
-        if not self.insecure:
-            self._key = decrypted_pem(self.node.auth_private_key, self.node.passphrase(), openssh=True)
         secret = secrets.token_bytes(32)
         self._secret = MemoryFile("superexec-secret", secret)
         self.audit.record("site_started", site=self.node.site, version=checked.version,

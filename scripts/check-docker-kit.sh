@@ -61,8 +61,10 @@ sites:
   - {name: site-2, partition_id: 2}
 EOF
 install -d -m 0700 secrets
-(umask 077; printf '%s\n' "$(head -c 24 /dev/urandom | base64)" > secrets/key-passphrase)
-"$FEDMETA" provision --consortium consortium.yaml --out pki --passphrase-file secrets/key-passphrase >/dev/null
+(umask 077; head -c 24 /dev/urandom | base64 > secrets/ca-passphrase
+ head -c 24 /dev/urandom | base64 > secrets/coordinator-passphrase)
+"$FEDMETA" provision --consortium consortium.yaml --out pki --site-keys \
+    --ca-passphrase-file secrets/ca-passphrase --passphrase-file secrets/coordinator-passphrase >/dev/null
 install -d -m 0700 coordinator-pki
 cp -a pki/registry.json pki/coordinator coordinator-pki/
 for s in 0 1 2; do
@@ -71,7 +73,7 @@ for s in 0 1 2; do
     grep -qx 'state: /var/lib/fedmeta/site' "$node" || fail "$node: no 'state: state' line to change"
     echo 'key_passphrase_file: /run/secrets/key_passphrase' >> "$node"
 done
-chown -R 10001:10001 coordinator-pki pki/sites secrets
+chown -R 10001:10001 coordinator-pki pki/sites pki/passphrases secrets/coordinator-passphrase
 
 step "starting the coordinator and three sites"
 "${COMPOSE[@]}" up -d --no-build >/dev/null 2>&1

@@ -20,31 +20,48 @@ def _consortium(tmp_path: Path, **extra: object) -> Path:
 
 
 def test_provision_add_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmeta.deploy.provision import Registry
+
     c = _consortium(tmp_path)
     out = tmp_path / "pki"
-    assert main(["provision", "--consortium", str(c), "--out", str(out)]) == 2
-    assert "encrypted with a passphrase: give --passphrase-file" in capsys.readouterr().err
+    ca_pw = _secret(tmp_path, "ca.pass", "the CA's own passphrase")
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *ca_pw]) == 2
+    assert "the coordinator's TLS key is encrypted with a passphrase of its own: give --passphrase-file" \
+        in capsys.readouterr().err
     assert not out.exists()  # nothing written before the passphrase is known
-    secret = tmp_path / "key.pass"
-    secret.write_text("a passphrase of some length\n")
-    secret.chmod(0o600)
-    pw = ["--passphrase-file", str(secret)]
-    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw]) == 0
+    pw = _secret(tmp_path, "key.pass", "a passphrase of some length")
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw]) == 2
+    assert "the consortium CA key is encrypted with a passphrase of its own: give --ca-passphrase-file" \
+        in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw, *ca_pw, "--site-keys"]) == 0
     assert "2 site bundles" in capsys.readouterr().out
     assert stat.S_IMODE((out / "sites" / "a" / "supernode.key").stat().st_mode) == 0o600
-    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw]) == 2
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw, *ca_pw]) == 2
     assert "already provisioned" in capsys.readouterr().err
     doc = yaml.safe_load(c.read_text())
     doc["sites"].append({"name": "late"})
     c.write_text(yaml.safe_dump(doc))
-    assert main(["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late", *pw]) == 0
+    add = ["provision", "--consortium", str(c), "--out", str(out), "--add-site", "late", "--site-keys"]
+    assert main([*add, *ca_pw]) == 0
     assert (out / "sites" / "late" / "node.yaml").is_file()
-    capsys.readouterr()
-    # the registry is re-signed with the CA key: revoking needs its passphrase
+    printed = capsys.readouterr().out
+    assert "late.pass: hand it over apart from the bundle" in printed
+    assert f"issued bundle for late (key {Registry.load(out).sites['late'].fingerprint})" in printed
+    # the registry is re-signed with the CA key: revoking needs its passphrase, not the coordinator's
     assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test"]) == 2
-    assert "encrypted with a passphrase: give --passphrase-file" in capsys.readouterr().err
-    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test", *pw]) == 0
+    assert "the consortium CA key is encrypted with a passphrase of its own" in capsys.readouterr().err
+    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test", *pw]) == 2
+    assert "use the CA key only" in capsys.readouterr().err
+    assert main(["provision", "--out", str(out), "--revoke", "a", "--reason", "test", *ca_pw]) == 0
     assert "revoked a" in capsys.readouterr().out
+
+
+def _secret(folder: Path, name: str, value: str) -> list[str]:
+    path = folder / name
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return ["--ca-passphrase-file" if name.startswith("ca") else "--passphrase-file", str(path)]
 
 
 def test_bad_consortium_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,10 +147,9 @@ def test_coordinator_revoke_needs_no_ca_key(tmp_path: Path, capsys: pytest.Captu
 
     c = _consortium(tmp_path)
     out = tmp_path / "pki"
-    secret = tmp_path / "key.pass"
-    secret.write_text("a passphrase of some length\n")
-    secret.chmod(0o600)
-    assert main(["provision", "--consortium", str(c), "--out", str(out), "--passphrase-file", str(secret)]) == 0
+    pw = [*_secret(tmp_path, "key.pass", "a passphrase of some length"),
+          *_secret(tmp_path, "ca.pass", "the CA's own passphrase")]
+    assert main(["provision", "--consortium", str(c), "--out", str(out), *pw, "--site-keys"]) == 0
     shutil.rmtree(out / "ca")  # what the coordinator host holds
     signed = (out / "registry.json").read_bytes()
     assert main(["coordinator", "revoke", "--deployment", str(out), "--state", str(tmp_path / "state"),
@@ -141,3 +157,47 @@ def test_coordinator_revoke_needs_no_ca_key(tmp_path: Path, capsys: pytest.Captu
     assert "a was not registered with this coordinator; marked revoked" in capsys.readouterr().out
     assert (out / "registry.json").read_bytes() == signed
     assert Registry.load(out).sites["a"].status == "revoked"
+
+
+def test_a_wrong_or_missing_passphrase_stops_a_start_in_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`coordinator start` and `site start` decrypt their key with its own passphrase before
+    anything starts: a wrong or missing one is one line naming the key, exit 2, no traceback.
+    Control arm: the site's own passphrase gets it past its key, to the next check (no data)."""
+    import os
+
+    for name in ("FEDMETA_KEY_PASSPHRASE", "FEDMETA_CA_PASSPHRASE"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "pki"
+    co_pw = _secret(tmp_path, "key.pass", "a passphrase of some length")
+    ca_pw = _secret(tmp_path, "ca.pass", "the CA's own passphrase")
+    assert main(["provision", "--consortium", str(_consortium(tmp_path)), "--out", str(out), *co_pw, *ca_pw,
+                 "--site-keys"]) == 0
+    capsys.readouterr()
+    start = ["coordinator", "start", "--deployment", str(out), "--state", str(tmp_path / "state")]
+    cases = [
+        (start, "the coordinator's TLS key is encrypted with a passphrase of its own: give --passphrase-file"),
+        ([*start, "--passphrase-file", ca_pw[1]], "server.key: cannot load the coordinator's TLS key: wrong passphrase"),
+        (["site", "start", "--node", str(out / "sites" / "a" / "node.yaml")],
+         "site a's key is encrypted with a passphrase of its own: give key_passphrase_file: FILE"),
+        (["site", "start", "--node", str(out / "sites" / "a" / "node.yaml"), "--passphrase-file", co_pw[1]],
+         "supernode.key: cannot load site a's key: wrong passphrase"),
+        (["site", "start", "--node", str(out / "sites" / "a" / "node.yaml"), "--passphrase-file",
+          str(out / "passphrases" / "b.pass")], "cannot load site a's key: wrong passphrase"),
+    ]
+    umask = os.umask(0o022)
+    try:
+        for argv, message in cases:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith("fedmeta: error: ") and message in err, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+        assert not list((tmp_path / "state").rglob("*.log"))  # no SuperLink was started
+        assert not list((out / "sites" / "a" / "state").rglob("*.log"))  # no SuperNode either
+        # control: with its own passphrase the site gets past its key, to the next check
+        assert main(["site", "start", "--node", str(out / "sites" / "a" / "node.yaml"), "--passphrase-file",
+                     str(out / "passphrases" / "a.pass")]) == 2
+        assert "names no data" in capsys.readouterr().err
+    finally:
+        os.umask(umask)

@@ -1,6 +1,6 @@
 """A real consortium on 127.0.0.1, attacked as a hostile coordinator operator or participant would.
 
-One consortium is provisioned (keys encrypted with a passphrase) and its coordinator (TLS
+One consortium is provisioned (each key encrypted with a passphrase of its own) and its coordinator (TLS
 SuperLink, node authentication) and three hospitals (``fedmeta site start``: a SuperNode in
 process isolation and the site worker) are started once for the module; site-3 is provisioned
 but kept for the attacks that need a fourth node. The fixture stops every process by PID at the
@@ -56,7 +56,13 @@ from fedmeta.deploy.local import (
 )
 from fedmeta.deploy.processes import Managed, Processes, descendants
 from fedmeta.deploy.provision import provision, revoke_site
-from fedmeta.deploy.secrets import MemoryFile, Passphrase, decrypted_pem
+from fedmeta.deploy.secrets import (
+    CA_KEY,
+    MemoryFile,
+    Passphrase,
+    decrypted_pem,
+    write_passphrase_file,
+)
 from fedmeta.deploy.sitekeys import fingerprint, fingerprint_of_bytes, make_site_keys
 from fedmeta.protocol.app import PUBLISHER, installed_version
 from fedmeta.server.audit import read_log
@@ -65,7 +71,8 @@ pytestmark = pytest.mark.deployment
 
 SITES = ["site-0", "site-1", "site-2", "site-3"]  # Cleveland, Hungary, Switzerland, VA Long Beach
 STARTED = SITES[:3]
-SECRET = "a passphrase only this test knows"
+SECRET = "a passphrase only this test knows"  # the coordinator key's
+CA_SECRET = "the CA key's passphrase, its own"
 PASS = Passphrase(env="FEDMETA_KEY_PASSPHRASE")
 FAST = ["algorithm=reptile", "eval.adapt_steps=20", "tasks.meta_batch=4", "federation.timeout_s=60"]
 IDENTIFIER = "Doe, John MRN 0012345"
@@ -84,6 +91,20 @@ class Consortium:
 
     def bundle(self, site: str) -> Path:
         return self.pki / "sites" / site
+
+    @property
+    def ca_pass(self) -> Passphrase:
+        return Passphrase(file=self.root / "ca.pass", role=CA_KEY)
+
+    def site_pass(self, site: str) -> Passphrase:
+        """The passphrase of the key provisioning made for ``site`` (its own)."""
+        return Passphrase(file=self.pki / "passphrases" / f"{site}.pass")
+
+    def env(self, site: str, **extra: str) -> dict[str, str]:
+        """A site process's environment: its own key's passphrase (``$FEDMETA_KEY_PASSPHRASE``)."""
+        secret = self.site_pass(site).read()
+        assert secret is not None
+        return {**self.site_env, "FEDMETA_KEY_PASSPHRASE": secret.decode(), **extra}
 
     def ids(self, sites: list[str]) -> list[int]:
         return [self.co.node_ids[s] for s in sites]
@@ -116,7 +137,9 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
         s["partition_id"] = i
     path.write_text(yaml.safe_dump(doc))
     pki = root / "pki"
-    provision(load_consortium(path), pki, passphrase=PASS)
+    write_passphrase_file(root / "ca.pass", CA_SECRET.encode())
+    provision(load_consortium(path), pki, ca_passphrase=Passphrase(file=root / "ca.pass", role=CA_KEY),
+              passphrase=PASS, site_keys=True)
     for i, site in enumerate(SITES):
         configure_bundle(pki / "sites" / site, data={"source": "fed-heart", "partition": i},
                          runtime_port=free_port())
@@ -127,11 +150,12 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
         co = start_coordinator(procs, deployment=pki, state=root / "coordinator", passphrase=PASS,
                                fleet_address=f"{LOOPBACK}:{fleet}")
         site_env = base_env(root / "flwr-home-sites")
+        site_env.pop("FEDMETA_KEY_PASSPHRASE", None)  # the coordinator key's: no site has it
+        d = Consortium(root, pki, procs, co, site_env, fleet, control)
         for site in STARTED:
-            start_local_site(procs, pki / "sites" / site, env=site_env)
+            start_local_site(procs, pki / "sites" / site, env=d.env(site))
         assert co.control is not None
         wait_nodes_online(co.control, [co.node_ids[s] for s in STARTED], timeout=90)
-        d = Consortium(root, pki, procs, co, site_env, fleet, control)
         yield d
         co = d.co
     finally:
@@ -214,8 +238,9 @@ def test_a_node_without_a_registered_key_or_the_ca_cannot_connect(consortium: Co
     before = online_nodes(d.co.control)  # type: ignore[arg-type]
     stranger = make_site_keys(d.root / "stranger", comment="stranger", passphrase=SECRET.encode())
     late = d.bundle("site-3")  # registered, but started without the consortium CA
-    for name, key, ca in (("stranger", stranger.private, True), ("no-ca", late / "supernode.key", False)):
-        with decrypted_pem(key, PASS, openssh=True) as mem, MemoryFile("s", b"x" * 32) as secret:
+    for name, key, ca, pw in (("stranger", stranger.private, True, PASS),
+                              ("no-ca", late / "supernode.key", False, d.site_pass("site-3"))):
+        with decrypted_pem(key, pw, openssh=True) as mem, MemoryFile("s", b"x" * 32) as secret:
             argv = [sys.executable, "-m", "fedmeta.deploy.supernode", "--grpc-rere", "--superlink",
                     d.co.fleet_address, "--auth-supernode-private-key", mem.path, "--isolation", "process",
                     "--superexec-auth-secret-file", secret.path, "--port", str(free_port()),
@@ -497,7 +522,7 @@ def test_a_planted_identifier_never_leaves_the_site(consortium: Consortium) -> N
     (data / "site.yaml").write_text(yaml.safe_dump({"kind": "ehr", "name": "ward-3", "path": "stays.csv",
                                                     "schema": "schema.yaml", "outcomes": ["death"]}))
     configure_bundle(d.bundle("site-3"), data=str(data / "site.yaml"), runtime_port=free_port())
-    start_local_site(d.procs, d.bundle("site-3"), env=d.site_env)
+    start_local_site(d.procs, d.bundle("site-3"), env=d.env("site-3"))
     wait_nodes_online(d.co.control, d.ids(["site-3"]), timeout=90)  # type: ignore[arg-type]
     frame["age"] = frame["age"].astype(object)
     frame.loc[7, "age"] = IDENTIFIER
@@ -607,7 +632,7 @@ def test_a_registry_changed_without_the_ca_key_is_refused(consortium: Consortium
         path.write_bytes(original)
         registry = Registry.load(d.pki)
         registry.sites["intruder"] = entry
-        registry.save(d.pki, PASS)
+        registry.save(d.pki, d.ca_pass)
         run_id, status, folder = _run(d, "signed-registry", ["rounds=1"])
         events = _audit(d, run_id)
         assert not [e for e in events if e["event"] == "node_refused" and e["node_id"] == node_id]
@@ -627,7 +652,7 @@ def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(conso
     crashes, restarts on its state, and the run resumes from its checkpoint."""
     d = consortium
     configure_bundle(d.bundle("site-3"), data={"source": "fed-heart", "partition": 3}, runtime_port=free_port())
-    start_local_site(d.procs, d.bundle("site-3"), env={**d.site_env, "PYTHONPATH": str(MALFORMED_SITE)})
+    start_local_site(d.procs, d.bundle("site-3"), env=d.env("site-3", PYTHONPATH=str(MALFORMED_SITE)))
     wait_nodes_online(d.co.control, d.ids(SITES), timeout=90)  # type: ignore[arg-type]
     cfg = load_config(None, [*FAST, "rounds=3"])
     assert d.co.control is not None
@@ -668,7 +693,7 @@ def test_a_site_killed_mid_round_is_noticed_the_run_goes_on_and_it_rejoins(conso
 def test_a_revoked_site_never_takes_part_after_a_restart(consortium: Consortium) -> None:
     d = consortium
     revoked_fp = fingerprint((d.pki / "coordinator" / "authorized" / "site-2.pub").read_bytes())
-    revoke_site(d.pki, "site-2", reason="left the consortium", passphrase=PASS)
+    revoke_site(d.pki, "site-2", reason="left the consortium", ca_passphrase=d.ca_pass)
     revoked_node = d.co.node_ids["site-2"]
     assert d.co.control is not None
     assert "site-2" not in reconcile(d.co.layout, d.co.control)  # what every start runs

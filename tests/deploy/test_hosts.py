@@ -30,7 +30,8 @@ pytestmark = pytest.mark.deployment
 
 NET = "10.231.0"
 HOSTS = ("co", "a", "b")
-SECRET = "separate hosts, one passphrase each would also do"
+SECRET = "the coordinator key's own passphrase"
+CA_SECRET = "the CA key's passphrase, another one"
 
 
 def _can_make_hosts() -> str | None:
@@ -115,26 +116,31 @@ def test_a_two_round_tls_federation_across_separate_hosts(hosts: Hosts) -> None:
     from fedmeta.deploy.consortium import load_consortium
     from fedmeta.deploy.local import configure_bundle
     from fedmeta.deploy.provision import provision
-    from fedmeta.deploy.secrets import Passphrase
+    from fedmeta.deploy.secrets import CA_KEY, Passphrase
 
     h = hosts
     os.environ["FEDMETA_KEY_PASSPHRASE"] = SECRET
+    os.environ["FEDMETA_CA_PASSPHRASE"] = CA_SECRET
     try:
         consortium = h.root / "consortium.yaml"
         consortium.write_text(yaml.safe_dump({
             "consortium": "hosts", "coordinator": {"host": h.address("co"), "sans": [h.address("co")]},
             "sites": [{"name": "hospital-a"}, {"name": "hospital-b"}]}))
         pki = h.root / "pki"
-        provision(load_consortium(consortium), pki, passphrase=Passphrase(env="FEDMETA_KEY_PASSPHRASE"))
+        provision(load_consortium(consortium), pki, ca_passphrase=Passphrase(env="FEDMETA_CA_PASSPHRASE", role=CA_KEY),
+                  passphrase=Passphrase(env="FEDMETA_KEY_PASSPHRASE"), site_keys=True)
     finally:
         os.environ.pop("FEDMETA_KEY_PASSPHRASE", None)
+        os.environ.pop("FEDMETA_CA_PASSPHRASE", None)
     generated = h.root / "generated"
     write_synth_ehr(generated, sites=2, seed=3, mean_stays=260)
     configs = find_site_configs(generated)
     schema = configs[0].schema
     for host, config in zip(("a", "b"), configs, strict=True):
-        # Each hospital's host holds its bundle, its data and its state, and nothing else.
+        # Each hospital's host holds its bundle, its key's own passphrase, its data and its state.
         shutil.copytree(pki / "sites" / f"hospital-{host}", h.private(host) / "bundle")
+        shutil.copyfile(pki / "passphrases" / f"hospital-{host}.pass", h.private(host) / "key.pass")
+        os.chmod(h.private(host) / "key.pass", 0o600)
         shutil.copytree(config.source.parent, h.private(host) / "data" / config.source.parent.name)
         shutil.copyfile(schema, h.private(host) / "data" / schema.name)
         configure_bundle(h.private(host) / "bundle",
@@ -142,6 +148,7 @@ def test_a_two_round_tls_federation_across_separate_hosts(hosts: Hosts) -> None:
                          runtime_port=9094)
         node = yaml.safe_load((h.private(host) / "bundle" / "node.yaml").read_text())
         node["state"] = str(h.own(host) / "state")
+        node["key_passphrase_file"] = str(h.own(host) / "key.pass")
         (h.private(host) / "bundle" / "node.yaml").write_text(yaml.safe_dump(node))
     # The coordinator's host holds the registry, its own certificate and key, and the shared
     # feature schema: no hospital's data.
@@ -155,13 +162,14 @@ def test_a_two_round_tls_federation_across_separate_hosts(hosts: Hosts) -> None:
                               "outcomes": list(configs[0].outcomes)},
         "tasks": {"meta_batch": 4}, "eval": {"adapt_steps": 20}, "federation": {"timeout_s": 120}}))
     python = [sys.executable, "-m", "fedmeta.cli.main"]
-    env = {**os.environ, "FEDMETA_KEY_PASSPHRASE": SECRET, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    co_env = {**env, "FEDMETA_KEY_PASSPHRASE": SECRET}  # the coordinator's key only
     co_pki, co_state = h.own("co") / "pki", h.own("co") / "state"
     procs = Processes(h.root / "procs")
     try:
         co = procs.start("coordinator", h.as_host("co", [*python, "coordinator", "start",
                                                          "--deployment", str(co_pki), "--state", str(co_state)]),
-                         env=env)
+                         env=co_env)
         deadline = time.monotonic() + 120
         while "coordinator up" not in co.log_path.read_text():
             assert co.alive() and time.monotonic() < deadline, co.log_path.read_text()[-3000:]

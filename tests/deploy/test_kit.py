@@ -163,6 +163,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
 def test_compose_paths_are_mounted_where_the_commands_read_and_write() -> None:
     doc = compose()
     named = set(doc.get("volumes") or {})
+    sources: list[str] = []
     for name, service in doc["services"].items():
         args = parse_cli(compose_argv(service), where=name)
         mounts = _mounts(service)
@@ -178,8 +179,13 @@ def test_compose_paths_are_mounted_where_the_commands_read_and_write() -> None:
             state = [t for t, (s, _) in mounts.items() if s in named]
             assert state == ["/var/lib/fedmeta"], f"{name}: the site state is a named volume"
             secret = Path("/run/secrets/key_passphrase")
-        assert secret.parent == Path("/run/secrets") and secret.name in service["secrets"], name
-        assert secret.name in doc["secrets"]
+        (given,) = service["secrets"]  # its own key's passphrase, and no other secret
+        assert secret.parent == Path("/run/secrets") and given["target"] == secret.name, name
+        assert given["source"] in doc["secrets"]
+        sources.append(given["source"])
+    files = [doc["secrets"][s]["file"] for s in sources]
+    assert len(set(files)) == len(files) == len(doc["services"]), "each container has a passphrase of its own"
+    assert not [f for f in doc["secrets"].values() if "ca-passphrase" in f["file"]], "no container gets the CA's"
 
 
 def test_compose_publishes_only_the_fleet_port_on_one_address_by_default() -> None:
@@ -205,7 +211,7 @@ def test_compose_passes_no_secret_through_the_environment_or_the_image() -> None
         assert not [a for a in build_args if re.search("PASS|SECRET|KEY|TOKEN", a, re.I)], name
     secret_files = [s["file"] for s in doc["secrets"].values()]
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    for folder in ("pki", "coordinator-pki", *{Path(f).parent.name for f in secret_files}):
+    for folder in ("pki", "coordinator-pki", *{Path(f).parts[0] for f in secret_files}):
         assert f"/{folder}/" in (DOCKER / ".gitignore").read_text(), folder
     assert "deploy/docker/*" in ignored and "!deploy/docker/Dockerfile" in ignored
     assert not re.search(r"^\s*(ENV|ARG)\s+\S*PASSPHRASE", dockerfile(), re.M | re.I)

@@ -1,4 +1,5 @@
-"""Provisioning: certificate properties, key files, site bundles, add/revoke, bad consortium files."""
+"""Provisioning: certificate properties, key files (each with its own passphrase), site bundles,
+add/revoke, bad consortium files."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fedmeta.deploy.certs import make_ca, make_server_cert, verify_chain
 from fedmeta.deploy.consortium import load_consortium, parse_consortium
 from fedmeta.deploy.node import load_node_config
 from fedmeta.deploy.provision import Registry, add_site, provision, revoke_site
-from fedmeta.deploy.secrets import Passphrase, is_encrypted, load_private_key
+from fedmeta.deploy.secrets import CA_KEY, Passphrase, is_encrypted, load_private_key
 
 CONSORTIUM = {
     "consortium": "heart",
@@ -34,15 +35,23 @@ CONSORTIUM = {
 }
 
 
-SECRET = "correct horse battery staple"
+SECRET = "correct horse battery staple"  # the coordinator key's
+CA_SECRET = "the CA key has one of its own"
 
 
 @pytest.fixture(autouse=True)
 def _passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDMETA_KEY_PASSPHRASE", SECRET)
+    monkeypatch.setenv("FEDMETA_CA_PASSPHRASE", CA_SECRET)
 
 
 PASS = Passphrase(env="FEDMETA_KEY_PASSPHRASE")
+CA_PASS = Passphrase(env="FEDMETA_CA_PASSPHRASE", role=CA_KEY)
+
+
+def _site_pass(out: Path, site: str) -> Passphrase:
+    """The passphrase provisioning drew for a site key it made (``site_keys``)."""
+    return Passphrase(file=out / "passphrases" / f"{site}.pass")
 
 
 def _write(tmp_path: Path, doc: object, name: str = "consortium.yaml") -> Path:
@@ -58,8 +67,9 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp / "out"
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDMETA_KEY_PASSPHRASE", SECRET)
+    mp.setenv("FEDMETA_CA_PASSPHRASE", CA_SECRET)
     try:
-        provision(load_consortium(src), out, passphrase=PASS)
+        provision(load_consortium(src), out, ca_passphrase=CA_PASS, passphrase=PASS, site_keys=True)
     finally:
         mp.undo()
     return src, out
@@ -121,10 +131,12 @@ def test_server_validity_never_outlives_ca() -> None:
 def test_private_keys_have_mode_0600(provisioned: tuple[Path, Path]) -> None:
     _, out = provisioned
     keys = [out / "ca" / "ca.key", out / "coordinator" / "server.key",
-            out / "sites" / "cleveland" / "supernode.key", out / "sites" / "hungary" / "supernode.key"]
+            out / "sites" / "cleveland" / "supernode.key", out / "sites" / "hungary" / "supernode.key",
+            out / "passphrases" / "cleveland.pass", out / "passphrases" / "hungary.pass"]
     for k in keys:
         assert stat.S_IMODE(k.stat().st_mode) == 0o600, k
     assert stat.S_IMODE((out / "ca").stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "passphrases").stat().st_mode) == 0o700
     assert stat.S_IMODE((out / "sites" / "cleveland").stat().st_mode) == 0o700
 
 
@@ -136,12 +148,13 @@ def test_site_keys_are_encrypted_nist_ec_and_match(provisioned: tuple[Path, Path
         serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), None)
     with pytest.raises(ValueError):  # a wrong one: unreadable
         serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), b"wrong passphrase!")
-    priv = serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), SECRET.encode())
+    own = _site_pass(out, "cleveland").read()
+    priv = serialization.load_pem_private_key((bundle / "supernode.key").read_bytes(), own)
     pub = serialization.load_ssh_public_key((bundle / "supernode.pub").read_bytes())
     assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
     assert priv.curve.name == "secp384r1"
     assert priv.public_key().public_numbers() == pub.public_numbers()
-    other = load_private_key(out / "sites" / "hungary" / "supernode.key", PASS)
+    other = load_private_key(out / "sites" / "hungary" / "supernode.key", _site_pass(out, "hungary"))
     assert other.private_numbers().private_value != priv.private_numbers().private_value
     for key in (out / "ca" / "ca.key", out / "coordinator" / "server.key"):
         assert is_encrypted(key), key
@@ -149,7 +162,7 @@ def test_site_keys_are_encrypted_nist_ec_and_match(provisioned: tuple[Path, Path
 
 def test_plaintext_keys_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FEDMETA_KEY_PASSPHRASE")
-    with pytest.raises(ProvisionError, match="private keys are encrypted with a passphrase"):
+    with pytest.raises(ProvisionError, match="the private key is encrypted with a passphrase of its own"):
         Passphrase.from_options(file=None, env=None, plaintext=False)
     short = tmp_path / "short.pass"
     short.write_text("too short\n")
@@ -162,9 +175,11 @@ def test_plaintext_keys_only_when_asked(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(ProvisionError, match="readable by others"):
         Passphrase(file=loose).read()
     out = tmp_path / "plain"
-    provision(load_consortium(_write(tmp_path, CONSORTIUM)), out,
-              passphrase=Passphrase.from_options(file=None, env=None, plaintext=True))
+    plain = Passphrase.from_options(file=None, env=None, plaintext=True)
+    provision(load_consortium(_write(tmp_path, CONSORTIUM)), out, ca_passphrase=plain, passphrase=plain,
+              site_keys=True)
     assert not is_encrypted(out / "sites" / "cleveland" / "supernode.key")
+    assert not (out / "passphrases").exists()
     node = load_node_config(out / "sites" / "cleveland" / "node.yaml")
     assert node.plaintext_key
 
@@ -197,31 +212,33 @@ def _digest(path: Path) -> str:
 def test_add_site_and_revoke_leave_others_untouched(tmp_path: Path) -> None:
     src = _write(tmp_path, CONSORTIUM)
     out = tmp_path / "out"
-    provision(load_consortium(src), out, passphrase=PASS)
+    provision(load_consortium(src), out, ca_passphrase=CA_PASS, passphrase=PASS, site_keys=True)
     before = {p: _digest(p) for p in out.rglob("*") if p.is_file() and p.name != "registry.json"}
     grown = dict(CONSORTIUM, sites=[*CONSORTIUM["sites"], {"name": "zurich"}])  # type: ignore[list-item]
     src2 = _write(tmp_path, grown, "consortium2.yaml")
-    bundle = add_site(load_consortium(src2), out, "zurich", passphrase=PASS)
+    bundle = add_site(load_consortium(src2), out, "zurich", ca_passphrase=CA_PASS, site_keys=True)
     assert (bundle / "supernode.key").exists()
     assert stat.S_IMODE((bundle / "supernode.key").stat().st_mode) == 0o600
+    load_private_key(bundle / "supernode.key", _site_pass(out, "zurich"))
     for p, d in before.items():
         assert _digest(p) == d, f"{p} changed by add_site"
     with pytest.raises(ProvisionError, match="site 'zurich' already provisioned"):
-        add_site(load_consortium(src2), out, "zurich", passphrase=PASS)
+        add_site(load_consortium(src2), out, "zurich", ca_passphrase=CA_PASS, site_keys=True)
     with pytest.raises(ConfigError, match="no site named 'nowhere'"):
-        add_site(load_consortium(src2), out, "nowhere", passphrase=PASS)
+        add_site(load_consortium(src2), out, "nowhere", ca_passphrase=CA_PASS, site_keys=True)
 
-    rec = revoke_site(out, "hungary", reason="left the consortium", passphrase=PASS)
+    rec = revoke_site(out, "hungary", reason="left the consortium", ca_passphrase=CA_PASS)
     assert rec.status == "revoked" and rec.reason == "left the consortium"
     reg = Registry.load(out)
     assert [s.name for s in reg.active()] == ["cleveland", "zurich"]
     assert not (out / "coordinator" / "authorized" / "hungary.pub").exists()
+    assert not (out / "passphrases" / "hungary.pass").exists()
     assert _digest(out / "sites" / "cleveland" / "supernode.key") == before[
         out / "sites" / "cleveland" / "supernode.key"]
     with pytest.raises(ProvisionError, match="already revoked"):
-        revoke_site(out, "hungary", reason="again", passphrase=PASS)
+        revoke_site(out, "hungary", reason="again", ca_passphrase=CA_PASS)
     with pytest.raises(ProvisionError, match="already provisioned"):
-        provision(load_consortium(src), out, passphrase=PASS)
+        provision(load_consortium(src), out, ca_passphrase=CA_PASS, passphrase=PASS)
 
 
 def _bad(**changes: object) -> dict[str, object]:
@@ -477,7 +494,7 @@ def test_changing_the_registry_needs_the_ca_key_and_the_coordinator_revokes_with
     shutil.copytree(out / "coordinator", coordinator / "coordinator")
     shutil.copyfile(out / "registry.json", coordinator / "registry.json")
     with pytest.raises(ProvisionError, match=r"ca/ca\.key: the consortium CA key signs registry\.json"):
-        revoke_site(coordinator, "hungary", reason="x", passphrase=PASS)
+        revoke_site(coordinator, "hungary", reason="x", ca_passphrase=CA_PASS)
     rec = record_revocation(coordinator, "hungary", reason="left")
     assert rec.status == "revoked"
     assert [s.name for s in Registry.load(coordinator).active()] == ["cleveland"]
@@ -494,8 +511,180 @@ def test_no_passphrase_reaches_a_flower_process_s_environment(tmp_path: Path, mo
     from fedmeta.deploy.launch import app_env, base_env
 
     monkeypatch.setenv("FEDMETA_KEY_PASSPHRASE", "a passphrase of some length")
+    monkeypatch.setenv("FEDMETA_CA_PASSPHRASE", "the CA key's own passphrase")
     monkeypatch.setenv("SITE_KEY_PASS", "another passphrase here")
-    assert {"FEDMETA_KEY_PASSPHRASE", "SITE_KEY_PASS"} <= set(base_env(tmp_path))
+    names = {"FEDMETA_KEY_PASSPHRASE", "FEDMETA_CA_PASSPHRASE", "SITE_KEY_PASS"}
+    assert names <= set(base_env(tmp_path))
     env = app_env(tmp_path, passphrase_env="SITE_KEY_PASS")
-    assert "FEDMETA_KEY_PASSPHRASE" not in env and "SITE_KEY_PASS" not in env
+    assert not names & set(env)
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_HOME"] == str(tmp_path)
+
+
+# -- each key its own passphrase --------------------------------------------------------------------
+
+
+def _old_single_passphrase_layout(out: Path, secret: bytes) -> None:
+    """What provisioning wrote before keys had passphrases of their own (the control arms): the CA
+    key, the coordinator key and a site key made by the coordinator, all under one passphrase."""
+    from fedmeta.deploy.certs import write_issued
+    from fedmeta.deploy.sitekeys import make_site_keys
+
+    ca = make_ca(common_name="ca", organization="o", validity_days=10)
+    write_issued(ca, out / "ca" / "ca.crt", out / "ca" / "ca.key", passphrase=secret)
+    server = make_server_cert(ca, common_name="s", organization="o", sans=["localhost"], validity_days=10)
+    write_issued(server, out / "coordinator" / "server.crt", out / "coordinator" / "server.key", passphrase=secret)
+    make_site_keys(out / "sites" / "cleveland", comment="c", passphrase=secret)
+
+
+def _opens(key: Path, secret: bytes) -> bool:
+    try:
+        serialization.load_pem_private_key(key.read_bytes(), secret)
+    except ValueError:
+        return False
+    return True
+
+
+def test_the_ca_key_and_the_coordinator_key_each_have_their_own_passphrase(provisioned, tmp_path):
+    """The CA key opens with its own passphrase only, not with the coordinator's (the one a
+    coordinator host holds), and the other way round. Control arm: under the old single
+    passphrase the coordinator's passphrase opened the CA key."""
+    _, out = provisioned
+    ca_key, server_key = out / "ca" / "ca.key", out / "coordinator" / "server.key"
+    for key in (ca_key, server_key):
+        assert key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY"), key
+        with pytest.raises(TypeError):  # no passphrase: unreadable
+            serialization.load_pem_private_key(key.read_bytes(), None)
+    assert _opens(ca_key, CA_SECRET.encode()) and not _opens(ca_key, SECRET.encode())
+    assert _opens(server_key, SECRET.encode()) and not _opens(server_key, CA_SECRET.encode())
+    old = tmp_path / "old"
+    _old_single_passphrase_layout(old, SECRET.encode())
+    assert _opens(old / "ca" / "ca.key", SECRET.encode())  # control: the same check fails there
+
+
+def test_provisioning_refuses_one_passphrase_for_the_ca_and_the_coordinator(tmp_path, monkeypatch):
+    """Equal passphrases are refused before anything is written, and a missing CA passphrase is
+    an error naming the CA key, never the coordinator key's passphrase taken instead. Control
+    arm: the variable the coordinator key's passphrase comes from is set, and read for that key."""
+    src = _write(tmp_path, CONSORTIUM)
+    out = tmp_path / "out"
+    same = Passphrase(env="FEDMETA_KEY_PASSPHRASE", role=CA_KEY)
+    with pytest.raises(ProvisionError, match="the consortium CA key's passphrase .* is the coordinator key's"):
+        provision(load_consortium(src), out, ca_passphrase=same, passphrase=PASS, site_keys=True)
+    assert not out.exists()
+    monkeypatch.delenv("FEDMETA_CA_PASSPHRASE")
+    with pytest.raises(ProvisionError, match=r"^the consortium CA key is encrypted with a passphrase of its "
+                                             r"own: give --ca-passphrase-file FILE, or set \$FEDMETA_CA_PASSPHRASE"):
+        Passphrase.from_options(file=None, env=None, plaintext=False, role=CA_KEY)
+    assert Passphrase.from_options(file=None, env=None, plaintext=False).read() == SECRET.encode()
+
+
+def test_by_default_no_site_private_key_is_made_here(tmp_path):
+    """Provisioning registers the public key a hospital made itself (``fedmeta site keygen``) and
+    makes no private key for any site; a site that sent none waits, and adding it needs its public
+    key. Control arm: only when asked (``site_keys``) are private keys made here."""
+    from fedmeta.deploy.provision import pending_sites
+    from fedmeta.deploy.sitekeys import make_site_keys
+
+    own = make_site_keys(tmp_path / "at-cleveland", comment="cleveland", passphrase=b"cleveland's own secret")
+    doc = json.loads(json.dumps(CONSORTIUM))
+    doc["sites"][0]["public_key"] = "at-cleveland/supernode.pub"  # relative to the consortium file
+    src = _write(tmp_path, doc)
+    out = tmp_path / "out"
+    registry = provision(load_consortium(src), out, ca_passphrase=CA_PASS, passphrase=PASS)
+    assert sorted(p.name for p in out.rglob("*.key")) == ["ca.key", "server.key"]
+    assert not (out / "passphrases").exists()
+    assert registry.sites["cleveland"].fingerprint == own.fingerprint
+    assert (out / "sites" / "cleveland" / "supernode.pub").read_bytes() == own.public.read_bytes()
+    assert pending_sites(load_consortium(src), registry) == ["hungary"]
+    assert not (out / "sites" / "hungary").exists()
+    with pytest.raises(ProvisionError, match="site 'hungary': give --public-key FILE"):
+        add_site(load_consortium(src), out, "hungary", ca_passphrase=CA_PASS)
+    theirs = make_site_keys(tmp_path / "at-hungary", comment="hungary", passphrase=b"hungary's own secret")
+    add_site(load_consortium(src), out, "hungary", ca_passphrase=CA_PASS, public_key=theirs.public)
+    assert Registry.load(out).sites["hungary"].fingerprint == theirs.fingerprint
+    assert not list((out / "sites").rglob("supernode.key"))
+    node = yaml.safe_load((out / "sites" / "hungary" / "node.yaml").read_text())  # names the site's own key
+    assert node["auth_private_key"] == "supernode.key" and "plaintext_key" not in node
+    made = tmp_path / "made"
+    provision(load_consortium(_write(tmp_path, CONSORTIUM, "c2.yaml")), made, ca_passphrase=CA_PASS,
+              passphrase=PASS, site_keys=True)
+    assert len(list((made / "sites").rglob("supernode.key"))) == 2  # control: the check can fail
+
+
+def test_site_keys_made_here_each_have_a_fresh_passphrase_of_their_own(provisioned, tmp_path, monkeypatch):
+    """Asked to make the site keys, provisioning encrypts each with its own random passphrase,
+    in an owner-only file per site, never the CA's or the coordinator's or another site's: a
+    site's file opens its key only. Control arm: under the old single passphrase one site's key
+    opened with the CA's passphrase."""
+    from fedmeta.deploy import secrets as key_secrets
+
+    _, out = provisioned
+    values = {s: (out / "passphrases" / f"{s}.pass").read_text().strip() for s in ("cleveland", "hungary")}
+    assert len(set(values.values())) == 2 and not set(values.values()) & {SECRET, CA_SECRET}
+    assert all(len(v) >= 40 for v in values.values())  # 32 random bytes, URL-safe
+    keys = {s: out / "sites" / s / "supernode.key" for s in values}
+    for site, key in keys.items():
+        assert is_encrypted(key)
+        other = "hungary" if site == "cleveland" else "cleveland"
+        assert _opens(key, values[site].encode())
+        for wrong in (values[other], CA_SECRET, SECRET):
+            assert not _opens(key, wrong.encode()), (site, wrong)
+    old = tmp_path / "old"
+    _old_single_passphrase_layout(old, CA_SECRET.encode())
+    assert _opens(old / "sites" / "cleveland" / "supernode.key", CA_SECRET.encode())  # control
+    # a draw equal to a passphrase in use is drawn again (the generator is made to repeat the CA's)
+    draws = iter([CA_SECRET, "a second draw, never used before"])
+    monkeypatch.setattr(key_secrets.secrets, "token_urlsafe", lambda n: next(draws))
+    assert key_secrets.fresh_passphrase([CA_SECRET.encode()]) == b"a second draw, never used before"
+
+
+def test_each_key_is_loaded_with_its_own_passphrase_and_a_wrong_one_names_the_key(provisioned, tmp_path):
+    """Changing the registry (the CA key), starting the coordinator (its TLS key): a wrong or
+    missing passphrase is one error naming the key, before anything is written or started.
+    Control arm: the same calls with the key's own passphrase go through."""
+    from fedmeta.deploy.coordinator import start_coordinator
+    from fedmeta.deploy.processes import Processes
+
+    _, out = provisioned
+    pki = _copy(out, tmp_path, "pki")
+    signed = (pki / "registry.json").read_bytes()
+    coordinator_pass_as_ca = Passphrase(env="FEDMETA_KEY_PASSPHRASE", role=CA_KEY)
+    with pytest.raises(ProvisionError, match=r"ca\.key: cannot load the consortium CA key: wrong passphrase "
+                                             r"\(passphrase from \$FEDMETA_KEY_PASSPHRASE\)"):
+        revoke_site(pki, "hungary", reason="x", ca_passphrase=coordinator_pass_as_ca)
+    grown = dict(CONSORTIUM, sites=[*CONSORTIUM["sites"], {"name": "zurich"}])  # type: ignore[list-item]
+    src2 = _write(tmp_path, grown, "consortium2.yaml")
+    with pytest.raises(ProvisionError, match="cannot load the consortium CA key: wrong passphrase"):
+        add_site(load_consortium(src2), pki, "zurich", ca_passphrase=coordinator_pass_as_ca, site_keys=True)
+    assert not (pki / "sites" / "zurich").exists() and not (pki / "passphrases" / "zurich.pass").exists()
+    assert (pki / "registry.json").read_bytes() == signed
+    with Processes(tmp_path / "run") as procs:
+        for wrong, why in ((CA_PASS, "wrong passphrase"), (Passphrase(none=True), "is encrypted; give its passphrase")):
+            with pytest.raises(ProvisionError, match=rf"server\.key: .*the coordinator's TLS key.*{why}"):
+                start_coordinator(procs, deployment=pki, state=tmp_path / "state", passphrase=wrong,
+                                  fleet_address="127.0.0.1:1")
+            assert procs.procs == {}  # nothing started
+    revoke_site(pki, "hungary", reason="x", ca_passphrase=CA_PASS)  # control: its own passphrase
+    assert load_private_key(pki / "coordinator" / "server.key", PASS)
+
+
+def test_deploy_local_gives_every_key_a_random_passphrase_of_its_own(tmp_path):
+    """The throwaway consortium of ``fedmeta deploy local``: CA, coordinator and site keys each
+    encrypted with a different random passphrase, in owner-only files, none in the environment."""
+    import os
+
+    from fedmeta.deploy.local import provision_local, write_local_consortium
+
+    before = dict(os.environ)
+    path = write_local_consortium(tmp_path / "c.yaml", sites=["a", "b"], fleet_port=1, control_port=2)
+    keys = provision_local(path, tmp_path / "pki", secrets_dir=tmp_path / "secrets")
+    assert dict(os.environ) == before
+    files = {"ca": keys.ca.file, "coordinator": keys.coordinator.file, "a": keys.site("a"), "b": keys.site("b")}
+    values = {k: f.read_text().strip() for k, f in files.items() if f is not None}
+    assert len(values) == 4 and len(set(values.values())) == 4
+    for f in files.values():
+        assert f is not None and stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    pki = tmp_path / "pki"
+    for key, owner in ((pki / "ca" / "ca.key", "ca"), (pki / "coordinator" / "server.key", "coordinator"),
+                       (pki / "sites" / "a" / "supernode.key", "a"), (pki / "sites" / "b" / "supernode.key", "b")):
+        assert [k for k, v in values.items() if _opens(key, v.encode())] == [owner], key
