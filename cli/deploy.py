@@ -360,8 +360,9 @@ def _site_keygen(args: argparse.Namespace) -> int:
 def _site_pin(args: argparse.Namespace) -> int:
     import yaml
 
+    from fedmeta.common.extras import installed_version
     from fedmeta.deploy.node import load_node_config
-    from fedmeta.protocol.app import code_digest, installed_version
+    from fedmeta.protocol.app import code_digest
 
     load_node_config(args.node)  # the file must be valid before it is changed
     doc = yaml.safe_load(args.node.read_text(encoding="utf-8"))

@@ -111,7 +111,7 @@ def track_run(run_dir: Path, *, tracking_uri: str = DEFAULT_URI, experiment: str
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
-    from fedmeta.protocol.app import installed_version
+    from fedmeta.common.extras import installed_version
 
     per_round, final = run_metrics(summary, rounds)
     params = [Param(k, str(v)[:500]) for k, v in _flat("", summary.get("config", {}))]

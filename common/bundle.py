@@ -56,6 +56,7 @@ from fedmeta.common.adaptation import (
 from fedmeta.common.clinical.calibration import Calibration
 from fedmeta.common.clinical.thresholds import Threshold
 from fedmeta.common.errors import DataError, FedmetaError
+from fedmeta.common.extras import installed_version
 from fedmeta.common.meta.episodic import MetricHead
 from fedmeta.common.models import ModelSpec
 from fedmeta.common.preprocessing import (
@@ -84,14 +85,6 @@ class BundleError(FedmetaError, ValueError):
     """A file is not a readable fedmeta site-model bundle (or is from a newer fedmeta)."""
 
 
-def _fedmeta_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedmeta")
-    except PackageNotFoundError:
-        return "unknown"
-
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -114,7 +107,7 @@ class Provenance:
     contributing_sites: tuple[str, ...]
     n_labelled: int
     class_counts: Mapping[str, int]
-    fedmeta_version: str = field(default_factory=_fedmeta_version)
+    fedmeta_version: str = field(default_factory=installed_version)
     torch_version: str = torch.__version__
     created: str = field(default_factory=_now)
 

@@ -41,3 +41,14 @@ def require(extra: str) -> None:
         module, what = EXTRAS[extra]
         raise MissingExtra(f"{what} needs the '{module}' package, which is not installed: "
                            f"pip install 'fedmeta[{extra}]'")
+
+
+def installed_version() -> str:
+    """The version of the installed fedmeta distribution (``0+unknown`` from a bare checkout): what
+    bundles, run metadata, the app bundle and a site's pinned version say."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fedmeta")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"

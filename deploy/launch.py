@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.errors import ProvisionError
+from fedmeta.common.extras import installed_version
 from fedmeta.deploy.control import Control
 from fedmeta.protocol import flower_compat
-from fedmeta.protocol.app import installed_version, render_pyproject
+from fedmeta.protocol.app import render_pyproject
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmeta.common.errors import ProvisionError
+from fedmeta.common.extras import installed_version
 from fedmeta.deploy.certs import (
     Issued,
     make_ca,
@@ -69,7 +70,6 @@ from fedmeta.deploy.secrets import (
     write_passphrase_file,
 )
 from fedmeta.deploy.sitekeys import fingerprint, load_public_key, make_site_keys
-from fedmeta.protocol.app import installed_version
 from fedmeta.protocol.registry import (
     REGISTRY,
     REVOCATIONS,

@@ -105,7 +105,8 @@ def _alive(pid: int) -> bool:
 def run_config(override: dict[str, Any], *, secure_aggregation: bool) -> dict[str, Any]:
     """The run config of an accepted run: the fedmeta bundle's own defaults and the overrides
     (keys the bundle does not declare are an error, as in Flower)."""
-    from fedmeta.protocol.app import installed_version, render_pyproject
+    from fedmeta.common.extras import installed_version
+    from fedmeta.protocol.app import render_pyproject
     from fedmeta.protocol.flower_compat import flatten_dict, fuse_dicts
 
     project = tomllib.loads(render_pyproject(version=installed_version(), secure_aggregation=secure_aggregation))
@@ -124,8 +125,9 @@ def serve(socket: Path, token: str, parent_pid: int | None) -> None:  # noqa: PL
     import httpx
     from flwr.app import Context
 
+    from fedmeta.common.extras import installed_version
     from fedmeta.deploy.control import SOCKET_URL, TIMEOUT_S
-    from fedmeta.protocol.app import check_bundle, installed_version
+    from fedmeta.protocol.app import check_bundle
     from fedmeta.protocol.flower_compat import (
         EventType,
         ExitCode,

@@ -30,13 +30,14 @@ from pathlib import Path
 
 from fedmeta.common.config import ExperimentConfig
 from fedmeta.common.errors import ConfigError
+from fedmeta.common.extras import installed_version
 from fedmeta.deploy.launch import app_env
 from fedmeta.deploy.node import NodeConfig
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.secrets import MemoryFile, decrypted_pem, secure_folder
 from fedmeta.deploy.supernode import POLL_ENV
 from fedmeta.protocol import flower_compat
-from fedmeta.protocol.app import code_digest, installed_version
+from fedmeta.protocol.app import code_digest
 from fedmeta.sitecore.audit import SiteAudit
 
 log = logging.getLogger(__name__)

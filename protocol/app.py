@@ -16,7 +16,6 @@ import io
 import tomllib
 import zipfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 PUBLISHER = "fedmeta"
@@ -30,14 +29,6 @@ COMPONENTS = {
 BUNDLE_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 #: Packages whose installed source the code digest covers: everything a site or coordinator runs.
 PACKAGES = ("common", "sitecore", "protocol", "client", "server", "deploy", "cli")
-
-
-def installed_version() -> str:
-    """The version of the installed fedmeta distribution."""
-    try:
-        return metadata.version("fedmeta")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0+unknown"
 
 
 def render_pyproject(*, version: str, secure_aggregation: bool = False) -> str:

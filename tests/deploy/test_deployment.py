@@ -32,6 +32,7 @@ import yaml
 from fedmeta.common.config import load_config
 from fedmeta.common.data.schema import Feature, Schema, save_schema
 from fedmeta.common.errors import ProvisionError
+from fedmeta.common.extras import installed_version
 from fedmeta.deploy.certs import cert_pem, make_ca, write_public_bytes
 from fedmeta.deploy.consortium import load_consortium
 from fedmeta.deploy.control import Control
@@ -64,7 +65,7 @@ from fedmeta.deploy.secrets import (
     write_passphrase_file,
 )
 from fedmeta.deploy.sitekeys import fingerprint, fingerprint_of_bytes, make_site_keys
-from fedmeta.protocol.app import PUBLISHER, installed_version
+from fedmeta.protocol.app import PUBLISHER
 from fedmeta.server.audit import read_log
 
 pytestmark = pytest.mark.deployment
