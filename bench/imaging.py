@@ -106,8 +106,8 @@ def run(*, quick: bool, out_dir: Path, methods: tuple[str, ...] | None = None) -
     base = [*BASE, f"rounds={rounds}"]
     if quick:  # three training sites, all of them each round
         base += ["data.sites=[site-01,site-02,site-03]", "federation.fraction=1.0"]
-    eval_cfg = runner.config(base, CONFIG)
-    eval_model = build_model_for(eval_cfg, runner.spec_of(eval_cfg))  # 5-way head
+    eval_cfg = runner.config([*base, "algorithm=fomaml"], CONFIG)
+    eval_model = build_model_for(eval_cfg, runner.spec_of(eval_cfg))  # 5-way head, for FedAvg's new head
     episodes = {}
     for si, name in enumerate(HELD_OUT):
         site = load_novel_site(eval_cfg.data, name)
@@ -124,7 +124,7 @@ def run(*, quick: bool, out_dir: Path, methods: tuple[str, ...] | None = None) -
             if seed == seeds[0]:
                 curves[label] = log_rounds
             train_s = t()
-            model = eval_model if algorithms.get(cfg.algorithm).model is None else build_model_for(cfg, runner.spec_of(cfg))
+            model = eval_model if key == "fedavg" else build_model_for(cfg, runner.spec_of(cfg))
             per_seed += _score_episodes(key, label, cfg.algorithm, state, model, episodes, seed=seed)
             per_seed.append(R.row(BENCH, label, "train_s", train_s, site="mean", rounds=rounds, seed=seed))
     # mean ± std over training seeds (each value a mean over the site's episodes)

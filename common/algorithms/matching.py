@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 
 
 def context_network(configured: ModelSpec, cfg: ExperimentConfig, spec: DataSpec) -> ModelSpec:
-    """The configured network (its outputs are the embedding) with full context embeddings."""
-    return ModelSpec("context-embedding", {"encoder": configured.to_dict(),
-                                           "dim": int(configured.kwargs["out_features"])})
+    """The configured network (its flattened output is the embedding) with full context embeddings;
+    the LSTMs' width is the embedding's, found by a forward pass on PyTorch's ``meta`` device
+    (shapes only, no storage)."""
+    import torch
+
+    with torch.device("meta"):
+        width = configured.build()(torch.empty(1, *spec.input_shape)).flatten(start_dim=1).shape[1]
+    return ModelSpec("context-embedding", {"encoder": configured.to_dict(), "dim": int(width)})
 
 ALGORITHM = Algorithm(
     name="matching",

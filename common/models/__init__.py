@@ -73,7 +73,8 @@ class ModelSpec:
         Tables: ``mlp`` or ``linear`` with ``spec.n_classes`` outputs. Images: ``conv4`` with
         ``tasks.ways`` outputs (episodes relabel their classes 0..ways-1), or one per
         meta-training class for an algorithm that trains a plain classifier (its record's
-        ``head == "all_classes"``: FedAvg). An algorithm whose record names a ``model`` builds
+        ``head == "all_classes"``: FedAvg), or none for a metric learner, whose embedding is the
+        flattened conv features (Snell et al. 2017; Vinyals et al. 2016). An algorithm whose record names a ``model`` builds
         its own network around that one (Relation Networks).
         """
         from fedmeta.common import algorithms
@@ -95,7 +96,9 @@ class ModelSpec:
                 raise ConfigError(f"model.name = {name}: image data needs conv4")
             width = cfg.model.hidden[0] if cfg.model.hidden else 64
             head = algorithms.get(cfg.algorithm).head
-            outputs = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
+            outputs: int | None = max(cfg.tasks.ways, spec.n_classes) if head == "all_classes" else cfg.tasks.ways
+            if algorithm is not None and algorithm.metric is not None:
+                outputs = None  # a metric learner embeds with the conv features, as in its paper
             configured = cls("conv4", {"in_channels": spec.input_shape[0], "hidden": width, "out_features": outputs})
         return configured if algorithm is None or algorithm.model is None else algorithm.model(configured, cfg, spec)
 

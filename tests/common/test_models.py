@@ -98,7 +98,8 @@ def test_build_model_rejects_bad_names_and_arguments() -> None:
 def test_one_model_spec_decides_the_network_for_training_and_for_the_bundle() -> None:
     """``ModelSpec.for_experiment`` is the one decision: ``build_model_for`` builds exactly it,
     an image head has one output per class for an algorithm whose record trains a plain
-    classifier (FedAvg) and ``ways`` outputs otherwise, and a wrong family is an error."""
+    classifier (FedAvg), none for a metric learner (the conv features embed) and ``ways`` outputs
+    otherwise, and a wrong family is an error."""
     import pytest
 
     from fedmeta.common.config import load_config
@@ -108,7 +109,7 @@ def test_one_model_spec_decides_the_network_for_training_and_for_the_bundle() ->
     from fedmeta.common.models import ModelSpec
 
     images = DataSpec(kind="images", input_shape=(1, 28, 28), n_classes=12, sites=("a",))
-    for algorithm, outputs in (("fedavg", 12), ("protonet", 5), ("reptile", 5)):
+    for algorithm, outputs in (("fedavg", 12), ("protonet", None), ("matching", None), ("reptile", 5)):
         cfg = load_config(None, [f"algorithm={algorithm}", "model.name=conv4", "model.hidden=[16]",
                                  "tasks.ways=5"])
         spec = ModelSpec.for_experiment(cfg, images)
