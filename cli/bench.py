@@ -20,6 +20,7 @@ BENCHMARKS = {
     "deploy": "deploy",
     "real": "real",
     "scale": "scale",
+    "hosts": "hosts",
 }
 
 

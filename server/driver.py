@@ -31,8 +31,15 @@ from fedmeta.common.experiment import initial_parameters
 from fedmeta.protocol.records import payload_bytes, record_from_arrays
 from fedmeta.server import audit as audit_log
 from fedmeta.server.evaluation import federated_evaluation, summary_mean
-from fedmeta.server.exchange import Outcome, Waiting, exchange
-from fedmeta.server.handshake import Progress, Sites, greet, wait_for_nodes
+from fedmeta.server.exchange import Outcome, Waiting, _push_pull, exchange
+from fedmeta.server.handshake import (
+    Progress,
+    Sites,
+    greet,
+    hello_messages,
+    read_greetings,
+    wait_for_nodes,
+)
 from fedmeta.server.identity import NodeIdentity, Registry, admitted_names
 from fedmeta.server.runfolder import RunFolder
 from fedmeta.server.strategy import FedMetaStrategy, RoundResult, TrainPlan
@@ -40,6 +47,9 @@ from fedmeta.server.strategy import FedMetaStrategy, RoundResult, TrainPlan
 log = logging.getLogger(__name__)
 
 __all__ = ["run_experiment"]
+
+#: How long a greeting to a node that missed a round lives (it is not waited for on a deployment).
+PROBE_TTL_S = 15.0
 
 
 def _epsilon(cfg: ExperimentConfig, rounds: int) -> float:
@@ -75,6 +85,8 @@ class _Run:
         self.declined: dict[str, str] = {}
         #: Nodes that missed a round: not sampled until they answer a greeting again.
         self.unresponsive: set[int] = set()
+        #: Greetings pushed to unresponsive nodes and not answered yet: message id -> (node, when).
+        self.probes: dict[str, tuple[int, float]] = {}
 
     @property
     def strategy(self) -> FedMetaStrategy:
@@ -135,14 +147,7 @@ class _Run:
             registered = identity.admitted
             self.sites = self.sites.keep(online)
         new = sorted(online - set(self.sites.names) - set(self.sites.excluded))
-        back = sorted(self.unresponsive & online)
-        if back:  # a short greeting: nodes that answer are back
-            quick = self.cfg.model_copy(update={"federation": self.cfg.federation.model_copy(
-                update={"timeout_s": min(5.0, self.cfg.federation.timeout_s)})})
-            answered = greet(self.grid, quick, back, self.spec.layout(), lambda _: None, registered)
-            for node in answered.names:
-                self.unresponsive.discard(node)
-                self.say(f"site {self.sites.names.get(node, node)} is back")
+        self.probe(sorted((self.unresponsive & online) - set(new)), registered)
         if new:
             greeted = greet(self.grid, self.cfg, new, self.spec.layout(), self.say, registered)
             for node, why in greeted.excluded.items():
@@ -150,6 +155,45 @@ class _Run:
                     self.audit.record("site_excluded", run_id=self.run_id, node_id=node,
                                       site=(registered or {}).get(node), reason=why[:200])
             self.sites = self.sites.merged(greeted)
+            self.welcome_back(set(greeted.names))
+
+    def welcome_back(self, nodes: set[int]) -> None:
+        """Sample again the unresponsive ones of ``nodes`` (they answered a greeting)."""
+        for node in sorted(nodes & self.unresponsive):
+            self.unresponsive.discard(node)
+            self.say(f"site {self.sites.names.get(node, node)} is back")
+
+    def probe(self, back: list[int], registered: dict[int, str] | None) -> None:
+        """Greet the unresponsive nodes ``back`` (online again) without making a round wait.
+
+        On a push/pull grid (a deployment) each gets a greeting living :data:`PROBE_TTL_S`, and its
+        answer is collected at a later refresh: a dead node the SuperLink still lists as online
+        (until its heartbeat lapses, up to 20 s) costs no round anything, where waiting for its
+        answer cost every round in that window the greeting's 5 s. One greeting per node at a
+        time. An in-process grid answers at once, as before."""
+        if not _push_pull(self.grid):
+            if back:
+                quick = self.cfg.model_copy(update={"federation": self.cfg.federation.model_copy(
+                    update={"timeout_s": min(PROBE_TTL_S, self.cfg.federation.timeout_s)})})
+                answered = greet(self.grid, quick, back, self.spec.layout(), lambda _: None, registered)
+                self.welcome_back(set(answered.names))
+            return
+        now = time.monotonic()
+        if self.probes:
+            replies = []
+            for reply in self.grid.pull_messages(list(self.probes)):
+                node, _ = self.probes.pop(reply.metadata.reply_to_message_id, (None, 0.0))
+                if node is not None and reply.metadata.src_node_id == node:  # not the SuperLink's error
+                    replies.append(reply)
+            self.welcome_back(set(read_greetings(replies, lambda _: None, registered).names))
+            self.probes = {m: (n, t) for m, (n, t) in self.probes.items() if now - t < PROBE_TTL_S + 1.0}
+        waiting = {n for n, _ in self.probes.values()}
+        todo = [n for n in back if n not in waiting and n in self.unresponsive]
+        if todo:
+            ttl = min(PROBE_TTL_S, self.cfg.federation.timeout_s)
+            ids = self.grid.push_messages(hello_messages(self.cfg, todo, self.spec.layout(), ttl=ttl))
+            for mid, node in zip(ids, todo, strict=True):
+                self.probes[mid] = (node, now)
 
     def start(self, expected: int) -> None:
         nodes = wait_for_nodes(self.grid, expected, self.cfg.federation.timeout_s,

@@ -76,19 +76,31 @@ def wait_for_nodes(grid: Grid, n: int, timeout_s: float,
         time.sleep(0.5)
 
 
+def hello_messages(cfg: ExperimentConfig, nodes: list[int], layout: Mapping[str, list], *,
+                   ttl: float | None = None) -> list[Message]:
+    """A ``hello`` to each of ``nodes`` (living ``ttl`` seconds, default the round's timeout)."""
+    config = ConfigRecord({K.PHASE: K.HELLO, K.EXPERIMENT: cfg.to_json(), K.LAYOUT: json.dumps(layout)})
+    return [Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY,
+                    dst_node_id=n, ttl=cfg.federation.timeout_s if ttl is None else ttl) for n in nodes]
+
+
 def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[str, list],
           progress: Progress, registered: Mapping[int, str] | None = None) -> Sites:
     """Greet ``nodes``; ``registered`` (deployment) names them, else their answers do."""
     if not nodes:
         return Sites()
-    config = ConfigRecord({K.PHASE: K.HELLO, K.EXPERIMENT: cfg.to_json(), K.LAYOUT: json.dumps(layout)})
-    msgs = [Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY,
-                    dst_node_id=n, ttl=cfg.federation.timeout_s) for n in nodes]
+    msgs = hello_messages(cfg, nodes, layout)
     outcome = exchange(grid, msgs, Waiting(timeout_s=cfg.federation.timeout_s, quorum=len(msgs)))
+    return read_greetings(outcome.replies, progress, registered)
+
+
+def read_greetings(replies: list[Message], progress: Progress,
+                   registered: Mapping[int, str] | None = None) -> Sites:
+    """The sites that answered a ``hello`` in ``replies``, and those excluded (with why)."""
     names: dict[int, str] = {}
     n_train: dict[int, int] = {}
     excluded: dict[int, str] = {}
-    for reply in outcome.replies:
+    for reply in replies:
         node = reply.metadata.src_node_id
         label = (registered or {}).get(node, f"node {node}")
         if reply.has_error():
