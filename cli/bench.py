@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 from pathlib import Path
 
 # name -> module in fedmeta.bench; each module defines
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "deploy": "deploy",
     "real": "real",
     "scale": "scale",
+    "idle": "idle",
 }
 
 
@@ -29,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="reduced setting (minutes, CI-sized)")
     p.add_argument("--json", type=Path, default=None, help="where to write the rows (JSON list)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-results/NAME)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="idle: the measured window (default 600; 30 with --quick)")
     p.set_defaults(func=_run)
 
 
@@ -38,7 +42,12 @@ def _run(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"fedmeta.bench.{BENCHMARKS[args.name]}")
     out_dir = args.out or Path("bench-results") / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = module.run(quick=args.quick, out_dir=out_dir)
+    extra = {}
+    if args.seconds is not None:
+        if "seconds" not in inspect.signature(module.run).parameters:
+            raise SystemExit(f"fedmeta bench {args.name}: --seconds applies only to a benchmark with a window (idle)")
+        extra["seconds"] = args.seconds
+    rows = module.run(quick=args.quick, out_dir=out_dir, **extra)
     json_path = args.json or out_dir / f"{args.name}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rows, indent=2) + "\n")

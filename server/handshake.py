@@ -84,6 +84,7 @@ def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[s
     config = ConfigRecord({K.PHASE: K.HELLO, K.EXPERIMENT: cfg.to_json(), K.LAYOUT: json.dumps(layout)})
     msgs = [Message(content=RecordDict({K.CONFIG: config}), message_type=MessageType.QUERY,
                     dst_node_id=n, ttl=cfg.federation.timeout_s) for n in nodes]
+    log.info("greeting %d site(s)", len(msgs))  # the run's log: when the first message left
     outcome = exchange(grid, msgs, Waiting(timeout_s=cfg.federation.timeout_s, quorum=len(msgs)))
     names: dict[int, str] = {}
     n_train: dict[int, int] = {}
