@@ -231,11 +231,14 @@ def start_local_site(procs: Processes, bundle: Path, *, insecure: bool = False,
 
 
 def configure_bundle(bundle: Path, *, data: str | dict[str, object], runtime_port: int,
-                     poll_interval_s: float = 0.2) -> None:
-    """Point a provisioned bundle's node file at its data, its own runtime port and state."""
+                     poll_interval_s: float | None = None) -> None:
+    """Point a provisioned bundle's node file at its data, its own runtime port and state (and
+    its idle poll, when given; a hospital's default otherwise)."""
     path = bundle / NODE_FILE
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    doc.update({"data": data, "runtime_port": runtime_port, "poll_interval_s": poll_interval_s})
+    doc.update({"data": data, "runtime_port": runtime_port})
+    if poll_interval_s is not None:
+        doc["poll_interval_s"] = poll_interval_s
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 
