@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 from pathlib import Path
 
 # name -> module in fedmeta.bench; each module defines
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "real": "real",
     "scale": "scale",
     "hosts": "hosts",
+    "idle": "idle",
 }
 
 
@@ -32,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-results/NAME)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method keys to run (new-site and imaging; default: all of them)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="idle: the measured window (default 600; 30 with --quick)")
     p.set_defaults(func=_run)
 
 
@@ -56,6 +60,10 @@ def _run(args: argparse.Namespace) -> int:
         extra["methods"] = methods
     out_dir = args.out or Path("bench-results") / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.seconds is not None:
+        if "seconds" not in inspect.signature(module.run).parameters:
+            raise SystemExit(f"fedmeta bench {args.name}: --seconds applies only to a benchmark with a window (idle)")
+        extra["seconds"] = args.seconds
     rows = module.run(quick=args.quick, out_dir=out_dir, **extra)
     json_path = args.json or out_dir / f"{args.name}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ The hospital's SuperNode runs in Flower's ``process`` isolation: it launches not
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
 import traceback
@@ -57,6 +59,7 @@ from fedmeta.protocol.flower_compat import (
     push_task_output,
 )
 from fedmeta.protocol.request import SiteRequest, parse_request
+from fedmeta.protocol.transport import Polling
 from fedmeta.sitecore.ledger import RequestLedger
 from fedmeta.sitecore.policy import SitePolicy, check_request
 
@@ -69,6 +72,13 @@ Audit = Callable[..., object]
 #: start`` is restarting it); then the task is abandoned and the worker takes the next one.
 TASK_RETRY_S = 30.0
 _RETRY_STATUS = frozenset({503, 504})
+#: The longest wait between two asks for a task while a run's tasks come (within
+#: :data:`fedmeta.protocol.transport.BUSY_HOLD_S` of the last one), and once the site is idle.
+#: The SuperNode wakes the worker when a message arrives (:class:`Wakeup`), so the idle ceiling
+#: bounds the wait only if that wake-up is lost.
+BUSY_POLL_S, IDLE_POLL_S = 0.1, 5.0
+#: The wait before asking again when the SuperNode does not answer (it is (re)starting).
+UNREACHABLE_WAIT_S = 1.0
 
 
 def retry_invoker(max_time: float | None) -> RetryInvoker:
@@ -133,9 +143,48 @@ class WorkerSettings:
     node_config: Mapping[str, str | int]
     policy: SitePolicy
     version: str
-    poll_s: float = 0.1
+    #: the longest wait between two asks for a task once idle (:data:`IDLE_POLL_S`); at most
+    #: :data:`BUSY_POLL_S` while tasks come
+    poll_s: float = IDLE_POLL_S
     #: where the site counts what it served (its disclosure budget); None: in memory
     ledger_path: Path | None = None
+    #: the read end of the pipe the SuperNode writes to when a message arrived (:class:`Wakeup`);
+    #: the worker closes it when it stops
+    wake_fd: int | None = None
+
+
+class Wakeup:
+    """The worker's waits between two asks for a task: until ``seconds`` have passed, the worker
+    is stopped, or (given ``fd``, a pipe's read end) its SuperNode wrote to the pipe: it has just
+    stored a message for the worker (:func:`fedmeta.deploy.supernode.waker`)."""
+
+    def __init__(self, stop: threading.Event, fd: int | None = None) -> None:
+        self.stop = stop
+        self.fd = fd
+        self._woken = False
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def wait(self, seconds: float) -> bool:
+        """Wait; True once stopped."""
+        if self.fd is None or seconds <= 0:
+            return self.stop.wait(seconds)
+        ready, _, _ = select.select([self.fd], [], [], seconds)
+        if ready:
+            self._woken = self._drain() or self._woken
+        return self.stop.is_set()
+
+    def woken(self) -> bool:
+        """Whether the SuperNode wrote since the last call."""
+        woken, self._woken = self._woken, False
+        return woken
+
+    def _drain(self) -> bool:
+        assert self.fd is not None
+        try:
+            return bool(os.read(self.fd, 4096))
+        except BlockingIOError:
+            return False
 
 
 class SiteWorker:
@@ -151,6 +200,8 @@ class SiteWorker:
         self.refused = 0
 
     def stop(self) -> None:
+        """Stop after the task in progress (at once when waiting with no ``wake_fd``, else at the
+        next wake-up: whoever holds the pipe's write end writes to it)."""
         self._stop.set()
 
     def _client(self, *interceptors: Any, retry_s: float | None) -> RuntimeHttpClient:
@@ -185,26 +236,23 @@ class SiteWorker:
 
         transport.apply()  # a task's message is pulled from the SuperNode (see that module)
         self.warm_up()
-        polling = transport.Polling.up_to(self.settings.poll_s)
-        acquire = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                               SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
-                                                            protected_methods=SUPEREXEC_PROTECTED_METHODS),
-                               retry_s=0)  # the loop below waits and asks again
+        polling = transport.Polling.adaptive(busy_s=BUSY_POLL_S, idle_s=self.settings.poll_s)
+        client = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                              SuperExecAuthHttpInterceptor(master_secret=self.settings.secret,
+                                                           protected_methods=SUPEREXEC_PROTECTED_METHODS),
+                              retry_s=0)  # serve_tasks waits and asks again
+
+        def acquire() -> str | None:
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            return res.token if res.HasField("task") and res.token else None
+
+        wakeup = Wakeup(self._stop, self.settings.wake_fd)
         try:
-            while not self._stop.is_set():
-                try:
-                    res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-                except Exception as e:  # noqa: BLE001 - the SuperNode may be (re)starting
-                    log.debug("no answer from the SuperNode's Runtime API: %s", e)
-                    self._stop.wait(min(1.0, 10 * self.settings.poll_s))
-                    continue
-                if res.HasField("task") and res.token:
-                    self.serve(res.token)
-                    polling.active()  # the next round's task comes soon: look again quickly
-                else:
-                    self._stop.wait(polling.next_s())
+            serve_tasks(acquire, self.serve, polling, wakeup.wait, woken=wakeup.woken)
         finally:
-            acquire.close()
+            client.close()
+            if self.settings.wake_fd is not None:
+                os.close(self.settings.wake_fd)  # handed over by the site runner: the worker's now
 
     def serve(self, token: str) -> None:
         """Serve one task: check its app, answer with the installed ClientApp, push the reply."""
@@ -319,6 +367,32 @@ class SiteWorker:
         self._check(request, context, secure_aggregation=True, secagg_threshold=_secagg_threshold(context))
         with serving(request):
             return self._secagg_app()(message, context)
+
+
+def serve_tasks(acquire: Callable[[], str | None], serve: Callable[[str], None], polling: Polling,
+                wait: Callable[[float], bool], woken: Callable[[], bool] = lambda: False) -> None:
+    """Ask for a task (``acquire``: its token, or None when there is none), serve it and ask again
+    at once; when there is none, wait ``polling``'s next wait (short after a task, backing off to
+    its idle ceiling), so that an idle site asks rarely and a task that comes after any idle time
+    is taken at most that ceiling after it arrived. ``wait(seconds)`` returns True once stopped
+    (:meth:`Wakeup.wait`); it may return early, and when ``woken()`` says the SuperNode has just
+    taken a message, the polls are quick again at once. An ``acquire`` that raises (the SuperNode
+    is (re)starting) is asked again after :data:`UNREACHABLE_WAIT_S`."""
+    while not wait(0.0):
+        try:
+            token = acquire()
+        except Exception as e:  # noqa: BLE001 - the SuperNode may be (re)starting
+            log.debug("no answer from the SuperNode's Runtime API: %s", e)
+            if wait(UNREACHABLE_WAIT_S):
+                return
+            continue
+        if token:
+            serve(token)
+            polling.active()  # the next round's task comes soon: look again quickly
+        elif wait(polling.next_s()):
+            return
+        elif woken():
+            polling.active()
 
 
 def _secagg_threshold(context: Context) -> int | None:

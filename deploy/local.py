@@ -36,7 +36,7 @@ from fedmeta.common.config import ExperimentConfig, load_config
 from fedmeta.common.errors import ConfigError, ProvisionError
 from fedmeta.deploy.consortium import load_consortium
 from fedmeta.deploy.control import Control
-from fedmeta.deploy.coordinator import start_coordinator
+from fedmeta.deploy.coordinator import CoordinatorHandle, start_coordinator
 from fedmeta.deploy.launch import base_env, follow_run, submit_run
 from fedmeta.deploy.node import NODE_FILE
 from fedmeta.deploy.processes import Managed, Processes
@@ -217,6 +217,17 @@ class LocalResult:
     leftovers: list[int]
 
 
+@dataclass(frozen=True)
+class LocalUp:
+    """A local consortium once every site is online, before its run is submitted: the processes
+    (``superlink``, ``serverexec`` and one ``site-NAME`` per hospital, whose SuperNode is its
+    child) and the started coordinator."""
+
+    procs: Processes
+    coordinator: CoordinatorHandle
+    sites: dict[str, Managed]
+
+
 def start_local_site(procs: Processes, bundle: Path, *, insecure: bool = False,
                      env: dict[str, str] | None = None, name: str | None = None) -> Managed:
     """``fedmeta site start --node BUNDLE/node.yaml`` as a process of its own."""
@@ -227,12 +238,14 @@ def start_local_site(procs: Processes, bundle: Path, *, insecure: bool = False,
 
 
 def configure_bundle(bundle: Path, *, data: str | dict[str, object], runtime_port: int,
-                     poll_interval_s: float = 0.2, key_passphrase_file: Path | None = None) -> None:
+                     poll_interval_s: float | None = None, key_passphrase_file: Path | None = None) -> None:
     """Point a provisioned bundle's node file at its data, its own runtime port and state (and
-    its key's passphrase file, when given)."""
+    its idle poll, when given, a hospital's default otherwise; its key's passphrase file, when given)."""
     path = bundle / NODE_FILE
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    doc.update({"data": data, "runtime_port": runtime_port, "poll_interval_s": poll_interval_s})
+    doc.update({"data": data, "runtime_port": runtime_port})
+    if poll_interval_s is not None:
+        doc["poll_interval_s"] = poll_interval_s
     if key_passphrase_file is not None:
         doc["key_passphrase_file"] = str(key_passphrase_file)
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
@@ -284,11 +297,14 @@ def deploy_local(
     secagg: bool = False,
     stream: bool = True,
     say: Callable[[str], None] = print,
+    on_up: Callable[[LocalUp], None] | None = None,
 ) -> LocalResult:
     """Provision, start a TLS SuperLink and ``sites`` hospitals on 127.0.0.1, run, stop all.
 
     ``summary.json`` (and ``rounds.jsonl``, ``final.safetensors``) land in ``out`` as with
     ``fedmeta simulate``; the deployment (certificates, keys), state and logs in ``out/deploy``.
+    ``on_up`` is called once every site is online, before the run is submitted (``fedmeta bench
+    idle`` measures the idle consortium there); its time is not in ``startup_s`` nor ``run_s``.
     """
     if sites < 1:
         raise ConfigError(f"--sites must be >= 1, got {sites}")
@@ -331,7 +347,7 @@ def deploy_local(
     t_prov = time.monotonic()
     run_name = new_run_name(experiment.algorithm)
     state = work / "coordinator"
-    status, run_id, t_up, t_run = "not started", -1, t_prov, t_prov
+    status, run_id, t_up, t_submit, t_run = "not started", -1, t_prov, t_prov, t_prov
     co = None
     with Processes(work / "run") as procs:
         try:
@@ -339,8 +355,8 @@ def deploy_local(
                 procs, deployment=deployment, state=state, passphrase=passphrase,
                 fleet_address=f"{LOOPBACK}:{fleet_port}", insecure=insecure)
             site_env = base_env(work / "flwr-home-sites")
-            for plan in plans:
-                start_local_site(procs, deployment / "sites" / plan.name, insecure=insecure, env=site_env)
+            started = {plan.name: start_local_site(procs, deployment / "sites" / plan.name,
+                                                   insecure=insecure, env=site_env) for plan in plans}
             assert co.control is not None
             if co.node_ids:
                 wait_nodes_online(co.control, list(co.node_ids.values()), timeout=90.0)
@@ -349,6 +365,10 @@ def deploy_local(
             t_up = time.monotonic()
             say(f"consortium up in {t_up - t0:.1f} s: coordinator 127.0.0.1:{fleet_port} (TLS), "
                 f"{len(plans)} sites; running {experiment.algorithm} for {experiment.rounds} rounds")
+            if on_up is not None:
+                procs.refresh_children()
+                on_up(LocalUp(procs=procs, coordinator=co, sites=started))
+            t_submit = time.monotonic()
             run_id = submit_run(co.control, co.layout.flwr_home,
                                 run_config={"experiment": experiment.to_json(), "run-name": run_name},
                                 secure_aggregation=secagg)
@@ -376,10 +396,10 @@ def deploy_local(
     if not summary.is_file():
         raise ProvisionError(f"run {run_id} completed but wrote no {folder / 'summary.json'}")
     return LocalResult(status=status, run_id=run_id, provision_s=t_prov - t0, startup_s=t_up - t_prov,
-                       run_s=t_run - t_up, total_s=time.monotonic() - t0, summary=summary,
+                       run_s=t_run - t_submit, total_s=time.monotonic() - t0, summary=summary,
                        leftovers=leftovers)
 
 
-__all__ = ["LOOPBACK", "LocalKeys", "LocalResult", "configure_bundle", "deploy_local", "free_port",
+__all__ = ["LOOPBACK", "LocalKeys", "LocalResult", "LocalUp", "configure_bundle", "deploy_local", "free_port",
            "online_nodes", "plan_sites", "provision_local", "start_local_site", "wait_nodes_online",
            "write_local_consortium"]

@@ -13,7 +13,7 @@ Written by ``fedmeta provision`` into each site bundle, edited and owned by the 
     data: /srv/fedmeta/data/site.yaml         # this hospital's data description (kind: ehr, ...)
     # data: {source: fed-heart, site: Cleveland}   # or a source installed with fedmeta (demos)
     state: state                              # logs and the site's audit.jsonl (0700)
-    poll_interval_s: 0.5                      # longest wait between asks for work (20 ms just after a task)
+    poll_interval_s: 3                        # longest wait between asks for work when idle (20 ms after a task)
     app:
       version: 0.2.0                          # the fedmeta this hospital installed and accepts
       code_sha256: null                       # `fedmeta site pin` records the installed code
@@ -135,7 +135,9 @@ class NodeConfig(DeployModel):
     runtime_port: Annotated[int, BeforeValidator(_port)] = 9094
     data: Path | BuiltinData | None = None
     state: SomePath = Path("state")
-    poll_interval_s: Annotated[float, number(gt=0, le=30)] = 0.5
+    #: the longest wait between two asks for work once the site is idle (while a run's messages
+    #: flow, the polls stay within 0.2 s): :mod:`fedmeta.deploy.supernode`
+    poll_interval_s: Annotated[float, number(gt=0, le=30)] = 3.0
     app: AppPin | None = None
     policy: SitePolicy
     source: str = Field(default="<memory>", exclude=True)

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 #: The child's environment variable holding its task's token.
 TOKEN_ENV = "FEDMETA_SERVERAPP_TOKEN"
-POLL_S = 0.1
+#: The longest wait between two asks for a ServerApp task just after one (runs submitted
+#: together), and once idle: a run submitted to an idle coordinator starts within IDLE_POLL_S.
+POLL_S, IDLE_POLL_S = 0.1, 1.0
 
 
 def _runtime_client(socket: Path, *interceptors: Any, retry: bool = True) -> Any:
@@ -55,7 +57,8 @@ def _runtime_client(socket: Path, *interceptors: Any, retry: bool = True) -> Any
 
 
 def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
-    """Take ServerApp tasks and start one ``--serve`` child for each, until the SuperLink exits."""
+    """Take ServerApp tasks and start one ``--serve`` child for each, until the SuperLink exits
+    (asking every :data:`POLL_S` after a task, backing off to :data:`IDLE_POLL_S` when idle)."""
     from fedmeta.protocol.flower_compat import (
         SUPEREXEC_PROTECTED_METHODS,
         AcquireTaskRequest,
@@ -63,12 +66,14 @@ def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
         SuperExecAuthHttpInterceptor,
         TaskType,
     )
+    from fedmeta.protocol.transport import Polling
 
     client = _runtime_client(socket, RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                              SuperExecAuthHttpInterceptor(master_secret=secret,
                                                           protected_methods=SUPEREXEC_PROTECTED_METHODS),
                              retry=False)
     children: list[subprocess.Popen[bytes]] = []
+    polling = Polling.adaptive(busy_s=POLL_S, idle_s=IDLE_POLL_S)
     while superlink_pid is None or _alive(superlink_pid):
         children = [c for c in children if c.poll() is None]
         try:
@@ -83,8 +88,9 @@ def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
                     "--parent-pid", str(os.getpid())]
             children.append(subprocess.Popen(argv, env=env))  # noqa: S603 - fixed argv
             log.info("started the ServerApp of task %d (pid %d)", res.task.task_id, children[-1].pid)
+            polling.active()
         else:
-            time.sleep(POLL_S)
+            time.sleep(polling.next_s())
     for c in children:
         c.terminate()
 

@@ -18,6 +18,7 @@ starts, refusals and what was served.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -35,7 +36,7 @@ from fedmeta.deploy.launch import app_env
 from fedmeta.deploy.node import NodeConfig
 from fedmeta.deploy.processes import Managed, Processes
 from fedmeta.deploy.secrets import MemoryFile, decrypted_pem, secure_folder
-from fedmeta.deploy.supernode import POLL_ENV
+from fedmeta.deploy.supernode import POLL_ENV, WAKE_ENV
 from fedmeta.protocol import flower_compat
 from fedmeta.protocol.app import code_digest
 from fedmeta.sitecore.audit import SiteAudit
@@ -118,13 +119,14 @@ class SiteRunner:
         self._key: MemoryFile | None = None
         self._secret: MemoryFile | None = None
         self.worker: object = None
+        self._wake: tuple[int, int] | None = None  # the SuperNode -> worker wake-up pipe (read, write)
         self.node_process: Managed | None = None
         self.restarts = 0
         self.refusals = 0
 
     def start(self) -> SitePreflight:
         """Check everything, then start the SuperNode and the worker; returns the checks' result."""
-        from fedmeta.client.worker import SiteWorker, WorkerSettings
+        from fedmeta.client.worker import IDLE_POLL_S, SiteWorker, WorkerSettings
 
         if not self.insecure:  # the key first: a missing or wrong passphrase stops here, at once
             self._key = decrypted_pem(self.node.auth_private_key, self.node.passphrase(), openssh=True,
@@ -132,6 +134,7 @@ class SiteRunner:
         checked = preflight(self.node)
         secret = secrets.token_bytes(32)
         self._secret = MemoryFile("superexec-secret", secret)
+        self._wake = os.pipe()
         self.audit.record("site_started", site=self.node.site, version=checked.version,
                           code_sha256=checked.code_sha256,
                           policy_min_patients=self.node.policy.min_patients)
@@ -140,8 +143,8 @@ class SiteRunner:
         worker = SiteWorker(
             WorkerSettings(runtime_address=f"127.0.0.1:{self.runtime_port}", secret=secret,
                            node_config=self.node.node_config(), policy=self.node.policy,
-                           version=checked.version, poll_s=min(0.1, self.node.poll_interval_s),
-                           ledger_path=self.state / "ledger.json"),
+                           version=checked.version, poll_s=min(IDLE_POLL_S, self.node.poll_interval_s),
+                           ledger_path=self.state / "ledger.json", wake_fd=self._wake[0]),
             audit=self.audit.record,
         )
         self.worker = worker
@@ -156,6 +159,9 @@ class SiteRunner:
         env = app_env(self.state / "flwr-home", passphrase_env=self.node.key_passphrase_env)
         env[POLL_ENV] = str(self.node.poll_interval_s)
         fds = [self._secret.fd] + ([self._key.fd] if self._key else [])
+        if self._wake is not None:  # the node wakes the worker when a message arrives
+            env[WAKE_ENV] = str(self._wake[1])
+            fds.append(self._wake[1])
         self.node_process = self.procs.start("supernode", argv, env=env, pass_fds=fds)
 
     def _write_status(self, status: str, reason: str, wait: float) -> None:
@@ -183,8 +189,8 @@ class SiteRunner:
 
     def supervise(self) -> int:
         """Block until stopped; restart the SuperNode with growing waits whenever it exits, or
-        when it is alive but does not serve its Runtime API: closed for :data:`CLOSED_S` after
-        it had opened it (a SuperNode that gave up reconnecting can hang in its own shutdown:
+        when it is alive but does not serve its Runtime API (both checked every :data:`CHECK_S`):
+        closed for :data:`CLOSED_S` after it had opened it (a SuperNode that gave up reconnecting can hang in its own shutdown:
         Flower 1.39 raises inside its exit handler and a thread keeps the process alive), or
         never opened :data:`STARTUP_S` after its start. Returns 0 when stopped, 1 when
         ``max_restarts`` was exhausted."""
@@ -200,7 +206,7 @@ class SiteRunner:
                     hung = True
                     self.procs.kill("supernode")
                 if not hung:
-                    self._stop.wait(0.5)
+                    self._stop.wait(CHECK_S)
                     continue
             code = self.node_process.popen.returncode
             why = UNRESPONSIVE if hung else _exit_reason(self.node_process.log_path)
@@ -231,15 +237,24 @@ class SiteRunner:
         stop = getattr(self.worker, "stop", None)
         if callable(stop):
             stop()
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # a full pipe wakes the worker as well
+                os.write(self._wake[1], b"!")  # the worker's wait returns and sees it is stopped
         self.procs.stop_all()
         for mem in (self._key, self._secret):
             if mem is not None:
                 mem.close()
+        if self._wake is not None:
+            os.close(self._wake[1])  # the worker closes the read end when its loop ends
+            self._wake = None
         self.audit.record("site_stopped", site=self.node.site,
                           served=int(getattr(self.worker, "served", 0)),
                           refused=int(getattr(self.worker, "refused", 0)))
 
 
+#: Seconds between two checks of the SuperNode (is it alive, does it serve its Runtime API): each
+#: check connects to that API, which the SuperNode answers, so an idle site pays for each.
+CHECK_S = 2.0
 #: Seconds a live SuperNode may keep its Runtime API closed before it is killed and restarted:
 #: after it had opened it (it is shutting down, which takes a second), and after its start (it
 #: opens it within seconds; a busy machine gets plenty of slack).

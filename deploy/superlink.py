@@ -27,6 +27,8 @@ from pathlib import Path
 
 #: The longest path a Unix socket may have (``sun_path`` is 108 bytes on Linux, with its NUL).
 MAX_SOCKET_PATH = 107
+#: How often the API's HTTP server wakes when nothing happens (uvicorn: every 0.1 s).
+HTTP_TICK_S = 1.0
 
 
 def patch_points_present() -> bool:
@@ -81,8 +83,11 @@ def main() -> None:
         console_handler,
         create_app,
         get_uvicorn_log_config,
+        slow_http_ticks,
         superlink_cli,
     )
+
+    slow_http_ticks(HTTP_TICK_S)  # an idle coordinator: one wake-up a second, not ten
 
     cli = superlink_cli()
 

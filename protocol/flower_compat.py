@@ -13,7 +13,7 @@ fails on any other ``flwr`` import), in two kinds:
   so importing this module imports nothing of Flower's.
 - **Patch points**: changes to Flower's behaviour, applied explicitly by the process that needs
   them, never on import (:func:`quicken_object_pulls`, :func:`set_supernode_waits`,
-  :func:`set_task_identity`, :func:`set_reply_source`), and **log lines** of Flower's that the
+  :func:`slow_http_ticks`, :func:`set_task_identity`, :func:`set_reply_source`), and **log lines** of Flower's that the
   launcher reads (:data:`FLEET_GRPC_LOG`, :data:`SUPERNODE_EXIT_MARKERS`).
 
 :func:`missing` lists what a Flower upgrade moved: every name that no longer imports and every
@@ -276,6 +276,45 @@ def set_supernode_waits(*, idle_sleep: Callable[[float], None], heartbeat_s: int
     return interval
 
 
+def slow_http_ticks(tick_s: float) -> None:
+    """In this process, make the uvicorn server behind Flower's HTTP APIs (the SuperLink's
+    Control and Runtime API, the SuperNode's Runtime API) wake every ``tick_s`` seconds instead
+    of every 0.1 s when nothing happens. Its main loop wakes only to refresh the ``Date`` header
+    (once a second) and to see whether it should stop: requests are served as before; a stop
+    takes up to ``tick_s`` longer."""
+    problems = _uvicorn_problems()
+    if problems:
+        raise RuntimeError(f"uvicorn no longer ticks as fedmeta expects ({'; '.join(problems)}); "
+                           f"pin the uvicorn flwr {PINNED} brings or update fedmeta.protocol.flower_compat")
+    import asyncio
+
+    from uvicorn.server import Server
+
+    tenths = max(1, round(tick_s * 10))
+
+    async def main_loop(self: Any) -> None:  # uvicorn's, with the tick as a parameter
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + tenths) % 864000  # on_tick counts tenths of a second
+            await asyncio.sleep(tenths / 10)
+            should_exit = await self.on_tick(counter)
+
+    Server.main_loop = main_loop  # type: ignore[method-assign]
+
+
+def _uvicorn_problems() -> list[str]:
+    from uvicorn.server import Server
+
+    problems = []
+    main_loop, on_tick = inspect.getsource(Server.main_loop), inspect.getsource(Server.on_tick)
+    if "await asyncio.sleep(0.1)" not in main_loop or "should_exit = await self.on_tick(counter)" not in main_loop:
+        problems.append("uvicorn.Server.main_loop no longer ticks every 0.1 s through on_tick(counter)")
+    if "counter % 10 == 0" not in on_tick:
+        problems.append("uvicorn.Server.on_tick no longer counts tenths of a second")
+    return problems
+
+
 def run_supernode() -> None:
     """Run Flower's ``flower-supernode`` command (``sys.argv`` holds its arguments) in this
     process, its console log with timestamps and without colour codes (it goes to a file)."""
@@ -417,6 +456,10 @@ def missing() -> list[str]:
         out += _supernode_problems()
     except ImportError as e:
         out.append(f"SuperNode waits: {e}")
+    try:
+        out += _uvicorn_problems()
+    except (ImportError, OSError) as e:
+        out.append(f"HTTP API ticks: {e}")
     for what, (module, text) in _LOG_SOURCES.items():
         try:
             source = inspect.getsource(import_module(module))

@@ -15,34 +15,52 @@ the site worker (:mod:`fedmeta.client.worker`); importing this module changes no
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 INITIAL_BACKOFF_S = 0.05
 
 #: The first wait after activity of the deployed processes' polls (see :class:`Polling`).
 FAST_POLL_S = 0.02
+#: How long after a message work counts as flowing: the polls stay at most at their busy
+#: ceiling meanwhile, and back off towards their idle ceiling after (see :class:`Polling`).
+BUSY_HOLD_S = 10.0
 
 
 @dataclass
 class Polling:
-    """Waits between polls that are short while a run is active and long when idle.
+    """Waits between polls: short while work flows, backing off to a ceiling when idle.
 
     :meth:`active` (a task was served, a message arrived) sets the next wait to ``fast_s``; each
     :meth:`next_s` returns the current wait and grows the next one by ``growth``, up to
-    ``slow_s``. During a run the next round's message comes within a second of the last reply,
-    while the poll is still quick; an idle site settles at ``slow_s`` within a few seconds, so
-    polling costs no more CPU than a fixed ``slow_s`` poll when nothing happens.
+    ``busy_s`` for ``hold_s`` seconds after the last :meth:`active` (during a run the next
+    round's message comes within a second of the last reply, while the poll is still quick) and
+    up to ``slow_s`` after that: an idle process settles at ``slow_s`` within seconds of the hold's
+    end, so its polls cost what a fixed ``slow_s`` poll costs. Before any activity the wait is
+    ``slow_s``. ``busy_s`` None (the default) is ``slow_s``: no hold.
+
+    With ``fast_s`` 0.02, ``busy_s`` 0.2, ``hold_s`` 10, ``slow_s`` 3 and ``growth`` 1.5 the waits
+    after a message are 0.02, 0.03, 0.045, 0.0675, 0.101, 0.152, then 0.2 until 10 s have passed,
+    then 0.3, 0.45, 0.675, 1.01, 1.52, 2.28, then 3 s: a message is picked up at most ``slow_s``
+    after it arrives, and within ``busy_s`` during a run.
     """
 
     fast_s: float
     slow_s: float
     growth: float = 1.5
+    busy_s: float | None = None
+    hold_s: float = 0.0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     _next: float = field(init=False)
+    _since: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if not 0 < self.fast_s <= self.slow_s or self.growth < 1:
-            raise ValueError("polling needs 0 < fast_s <= slow_s and growth >= 1, got "
-                             f"fast_s={self.fast_s}, slow_s={self.slow_s}, growth={self.growth}")
+        busy = self.slow_s if self.busy_s is None else self.busy_s
+        if not 0 < self.fast_s <= busy <= self.slow_s or self.growth < 1 or self.hold_s < 0:
+            raise ValueError("polling needs 0 < fast_s <= busy_s <= slow_s, growth >= 1 and hold_s >= 0, got "
+                             f"fast_s={self.fast_s}, busy_s={self.busy_s}, slow_s={self.slow_s}, "
+                             f"growth={self.growth}, hold_s={self.hold_s}")
         self._next = self.slow_s
 
     @classmethod
@@ -51,11 +69,24 @@ class Polling:
         ``slow_s`` when idle."""
         return cls(min(FAST_POLL_S, slow_s), slow_s)
 
+    @classmethod
+    def adaptive(cls, *, busy_s: float, idle_s: float, hold_s: float = BUSY_HOLD_S) -> Polling:
+        """Quick after activity (:data:`FAST_POLL_S`), at most ``busy_s`` for ``hold_s`` seconds
+        after it, at most ``idle_s`` after that (each bounded by the ones after it)."""
+        busy = min(busy_s, idle_s)
+        return cls(min(FAST_POLL_S, busy), idle_s, busy_s=busy, hold_s=hold_s)
+
     def active(self) -> None:
         self._next = self.fast_s
+        self._since = self.clock()
+
+    def busy(self) -> bool:
+        """Whether the last activity was less than ``hold_s`` ago."""
+        return self._since is not None and self.clock() - self._since < self.hold_s
 
     def next_s(self) -> float:
-        wait = self._next
+        ceiling = self.busy_s if self.busy_s is not None and self.busy() else self.slow_s
+        wait = min(self._next, ceiling)
         self._next = min(self.slow_s, wait * self.growth)
         return wait
 

@@ -90,6 +90,7 @@ def greet(grid: Grid, cfg: ExperimentConfig, nodes: list[int], layout: Mapping[s
     if not nodes:
         return Sites()
     msgs = hello_messages(cfg, nodes, layout)
+    log.info("greeting %d site(s)", len(msgs))  # the run's log: when the first message left
     outcome = exchange(grid, msgs, Waiting(timeout_s=cfg.federation.timeout_s, quorum=len(msgs)))
     return read_greetings(outcome.replies, progress, registered)
 

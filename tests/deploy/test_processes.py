@@ -70,6 +70,7 @@ def test_a_live_supernode_that_stopped_serving_is_killed_and_restarted(tmp_path:
 
     monkeypatch.setattr(S, "STARTUP_S", 1.5)
     monkeypatch.setattr(S, "CLOSED_S", 1.0)
+    monkeypatch.setattr(S, "CHECK_S", 0.5)
     monkeypatch.setattr(S, "BACKOFF_S", (0.2,))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
