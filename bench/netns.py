@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from fedmeta.deploy.processes import Managed, Processes
+from fedmeta.deploy.processes import Managed, Processes, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,6 @@ def _pids_in(ns: str) -> list[int]:
     return [int(p) for p in res.stdout.split() if p.isdigit()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _delete(namespaces: Sequence[str]) -> None:
     """Stop every process inside ``namespaces`` (SIGTERM, then SIGKILL), then delete them."""
     pids = {p for ns in namespaces for p in _pids_in(ns)}
@@ -111,7 +101,7 @@ def _delete(namespaces: Sequence[str]) -> None:
 
 def sweep_stale() -> list[str]:
     """Delete the namespaces a killed run of this module left (their process is gone)."""
-    stale = [ns for ns in _namespaces() if (m := _OURS.match(ns)) and not _alive(int(m.group(1)))]
+    stale = [ns for ns in _namespaces() if (m := _OURS.match(ns)) and not pid_alive(int(m.group(1)))]
     if stale:
         log.warning("deleting namespaces left by a run that was killed: %s", stale)
         _delete(stale)

@@ -40,6 +40,20 @@ class Managed:
         return self.popen.poll() is None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one of another user counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (its parent has not reaped it) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
 def _children_map() -> dict[int, list[int]]:
     """Parent PID -> child PIDs for every process visible in ``/proc`` (Linux)."""
     children: dict[int, list[int]] = {}

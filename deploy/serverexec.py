@@ -59,6 +59,7 @@ def _runtime_client(socket: Path, *interceptors: Any, retry: bool = True) -> Any
 def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
     """Take ServerApp tasks and start one ``--serve`` child for each, until the SuperLink exits
     (asking every :data:`POLL_S` after a task, backing off to :data:`IDLE_POLL_S` when idle)."""
+    from fedmeta.deploy.processes import pid_alive
     from fedmeta.protocol.flower_compat import (
         SUPEREXEC_PROTECTED_METHODS,
         AcquireTaskRequest,
@@ -74,7 +75,7 @@ def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
                              retry=False)
     children: list[subprocess.Popen[bytes]] = []
     polling = Polling.adaptive(busy_s=POLL_S, idle_s=IDLE_POLL_S)
-    while superlink_pid is None or _alive(superlink_pid):
+    while superlink_pid is None or pid_alive(superlink_pid):
         children = [c for c in children if c.poll() is None]
         try:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
@@ -93,19 +94,6 @@ def executor(socket: Path, secret: bytes, superlink_pid: int | None) -> None:
             time.sleep(polling.next_s())
     for c in children:
         c.terminate()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (its parent has not reaped it) is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
 
 
 def run_config(override: dict[str, Any], *, secure_aggregation: bool) -> dict[str, Any]:
